@@ -1,0 +1,317 @@
+//! The zproto wire conventions, and the `protocol!` macro that turns one
+//! declaration of a protocol into its message type, encoder, decoder and
+//! proptest strategies.
+//!
+//! A frame is `signature (2 bytes, big-endian) | id (1 byte) | fields...`.
+//! Every field type implements [`Field`]; a protocol is nothing but a list of
+//! messages, each a list of typed fields. The codec knows nothing of sockets,
+//! mio or the filesystem: it maps bytes to values and back.
+
+use bytes::{Buf, Bytes};
+use std::fmt;
+
+/// Why a frame could not be decoded. Decoding never panics.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {0} bytes is too short for a header")]
+    NoHeader(usize),
+    #[error("bad signature {found:#06x}, expected {expected:#06x}")]
+    BadSignature { found: u16, expected: u16 },
+    #[error("unknown message id {0}")]
+    UnknownId(u8),
+    #[error("field `{field}` of {message} runs past the end of the frame")]
+    Truncated {
+        message: &'static str,
+        field: &'static str,
+    },
+}
+
+/// Why a value cannot be put on the wire.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EncodeError {
+    #[error("a `string` field holds at most 255 bytes, got {0}")]
+    StringTooLong(usize),
+}
+
+/// The read side of a frame: a cursor over shared bytes, so that `chunk`
+/// fields are slices of the received frame, not copies.
+pub struct Reader {
+    buf: Bytes,
+}
+
+impl Reader {
+    pub fn new(buf: Bytes) -> Self {
+        Reader { buf }
+    }
+    fn take(&mut self, n: usize) -> Option<Bytes> {
+        (self.buf.remaining() >= n).then(|| self.buf.split_to(n))
+    }
+}
+
+/// One wire type of the zproto conventions.
+pub trait Field: Sized {
+    /// Bytes this value takes on the wire.
+    fn wire_len(&self) -> usize;
+    /// Appends the value; `out` has room for `wire_len` more bytes.
+    fn put(&self, out: &mut Vec<u8>);
+    /// Reads one value; `None` when the frame ends too early.
+    fn get(r: &mut Reader) -> Option<Self>;
+}
+
+macro_rules! number_field {
+    ($t:ty) => {
+        impl Field for $t {
+            fn wire_len(&self) -> usize {
+                std::mem::size_of::<$t>()
+            }
+            fn put(&self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_be_bytes());
+            }
+            fn get(r: &mut Reader) -> Option<Self> {
+                let b = r.take(std::mem::size_of::<$t>())?;
+                Some(<$t>::from_be_bytes(b.as_ref().try_into().ok()?))
+            }
+        }
+    };
+}
+number_field!(u8);
+number_field!(u16);
+number_field!(u32);
+number_field!(u64);
+
+/// zproto `string`: a 1-byte length, then at most 255 bytes (not
+/// necessarily UTF-8). Construction checks the length, so an over-long
+/// value can never reach the wire (the original wrote a wrapped length).
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShortStr(Bytes);
+
+impl ShortStr {
+    pub const MAX: usize = 255;
+    pub fn new(bytes: impl Into<Bytes>) -> Result<Self, EncodeError> {
+        let bytes = bytes.into();
+        if bytes.len() > Self::MAX {
+            return Err(EncodeError::StringTooLong(bytes.len()));
+        }
+        Ok(ShortStr(bytes))
+    }
+    /// For text the caller knows is short (reasons, fixed names); longer
+    /// text is cut at a character boundary rather than corrupting a frame.
+    pub fn lossy(text: &str) -> Self {
+        let mut end = text.len().min(Self::MAX);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        ShortStr(Bytes::copy_from_slice(&text.as_bytes()[..end]))
+    }
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn to_string_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl fmt::Debug for ShortStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl Field for ShortStr {
+    fn wire_len(&self) -> usize {
+        1 + self.0.len()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.0.len() as u8); // < 256 by construction
+        out.extend_from_slice(&self.0);
+    }
+    fn get(r: &mut Reader) -> Option<Self> {
+        let len = r.take(1)?[0] as usize;
+        Some(ShortStr(r.take(len)?))
+    }
+}
+
+/// zproto `chunk`: a 4-byte length, then the bytes. Decoded chunks share the
+/// received frame's memory.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Chunk(pub Bytes);
+
+impl fmt::Debug for Chunk {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.0.len() <= 32 {
+            write!(f, "Chunk({:?})", self.0)
+        } else {
+            write!(f, "Chunk({} bytes)", self.0.len())
+        }
+    }
+}
+
+impl Field for Chunk {
+    fn wire_len(&self) -> usize {
+        4 + self.0.len()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.0);
+    }
+    fn get(r: &mut Reader) -> Option<Self> {
+        let len = u32::get(r)? as usize;
+        Some(Chunk(r.take(len)?))
+    }
+}
+
+/// Proptest strategies for each field type, used by the generated
+/// `arbitrary()` of every protocol.
+#[cfg(any(test, feature = "proptest"))]
+pub mod strategy {
+    use super::*;
+    use proptest::prelude::*;
+
+    pub trait ArbitraryField: Sized {
+        fn strategy() -> BoxedStrategy<Self>;
+    }
+    macro_rules! any_number {
+        ($t:ty) => {
+            impl ArbitraryField for $t {
+                fn strategy() -> BoxedStrategy<Self> {
+                    any::<$t>().boxed()
+                }
+            }
+        };
+    }
+    any_number!(u8);
+    any_number!(u16);
+    any_number!(u32);
+    any_number!(u64);
+    impl ArbitraryField for ShortStr {
+        fn strategy() -> BoxedStrategy<Self> {
+            proptest::collection::vec(any::<u8>(), 0..=255)
+                .prop_map(|v| ShortStr(Bytes::from(v)))
+                .boxed()
+        }
+    }
+    impl ArbitraryField for Chunk {
+        fn strategy() -> BoxedStrategy<Self> {
+            proptest::collection::vec(any::<u8>(), 0..512)
+                .prop_map(|v| Chunk(Bytes::from(v)))
+                .boxed()
+        }
+    }
+}
+
+/// Declares a protocol once; generates the message enum (one struct variant
+/// per message), `id`, `name`, `encode`, `decode` and, with the `proptest`
+/// feature, `arbitrary()`.
+///
+/// ```ignore
+/// protocol! {
+///     /// doc
+///     pub enum Msg, signature 0xAAA0 {
+///         /// doc
+///         Input = 1 { pipename: ShortStr },
+///         InputOk = 2 {},
+///     }
+/// }
+/// ```
+#[macro_export]
+macro_rules! protocol {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident, signature $sig:literal {
+            $(
+                $(#[$vmeta:meta])*
+                $variant:ident = $id:literal { $( $field:ident : $fty:ty ),* $(,)? }
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub enum $name {
+            $( $(#[$vmeta])* $variant { $( $field: $fty ),* } ),*
+        }
+
+        impl $name {
+            /// The two signature bytes that open every frame of this protocol.
+            pub const SIGNATURE: u16 = $sig;
+
+            /// The message id on the wire.
+            pub fn id(&self) -> u8 {
+                match self { $( $name::$variant { .. } => $id ),* }
+            }
+
+            /// The message name as the protocol documents it.
+            pub fn name(&self) -> &'static str {
+                match self { $( $name::$variant { .. } => stringify!($variant) ),* }
+            }
+
+            /// Bytes the encoded frame takes.
+            #[allow(unused_variables)]
+            pub fn encoded_len(&self) -> usize {
+                3 + match self {
+                    $( $name::$variant { $( $field ),* } => 0 $( + $crate::codec::Field::wire_len($field) )* ),*
+                }
+            }
+
+            /// Appends the frame to `out`.
+            #[allow(unused_variables)]
+            pub fn encode_into(&self, out: &mut Vec<u8>) {
+                out.reserve(self.encoded_len());
+                out.extend_from_slice(&Self::SIGNATURE.to_be_bytes());
+                out.push(self.id());
+                match self {
+                    $( $name::$variant { $( $field ),* } => { $( $crate::codec::Field::put($field, out); )* } ),*
+                }
+            }
+
+            /// The frame as a new vector.
+            pub fn encode(&self) -> Vec<u8> {
+                let mut out = Vec::with_capacity(self.encoded_len());
+                self.encode_into(&mut out);
+                out
+            }
+
+            /// Decodes one frame. Bytes after the last field are ignored, as
+            /// in the original codec.
+            #[allow(unused_mut, unused_variables)]
+            pub fn decode(frame: impl Into<bytes::Bytes>) -> Result<Self, $crate::codec::DecodeError> {
+                use $crate::codec::{DecodeError, Field};
+                let frame: bytes::Bytes = frame.into();
+                if frame.len() < 3 {
+                    return Err(DecodeError::NoHeader(frame.len()));
+                }
+                let found = u16::from_be_bytes([frame[0], frame[1]]);
+                if found != Self::SIGNATURE {
+                    return Err(DecodeError::BadSignature { found, expected: Self::SIGNATURE });
+                }
+                let id = frame[2];
+                let mut r = $crate::codec::Reader::new(frame.slice(3..));
+                match id {
+                    $( $id => Ok($name::$variant { $(
+                        $field: <$fty as Field>::get(&mut r).ok_or(DecodeError::Truncated {
+                            message: stringify!($variant),
+                            field: stringify!($field),
+                        })?
+                    ),* }), )*
+                    other => Err(DecodeError::UnknownId(other)),
+                }
+            }
+
+            /// A strategy over every message with arbitrary field values.
+            #[cfg(any(test, feature = "proptest"))]
+            pub fn arbitrary() -> proptest::strategy::BoxedStrategy<Self> {
+                #[allow(unused_imports)]
+                use $crate::codec::strategy::ArbitraryField;
+                use proptest::strategy::Strategy;
+                let variants: Vec<proptest::strategy::BoxedStrategy<Self>> = vec![ $(
+                    // The leading `Just(())` keeps field-less messages a tuple too.
+                    ( proptest::strategy::Just(()), $( <$fty as ArbitraryField>::strategy(), )* )
+                        .prop_map(|((), $( $field, )* )| $name::$variant { $( $field ),* })
+                        .boxed()
+                ),* ];
+                proptest::strategy::Union::new(variants).boxed()
+            }
+        }
+    };
+}
+
+pub use crate::protocol;

@@ -1,0 +1,14 @@
+//! zbroker's client side: the protocol codecs (shared with the broker's
+//! services) and blocking client APIs.
+//!
+//! - [`codec`]: zproto wire types and the `protocol!` declaration macro.
+//! - [`zpipes_msg`]: the ZPIPES protocol, declared once.
+//! - [`zpipes`]: named-pipe reader and writer clients.
+//! - [`endpoint`]: broker names and their well-known endpoints.
+
+pub mod codec;
+pub mod endpoint;
+pub mod zpipes;
+pub mod zpipes_msg;
+
+pub use zpipes_msg::ZpipesMsg;

@@ -1,0 +1,240 @@
+//! The ZPIPES protocol (signature `AA A0`), declared once: see
+//! `shared/spec/ZPIPES.md` §3. Every message is one ZeroMQ frame.
+
+use crate::codec::{Chunk, ShortStr};
+
+crate::protocol! {
+    /// One ZPIPES message. Client→server requests and server→client replies
+    /// share one id space, as in the original `zpipes_msg.xml`.
+    pub enum ZpipesMsg, signature 0xAAA0 {
+        /// Open a pipe for reading.
+        Input = 1 { pipename: ShortStr },
+        InputOk = 2 {},
+        /// The pipe already has a reader.
+        InputFailed = 3 { reason: ShortStr },
+        /// Open a pipe for writing.
+        Output = 4 { pipename: ShortStr },
+        OutputOk = 5 {},
+        /// The pipe already has a writer.
+        OutputFailed = 6 { reason: ShortStr },
+        /// Read exactly `size` bytes (fewer only once the writer has gone);
+        /// `timeout` in ms, 0 = no limit.
+        Read = 7 { size: u32, timeout: u32 },
+        ReadOk = 8 { chunk: Chunk },
+        /// The writer has gone and nothing is left, or `size` was 0.
+        ReadEnd = 9 {},
+        ReadTimeout = 10 {},
+        ReadFailed = 11 { reason: ShortStr },
+        /// Write a chunk; `timeout` in ms, 0 = no limit. The chunk comes
+        /// before the timeout on the wire.
+        Write = 12 { chunk: Chunk, timeout: u32 },
+        WriteOk = 13 {},
+        WriteTimeout = 14 {},
+        WriteFailed = 15 { reason: ShortStr },
+        Close = 16 {},
+        CloseOk = 17 {},
+        CloseFailed = 18 { reason: ShortStr },
+        Ping = 19 {},
+        PingOk = 20 {},
+        /// The request is not valid in the connection's state.
+        Invalid = 21 {},
+    }
+}
+
+impl ZpipesMsg {
+    /// True for the ids a client may send; the others come only from a server.
+    pub fn is_request(&self) -> bool {
+        matches!(
+            self,
+            ZpipesMsg::Input { .. }
+                | ZpipesMsg::Output { .. }
+                | ZpipesMsg::Read { .. }
+                | ZpipesMsg::Write { .. }
+                | ZpipesMsg::Close {}
+                | ZpipesMsg::Ping {}
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::DecodeError;
+    use bytes::Bytes;
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace()
+            .map(|b| u8::from_str_radix(b, 16).unwrap())
+            .collect()
+    }
+
+    fn pipe(name: &str) -> ShortStr {
+        ShortStr::new(name.as_bytes().to_vec()).unwrap()
+    }
+
+    fn chunk(s: &str) -> Chunk {
+        Chunk(Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    /// Spec §14, rows 1–7: byte for byte, both directions.
+    #[test]
+    fn spec_vectors_round_trip_byte_for_byte() {
+        let cases = [
+            (
+                ZpipesMsg::Input {
+                    pipename: pipe("test pipe"),
+                },
+                "AA A0 01 09 74 65 73 74 20 70 69 70 65",
+            ),
+            (
+                ZpipesMsg::Output {
+                    pipename: pipe("test pipe"),
+                },
+                "AA A0 04 09 74 65 73 74 20 70 69 70 65",
+            ),
+            (
+                ZpipesMsg::Read {
+                    size: 12,
+                    timeout: 100,
+                },
+                "AA A0 07 00 00 00 0C 00 00 00 64",
+            ),
+            (
+                ZpipesMsg::Read {
+                    size: 0,
+                    timeout: 0,
+                },
+                "AA A0 07 00 00 00 00 00 00 00 00",
+            ),
+            (
+                ZpipesMsg::Write {
+                    chunk: chunk("Hello, World"),
+                    timeout: 100,
+                },
+                "AA A0 0C 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64 00 00 00 64",
+            ),
+            (
+                ZpipesMsg::ReadOk {
+                    chunk: chunk("Hello, World"),
+                },
+                "AA A0 08 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64",
+            ),
+            (
+                ZpipesMsg::WriteFailed {
+                    reason: ShortStr::default(),
+                },
+                "AA A0 0F 00",
+            ),
+        ];
+        for (msg, bytes) in cases {
+            assert_eq!(msg.encode(), hex(bytes), "encoding {msg:?}");
+            assert_eq!(ZpipesMsg::decode(hex(bytes)).unwrap(), msg);
+            assert_eq!(msg.encoded_len(), hex(bytes).len());
+        }
+    }
+
+    /// Spec §14, row 8: the one-byte-body messages.
+    #[test]
+    fn spec_vectors_header_only_messages() {
+        let cases = [
+            (ZpipesMsg::InputOk {}, 0x02),
+            (ZpipesMsg::OutputOk {}, 0x05),
+            (ZpipesMsg::ReadEnd {}, 0x09),
+            (ZpipesMsg::ReadTimeout {}, 0x0A),
+            (ZpipesMsg::WriteOk {}, 0x0D),
+            (ZpipesMsg::WriteTimeout {}, 0x0E),
+            (ZpipesMsg::Close {}, 0x10),
+            (ZpipesMsg::CloseOk {}, 0x11),
+            (ZpipesMsg::Ping {}, 0x13),
+            (ZpipesMsg::PingOk {}, 0x14),
+            (ZpipesMsg::Invalid {}, 0x15),
+        ];
+        for (msg, id) in cases {
+            assert_eq!(msg.encode(), vec![0xAA, 0xA0, id]);
+            assert_eq!(ZpipesMsg::decode(vec![0xAA, 0xA0, id]).unwrap(), msg);
+        }
+    }
+
+    /// Spec §14, decoder edge cases.
+    #[test]
+    fn spec_decoder_edge_cases() {
+        assert_eq!(
+            ZpipesMsg::decode(hex("AA A0 07 00 00 00")),
+            Err(DecodeError::Truncated {
+                message: "Read",
+                field: "size"
+            })
+        );
+        assert_eq!(
+            ZpipesMsg::decode(hex("AA A1 13")),
+            Err(DecodeError::BadSignature {
+                found: 0xAAA1,
+                expected: 0xAAA0
+            })
+        );
+        assert_eq!(
+            ZpipesMsg::decode(hex("AA A0 63")),
+            Err(DecodeError::UnknownId(99))
+        );
+        assert_eq!(
+            ZpipesMsg::decode(hex("AA A0 13 FF")),
+            Ok(ZpipesMsg::Ping {})
+        );
+        assert_eq!(
+            ZpipesMsg::decode(b"garbage".to_vec()),
+            Err(DecodeError::BadSignature {
+                found: 0x6761,
+                expected: 0xAAA0
+            })
+        );
+        assert_eq!(ZpipesMsg::decode(Vec::new()), Err(DecodeError::NoHeader(0)));
+        // A chunk whose length runs past the frame.
+        assert!(matches!(
+            ZpipesMsg::decode(hex("AA A0 0C 00 00 00 0C 48")),
+            Err(DecodeError::Truncated {
+                message: "Write",
+                field: "chunk"
+            })
+        ));
+    }
+
+    #[test]
+    fn over_long_strings_are_refused_not_wrapped() {
+        assert!(ShortStr::new(vec![b'x'; 255]).is_ok());
+        assert_eq!(
+            ShortStr::new(vec![b'x'; 256]),
+            Err(crate::codec::EncodeError::StringTooLong(256))
+        );
+        assert_eq!(ShortStr::lossy(&"é".repeat(200)).as_bytes().len(), 254);
+    }
+
+    #[test]
+    fn decoded_chunks_share_the_frame() {
+        let frame = Bytes::from(hex("AA A0 08 00 00 00 02 41 42"));
+        let ZpipesMsg::ReadOk { chunk } = ZpipesMsg::decode(frame.clone()).unwrap() else {
+            panic!()
+        };
+        assert_eq!(chunk.0.as_ptr(), frame[7..].as_ptr());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_inverts_encode(msg in ZpipesMsg::arbitrary()) {
+            let bytes = msg.encode();
+            proptest::prop_assert_eq!(bytes.len(), msg.encoded_len());
+            proptest::prop_assert_eq!(ZpipesMsg::decode(bytes).unwrap(), msg);
+        }
+
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)) {
+            let _ = ZpipesMsg::decode(bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_on_valid_headers(id in 0u8..=25, body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..32)) {
+            let mut frame = vec![0xAA, 0xA0, id];
+            frame.extend(body);
+            let _ = ZpipesMsg::decode(frame);
+        }
+    }
+}

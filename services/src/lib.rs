@@ -1,0 +1,51 @@
+//! The broker's services as deterministic state machines.
+//!
+//! A service never touches a socket or a clock. The reactor (in the `zbroker`
+//! crate) hands it a frame from a connection together with the current time,
+//! timer expiries and disconnect notices; the service answers with
+//! [`Action`]s that the reactor carries out. That makes every service
+//! testable with a simulated clock ([`sim`]), and lets one reactor host any
+//! number of services, each reached by its protocol signature.
+
+use bytes::Bytes;
+use std::time::Instant;
+
+pub mod sim;
+pub mod zpipes;
+
+/// One peer connection, as numbered by the reactor. Never reused while the
+/// broker runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ConnId(pub u64);
+
+/// A timer owned by one service; the service chooses what the key means.
+pub type TimerKey = u64;
+
+/// What a service asks the reactor to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send one frame to a connection. If the peer has gone, the frame is
+    /// dropped and the service gets [`Service::on_disconnect`].
+    Send { to: ConnId, frame: Vec<u8> },
+    /// Call [`Service::on_timer`] with `key` at `at`; replaces any timer
+    /// with the same key.
+    SetTimer { key: TimerKey, at: Instant },
+    /// Forget the timer with this key, if any.
+    CancelTimer { key: TimerKey },
+}
+
+/// A protocol service hosted by the reactor.
+pub trait Service {
+    /// Name for logs and status ("zpipes").
+    fn name(&self) -> &'static str;
+    /// The protocol signature that opens every frame meant for this service.
+    fn signature(&self) -> u16;
+    /// A frame from `conn` whose first two bytes are [`Service::signature`].
+    fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>);
+    /// A timer set by this service has come due.
+    fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>);
+    /// The peer behind `conn` has disconnected; forget it.
+    fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>);
+    /// A snapshot for `zbroker status`.
+    fn status(&self) -> serde_json::Value;
+}

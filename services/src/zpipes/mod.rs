@@ -1,0 +1,637 @@
+//! ZPIPES: named pipes joining one writer to one reader (spec
+//! `shared/spec/ZPIPES.md` §4–§6), with the fixes of §12 and a bound on
+//! memory.
+//!
+//! Each connection has a FIFO mailbox of requests. With no request pending,
+//! the connection takes the oldest one; while a READ or WRITE is pending it
+//! takes only CLOSE and PING, so clients may pipeline. Effects on another
+//! connection (data arrived, peer left, room freed) never run that
+//! connection's machine re-entrantly: they mark it ready, and
+//! [`Zpipes::run_ready`] advances ready connections one at a time.
+//!
+//! Divergences from the original, all on the same wire:
+//! - malformed frames are dropped (the original stopped serving everyone);
+//! - PING never touches a pending request or its timer;
+//! - a READ's timer stays armed while part of the data has arrived, and no
+//!   unrelated event cancels a timer;
+//! - INVALID that ends a connection also detaches its pipe end;
+//! - CLOSE clears the reader's queue;
+//! - each reader's queue is bounded (`pipe_limit`): a WRITE that does not
+//!   fit fills the queue to the bound and waits for room for the rest (once
+//!   part of it is queued it can no longer time out); a WRITE with no room
+//!   at all waits as if no reader were there; a READ or WRITE larger than
+//!   the bound fails with a reason naming it;
+//! - a pending WRITE whose reader leaves fails at once (the original waited
+//!   for its timeout);
+//! - a peer that disconnects is forgotten at once, like an expiry.
+
+mod queue;
+#[cfg(test)]
+mod tests;
+
+use crate::{Action, ConnId, Service, TimerKey};
+use bytes::Bytes;
+use queue::ByteQueue;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+use zbroker_client::codec::{Chunk, ShortStr};
+use zbroker_client::ZpipesMsg;
+
+/// Settings of the ZPIPES service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A connection silent for this long is forgotten (spec §6.8).
+    pub expiry: Duration,
+    /// Most bytes queued for one reader.
+    pub pipe_limit: usize,
+    /// Most requests waiting behind a pending one on one connection.
+    pub mailbox_limit: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            expiry: Duration::from_millis(60_000),
+            pipe_limit: 8 << 20,
+            mailbox_limit: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `start`: no pipe end open.
+    Idle,
+    Reader,
+    Writer,
+}
+
+#[derive(Debug)]
+enum Pending {
+    Read {
+        size: usize,
+    },
+    /// `partly_queued`: part of the chunk is already in the reader's
+    /// queue, so the write can no longer time out.
+    Write {
+        chunk: Bytes,
+        partly_queued: bool,
+    },
+}
+
+#[derive(Debug)]
+struct Conn {
+    role: Role,
+    /// The pipe this end is attached to; `None` once the other end left.
+    pipe: Option<ShortStr>,
+    mailbox: VecDeque<ZpipesMsg>,
+    /// Chunk bytes held in the mailbox (bounded by `pipe_limit`).
+    mailbox_bytes: usize,
+    pending: Option<Pending>,
+    request_timer: bool,
+    /// Data written to this connection as a reader.
+    queue: ByteQueue,
+    expires_at: Instant,
+}
+
+#[derive(Debug, Default)]
+struct Pipe {
+    reader: Option<ConnId>,
+    writer: Option<ConnId>,
+}
+
+/// The ZPIPES service.
+pub struct Zpipes {
+    config: Config,
+    conns: HashMap<ConnId, Conn>,
+    pipes: HashMap<ShortStr, Pipe>,
+    ready: VecDeque<ConnId>,
+    queued_bytes: usize,
+    peak_queued_bytes: usize,
+    bytes_moved: u64,
+    malformed: u64,
+}
+
+// Each connection owns two timers: its expiry and its pending request.
+fn expiry_key(conn: ConnId) -> TimerKey {
+    conn.0 << 1
+}
+fn request_key(conn: ConnId) -> TimerKey {
+    conn.0 << 1 | 1
+}
+
+fn reply(out: &mut Vec<Action>, to: ConnId, msg: ZpipesMsg) {
+    tracing::trace!(conn = to.0, reply = msg.name(), "zpipes reply");
+    out.push(Action::Send {
+        to,
+        frame: msg.encode(),
+    });
+}
+
+impl Zpipes {
+    pub fn new(config: Config) -> Self {
+        Zpipes {
+            config,
+            conns: HashMap::new(),
+            pipes: HashMap::new(),
+            ready: VecDeque::new(),
+            queued_bytes: 0,
+            peak_queued_bytes: 0,
+            bytes_moved: 0,
+            malformed: 0,
+        }
+    }
+
+    /// Bytes queued for all readers now.
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes
+    }
+
+    /// The most bytes ever queued at once.
+    pub fn peak_queued_bytes(&self) -> usize {
+        self.peak_queued_bytes
+    }
+
+    /// Connections with state, and open pipes.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.conns.len(), self.pipes.len())
+    }
+
+    fn too_big(&self, what: &str, n: usize) -> ShortStr {
+        ShortStr::lossy(&format!(
+            "{what} of {n} bytes exceeds the pipe limit of {} bytes",
+            self.config.pipe_limit
+        ))
+    }
+
+    /// Takes the next request a connection can act on; false when it must
+    /// wait.
+    fn advance(&mut self, id: ConnId, now: Instant, out: &mut Vec<Action>) -> bool {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return false;
+        };
+        if conn.pending.is_some() {
+            if self.try_complete(id, out) {
+                return true;
+            }
+            // Only CLOSE and PING may pass a pending request.
+            let conn = self.conns.get_mut(&id).expect("checked above");
+            let Some(at) = conn
+                .mailbox
+                .iter()
+                .position(|m| matches!(m, ZpipesMsg::Close {} | ZpipesMsg::Ping {}))
+            else {
+                return false;
+            };
+            let msg = conn.mailbox.remove(at).expect("position is in range");
+            if let ZpipesMsg::Ping {} = msg {
+                reply(out, id, ZpipesMsg::PingOk {});
+                return true;
+            }
+            let reason = ShortStr::lossy("closed while the request was pending");
+            match conn.pending.take() {
+                Some(Pending::Read { .. }) => reply(out, id, ZpipesMsg::ReadFailed { reason }),
+                Some(Pending::Write { .. }) => reply(out, id, ZpipesMsg::WriteFailed { reason }),
+                None => {}
+            }
+            self.cancel_request_timer(id, out);
+            self.close(id, out);
+            return true;
+        }
+        let Some(msg) = conn.mailbox.pop_front() else {
+            return false;
+        };
+        if let ZpipesMsg::Write { chunk, .. } = &msg {
+            conn.mailbox_bytes -= chunk.0.len();
+        }
+        let role = conn.role;
+        tracing::debug!(conn = id.0, ?role, request = msg.name(), "zpipes request");
+        match (role, msg) {
+            (_, ZpipesMsg::Ping {}) => reply(out, id, ZpipesMsg::PingOk {}),
+            (Role::Idle, ZpipesMsg::Input { pipename }) => {
+                self.open(id, pipename, Role::Reader, out)
+            }
+            (Role::Idle, ZpipesMsg::Output { pipename }) => {
+                self.open(id, pipename, Role::Writer, out)
+            }
+            (Role::Reader, ZpipesMsg::Read { size, timeout }) => {
+                let size = size as usize;
+                if size == 0 {
+                    // Pinned by the original selftest: "end of pipe".
+                    reply(out, id, ZpipesMsg::ReadEnd {});
+                } else if size > self.config.pipe_limit {
+                    let reason = self.too_big("read", size);
+                    reply(out, id, ZpipesMsg::ReadFailed { reason });
+                } else {
+                    self.start_pending(id, Pending::Read { size }, timeout, now, out);
+                }
+            }
+            (Role::Writer, ZpipesMsg::Write { chunk, timeout }) => {
+                if chunk.0.len() > self.config.pipe_limit {
+                    let reason = self.too_big("write", chunk.0.len());
+                    reply(out, id, ZpipesMsg::WriteFailed { reason });
+                } else {
+                    self.start_pending(
+                        id,
+                        Pending::Write {
+                            chunk: chunk.0,
+                            partly_queued: false,
+                        },
+                        timeout,
+                        now,
+                        out,
+                    );
+                }
+            }
+            // The wrong half of a pipe: refused, but the connection lives.
+            (Role::Writer, ZpipesMsg::Read { .. }) | (Role::Reader, ZpipesMsg::Write { .. }) => {
+                reply(out, id, ZpipesMsg::Invalid {})
+            }
+            (Role::Reader | Role::Writer, ZpipesMsg::Close {}) => {
+                self.close(id, out);
+            }
+            // Anything else is not valid here: INVALID, and the
+            // connection's state (pipe end included) is gone.
+            (_, _) => {
+                reply(out, id, ZpipesMsg::Invalid {});
+                self.terminate(id, out);
+            }
+        }
+        true
+    }
+
+    fn open(&mut self, id: ConnId, name: ShortStr, role: Role, out: &mut Vec<Action>) {
+        let pipe = self.pipes.entry(name.clone()).or_default();
+        let (end, other) = match role {
+            Role::Reader => (&mut pipe.reader, pipe.writer),
+            _ => (&mut pipe.writer, pipe.reader),
+        };
+        if end.is_some() {
+            let reason = ShortStr::lossy(match role {
+                Role::Reader => "the pipe already has a reader",
+                _ => "the pipe already has a writer",
+            });
+            match role {
+                Role::Reader => reply(out, id, ZpipesMsg::InputFailed { reason }),
+                _ => reply(out, id, ZpipesMsg::OutputFailed { reason }),
+            }
+            self.terminate(id, out);
+            return;
+        }
+        *end = Some(id);
+        if let Some(other) = other {
+            self.ready.push_back(other);
+        }
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("caller holds a live connection");
+        conn.role = role;
+        conn.pipe = Some(name);
+        match role {
+            Role::Reader => reply(out, id, ZpipesMsg::InputOk {}),
+            _ => reply(out, id, ZpipesMsg::OutputOk {}),
+        }
+    }
+
+    fn start_pending(
+        &mut self,
+        id: ConnId,
+        pending: Pending,
+        timeout: u32,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("caller holds a live connection");
+        conn.pending = Some(pending);
+        if !self.try_complete(id, out) && timeout > 0 {
+            let conn = self.conns.get_mut(&id).expect("still live");
+            if let Some(Pending::Write {
+                partly_queued: true,
+                ..
+            }) = conn.pending
+            {
+                return;
+            }
+            conn.request_timer = true;
+            let at = now + Duration::from_millis(timeout.into());
+            out.push(Action::SetTimer {
+                key: request_key(id),
+                at,
+            });
+        }
+    }
+
+    /// Completes the pending request if it can be now.
+    fn try_complete(&mut self, id: ConnId, out: &mut Vec<Action>) -> bool {
+        let limit = self.config.pipe_limit;
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("caller holds a live connection");
+        match conn.pending {
+            None => false,
+            Some(Pending::Read { size }) => {
+                let detached = conn.pipe.is_none();
+                if conn.queue.len() < size && !detached {
+                    return false;
+                }
+                conn.pending = None;
+                if conn.queue.is_empty() {
+                    reply(out, id, ZpipesMsg::ReadEnd {});
+                } else {
+                    let chunk = conn.queue.take(size);
+                    self.queued_bytes -= chunk.len();
+                    self.bytes_moved += chunk.len() as u64;
+                    reply(
+                        out,
+                        id,
+                        ZpipesMsg::ReadOk {
+                            chunk: Chunk(chunk),
+                        },
+                    );
+                    // The writer may be waiting for room.
+                    if let Some(writer) = conn
+                        .pipe
+                        .as_ref()
+                        .and_then(|p| self.pipes.get(p))
+                        .and_then(|p| p.writer)
+                    {
+                        self.ready.push_back(writer);
+                    }
+                }
+                self.cancel_request_timer(id, out);
+                true
+            }
+            Some(Pending::Write { ref chunk, .. }) => {
+                let Some(name) = &conn.pipe else {
+                    conn.pending = None;
+                    let reason =
+                        ShortStr::lossy("the reader has gone: close and open the pipe again");
+                    reply(out, id, ZpipesMsg::WriteFailed { reason });
+                    self.cancel_request_timer(id, out);
+                    return true;
+                };
+                let Some(reader_id) = self.pipes.get(name).and_then(|p| p.reader) else {
+                    return false;
+                };
+                let len = chunk.len();
+                let reader = self
+                    .conns
+                    .get_mut(&reader_id)
+                    .expect("a pipe's reader is live");
+                let room = limit.saturating_sub(reader.queue.len());
+                if len > room {
+                    if room == 0 {
+                        return false;
+                    }
+                    // Fill the queue to the bound and keep the rest pending:
+                    // a reader waiting for more than is queued could
+                    // otherwise wait for ever on a writer waiting for room.
+                    // Part of the chunk is now delivered, so the write can
+                    // no longer time out; it ends in WRITE_OK, or
+                    // WRITE_FAILED if the reader leaves.
+                    let conn = self.conns.get_mut(&id).expect("still live");
+                    let Some(Pending::Write {
+                        chunk,
+                        partly_queued,
+                    }) = conn.pending.as_mut()
+                    else {
+                        unreachable!()
+                    };
+                    *partly_queued = true;
+                    let part = chunk.split_to(room);
+                    let reader = self
+                        .conns
+                        .get_mut(&reader_id)
+                        .expect("a pipe's reader is live");
+                    reader.queue.push(part);
+                    self.queued_bytes += room;
+                    self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
+                    self.ready.push_back(reader_id);
+                    self.cancel_request_timer(id, out);
+                    return false;
+                }
+                let conn = self.conns.get_mut(&id).expect("still live");
+                let Some(Pending::Write { chunk, .. }) = conn.pending.take() else {
+                    unreachable!()
+                };
+                let reader = self
+                    .conns
+                    .get_mut(&reader_id)
+                    .expect("a pipe's reader is live");
+                reader.queue.push(chunk);
+                self.queued_bytes += len;
+                self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
+                // Queue the data, wake the reader, then acknowledge (spec §7).
+                self.ready.push_back(reader_id);
+                reply(out, id, ZpipesMsg::WriteOk {});
+                self.cancel_request_timer(id, out);
+                true
+            }
+        }
+    }
+
+    fn cancel_request_timer(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        if let Some(conn) = self.conns.get_mut(&id) {
+            if std::mem::take(&mut conn.request_timer) {
+                out.push(Action::CancelTimer {
+                    key: request_key(id),
+                });
+            }
+        }
+    }
+
+    /// CLOSE of an open end: detach, clear the queue, back to `start`.
+    fn close(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        self.detach(id);
+        let conn = self
+            .conns
+            .get_mut(&id)
+            .expect("caller holds a live connection");
+        conn.role = Role::Idle;
+        self.queued_bytes -= conn.queue.clear();
+        reply(out, id, ZpipesMsg::CloseOk {});
+    }
+
+    /// Detaches a connection's pipe end; the other end detaches too and the
+    /// pipe is gone, so a new end on that name makes a new pipe.
+    fn detach(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        let Some(name) = conn.pipe.take() else { return };
+        let Some(pipe) = self.pipes.remove(&name) else {
+            return;
+        };
+        let other = if pipe.reader == Some(id) {
+            pipe.writer
+        } else {
+            pipe.reader
+        };
+        if let Some(other) = other {
+            if let Some(peer) = self.conns.get_mut(&other) {
+                peer.pipe = None;
+                self.ready.push_back(other);
+            }
+        }
+        tracing::debug!(conn = id.0, pipe = ?name, "zpipes pipe end detached");
+    }
+
+    /// Forgets a connection entirely; nothing is sent.
+    fn terminate(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        self.detach(id);
+        if let Some(mut conn) = self.conns.remove(&id) {
+            self.queued_bytes -= conn.queue.clear();
+            if conn.request_timer {
+                out.push(Action::CancelTimer {
+                    key: request_key(id),
+                });
+            }
+            out.push(Action::CancelTimer {
+                key: expiry_key(id),
+            });
+        }
+    }
+
+    /// Advances ready connections until none can move.
+    fn run_ready(&mut self, now: Instant, out: &mut Vec<Action>) {
+        while let Some(id) = self.ready.pop_front() {
+            while self.advance(id, now, out) {}
+        }
+    }
+
+    fn receive(&mut self, id: ConnId, msg: ZpipesMsg, now: Instant, out: &mut Vec<Action>) {
+        let expires_at = now + self.config.expiry;
+        let conn = self.conns.entry(id).or_insert_with(|| {
+            // The expiry timer is armed once and pushed back lazily when it
+            // fires, so a busy connection costs no timer work per message.
+            out.push(Action::SetTimer {
+                key: expiry_key(id),
+                at: expires_at,
+            });
+            Conn {
+                role: Role::Idle,
+                pipe: None,
+                mailbox: VecDeque::new(),
+                mailbox_bytes: 0,
+                pending: None,
+                request_timer: false,
+                queue: ByteQueue::default(),
+                expires_at,
+            }
+        });
+        conn.expires_at = expires_at;
+        let chunk_len = match &msg {
+            ZpipesMsg::Write { chunk, .. } => chunk.0.len(),
+            _ => 0,
+        };
+        // A pending request holds the mailbox: bound what may wait behind it.
+        if conn.pending.is_some() && !matches!(msg, ZpipesMsg::Ping {} | ZpipesMsg::Close {}) {
+            if conn.mailbox.len() >= self.config.mailbox_limit
+                || conn.mailbox_bytes + chunk_len > self.config.pipe_limit
+            {
+                let reason = ShortStr::lossy("too many requests pipelined behind a pending one");
+                tracing::warn!(conn = id.0, "zpipes mailbox full; refusing {}", msg.name());
+                match msg {
+                    ZpipesMsg::Read { .. } => reply(out, id, ZpipesMsg::ReadFailed { reason }),
+                    ZpipesMsg::Write { .. } => reply(out, id, ZpipesMsg::WriteFailed { reason }),
+                    _ => reply(out, id, ZpipesMsg::Invalid {}),
+                }
+                return;
+            }
+        }
+        conn.mailbox_bytes += chunk_len;
+        conn.mailbox.push_back(msg);
+        self.ready.push_back(id);
+        self.run_ready(now, out);
+    }
+}
+
+impl Service for Zpipes {
+    fn name(&self) -> &'static str {
+        "zpipes"
+    }
+
+    fn signature(&self) -> u16 {
+        ZpipesMsg::SIGNATURE
+    }
+
+    fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
+        match ZpipesMsg::decode(frame) {
+            Ok(msg) => self.receive(conn, msg, now, out),
+            Err(error) => {
+                // Dropped: one bad peer must not stop the broker (spec §3).
+                self.malformed += 1;
+                tracing::debug!(conn = conn.0, %error, "zpipes dropped a malformed frame");
+            }
+        }
+    }
+
+    fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>) {
+        let id = ConnId(key >> 1);
+        let Some(conn) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if key == expiry_key(id) {
+            if now < conn.expires_at {
+                let at = conn.expires_at;
+                out.push(Action::SetTimer { key, at });
+            } else {
+                tracing::debug!(conn = id.0, "zpipes connection expired");
+                self.terminate(id, out);
+                self.run_ready(now, out);
+            }
+            return;
+        }
+        conn.request_timer = false;
+        match conn.pending.take() {
+            Some(Pending::Read { .. }) => reply(out, id, ZpipesMsg::ReadTimeout {}),
+            Some(Pending::Write { .. }) => reply(out, id, ZpipesMsg::WriteTimeout {}),
+            None => return,
+        }
+        self.ready.push_back(id);
+        self.run_ready(now, out);
+    }
+
+    fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>) {
+        if self.conns.contains_key(&conn) {
+            tracing::debug!(conn = conn.0, "zpipes peer disconnected");
+            self.terminate(conn, out);
+            self.run_ready(now, out);
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mut pipes: Vec<_> = self
+            .pipes
+            .iter()
+            .map(|(name, pipe)| {
+                let queued = pipe
+                    .reader
+                    .and_then(|r| self.conns.get(&r))
+                    .map_or(0, |c| c.queue.len());
+                serde_json::json!({
+                    "name": name.to_string_lossy(),
+                    "reader": pipe.reader.is_some(),
+                    "writer": pipe.writer.is_some(),
+                    "queued_bytes": queued,
+                })
+            })
+            .collect();
+        pipes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+        serde_json::json!({
+            "connections": self.conns.len(),
+            "pipes": pipes,
+            "queued_bytes": self.queued_bytes,
+            "peak_queued_bytes": self.peak_queued_bytes,
+            "bytes_moved": self.bytes_moved,
+            "malformed_frames": self.malformed,
+            "pipe_limit": self.config.pipe_limit,
+            "expiry_ms": self.config.expiry.as_millis() as u64,
+        })
+    }
+}

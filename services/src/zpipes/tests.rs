@@ -1,0 +1,715 @@
+//! The original selftest scenarios (spec §11) and the fixes of §12, on a
+//! simulated clock.
+
+use super::*;
+use crate::sim::Sim;
+use proptest::prelude::*;
+use ZpipesMsg as M;
+
+struct World(Sim<Zpipes>);
+
+const R: u64 = 1;
+const W: u64 = 2;
+
+fn name(s: &str) -> ShortStr {
+    ShortStr::new(s.as_bytes().to_vec()).unwrap()
+}
+fn chunk(s: &[u8]) -> Chunk {
+    Chunk(Bytes::copy_from_slice(s))
+}
+fn read(size: u32, timeout: u32) -> ZpipesMsg {
+    M::Read { size, timeout }
+}
+fn write(data: &[u8], timeout: u32) -> ZpipesMsg {
+    M::Write {
+        chunk: chunk(data),
+        timeout,
+    }
+}
+fn read_ok(data: &[u8]) -> ZpipesMsg {
+    M::ReadOk { chunk: chunk(data) }
+}
+
+impl World {
+    fn new() -> Self {
+        Self::with(Config::default())
+    }
+    fn with(config: Config) -> Self {
+        World(Sim::new(Zpipes::new(config)))
+    }
+    fn send(&mut self, conn: u64, msg: ZpipesMsg) {
+        self.0.send_raw(conn, msg.encode());
+    }
+    fn recv(&mut self, conn: u64) -> Vec<ZpipesMsg> {
+        self.0
+            .take_raw(conn)
+            .into_iter()
+            .map(|f| M::decode(f).expect("server frames decode"))
+            .collect()
+    }
+    /// Sends and returns whatever `conn` got back at once.
+    fn ask(&mut self, conn: u64, msg: ZpipesMsg) -> Vec<ZpipesMsg> {
+        self.send(conn, msg);
+        self.recv(conn)
+    }
+    fn ms(&mut self, ms: u64) {
+        self.0.advance(Duration::from_millis(ms));
+    }
+    fn open_pair(&mut self) {
+        assert_eq!(
+            self.ask(
+                W,
+                M::Output {
+                    pipename: name("test pipe")
+                }
+            ),
+            [M::OutputOk {}]
+        );
+        assert_eq!(
+            self.ask(
+                R,
+                M::Input {
+                    pipename: name("test pipe")
+                }
+            ),
+            [M::InputOk {}]
+        );
+    }
+}
+
+fn reason_of(msg: &ZpipesMsg) -> String {
+    match msg {
+        M::ReadFailed { reason } | M::WriteFailed { reason } => reason.to_string_lossy(),
+        other => panic!("not a failure: {other:?}"),
+    }
+}
+
+#[test]
+fn selftest_1_to_5_basic_flow() {
+    let mut w = World::new();
+    assert_eq!(
+        w.ask(
+            W,
+            M::Output {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::OutputOk {}]
+    );
+    w.send(W, write(b"Hello, World", 100));
+    w.ms(99);
+    assert_eq!(w.recv(W), []);
+    w.ms(1);
+    assert_eq!(w.recv(W), [M::WriteTimeout {}]);
+
+    assert_eq!(
+        w.ask(
+            R,
+            M::Input {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::InputOk {}]
+    );
+    w.send(R, read(12, 100));
+    w.ms(100);
+    assert_eq!(w.recv(R), [M::ReadTimeout {}]);
+
+    assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(12, 0)), [read_ok(b"Hello, World")]);
+    assert_eq!(w.ask(R, read(0, 0)), [M::ReadEnd {}]);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.ask(R, read(12, 100)), [M::ReadEnd {}]);
+    assert_eq!(w.ask(R, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.0.service.counts(), (2, 0));
+}
+
+#[test]
+fn selftest_6_pipelining() {
+    let mut w = World::new();
+    w.open_pair();
+    for _ in 0..3 {
+        w.send(R, read(12, 100));
+    }
+    w.ms(100);
+    assert_eq!(w.recv(R), [M::ReadTimeout {}]);
+    assert_eq!(w.ask(W, write(b"Hello, World", 100)), [M::WriteOk {}]);
+    assert_eq!(w.recv(R), [read_ok(b"Hello, World")]);
+    assert_eq!(w.ask(R, M::Ping {}), [M::PingOk {}]);
+    w.ms(50);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.recv(R), [M::ReadEnd {}]);
+    assert_eq!(w.ask(R, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.ask(R, read(12, 100)), [M::Invalid {}]);
+    assert_eq!(w.ask(R, M::Close {}), [M::Invalid {}]);
+}
+
+#[test]
+fn selftest_7_read_close_pipelining() {
+    let mut w = World::new();
+    w.open_pair();
+    w.send(R, read(12, 0));
+    w.send(R, read(12, 0));
+    assert_eq!(w.ask(R, M::Ping {}), [M::PingOk {}]);
+    let reasons = w.ask(R, M::Close {});
+    assert!(matches!(reasons[0], M::ReadFailed { .. }));
+    assert_eq!(reasons[1..], [M::CloseOk {}, M::Invalid {}]);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+}
+
+#[test]
+fn selftest_8_rechunking() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.ask(R, read(1, 0)), [read_ok(b"H")]);
+    assert_eq!(w.ask(R, read(2, 0)), [read_ok(b"el")]);
+    assert_eq!(w.ask(R, read(3, 0)), [read_ok(b"lo,")]);
+    assert_eq!(w.ask(R, read(3, 0)), [read_ok(b" Wo")]);
+    assert_eq!(w.ask(R, read(100, 0)), [read_ok(b"rld")]);
+    assert_eq!(w.ask(R, read(100, 0)), [M::ReadEnd {}]);
+}
+
+#[test]
+fn selftest_9_expiry() {
+    let mut w = World::with(Config {
+        expiry: Duration::from_millis(200),
+        ..Config::default()
+    });
+    w.open_pair();
+    w.send(R, read(12, 0));
+    w.ms(300);
+    assert_eq!(w.recv(R), []);
+    assert_eq!(w.ask(R, read(12, 0)), [M::Invalid {}]);
+
+    let mut w = World::with(Config {
+        expiry: Duration::from_millis(200),
+        ..Config::default()
+    });
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
+    w.ms(300);
+    assert_eq!(w.0.service.counts(), (0, 0));
+    assert_eq!(w.0.service.queued_bytes(), 0);
+    w.open_pair();
+    w.send(R, read(12, 100));
+    w.ms(100);
+    assert_eq!(w.recv(R), [M::ReadTimeout {}]);
+    assert_eq!(w.0.armed_timers(), 2, "only the two expiry timers remain");
+}
+
+#[test]
+fn activity_postpones_expiry() {
+    let mut w = World::with(Config {
+        expiry: Duration::from_millis(200),
+        ..Config::default()
+    });
+    w.open_pair();
+    for _ in 0..10 {
+        w.ms(150);
+        assert_eq!(w.ask(R, M::Ping {}), [M::PingOk {}]);
+        assert_eq!(w.ask(W, M::Ping {}), [M::PingOk {}]);
+    }
+    assert_eq!(w.0.service.counts(), (2, 1));
+}
+
+#[test]
+fn selftest_10_writer_closes_before_reader_has_read() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(
+        w.ask(
+            W,
+            M::Output {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::OutputOk {}]
+    );
+    assert_eq!(w.ask(R, read(12, 0)), [read_ok(b"Hello, World")]);
+    const R2: u64 = 3;
+    assert_eq!(
+        w.ask(
+            R2,
+            M::Input {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::InputOk {}]
+    );
+    assert_eq!(w.ask(W, write(b"second", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(0, 0)), [M::ReadEnd {}]);
+    assert_eq!(
+        w.ask(R, read(6, 0)),
+        [M::ReadEnd {}],
+        "the old reader is not part of the new pipe"
+    );
+    assert_eq!(w.ask(R2, read(6, 0)), [read_ok(b"second")]);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.ask(R2, read(0, 0)), [M::ReadEnd {}]);
+    assert_eq!(w.ask(R2, read(0, 0)), [M::ReadEnd {}]);
+}
+
+#[test]
+fn selftest_11_reader_closes_while_writer_active() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(R, M::Close {}), [M::CloseOk {}]);
+    let got = w.ask(W, write(b"Hello, World", 0));
+    assert!(matches!(got[..], [M::WriteFailed { .. }]));
+    // Even a new reader on the name does not revive the old writer.
+    assert_eq!(
+        w.ask(
+            R,
+            M::Input {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::InputOk {}]
+    );
+    assert!(matches!(
+        w.ask(W, write(b"x", 0))[..],
+        [M::WriteFailed { .. }]
+    ));
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+}
+
+#[test]
+fn selftest_12_one_writer_one_reader() {
+    let mut w = World::new();
+    w.open_pair();
+    let got = w.ask(
+        3,
+        M::Output {
+            pipename: name("test pipe"),
+        },
+    );
+    assert!(matches!(got[..], [M::OutputFailed { .. }]));
+    let got = w.ask(
+        4,
+        M::Input {
+            pipename: name("test pipe"),
+        },
+    );
+    assert!(matches!(got[..], [M::InputFailed { .. }]));
+    // Their state is gone: they may simply try again elsewhere.
+    assert_eq!(
+        w.ask(
+            3,
+            M::Output {
+                pipename: name("other")
+            }
+        ),
+        [M::OutputOk {}]
+    );
+}
+
+#[test]
+fn selftest_13_short_read_when_writer_closes() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(1000, 0)), []);
+    assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.recv(R), [read_ok(b"Hello, World")]);
+    assert_eq!(w.ask(R, read(0, 0)), [M::ReadEnd {}]);
+}
+
+#[test]
+fn write_waits_for_a_reader_with_no_timeout() {
+    let mut w = World::new();
+    assert_eq!(
+        w.ask(
+            W,
+            M::Output {
+                pipename: name("p")
+            }
+        ),
+        [M::OutputOk {}]
+    );
+    w.send(W, write(b"abc", 0));
+    w.ms(700);
+    assert_eq!(w.recv(W), []);
+    assert_eq!(
+        w.ask(
+            R,
+            M::Input {
+                pipename: name("p")
+            }
+        ),
+        [M::InputOk {}]
+    );
+    assert_eq!(w.recv(W), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(3, 0)), [read_ok(b"abc")]);
+}
+
+// ---- §12 fixes ----
+
+#[test]
+fn malformed_frames_are_dropped_and_service_goes_on() {
+    let mut w = World::new();
+    w.open_pair();
+    for garbage in [
+        &b"garbage"[..],
+        &[0xAA, 0xA0, 0x07, 0, 0],
+        &[0xAA, 0xA0, 99],
+        &[],
+    ] {
+        w.0.send_raw(R, garbage.to_vec());
+        w.0.send_raw(9, garbage.to_vec());
+    }
+    assert_eq!(w.recv(R), []);
+    assert_eq!(w.recv(9), []);
+    assert_eq!(w.ask(W, write(b"ok", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(2, 0)), [read_ok(b"ok")]);
+    assert_eq!(w.0.service.status()["malformed_frames"], 8);
+}
+
+#[test]
+fn ping_leaves_a_pending_read_and_its_timer_alone() {
+    let mut w = World::new();
+    w.open_pair();
+    w.send(R, read(6, 100));
+    w.ms(50);
+    assert_eq!(w.ask(R, M::Ping {}), [M::PingOk {}]);
+    w.ms(49);
+    assert_eq!(w.recv(R), []);
+    w.ms(1);
+    assert_eq!(
+        w.recv(R),
+        [M::ReadTimeout {}],
+        "the timer survived the PING"
+    );
+    w.send(R, read(6, 0));
+    assert_eq!(w.ask(R, M::Ping {}), [M::PingOk {}]);
+    assert_eq!(w.ask(W, write(b"abcdef", 0)), [M::WriteOk {}]);
+    assert_eq!(w.recv(R), [read_ok(b"abcdef")], "not an empty READ_OK");
+}
+
+#[test]
+fn ping_leaves_a_pending_write_alone() {
+    let mut w = World::new();
+    assert_eq!(
+        w.ask(
+            W,
+            M::Output {
+                pipename: name("p")
+            }
+        ),
+        [M::OutputOk {}]
+    );
+    w.send(W, write(b"abc", 0));
+    assert_eq!(w.ask(W, M::Ping {}), [M::PingOk {}]);
+    assert_eq!(
+        w.ask(
+            R,
+            M::Input {
+                pipename: name("p")
+            }
+        ),
+        [M::InputOk {}]
+    );
+    assert_eq!(w.recv(W), [M::WriteOk {}], "the original aborted here");
+    assert_eq!(w.ask(R, read(3, 0)), [read_ok(b"abc")]);
+}
+
+#[test]
+fn read_timeout_stays_armed_with_partial_data() {
+    let mut w = World::new();
+    w.open_pair();
+    w.send(R, read(12, 100));
+    w.ms(50);
+    assert_eq!(w.ask(W, write(b"Hello,", 0)), [M::WriteOk {}]);
+    w.ms(50);
+    assert_eq!(w.recv(R), [M::ReadTimeout {}]);
+    assert_eq!(w.ask(W, write(b" World", 0)), [M::WriteOk {}]);
+    assert_eq!(
+        w.ask(R, read(12, 100)),
+        [read_ok(b"Hello, World")],
+        "nothing was lost"
+    );
+}
+
+#[test]
+fn invalid_detaches_the_pipe_end() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(
+        w.ask(
+            W,
+            M::Input {
+                pipename: name("x")
+            }
+        ),
+        [M::Invalid {}]
+    );
+    assert_eq!(
+        w.ask(
+            3,
+            M::Output {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::OutputOk {}],
+        "the name is free again"
+    );
+    assert_eq!(
+        w.ask(
+            R,
+            M::Output {
+                pipename: name("y")
+            }
+        ),
+        [M::Invalid {}]
+    );
+    assert_eq!(
+        w.ask(
+            4,
+            M::Input {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::InputOk {}]
+    );
+}
+
+#[test]
+fn wrong_half_gets_invalid_but_keeps_the_connection() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(W, read(1, 0)), [M::Invalid {}]);
+    assert_eq!(w.ask(R, write(b"x", 0)), [M::Invalid {}]);
+    assert_eq!(w.ask(W, write(b"x", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(1, 0)), [read_ok(b"x")]);
+}
+
+#[test]
+fn server_ids_from_a_client_get_invalid_and_terminate() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(R, M::ReadEnd {}), [M::Invalid {}]);
+    assert_eq!(
+        w.ask(
+            4,
+            M::Input {
+                pipename: name("test pipe")
+            }
+        ),
+        [M::InputOk {}]
+    );
+}
+
+#[test]
+fn close_clears_the_readers_queue() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"stale", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, M::Close {}), [M::CloseOk {}]);
+    assert_eq!(w.0.service.queued_bytes(), 0);
+    assert_eq!(
+        w.ask(
+            R,
+            M::Input {
+                pipename: name("B")
+            }
+        ),
+        [M::InputOk {}]
+    );
+    assert_eq!(
+        w.ask(
+            3,
+            M::Output {
+                pipename: name("B")
+            }
+        ),
+        [M::OutputOk {}]
+    );
+    assert_eq!(w.ask(3, write(b"fresh", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(R, read(5, 0)), [read_ok(b"fresh")]);
+}
+
+#[test]
+fn writes_wait_for_room_within_the_bound() {
+    let mut w = World::with(Config {
+        pipe_limit: 10,
+        ..Config::default()
+    });
+    w.open_pair();
+    assert_eq!(
+        w.ask(W, write(b"0123456789", 0)),
+        [M::WriteOk {}],
+        "fits exactly"
+    );
+    assert_eq!(w.ask(W, write(b"abc", 100)), [], "no room: waits");
+    w.ms(100);
+    assert_eq!(w.recv(W), [M::WriteTimeout {}], "nothing of it was queued");
+    assert_eq!(w.ask(R, read(4, 0)), [read_ok(b"0123")]);
+    assert_eq!(
+        w.ask(W, write(b"abcdef", 100)),
+        [],
+        "4 bytes of room: part is queued, the rest waits"
+    );
+    w.ms(500);
+    assert_eq!(w.recv(W), [], "a partly delivered write does not time out");
+    assert_eq!(w.0.service.queued_bytes(), 10);
+    assert_eq!(w.ask(R, read(10, 0)), [read_ok(b"456789abcd")]);
+    assert_eq!(w.recv(W), [M::WriteOk {}], "room was made for the rest");
+    assert_eq!(w.ask(R, read(2, 0)), [read_ok(b"ef")]);
+    assert_eq!(w.0.service.peak_queued_bytes(), 10);
+    let got = w.ask(W, write(b"0123456789a", 0));
+    assert!(reason_of(&got[0]).contains("pipe limit of 10 bytes"));
+    let got = w.ask(R, read(11, 0));
+    assert!(reason_of(&got[0]).contains("read of 11 bytes"));
+}
+
+#[test]
+fn pending_write_fails_when_the_reader_leaves() {
+    let mut w = World::with(Config {
+        pipe_limit: 4,
+        ..Config::default()
+    });
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"1234", 0)), [M::WriteOk {}]);
+    assert_eq!(w.ask(W, write(b"5", 0)), []);
+    w.0.disconnect(R);
+    assert!(matches!(w.recv(W)[..], [M::WriteFailed { .. }]));
+    assert_eq!(w.0.service.queued_bytes(), 0);
+}
+
+#[test]
+fn writer_disconnect_ends_the_stream_after_queued_data() {
+    let mut w = World::new();
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"tail", 0)), [M::WriteOk {}]);
+    w.0.disconnect(W);
+    assert_eq!(w.ask(R, read(10, 0)), [read_ok(b"tail")]);
+    assert_eq!(w.ask(R, read(10, 0)), [M::ReadEnd {}]);
+}
+
+#[test]
+fn mailbox_is_bounded() {
+    let mut w = World::with(Config {
+        mailbox_limit: 3,
+        pipe_limit: 100,
+        ..Config::default()
+    });
+    w.open_pair();
+    w.send(R, read(10, 0));
+    for _ in 0..3 {
+        w.send(R, read(10, 0));
+    }
+    assert_eq!(w.recv(R), []);
+    let got = w.ask(R, read(10, 0));
+    assert!(reason_of(&got[0]).contains("pipelined"));
+}
+
+// ---- properties ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    Msg(u64, ZpipesMsg),
+    Raw(u64, Vec<u8>),
+    Advance(u64),
+    Disconnect(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let conn = 1u64..=4;
+    let pipe = prop_oneof![Just(name("a")), Just(name("b"))];
+    let request = prop_oneof![
+        pipe.clone().prop_map(|p| M::Input { pipename: p }),
+        pipe.prop_map(|p| M::Output { pipename: p }),
+        (0u32..40, prop_oneof![Just(0u32), 1u32..300])
+            .prop_map(|(size, timeout)| M::Read { size, timeout }),
+        (
+            proptest::collection::vec(any::<u8>(), 0..30),
+            prop_oneof![Just(0u32), 1u32..300]
+        )
+            .prop_map(|(d, timeout)| M::Write {
+                chunk: Chunk(d.into()),
+                timeout
+            }),
+        Just(M::Close {}),
+        Just(M::Ping {}),
+    ];
+    prop_oneof![
+        6 => (conn.clone(), request).prop_map(|(c, m)| Op::Msg(c, m)),
+        1 => (conn.clone(), ZpipesMsg::arbitrary()).prop_map(|(c, m)| Op::Msg(c, m)),
+        1 => (conn.clone(), proptest::collection::vec(any::<u8>(), 0..12)).prop_map(|(c, b)| Op::Raw(c, b)),
+        2 => (0u64..400).prop_map(Op::Advance),
+        1 => conn.prop_map(Op::Disconnect),
+    ]
+}
+
+proptest! {
+    /// Whatever several peers send, the service never panics, only sends
+    /// frames that decode, keeps memory within its bound, and once every
+    /// peer has gone holds no connection, pipe, byte or timer.
+    #[test]
+    fn arbitrary_sessions_keep_invariants(ops in proptest::collection::vec(op(), 1..120)) {
+        let mut w = World::with(Config { pipe_limit: 64, mailbox_limit: 8, expiry: Duration::from_millis(1000) });
+        for op in ops {
+            match op {
+                Op::Msg(c, m) => w.send(c, m),
+                Op::Raw(c, b) => w.0.send_raw(c, b),
+                Op::Advance(ms) => w.ms(ms),
+                Op::Disconnect(c) => w.0.disconnect(c),
+            }
+            prop_assert!(w.0.service.queued_bytes() <= 4 * 64);
+            for c in 1..=4 {
+                for reply in w.recv(c) {
+                    prop_assert!(!reply.is_request());
+                }
+            }
+        }
+        for c in 1..=4 {
+            w.0.disconnect(c);
+        }
+        prop_assert_eq!(w.0.service.counts(), (0, 0));
+        prop_assert_eq!(w.0.service.queued_bytes(), 0);
+        prop_assert_eq!(w.0.armed_timers(), 0);
+    }
+
+    /// A byte stream: whatever the write and read sizes, the reader gets the
+    /// writer's bytes in order, exactly once.
+    #[test]
+    fn pipe_is_a_byte_stream(writes in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..50), 0..30),
+                             read_size in 1u32..64) {
+        let mut w = World::with(Config { pipe_limit: 64, ..Config::default() });
+        w.open_pair();
+        let sent: Vec<u8> = writes.concat();
+        let mut got = Vec::new();
+        // Each write may wait for room: read (with a timeout, so a short
+        // queue cannot block) until it is acknowledged.
+        for data in &writes {
+            w.send(W, write(data, 0));
+            loop {
+                match w.recv(W).as_slice() {
+                    [] => {}
+                    [M::WriteOk {}] => break,
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+                w.send(R, read(read_size, 10));
+                w.ms(10);
+                match w.recv(R).as_slice() {
+                    [M::ReadOk { chunk }] => got.extend_from_slice(&chunk.0),
+                    [M::ReadTimeout {}] => {}
+                    other => prop_assert!(false, "unexpected {:?}", other),
+                }
+            }
+        }
+        prop_assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
+        loop {
+            w.send(R, read(read_size, 0));
+            match w.recv(R).as_slice() {
+                [M::ReadOk { chunk }] => got.extend_from_slice(&chunk.0),
+                [M::ReadEnd {}] => break,
+                other => prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+        prop_assert_eq!(got, sent);
+    }
+}
