@@ -1,1 +1,245 @@
-fn main() {}
+//! `zbroker`: the broker daemon and its status command.
+
+mod config;
+mod peers;
+mod reactor;
+mod timers;
+
+use anyhow::{bail, Context as _};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use zbroker_client::endpoint;
+use zbroker_services::zpipes::{self, Zpipes};
+
+#[derive(Parser)]
+#[command(
+    name = "zbroker",
+    version,
+    about = "A ZeroMQ broker hosting ZPIPES named pipes",
+    long_about = "A ZeroMQ broker hosting ZPIPES named pipes.\n\n\
+        `zbroker NAME` runs the broker called NAME (default `local`). Local clients find it at \
+        ipc://@/zpipes/NAME, the endpoint the original C zpipes_client uses; --bind adds more \
+        endpoints (tcp://...). Every endpoint serves every service: the protocol signature at \
+        the start of each message picks the service. A second broker with the same name refuses \
+        to start. SIGINT or SIGTERM stops it cleanly.\n\n\
+        `zbroker status NAME` asks a running broker what it is doing.",
+    args_conflicts_with_subcommands = true,
+    after_help = "Examples:\n  zbroker                                  run the broker \"local\"\n  \
+        zbroker hub --bind tcp://127.0.0.1:5670  also listen on TCP\n  \
+        zbroker status hub --json                machine-readable status"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Name of this broker; clients find it by this name [default: local]
+    #[arg(value_name = "NAME")]
+    name: Option<String>,
+    /// Also listen on ENDPOINT (repeatable), e.g. tcp://127.0.0.1:5670 or tcp://*:* for any free port
+    #[arg(long = "bind", value_name = "ENDPOINT")]
+    bind: Vec<String>,
+    /// Forget a client silent for this many milliseconds [default: 60000]
+    #[arg(long, value_name = "MS")]
+    expiry: Option<u64>,
+    /// Most bytes queued for one pipe's reader, e.g. 8MiB [default: 8MiB]
+    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
+    pipe_limit: Option<u64>,
+    /// Read settings from a TOML file; flags override it
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Log filter: error, warn, info, debug, trace [default: info, or RUST_LOG]
+    #[arg(long, value_name = "LEVEL")]
+    log: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show what a running broker is doing: endpoints, pipes, queued bytes
+    Status {
+        /// Name of the broker to ask
+        #[arg(value_name = "NAME", default_value = endpoint::DEFAULT_BROKER)]
+        name: String,
+        /// Print the status as JSON, for programs
+        #[arg(long)]
+        json: bool,
+        /// Give up after this many milliseconds without an answer
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout: u64,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Status {
+            name,
+            json,
+            timeout,
+        }) => status(&name, json, Duration::from_millis(timeout)),
+        None => run(cli.run),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zbroker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: RunArgs) -> anyhow::Result<()> {
+    let file = match &args.config {
+        Some(path) => config::load(path)?,
+        None => config::FileConfig::default(),
+    };
+    let name = args
+        .name
+        .or(file.name)
+        .unwrap_or_else(|| endpoint::DEFAULT_BROKER.to_string());
+    endpoint::check_name(&name)?;
+    let log = args.log.or(file.log);
+    init_logging(log.as_deref())?;
+
+    let defaults = zpipes::Config::default();
+    let pipe_limit = args.pipe_limit.or(file.pipe_limit.map(config::Size::bytes));
+    let pipe_limit = match pipe_limit {
+        None => defaults.pipe_limit,
+        Some(0) => bail!("--pipe-limit must be at least 1 byte"),
+        Some(n) if n > u32::MAX as u64 => {
+            bail!("--pipe-limit can be at most 4GiB (a READ's size is 32 bits)")
+        }
+        Some(n) => n as usize,
+    };
+    let expiry = match args.expiry.or(file.expiry) {
+        None => defaults.expiry,
+        Some(0) => bail!("--expiry must be at least 1 ms"),
+        Some(ms) => Duration::from_millis(ms),
+    };
+    let zpipes = Zpipes::new(zpipes::Config {
+        expiry,
+        pipe_limit,
+        ..defaults
+    });
+
+    let mut endpoints = vec![endpoint::zpipes(&name)];
+    endpoints.extend(if args.bind.is_empty() {
+        file.bind.unwrap_or_default()
+    } else {
+        args.bind
+    });
+    let settings = reactor::Settings {
+        control_endpoint: endpoint::control(&name),
+        name: name.clone(),
+        endpoints,
+    };
+    let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes)])?;
+    tracing::info!(
+        "zbroker {name} ready: zpipes at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
+        reactor.endpoints().join(", "),
+        expiry.as_millis()
+    );
+    reactor.run()?;
+    tracing::info!("zbroker {name} stopped");
+    Ok(())
+}
+
+fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
+    use tracing_subscriber::EnvFilter;
+    let filter = match level {
+        Some(level) => {
+            EnvFilter::try_new(level).with_context(|| format!("bad --log filter {level:?}"))?
+        }
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_target(false)
+        .init();
+    Ok(())
+}
+
+/// Asks the broker's control endpoint for its status and prints it.
+fn status(name: &str, json: bool, timeout: Duration) -> anyhow::Result<()> {
+    endpoint::check_name(name)?;
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::DEALER)?;
+    socket.set_linger(0)?;
+    socket.connect(&endpoint::control(name))?;
+    socket.send("STATUS", 0)?;
+    if socket.poll(zmq::POLLIN, timeout.as_millis() as i64)? == 0 {
+        bail!(
+            "no broker named {name:?} answers at {}",
+            endpoint::control(name)
+        );
+    }
+    let reply = socket.recv_bytes(0)?;
+    let status: serde_json::Value =
+        serde_json::from_slice(&reply).context("the broker's status is not JSON")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print!("{}", describe(&status));
+    }
+    Ok(())
+}
+
+/// The status as a person reads it.
+fn describe(s: &serde_json::Value) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "broker {} (pid {}, up {} s, version {})",
+        s["name"].as_str().unwrap_or("?"),
+        s["pid"],
+        s["uptime_ms"].as_u64().unwrap_or(0) / 1000,
+        s["version"].as_str().unwrap_or("?")
+    );
+    let endpoints: Vec<&str> = s["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.as_str())
+        .collect();
+    let _ = writeln!(out, "endpoints: {}", endpoints.join(", "));
+    let _ = writeln!(
+        out,
+        "peers: {}, dropped frames: {}",
+        s["peers"], s["dropped_frames"]
+    );
+    let z = &s["services"]["zpipes"];
+    if z.is_object() {
+        let _ = writeln!(
+            out,
+            "zpipes: {} connections, {} bytes queued (peak {}, limit {} per pipe), {} bytes moved, {} malformed frames",
+            z["connections"], z["queued_bytes"], z["peak_queued_bytes"], z["pipe_limit"], z["bytes_moved"], z["malformed_frames"]
+        );
+        for pipe in z["pipes"].as_array().into_iter().flatten() {
+            let yes = |v: &serde_json::Value| {
+                if v.as_bool() == Some(true) {
+                    "attached"
+                } else {
+                    "none"
+                }
+            };
+            let _ = writeln!(
+                out,
+                "  pipe {:?}: reader {}, writer {}, {} bytes queued",
+                pipe["name"].as_str().unwrap_or("?"),
+                yes(&pipe["reader"]),
+                yes(&pipe["writer"]),
+                pipe["queued_bytes"]
+            );
+        }
+    }
+    out
+}

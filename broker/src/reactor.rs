@@ -1,0 +1,458 @@
+//! The event loop: one mio `Poll` over the ZeroMQ sockets, a timer queue
+//! and a signal pipe. It is the only code that touches sockets and clocks.
+//!
+//! ZeroMQ's `ZMQ_FD` is an edge-triggered "go and look" signal, and any zmq
+//! call (send included) may consume the edge. So after every wake-up the
+//! loop re-reads `ZMQ_EVENTS` on every socket and keeps sending and
+//! receiving until one full pass finds nothing to do
+//! (`shared/notes/zmq-on-mio.md`).
+//!
+//! Every frame arriving on the front ROUTER is routed by its first two bytes
+//! (the protocol signature) to the service that declared it.
+
+use crate::peers::Peers;
+use crate::timers::Timers;
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use std::collections::{HashMap, VecDeque};
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+use zbroker_services::{Action, ConnId, Service};
+
+const FRONT: Token = Token(0);
+const MONITOR: Token = Token(1);
+const CONTROL: Token = Token(2);
+const SIGNALS: Token = Token(3);
+
+/// Frames taken from the front socket before the other sockets get a turn.
+const RECV_BATCH: usize = 256;
+/// Replies parked for one peer that cannot take them; past this the peer is
+/// treated as gone (it stopped reading its socket).
+const PARKED_LIMIT: usize = 4096;
+/// How long queued replies may take to leave at shutdown.
+const LINGER_MS: i32 = 1000;
+
+/// What the operator asked for.
+pub struct Settings {
+    pub name: String,
+    /// Endpoints of the front ROUTER (the services' well-known endpoints
+    /// and every `--bind`).
+    pub endpoints: Vec<String>,
+    pub control_endpoint: String,
+}
+
+/// The frame bytes of a received ZeroMQ message, shared without copying.
+struct Frame(zmq::Message);
+impl AsRef<[u8]> for Frame {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+pub struct Reactor {
+    name: String,
+    poll: Poll,
+    // Sockets before the context: they must close before it terminates.
+    front: zmq::Socket,
+    monitor: zmq::Socket,
+    control: zmq::Socket,
+    signals: UnixStream,
+    _context: zmq::Context,
+    endpoints: Vec<String>,
+    services: Vec<Box<dyn Service>>,
+    routes: HashMap<u16, usize>,
+    peers: Peers,
+    timers: Timers,
+    parked: HashMap<ConnId, VecDeque<Vec<u8>>>,
+    actions: Vec<Action>,
+    gone: Vec<ConnId>,
+    started: Instant,
+    dropped_frames: u64,
+    stop: bool,
+}
+
+fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
+    Ok(socket.get_fd()?)
+}
+
+impl Reactor {
+    /// Binds every socket. Fails (before binding the front endpoints) if
+    /// another broker already holds this name's control endpoint.
+    pub fn bind(settings: Settings, services: Vec<Box<dyn Service>>) -> anyhow::Result<Self> {
+        let context = zmq::Context::new();
+
+        // The control endpoint is bound first: abstract-namespace IPC refuses
+        // a second bind, which makes it the broker name's lock.
+        let control = context.socket(zmq::ROUTER)?;
+        control.set_linger(0)?;
+        if let Err(e) = control.bind(&settings.control_endpoint) {
+            if e == zmq::Error::EADDRINUSE {
+                bail!(
+                    "a broker named {:?} is already running ({} is taken)",
+                    settings.name,
+                    settings.control_endpoint
+                );
+            }
+            bail!("cannot bind {}: {e}", settings.control_endpoint);
+        }
+
+        let front = context.socket(zmq::ROUTER)?;
+        front.set_router_mandatory(true)?;
+        front.set_linger(LINGER_MS)?;
+        let monitor_endpoint = format!("inproc://zbroker-monitor-{}", settings.name);
+        let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
+        front.monitor(&monitor_endpoint, events as i32)?;
+        let monitor = context.socket(zmq::PAIR)?;
+        monitor.connect(&monitor_endpoint)?;
+
+        let mut endpoints = Vec::new();
+        for endpoint in &settings.endpoints {
+            front.bind(endpoint).map_err(|e| match e {
+                zmq::Error::EADDRINUSE => {
+                    anyhow::anyhow!("cannot bind {endpoint}: address already in use")
+                }
+                e => anyhow::anyhow!("cannot bind {endpoint}: {e}"),
+            })?;
+            // `tcp://host:*` binds a free port; record the real one.
+            let actual = front
+                .get_last_endpoint()?
+                .map_err(|raw| anyhow::anyhow!("endpoint name is not UTF-8: {raw:?}"))?;
+            endpoints.push(actual);
+        }
+
+        let (signals, signal_writer) = UnixStream::pair()?;
+        signals.set_nonblocking(true)?;
+        for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+            signal_hook::low_level::pipe::register(signal, signal_writer.try_clone()?)
+                .context("installing signal handlers")?;
+        }
+
+        let poll = Poll::new()?;
+        let registry = poll.registry();
+        registry.register(&mut SourceFd(&zmq_fd(&front)?), FRONT, Interest::READABLE)?;
+        registry.register(
+            &mut SourceFd(&zmq_fd(&monitor)?),
+            MONITOR,
+            Interest::READABLE,
+        )?;
+        registry.register(
+            &mut SourceFd(&zmq_fd(&control)?),
+            CONTROL,
+            Interest::READABLE,
+        )?;
+        registry.register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&signals)),
+            SIGNALS,
+            Interest::READABLE,
+        )?;
+
+        let routes = services
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.signature(), i))
+            .collect();
+        Ok(Reactor {
+            name: settings.name,
+            poll,
+            front,
+            monitor,
+            control,
+            signals,
+            _context: context,
+            endpoints,
+            services,
+            routes,
+            peers: Peers::default(),
+            timers: Timers::default(),
+            parked: HashMap::new(),
+            actions: Vec::new(),
+            gone: Vec::new(),
+            started: Instant::now(),
+            dropped_frames: 0,
+            stop: false,
+        })
+    }
+
+    /// The front endpoints as bound (wildcard ports resolved).
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    /// Runs until SIGINT or SIGTERM.
+    pub fn run(&mut self) -> anyhow::Result<()> {
+        let mut events = Events::with_capacity(64);
+        while !self.stop {
+            let timeout = self
+                .timers
+                .next_deadline()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            match self.poll.poll(&mut events, timeout) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e).context("polling"),
+            }
+            if events.iter().any(|e| e.token() == SIGNALS) {
+                let mut buf = [0u8; 64];
+                while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {}
+                tracing::info!("signal received: stopping");
+                self.stop = true;
+            }
+            self.fire_timers();
+            self.drain()?;
+        }
+        self.flush_at_shutdown();
+        Ok(())
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some((service, key)) = self.timers.pop_due(now) {
+            self.services[service].on_timer(key, now, &mut self.actions);
+            self.apply(service);
+        }
+    }
+
+    /// Works every socket until a whole pass finds nothing to do.
+    fn drain(&mut self) -> anyhow::Result<()> {
+        loop {
+            let mut progress = false;
+            while self.monitor.get_events()?.contains(zmq::POLLIN) {
+                self.recv_monitor_event()?;
+                progress = true;
+            }
+            while self.control.get_events()?.contains(zmq::POLLIN) {
+                self.recv_control()?;
+                progress = true;
+            }
+            let events = self.front.get_events()?;
+            if events.contains(zmq::POLLOUT) && !self.parked.is_empty() {
+                progress |= self.flush_parked()?;
+            }
+            if events.contains(zmq::POLLIN) {
+                progress |= self.recv_front()?;
+            }
+            if !progress {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Receives up to a batch of frames from the front socket.
+    fn recv_front(&mut self) -> anyhow::Result<bool> {
+        let mut any = false;
+        for _ in 0..RECV_BATCH {
+            let mut routing_id = zmq::Message::new();
+            match self.front.recv(&mut routing_id, zmq::DONTWAIT) {
+                Ok(()) => {}
+                Err(zmq::Error::EAGAIN) => break,
+                Err(e) => return Err(e).context("receiving on the front socket"),
+            }
+            any = true;
+            if !self.front.get_rcvmore()? {
+                self.dropped_frames += 1;
+                continue;
+            }
+            let mut body = zmq::Message::new();
+            self.front.recv(&mut body, 0)?;
+            // Only the first body frame counts (spec §2); skip any others.
+            while self.front.get_rcvmore()? {
+                let mut extra = zmq::Message::new();
+                self.front.recv(&mut extra, 0)?;
+            }
+            let (conn, new) = self.peers.lookup(&routing_id);
+            if new {
+                if let Some(fd) = body.gets("__fd").and_then(|fd| fd.parse().ok()) {
+                    self.peers.set_fd(conn, fd);
+                }
+            }
+            let service = (body.len() >= 2)
+                .then(|| u16::from_be_bytes([body[0], body[1]]))
+                .and_then(|signature| self.routes.get(&signature).copied());
+            let Some(service) = service else {
+                self.dropped_frames += 1;
+                tracing::debug!(
+                    conn = conn.0,
+                    len = body.len(),
+                    "dropped a frame for no known service"
+                );
+                continue;
+            };
+            let frame = Bytes::from_owner(Frame(body));
+            self.services[service].handle(conn, frame, Instant::now(), &mut self.actions);
+            self.apply(service);
+        }
+        Ok(any)
+    }
+
+    /// Carries out what a service asked for.
+    fn apply(&mut self, service: usize) {
+        let mut actions = std::mem::take(&mut self.actions);
+        for action in actions.drain(..) {
+            match action {
+                Action::Send { to, frame } => self.send(to, frame),
+                Action::SetTimer { key, at } => self.timers.set((service, key), at),
+                Action::CancelTimer { key } => self.timers.cancel((service, key)),
+            }
+        }
+        self.actions = actions;
+        self.forget_gone();
+    }
+
+    fn send(&mut self, to: ConnId, frame: Vec<u8>) {
+        if let Some(queue) = self.parked.get_mut(&to) {
+            if queue.len() >= PARKED_LIMIT {
+                tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
+                self.gone.push(to);
+                return;
+            }
+            queue.push_back(frame);
+            return;
+        }
+        match self.try_send(to, frame) {
+            Ok(()) => {}
+            Err(frame) => {
+                self.parked.entry(to).or_default().push_back(frame);
+            }
+        }
+    }
+
+    /// Sends one frame, or gives it back if the peer cannot take it now.
+    fn try_send(&mut self, to: ConnId, frame: Vec<u8>) -> Result<(), Vec<u8>> {
+        let Some(routing_id) = self.peers.routing_id(to) else {
+            return Ok(());
+        };
+        // The routing id goes first as a slice, so that an EAGAIN does not
+        // consume the payload.
+        match self.front.send(routing_id, zmq::SNDMORE | zmq::DONTWAIT) {
+            Ok(()) => {}
+            Err(zmq::Error::EAGAIN) => return Err(frame),
+            Err(zmq::Error::EHOSTUNREACH) => {
+                self.gone.push(to);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(conn = to.0, error = %e, "send failed: dropping the peer");
+                self.gone.push(to);
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.front.send(zmq::Message::from(frame), zmq::DONTWAIT) {
+            tracing::warn!(conn = to.0, error = %e, "send of a frame body failed");
+        }
+        Ok(())
+    }
+
+    /// Retries parked replies; true if any left.
+    fn flush_parked(&mut self) -> anyhow::Result<bool> {
+        let mut sent = false;
+        let conns: Vec<ConnId> = self.parked.keys().copied().collect();
+        for conn in conns {
+            while let Some(frame) = self.parked.get_mut(&conn).and_then(|q| q.pop_front()) {
+                if let Err(frame) = self.try_send(conn, frame) {
+                    if let Some(queue) = self.parked.get_mut(&conn) {
+                        queue.push_front(frame);
+                    }
+                    break;
+                }
+                sent = true;
+            }
+            if self.parked.get(&conn).is_some_and(|q| q.is_empty()) {
+                self.parked.remove(&conn);
+            }
+        }
+        self.forget_gone();
+        Ok(sent)
+    }
+
+    /// Tells every service about peers found gone, and forgets them.
+    fn forget_gone(&mut self) {
+        while let Some(conn) = self.gone.pop() {
+            self.disconnect(conn);
+            self.peers.remove(conn);
+        }
+    }
+
+    fn disconnect(&mut self, conn: ConnId) {
+        self.parked.remove(&conn);
+        let now = Instant::now();
+        for service in 0..self.services.len() {
+            self.services[service].on_disconnect(conn, now, &mut self.actions);
+            self.apply(service);
+        }
+    }
+
+    fn recv_monitor_event(&mut self) -> anyhow::Result<()> {
+        let event = self.monitor.recv_msg(0)?;
+        while self.monitor.get_rcvmore()? {
+            self.monitor.recv_msg(0)?;
+        }
+        if event.len() < 6 {
+            return Ok(());
+        }
+        let kind = u16::from_le_bytes([event[0], event[1]]);
+        let fd = i32::from_le_bytes([event[2], event[3], event[4], event[5]]);
+        // A closed peer's fd, or a new peer on a reused fd: either way the
+        // connections last seen on it are gone.
+        if kind == zmq::SocketEvent::DISCONNECTED.to_raw()
+            || kind == zmq::SocketEvent::ACCEPTED.to_raw()
+        {
+            for conn in self.peers.remove_fd(fd) {
+                tracing::debug!(conn = conn.0, fd, "peer disconnected");
+                self.disconnect(conn);
+            }
+        }
+        Ok(())
+    }
+
+    fn recv_control(&mut self) -> anyhow::Result<()> {
+        let mut parts = self.control.recv_multipart(0)?;
+        if parts.len() < 2 {
+            return Ok(());
+        }
+        let request = parts.pop().unwrap_or_default();
+        let routing_id = parts.swap_remove(0);
+        let reply = match request.as_slice() {
+            b"STATUS" => self.status().to_string(),
+            other => serde_json::json!({ "error": format!("unknown control request {:?}", String::from_utf8_lossy(other)) })
+                .to_string(),
+        };
+        // A control client that vanished is no loss.
+        let _ = self
+            .control
+            .send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
+        Ok(())
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let services: serde_json::Map<String, serde_json::Value> = self
+            .services
+            .iter()
+            .map(|s| (s.name().to_string(), s.status()))
+            .collect();
+        serde_json::json!({
+            "name": self.name,
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_ms": self.started.elapsed().as_millis() as u64,
+            "endpoints": self.endpoints,
+            "peers": self.peers.len(),
+            "timers": self.timers.len(),
+            "parked_replies": self.parked.values().map(VecDeque::len).sum::<usize>(),
+            "dropped_frames": self.dropped_frames,
+            "services": services,
+        })
+    }
+
+    /// Gives parked replies a last chance to leave.
+    fn flush_at_shutdown(&mut self) {
+        let deadline = Instant::now() + Duration::from_millis(LINGER_MS as u64);
+        while !self.parked.is_empty() && Instant::now() < deadline {
+            if !matches!(self.flush_parked(), Ok(true)) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    }
+}
