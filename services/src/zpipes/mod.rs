@@ -530,19 +530,18 @@ impl Zpipes {
             _ => 0,
         };
         // A pending request holds the mailbox: bound what may wait behind it.
-        if conn.pending.is_some() && !matches!(msg, ZpipesMsg::Ping {} | ZpipesMsg::Close {}) {
-            if conn.mailbox.len() >= self.config.mailbox_limit
-                || conn.mailbox_bytes + chunk_len > self.config.pipe_limit
-            {
-                let reason = ShortStr::lossy("too many requests pipelined behind a pending one");
-                tracing::warn!(conn = id.0, "zpipes mailbox full; refusing {}", msg.name());
-                match msg {
-                    ZpipesMsg::Read { .. } => reply(out, id, ZpipesMsg::ReadFailed { reason }),
-                    ZpipesMsg::Write { .. } => reply(out, id, ZpipesMsg::WriteFailed { reason }),
-                    _ => reply(out, id, ZpipesMsg::Invalid {}),
-                }
-                return;
+        let passes = matches!(msg, ZpipesMsg::Ping {} | ZpipesMsg::Close {});
+        let full = conn.mailbox.len() >= self.config.mailbox_limit
+            || conn.mailbox_bytes + chunk_len > self.config.pipe_limit;
+        if conn.pending.is_some() && !passes && full {
+            let reason = ShortStr::lossy("too many requests pipelined behind a pending one");
+            tracing::warn!(conn = id.0, "zpipes mailbox full; refusing {}", msg.name());
+            match msg {
+                ZpipesMsg::Read { .. } => reply(out, id, ZpipesMsg::ReadFailed { reason }),
+                ZpipesMsg::Write { .. } => reply(out, id, ZpipesMsg::WriteFailed { reason }),
+                _ => reply(out, id, ZpipesMsg::Invalid {}),
             }
+            return;
         }
         conn.mailbox_bytes += chunk_len;
         conn.mailbox.push_back(msg);
