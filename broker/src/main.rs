@@ -1,15 +1,11 @@
 //! `zbroker`: the broker daemon and its status command.
 
-mod config;
-mod peers;
-mod reactor;
-mod timers;
-
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
+use zbroker::{config, reactor};
 use zbroker_client::endpoint;
 use zbroker_services::zpipes::{self, Zpipes};
 

@@ -1,1 +1,226 @@
+//! The integration-test harness: starts the real `zbroker` binary under a
+//! name of its own (tests run in parallel), finds the `zpipes` program, and
+//! speaks raw ZPIPES bytes over real DEALER sockets.
+//!
+//! The binaries are the ones `cargo test --workspace` builds into the same
+//! target directory as the test executables; `ZBROKER_BIN_DIR` overrides.
 
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use zbroker_client::ZpipesMsg;
+
+/// Path of one of the workspace's programs (`zbroker`, `zpipes`).
+pub fn bin(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("ZBROKER_BIN_DIR") {
+        return PathBuf::from(dir).join(name);
+    }
+    // target/<profile>/deps/<test exe> → target/<profile>/<name>
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// A broker name no other test uses.
+pub fn unique_name(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// A running `zbroker` process, stopped (SIGTERM, then SIGKILL) on drop.
+pub struct Broker {
+    pub name: String,
+    pub child: Child,
+}
+
+impl Broker {
+    /// Starts `zbroker NAME ARGS...` and waits until it answers status.
+    pub fn start(args: &[&str]) -> Broker {
+        Self::start_named(&unique_name("t"), args)
+    }
+
+    pub fn start_named(name: &str, args: &[&str]) -> Broker {
+        let child = Command::new(bin("zbroker"))
+            .arg(name)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("start zbroker");
+        let mut broker = Broker {
+            name: name.to_string(),
+            child,
+        };
+        let up = wait_until(Duration::from_secs(10), || {
+            broker.try_status().is_some() || broker.child.try_wait().ok().flatten().is_some()
+        });
+        assert!(up, "zbroker {name} did not come up");
+        assert!(
+            broker.child.try_wait().unwrap().is_none(),
+            "zbroker {name} exited at start"
+        );
+        broker
+    }
+
+    /// The ZPIPES endpoint clients use for this broker by name.
+    pub fn endpoint(&self) -> String {
+        zbroker_client::endpoint::zpipes(&self.name)
+    }
+
+    /// The broker's own status report, or `None` if it does not answer.
+    pub fn try_status(&self) -> Option<serde_json::Value> {
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::DEALER).ok()?;
+        socket.set_linger(0).ok()?;
+        socket
+            .connect(&zbroker_client::endpoint::control(&self.name))
+            .ok()?;
+        socket.send("STATUS", 0).ok()?;
+        if socket.poll(zmq::POLLIN, 1000).ok()? == 0 {
+            return None;
+        }
+        serde_json::from_slice(&socket.recv_bytes(0).ok()?).ok()
+    }
+
+    pub fn status(&self) -> serde_json::Value {
+        self.try_status().expect("broker answers status")
+    }
+
+    /// The ZPIPES part of the status.
+    pub fn zpipes(&self) -> serde_json::Value {
+        self.status()["services"]["zpipes"].clone()
+    }
+
+    /// Resident memory of the broker process, in bytes (Linux).
+    pub fn rss(&self) -> u64 {
+        let statm =
+            std::fs::read_to_string(format!("/proc/{}/statm", self.child.id())).unwrap_or_default();
+        let pages: u64 = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0);
+        pages * 4096
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        signal(&self.child, libc::SIGTERM);
+        wait_timeout(&mut self.child, Duration::from_secs(10)).expect("broker stops within 10 s")
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            signal(&self.child, libc::SIGTERM);
+            if wait_timeout(&mut self.child, Duration::from_secs(5)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+pub fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on a child we own; no memory is touched.
+    unsafe {
+        libc::kill(child.id() as i32, sig);
+    }
+}
+
+pub fn wait_timeout(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let mut status = None;
+    wait_until(limit, || {
+        status = child.try_wait().ok().flatten();
+        status.is_some()
+    });
+    status
+}
+
+/// A raw DEALER speaking ZPIPES bytes, to pin the wire.
+pub struct Raw {
+    pub socket: zmq::Socket,
+    _context: zmq::Context,
+}
+
+impl Raw {
+    pub fn connect(endpoint: &str) -> Raw {
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::DEALER).unwrap();
+        socket.set_linger(0).unwrap();
+        socket.connect(endpoint).unwrap();
+        Raw {
+            socket,
+            _context: context,
+        }
+    }
+
+    pub fn send_bytes(&self, bytes: &[u8]) {
+        self.socket.send(bytes, 0).unwrap();
+    }
+
+    pub fn send(&self, msg: ZpipesMsg) {
+        self.send_bytes(&msg.encode());
+    }
+
+    /// The next frame within `ms`, raw.
+    pub fn recv_bytes(&self, ms: i64) -> Option<Vec<u8>> {
+        if self.socket.poll(zmq::POLLIN, ms).unwrap() == 0 {
+            return None;
+        }
+        Some(self.socket.recv_bytes(0).unwrap())
+    }
+
+    /// The next message within `ms`, decoded.
+    pub fn recv(&self, ms: i64) -> Option<ZpipesMsg> {
+        self.recv_bytes(ms)
+            .map(|f| ZpipesMsg::decode(f).expect("the broker sends well-formed frames"))
+    }
+
+    /// Sends and expects a reply within 2 s.
+    pub fn ask(&self, msg: ZpipesMsg) -> ZpipesMsg {
+        self.send(msg);
+        self.recv(2000).expect("a reply within 2 s")
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so a failure reproduces.
+pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        out.extend_from_slice(&x.to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}

@@ -1,0 +1,8 @@
+//! The zbroker daemon as a library: the reactor that hosts services on ZeroMQ
+//! sockets, and the configuration it runs from. The `zbroker` binary is a
+//! thin command line over it; the bench harness embeds it.
+
+pub mod config;
+mod peers;
+pub mod reactor;
+mod timers;
