@@ -118,9 +118,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(0) => bail!("--expiry must be at least 1 ms"),
         Some(ms) => Duration::from_millis(ms),
     };
+    // Pipelined writes may hold as much again as the pipe, and at least
+    // the default, so a client's usual window always fits.
+    let mailbox_bytes = pipe_limit.max(defaults.mailbox_bytes);
     let zpipes = Zpipes::new(zpipes::Config {
         expiry,
         pipe_limit,
+        mailbox_bytes,
         ..defaults
     });
 

@@ -287,6 +287,38 @@ impl Link {
         }
     }
 
+    /// One PING and its PING_OK: keeps the connection from expiring.
+    fn ping(&mut self) -> Result<()> {
+        self.send(&ZpipesMsg::Ping {})?;
+        self.pings += 1;
+        let deadline = Instant::now() + self.opts.dead_after;
+        while self.pings > 0 {
+            if Instant::now() >= deadline {
+                return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+            }
+            let wait = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i64;
+            let mut items = [
+                self.socket.as_poll_item(zmq::POLLIN),
+                self.monitor.as_poll_item(zmq::POLLIN),
+            ];
+            zmq::poll(&mut items, wait.max(1))?;
+            if items[1].is_readable() {
+                return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+            }
+            if items[0].is_readable() {
+                match ZpipesMsg::decode(self.socket.recv_bytes(0)?) {
+                    Ok(ZpipesMsg::PingOk {}) => self.pings -= 1,
+                    Ok(other) => return Err(Error::Protocol(other.name())),
+                    Err(e) => tracing::warn!("ignoring a malformed frame from the broker: {e}"),
+                }
+            }
+        }
+        self.last_heard = Instant::now();
+        Ok(())
+    }
+
     /// Sends CLOSE and waits (briefly) for CLOSE_OK.
     fn close(&mut self) -> Result<()> {
         self.send(&ZpipesMsg::Close {})?;
@@ -336,7 +368,7 @@ impl Reader {
 
     /// Reads exactly `size` bytes (fewer only when the writer has gone),
     /// waiting at most `timeout` (`None`: no limit).
-    pub fn read(&mut self, size: usize, timeout: Option<Duration>) -> Result<ReadOutcome> {
+    pub fn read_chunk(&mut self, size: usize, timeout: Option<Duration>) -> Result<ReadOutcome> {
         let size = u32::try_from(size).map_err(|_| Error::TooLarge(size))?;
         self.link.send(&ZpipesMsg::Read {
             size,
@@ -358,6 +390,13 @@ impl Reader {
         self.timeout = timeout;
     }
 
+    /// Tells the broker this reader is alive. The client PINGs by itself
+    /// while a call waits; between calls, a program idle for longer than
+    /// the broker's expiry (60 s by default) should ping.
+    pub fn ping(&mut self) -> Result<()> {
+        self.link.ping()
+    }
+
     /// Closes the pipe end; queued data not yet read is dropped.
     pub fn close(mut self) -> Result<()> {
         self.closed = true;
@@ -374,7 +413,7 @@ impl io::Read for Reader {
             return Ok(0);
         }
         let want = buf.len().min(self.link.opts.max_read);
-        match Reader::read(self, want, self.timeout)? {
+        match self.read_chunk(want, self.timeout)? {
             ReadOutcome::Data(data) => {
                 buf[..data.len()].copy_from_slice(&data);
                 Ok(data.len())
@@ -428,7 +467,7 @@ impl Writer {
     /// Writes one chunk, waiting at most `timeout` (`None`: no limit) for a
     /// reader and for room in the pipe. Waits first for any pipelined
     /// writes to be acknowledged.
-    pub fn write(&mut self, data: &[u8], timeout: Option<Duration>) -> Result<WriteOutcome> {
+    pub fn write_chunk(&mut self, data: &[u8], timeout: Option<Duration>) -> Result<WriteOutcome> {
         self.settle()?;
         let len = data.len();
         let chunk = Chunk(Bytes::copy_from_slice(data));
@@ -449,7 +488,7 @@ impl Writer {
     /// Waits until a reader is attached (an empty WRITE, acknowledged once a
     /// reader is there). False if none came within `timeout`.
     pub fn wait_for_reader(&mut self, timeout: Option<Duration>) -> Result<bool> {
-        Ok(self.write(&[], timeout)? == WriteOutcome::Written)
+        Ok(self.write_chunk(&[], timeout)? == WriteOutcome::Written)
     }
 
     /// How long `std::io::Write` waits for a reader before its first write
@@ -457,6 +496,12 @@ impl Writer {
     /// wait for room as long as the reader lives.
     pub fn set_attach_timeout(&mut self, timeout: Option<Duration>) {
         self.attach_timeout = timeout;
+    }
+
+    /// Tells the broker this writer is alive (see [`Reader::ping`]).
+    pub fn ping(&mut self) -> Result<()> {
+        self.settle()?;
+        self.link.ping()
     }
 
     /// Waits for every pipelined write, then closes the pipe end. The
@@ -512,7 +557,7 @@ impl io::Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let len = buf.len().min(self.link.opts.max_chunk);
         if !self.attached {
-            return match Writer::write(self, &buf[..len], self.attach_timeout)? {
+            return match self.write_chunk(&buf[..len], self.attach_timeout)? {
                 WriteOutcome::Written => Ok(len),
                 WriteOutcome::Timeout => Err(io::Error::new(
                     io::ErrorKind::TimedOut,

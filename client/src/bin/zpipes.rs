@@ -153,12 +153,12 @@ fn read(
     let stdout = io::stdout();
     let mut out = stdout.lock();
     loop {
-        let data = match reader.read(block, timeout)? {
+        let data = match reader.read_chunk(block, timeout)? {
             ReadOutcome::Data(data) => data,
             ReadOutcome::End => break,
             // A block may be partly there: a one-byte READ tells whether
             // anything at all arrived in time.
-            ReadOutcome::Timeout => match reader.read(1, timeout)? {
+            ReadOutcome::Timeout => match reader.read_chunk(1, timeout)? {
                 ReadOutcome::Data(data) => data,
                 ReadOutcome::End => break,
                 ReadOutcome::Timeout => {

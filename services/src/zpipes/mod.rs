@@ -46,6 +46,8 @@ pub struct Config {
     pub pipe_limit: usize,
     /// Most requests waiting behind a pending one on one connection.
     pub mailbox_limit: usize,
+    /// Most WRITE bytes waiting behind a pending request on one connection.
+    pub mailbox_bytes: usize,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             expiry: Duration::from_millis(60_000),
             pipe_limit: 8 << 20,
             mailbox_limit: 1024,
+            mailbox_bytes: 4 << 20,
         }
     }
 }
@@ -85,7 +88,7 @@ struct Conn {
     /// The pipe this end is attached to; `None` once the other end left.
     pipe: Option<ShortStr>,
     mailbox: VecDeque<ZpipesMsg>,
-    /// Chunk bytes held in the mailbox (bounded by `pipe_limit`).
+    /// Chunk bytes held in the mailbox (bounded by `mailbox_bytes`).
     mailbox_bytes: usize,
     pending: Option<Pending>,
     request_timer: bool,
@@ -532,7 +535,7 @@ impl Zpipes {
         // A pending request holds the mailbox: bound what may wait behind it.
         let passes = matches!(msg, ZpipesMsg::Ping {} | ZpipesMsg::Close {});
         let full = conn.mailbox.len() >= self.config.mailbox_limit
-            || conn.mailbox_bytes + chunk_len > self.config.pipe_limit;
+            || conn.mailbox_bytes + chunk_len > self.config.mailbox_bytes;
         if conn.pending.is_some() && !passes && full {
             let reason = ShortStr::lossy("too many requests pipelined behind a pending one");
             tracing::warn!(conn = id.0, "zpipes mailbox full; refusing {}", msg.name());
