@@ -195,16 +195,24 @@ impl Reactor {
                 Err(e) => return Err(e).context("polling"),
             }
             if events.iter().any(|e| e.token() == SIGNALS) {
-                let mut buf = [0u8; 64];
-                while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {}
-                tracing::info!("signal received: stopping");
-                self.stop = true;
+                self.check_signals();
             }
-            self.fire_timers();
             self.drain()?;
         }
         self.flush_at_shutdown();
         Ok(())
+    }
+
+    fn check_signals(&mut self) {
+        let mut buf = [0u8; 64];
+        let mut any = false;
+        while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {
+            any = true;
+        }
+        if any {
+            tracing::info!("signal received: stopping");
+            self.stop = true;
+        }
     }
 
     fn fire_timers(&mut self) {
@@ -215,9 +223,21 @@ impl Reactor {
         }
     }
 
-    /// Works every socket until a whole pass finds nothing to do.
+    /// Works every socket until a whole pass finds nothing to do. Timers
+    /// and signals get a turn on every pass, so that steady traffic cannot
+    /// starve them.
     fn drain(&mut self) -> anyhow::Result<()> {
+        let mut passes = 0u64;
         loop {
+            self.fire_timers();
+            passes += 1;
+            // A signal is also polled for every so often during a long drain.
+            if passes % 64 == 0 {
+                self.check_signals();
+            }
+            if self.stop {
+                return Ok(());
+            }
             let mut progress = false;
             while self.monitor.get_events()?.contains(zmq::POLLIN) {
                 self.recv_monitor_event()?;

@@ -299,3 +299,44 @@ fn sigterm_stops_the_broker_cleanly() {
     let status = broker.terminate();
     assert_eq!(status.code(), Some(0));
 }
+
+#[test]
+fn timeouts_fire_under_steady_traffic() {
+    let broker = Broker::start(&[]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flood = {
+        let (endpoint, stop) = (broker.endpoint(), stop.clone());
+        std::thread::spawn(move || {
+            // Keep 500 PINGs in flight, so the broker never runs dry.
+            let raw = Raw::connect(&endpoint);
+            for _ in 0..500 {
+                raw.send(M::Ping {});
+            }
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                raw.recv(2000).expect("PING_OK");
+                raw.send(M::Ping {});
+            }
+        })
+    };
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let reader = Raw::connect(&broker.endpoint());
+    assert_eq!(
+        reader.ask(M::Input {
+            pipename: name("quiet")
+        }),
+        M::InputOk {}
+    );
+    let started = std::time::Instant::now();
+    reader.send(M::Read {
+        size: 1,
+        timeout: 100,
+    });
+    assert_eq!(reader.recv(3000), Some(M::ReadTimeout {}));
+    let took = started.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flood.join().unwrap();
+    assert!(
+        took < std::time::Duration::from_millis(1000),
+        "timed out after {took:?}"
+    );
+}
