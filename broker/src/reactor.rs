@@ -232,7 +232,7 @@ impl Reactor {
             self.fire_timers();
             passes += 1;
             // A signal is also polled for every so often during a long drain.
-            if passes % 64 == 0 {
+            if passes.is_multiple_of(64) {
                 self.check_signals();
             }
             if self.stop {
