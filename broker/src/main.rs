@@ -44,7 +44,7 @@ struct RunArgs {
     /// Forget a client silent for this many milliseconds [default: 60000]
     #[arg(long, value_name = "MS")]
     expiry: Option<u64>,
-    /// Most bytes queued for one pipe's reader, e.g. 8MiB [default: 8MiB]
+    /// Most bytes queued for one pipe's reader, at least 1MiB [default: 8MiB]
     #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
     pipe_limit: Option<u64>,
     /// Read settings from a TOML file; flags override it
@@ -107,7 +107,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let pipe_limit = args.pipe_limit.or(file.pipe_limit.map(config::Size::bytes));
     let pipe_limit = match pipe_limit {
         None => defaults.pipe_limit,
-        Some(0) => bail!("--pipe-limit must be at least 1 byte"),
+        // Clients send and ask for chunks of up to 1 MiB.
+        Some(n) if n < 1 << 20 => bail!("--pipe-limit must be at least 1MiB"),
         Some(n) if n > u32::MAX as u64 => {
             bail!("--pipe-limit can be at most 4GiB (a READ's size is 32 bits)")
         }

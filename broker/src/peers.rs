@@ -32,6 +32,10 @@ impl Peers {
         (id, true)
     }
 
+    pub fn contains(&self, routing_id: &[u8]) -> bool {
+        self.by_routing_id.contains_key(routing_id)
+    }
+
     /// Records the descriptor a new peer's messages arrive on.
     pub fn set_fd(&mut self, id: ConnId, fd: i32) {
         if let Some(entry) = self.routing_ids.get_mut(&id) {

@@ -78,6 +78,22 @@ fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
     Ok(socket.get_fd()?)
 }
 
+/// Repeats a zmq call that a signal interrupted (EINTR): a SIGTERM must stop
+/// the loop through the signal pipe, not as an error from whatever call it
+/// happened to land in.
+fn retry<T>(mut call: impl FnMut() -> zmq::Result<T>) -> zmq::Result<T> {
+    loop {
+        match call() {
+            Err(zmq::Error::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+fn events(socket: &zmq::Socket) -> zmq::Result<zmq::PollEvents> {
+    retry(|| socket.get_events())
+}
+
 impl Reactor {
     /// Binds every socket. Fails (before binding the front endpoints) if
     /// another broker already holds this name's control endpoint.
@@ -184,6 +200,8 @@ impl Reactor {
     /// Runs until SIGINT or SIGTERM.
     pub fn run(&mut self) -> anyhow::Result<()> {
         let mut events = Events::with_capacity(64);
+        self.drain_monitor()?;
+        self.drain_control()?;
         while !self.stop {
             let timeout = self
                 .timers
@@ -194,10 +212,17 @@ impl Reactor {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("polling"),
             }
-            if events.iter().any(|e| e.token() == SIGNALS) {
-                self.check_signals();
+            for event in events.iter() {
+                match event.token() {
+                    SIGNALS => self.check_signals(),
+                    MONITOR => self.drain_monitor()?,
+                    CONTROL => self.drain_control()?,
+                    _ => {}
+                }
             }
-            self.drain()?;
+            // Whatever woke us, the front socket is drained: timers and
+            // disconnects send on it, and a send may consume its edge.
+            self.drain_front()?;
         }
         self.flush_at_shutdown();
         Ok(())
@@ -223,15 +248,16 @@ impl Reactor {
         }
     }
 
-    /// Works every socket until a whole pass finds nothing to do. Timers
-    /// and signals get a turn on every pass, so that steady traffic cannot
-    /// starve them.
-    fn drain(&mut self) -> anyhow::Result<()> {
+    /// Works the front socket until a whole pass finds nothing to do.
+    /// Timers get a turn on every pass and signals every 64, so steady
+    /// traffic cannot starve them. Each socket's `ZMQ_FD` edge is consumed
+    /// only by calls on that socket, so the monitor and control sockets are
+    /// drained when their own token fires, not on every pass.
+    fn drain_front(&mut self) -> anyhow::Result<()> {
         let mut passes = 0u64;
         loop {
             self.fire_timers();
             passes += 1;
-            // A signal is also polled for every so often during a long drain.
             if passes.is_multiple_of(64) {
                 self.check_signals();
             }
@@ -239,15 +265,7 @@ impl Reactor {
                 return Ok(());
             }
             let mut progress = false;
-            while self.monitor.get_events()?.contains(zmq::POLLIN) {
-                self.recv_monitor_event()?;
-                progress = true;
-            }
-            while self.control.get_events()?.contains(zmq::POLLIN) {
-                self.recv_control()?;
-                progress = true;
-            }
-            let events = self.front.get_events()?;
+            let events = events(&self.front)?;
             if events.contains(zmq::POLLOUT) && !self.parked.is_empty() {
                 progress |= self.flush_parked()?;
             }
@@ -260,12 +278,26 @@ impl Reactor {
         }
     }
 
+    fn drain_monitor(&mut self) -> anyhow::Result<()> {
+        while events(&self.monitor)?.contains(zmq::POLLIN) {
+            self.recv_monitor_event()?;
+        }
+        Ok(())
+    }
+
+    fn drain_control(&mut self) -> anyhow::Result<()> {
+        while events(&self.control)?.contains(zmq::POLLIN) {
+            self.recv_control()?;
+        }
+        Ok(())
+    }
+
     /// Receives up to a batch of frames from the front socket.
     fn recv_front(&mut self) -> anyhow::Result<bool> {
         let mut any = false;
         for _ in 0..RECV_BATCH {
             let mut routing_id = zmq::Message::new();
-            match self.front.recv(&mut routing_id, zmq::DONTWAIT) {
+            match retry(|| self.front.recv(&mut routing_id, zmq::DONTWAIT)) {
                 Ok(()) => {}
                 Err(zmq::Error::EAGAIN) => break,
                 Err(e) => return Err(e).context("receiving on the front socket"),
@@ -276,11 +308,16 @@ impl Reactor {
                 continue;
             }
             let mut body = zmq::Message::new();
-            self.front.recv(&mut body, 0)?;
+            retry(|| self.front.recv(&mut body, 0))?;
             // Only the first body frame counts (spec §2); skip any others.
             while self.front.get_rcvmore()? {
                 let mut extra = zmq::Message::new();
-                self.front.recv(&mut extra, 0)?;
+                retry(|| self.front.recv(&mut extra, 0))?;
+            }
+            if !self.peers.contains(&routing_id) {
+                // Settle pending disconnects first, so that a descriptor
+                // closed and reused is not pinned on this new peer.
+                self.drain_monitor()?;
             }
             let (conn, new) = self.peers.lookup(&routing_id);
             if new {
@@ -346,7 +383,7 @@ impl Reactor {
         };
         // The routing id goes first as a slice, so that an EAGAIN does not
         // consume the payload.
-        match self.front.send(routing_id, zmq::SNDMORE | zmq::DONTWAIT) {
+        match retry(|| self.front.send(routing_id, zmq::SNDMORE | zmq::DONTWAIT)) {
             Ok(()) => {}
             Err(zmq::Error::EAGAIN) => return Err(frame),
             Err(zmq::Error::EHOSTUNREACH) => {
@@ -405,9 +442,9 @@ impl Reactor {
     }
 
     fn recv_monitor_event(&mut self) -> anyhow::Result<()> {
-        let event = self.monitor.recv_msg(0)?;
+        let event = retry(|| self.monitor.recv_msg(0))?;
         while self.monitor.get_rcvmore()? {
-            self.monitor.recv_msg(0)?;
+            retry(|| self.monitor.recv_msg(0))?;
         }
         if event.len() < 6 {
             return Ok(());
@@ -428,7 +465,7 @@ impl Reactor {
     }
 
     fn recv_control(&mut self) -> anyhow::Result<()> {
-        let mut parts = self.control.recv_multipart(0)?;
+        let mut parts = retry(|| self.control.recv_multipart(0))?;
         if parts.len() < 2 {
             return Ok(());
         }

@@ -46,8 +46,9 @@ fn bad_arguments_get_one_line_and_a_failure_status() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     assert!(err.starts_with("zbroker: broker name"), "{err}");
-    let out = zbroker(&["x", "--pipe-limit", "0"]);
+    let out = zbroker(&["x", "--pipe-limit", "64KiB"]);
     assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("at least 1MiB"));
     let out = zbroker(&["x", "--bind", "nonsense://x"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot bind nonsense://x"));

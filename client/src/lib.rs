@@ -1,11 +1,13 @@
 //! zbroker's client side: the protocol codecs (shared with the broker's
 //! services) and blocking client APIs.
 //!
+//! - [`byte_queue`]: a byte stream kept as the chunks it arrived in.
 //! - [`codec`]: zproto wire types and the `protocol!` declaration macro.
 //! - [`zpipes_msg`]: the ZPIPES protocol, declared once.
 //! - [`zpipes`]: named-pipe reader and writer clients.
 //! - [`endpoint`]: broker names and their well-known endpoints.
 
+pub mod byte_queue;
 pub mod codec;
 pub mod endpoint;
 pub mod zpipes;

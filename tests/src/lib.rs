@@ -69,7 +69,11 @@ impl Broker {
         let child = Command::new(bin("zbroker"))
             .arg(name)
             .args(args)
-            .env("RUST_LOG", "warn")
+            // ZBROKER_TEST_LOG=debug shows the broker's side of a test.
+            .env(
+                "RUST_LOG",
+                std::env::var("ZBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .spawn()
             .expect("start zbroker");

@@ -72,7 +72,7 @@ fn no_broker_is_reported_quickly() {
 
 #[test]
 fn std_io_copy_moves_a_stream_intact() {
-    let broker = Broker::start(&["--pipe-limit", "256KiB"]);
+    let broker = Broker::start(&["--pipe-limit", "1MiB"]);
     let opts = Options::broker(&broker.name);
     let data = pseudo_random(5 << 20, 7);
     let expected = data.clone();
@@ -95,7 +95,7 @@ fn std_io_copy_moves_a_stream_intact() {
     writer.join().unwrap();
     assert_eq!(got.len(), expected.len());
     assert!(got == expected, "bytes differ");
-    assert!(broker.zpipes()["peak_queued_bytes"].as_u64().unwrap() <= 256 << 10);
+    assert!(broker.zpipes()["peak_queued_bytes"].as_u64().unwrap() <= 1 << 20);
 }
 
 #[test]
@@ -149,6 +149,7 @@ fn a_writer_learns_of_a_killed_reader_within_two_seconds() {
     let mut out = reader.stdout.take().unwrap();
     let mut first = [0u8; 4096];
     writer.write_all(&block).unwrap();
+    writer.flush().unwrap();
     out.read_exact(&mut first).unwrap();
     signal(&reader, libc::SIGKILL);
     let killed = Instant::now();
@@ -216,4 +217,62 @@ fn a_dead_broker_ends_a_wait_instead_of_hanging() {
     assert!(matches!(result, Err(Error::BrokerGone(_))), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(3));
     killer.join().unwrap();
+}
+
+#[test]
+fn read_ahead_keeps_the_stream_in_order_across_timeouts() {
+    let broker = Broker::start(&[]);
+    let opts = Options::broker(&broker.name);
+    let mut reader = Reader::open("ahead", &opts).unwrap();
+    let mut writer = Writer::open("ahead", &opts).unwrap();
+    assert_eq!(
+        writer.write_chunk(b"abcdef", None).unwrap(),
+        WriteOutcome::Written
+    );
+    assert_eq!(
+        reader.read_chunk(3, None).unwrap(),
+        ReadOutcome::Data("abc".into())
+    );
+    // The read-ahead has fetched "def" meanwhile.
+    assert!(zbroker_tests::wait_until(Duration::from_secs(2), || broker
+        .zpipes()["queued_bytes"]
+        == 0));
+    assert_eq!(
+        reader.read_chunk(2, ms(100)).unwrap(),
+        ReadOutcome::Data("de".into())
+    );
+    assert_eq!(
+        reader.read_chunk(5, ms(100)).unwrap(),
+        ReadOutcome::Timeout,
+        "only \"f\" is there"
+    );
+    assert_eq!(
+        writer.write_chunk(b"ghij", None).unwrap(),
+        WriteOutcome::Written
+    );
+    assert_eq!(
+        reader.read_chunk(5, ms(1000)).unwrap(),
+        ReadOutcome::Data("fghij".into())
+    );
+    // std::io::Read hands out what is buffered without waiting for more.
+    assert_eq!(
+        writer.write_chunk(b"klm", None).unwrap(),
+        WriteOutcome::Written
+    );
+    assert_eq!(
+        reader.read_chunk(1, None).unwrap(),
+        ReadOutcome::Data("k".into())
+    );
+    // The read-ahead asks for as much as the last read: one byte.
+    assert!(zbroker_tests::wait_until(Duration::from_secs(2), || broker
+        .zpipes()["queued_bytes"]
+        == 1));
+    let mut buf = [0u8; 100];
+    let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"l");
+    writer.close().unwrap();
+    let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"m", "a short read once the writer has gone");
+    assert_eq!(std::io::Read::read(&mut reader, &mut buf).unwrap(), 0);
+    reader.close().unwrap();
 }

@@ -45,7 +45,7 @@ enum Command {
         name: String,
         /// Bytes asked for per request: output comes in blocks of this size (smaller is more
         /// interactive, larger is faster)
-        #[arg(long, value_name = "BYTES", default_value_t = 256 << 10,
+        #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
               value_parser = clap::value_parser!(u32).range(1..=(64 << 20)))]
         block_size: u32,
     },
@@ -180,6 +180,17 @@ fn read(
     Ok(())
 }
 
+/// True if standard input can be read without waiting.
+fn stdin_has_data() -> bool {
+    let mut fd = libc::pollfd {
+        fd: 0,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+}
+
 fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Failure> {
     let mut writer = Writer::open(name, opts)?;
     // Wait for the reader first, so that even empty input reaches it as an
@@ -201,6 +212,11 @@ fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Fa
             Err(e) => return Err(io_failure("reading standard input", e)),
         };
         writer.write_all(&buf[..n]).map_err(pipe_failure)?;
+        // The writer gathers small writes into large chunks; when the
+        // producer pauses, deliver what it has so far.
+        if !stdin_has_data() {
+            writer.flush().map_err(pipe_failure)?;
+        }
     }
     writer.close()?;
     Ok(())

@@ -25,15 +25,14 @@
 //!   for its timeout);
 //! - a peer that disconnects is forgotten at once, like an expiry.
 
-mod queue;
 #[cfg(test)]
 mod tests;
 
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
-use queue::ByteQueue;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
+use zbroker_client::byte_queue::ByteQueue;
 use zbroker_client::codec::{Chunk, ShortStr};
 use zbroker_client::ZpipesMsg;
 

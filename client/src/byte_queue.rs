@@ -1,5 +1,7 @@
-//! A reader's byte queue: received chunks kept as shared slices of the
-//! frames they came in, read back across chunk boundaries.
+//! A byte stream held as the chunks it arrived in (shared slices of the
+//! frames, not copies), read back across chunk boundaries. The broker
+//! queues a pipe's data in one; the client's reader buffers read-ahead
+//! data in one.
 
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
