@@ -340,3 +340,28 @@ fn timeouts_fire_under_steady_traffic() {
         "timed out after {took:?}"
     );
 }
+
+#[test]
+fn replies_to_a_peer_that_reads_slowly_are_parked_not_lost() {
+    let broker = Broker::start(&[]);
+    let context = zmq::Context::new();
+    let slow = context.socket(zmq::DEALER).unwrap();
+    slow.set_rcvhwm(10).unwrap();
+    slow.set_linger(0).unwrap();
+    slow.connect(&broker.endpoint()).unwrap();
+    // 3000 requests, no reads: the broker's pipe to this peer fills and it
+    // must park the rest.
+    for _ in 0..3000 {
+        slow.send(M::Ping {}.encode(), 0).unwrap();
+    }
+    assert!(wait_until(std::time::Duration::from_secs(5), || {
+        broker.status()["parked_replies"].as_u64().unwrap_or(0) > 0
+    }));
+    // Others are served meanwhile.
+    assert_eq!(Raw::connect(&broker.endpoint()).ask(M::Ping {}), M::PingOk {});
+    for i in 0..3000 {
+        assert_eq!(slow.poll(zmq::POLLIN, 5000).unwrap(), 1, "reply {i} never came");
+        assert_eq!(slow.recv_bytes(0).unwrap(), M::PingOk {}.encode());
+    }
+    assert_eq!(broker.status()["parked_replies"], 0);
+}
