@@ -47,13 +47,10 @@ fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
 /// Parses `4096`, `64k`, `64KiB`, `8M`, `8MiB`, `1G` (binary units).
 pub fn parse_size(text: &str) -> anyhow::Result<u64> {
     let text = text.trim();
-    let split = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
     let (digits, unit) = text.split_at(split);
-    let n: u64 = digits
-        .parse()
-        .with_context(|| format!("{text:?} is not a size (try 4096, 64KiB or 8MiB)"))?;
+    let n: u64 =
+        digits.parse().with_context(|| format!("{text:?} is not a size (try 4096, 64KiB or 8MiB)"))?;
     let shift = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 0,
         "k" | "kb" | "kib" => 10,
@@ -61,8 +58,7 @@ pub fn parse_size(text: &str) -> anyhow::Result<u64> {
         "g" | "gb" | "gib" => 30,
         other => bail!("unknown size unit {other:?} in {text:?} (use KiB, MiB or GiB)"),
     };
-    n.checked_mul(1 << shift)
-        .with_context(|| format!("size {text:?} is too large"))
+    n.checked_mul(1 << shift).with_context(|| format!("size {text:?} is too large"))
 }
 
 pub fn load(path: &Path) -> anyhow::Result<FileConfig> {

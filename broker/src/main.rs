@@ -74,11 +74,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Status {
-            name,
-            json,
-            timeout,
-        }) => status(&name, json, Duration::from_millis(timeout)),
+        Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
         None => run(cli.run),
     };
     match result {
@@ -95,10 +91,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
     };
-    let name = args
-        .name
-        .or(file.name)
-        .unwrap_or_else(|| endpoint::DEFAULT_BROKER.to_string());
+    let name = args.name.or(file.name).unwrap_or_else(|| endpoint::DEFAULT_BROKER.to_string());
     endpoint::check_name(&name)?;
     let log = args.log.or(file.log);
     init_logging(log.as_deref())?;
@@ -122,24 +115,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pipelined writes may hold as much again as the pipe, and at least
     // the default, so a client's usual window always fits.
     let mailbox_bytes = pipe_limit.max(defaults.mailbox_bytes);
-    let zpipes = Zpipes::new(zpipes::Config {
-        expiry,
-        pipe_limit,
-        mailbox_bytes,
-        ..defaults
-    });
+    let zpipes = Zpipes::new(zpipes::Config { expiry, pipe_limit, mailbox_bytes, ..defaults });
 
     let mut endpoints = vec![endpoint::zpipes(&name)];
-    endpoints.extend(if args.bind.is_empty() {
-        file.bind.unwrap_or_default()
-    } else {
-        args.bind
-    });
-    let settings = reactor::Settings {
-        control_endpoint: endpoint::control(&name),
-        name: name.clone(),
-        endpoints,
-    };
+    endpoints.extend(if args.bind.is_empty() { file.bind.unwrap_or_default() } else { args.bind });
+    let settings =
+        reactor::Settings { control_endpoint: endpoint::control(&name), name: name.clone(), endpoints };
     let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes)])?;
     tracing::info!(
         "zbroker {name} ready: zpipes at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
@@ -154,9 +135,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
     use tracing_subscriber::EnvFilter;
     let filter = match level {
-        Some(level) => {
-            EnvFilter::try_new(level).with_context(|| format!("bad --log filter {level:?}"))?
-        }
+        Some(level) => EnvFilter::try_new(level).with_context(|| format!("bad --log filter {level:?}"))?,
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
     tracing_subscriber::fmt()
@@ -177,10 +156,7 @@ fn status(name: &str, json: bool, timeout: Duration) -> anyhow::Result<()> {
     socket.connect(&endpoint::control(name))?;
     socket.send("STATUS", 0)?;
     if socket.poll(zmq::POLLIN, timeout.as_millis() as i64)? == 0 {
-        bail!(
-            "no broker named {name:?} answers at {}",
-            endpoint::control(name)
-        );
+        bail!("no broker named {name:?} answers at {}", endpoint::control(name));
     }
     let reply = socket.recv_bytes(0)?;
     let status: serde_json::Value =
@@ -205,18 +181,10 @@ fn describe(s: &serde_json::Value) -> String {
         s["uptime_ms"].as_u64().unwrap_or(0) / 1000,
         s["version"].as_str().unwrap_or("?")
     );
-    let endpoints: Vec<&str> = s["endpoints"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.as_str())
-        .collect();
+    let endpoints: Vec<&str> =
+        s["endpoints"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).collect();
     let _ = writeln!(out, "endpoints: {}", endpoints.join(", "));
-    let _ = writeln!(
-        out,
-        "peers: {}, dropped frames: {}",
-        s["peers"], s["dropped_frames"]
-    );
+    let _ = writeln!(out, "peers: {}, dropped frames: {}", s["peers"], s["dropped_frames"]);
     let z = &s["services"]["zpipes"];
     if z.is_object() {
         let _ = writeln!(

@@ -149,27 +149,15 @@ impl Reactor {
         let poll = Poll::new()?;
         let registry = poll.registry();
         registry.register(&mut SourceFd(&zmq_fd(&front)?), FRONT, Interest::READABLE)?;
-        registry.register(
-            &mut SourceFd(&zmq_fd(&monitor)?),
-            MONITOR,
-            Interest::READABLE,
-        )?;
-        registry.register(
-            &mut SourceFd(&zmq_fd(&control)?),
-            CONTROL,
-            Interest::READABLE,
-        )?;
+        registry.register(&mut SourceFd(&zmq_fd(&monitor)?), MONITOR, Interest::READABLE)?;
+        registry.register(&mut SourceFd(&zmq_fd(&control)?), CONTROL, Interest::READABLE)?;
         registry.register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&signals)),
             SIGNALS,
             Interest::READABLE,
         )?;
 
-        let routes = services
-            .iter()
-            .enumerate()
-            .map(|(i, s)| (s.signature(), i))
-            .collect();
+        let routes = services.iter().enumerate().map(|(i, s)| (s.signature(), i)).collect();
         Ok(Reactor {
             name: settings.name,
             poll,
@@ -203,10 +191,7 @@ impl Reactor {
         self.drain_monitor()?;
         self.drain_control()?;
         while !self.stop {
-            let timeout = self
-                .timers
-                .next_deadline()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+            let timeout = self.timers.next_deadline().map(|at| at.saturating_duration_since(Instant::now()));
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -330,11 +315,7 @@ impl Reactor {
                 .and_then(|signature| self.routes.get(&signature).copied());
             let Some(service) = service else {
                 self.dropped_frames += 1;
-                tracing::debug!(
-                    conn = conn.0,
-                    len = body.len(),
-                    "dropped a frame for no known service"
-                );
+                tracing::debug!(conn = conn.0, len = body.len(), "dropped a frame for no known service");
                 continue;
             };
             let frame = Bytes::from_owner(Frame(body));
@@ -453,9 +434,7 @@ impl Reactor {
         let fd = i32::from_le_bytes([event[2], event[3], event[4], event[5]]);
         // A closed peer's fd, or a new peer on a reused fd: either way the
         // connections last seen on it are gone.
-        if kind == zmq::SocketEvent::DISCONNECTED.to_raw()
-            || kind == zmq::SocketEvent::ACCEPTED.to_raw()
-        {
+        if kind == zmq::SocketEvent::DISCONNECTED.to_raw() || kind == zmq::SocketEvent::ACCEPTED.to_raw() {
             for conn in self.peers.remove_fd(fd) {
                 tracing::debug!(conn = conn.0, fd, "peer disconnected");
                 self.disconnect(conn);
@@ -477,18 +456,13 @@ impl Reactor {
                 .to_string(),
         };
         // A control client that vanished is no loss.
-        let _ = self
-            .control
-            .send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
+        let _ = self.control.send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
         Ok(())
     }
 
     fn status(&self) -> serde_json::Value {
-        let services: serde_json::Map<String, serde_json::Value> = self
-            .services
-            .iter()
-            .map(|s| (s.name().to_string(), s.status()))
-            .collect();
+        let services: serde_json::Map<String, serde_json::Value> =
+            self.services.iter().map(|s| (s.name().to_string(), s.status())).collect();
         serde_json::json!({
             "name": self.name,
             "version": env!("CARGO_PKG_VERSION"),

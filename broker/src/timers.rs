@@ -35,11 +35,7 @@ impl Timers {
 
     /// Removes and returns the earliest timer due at `now`, if any.
     pub fn pop_due(&mut self, now: Instant) -> Option<TimerId> {
-        let (&slot, _) = self
-            .by_deadline
-            .iter()
-            .next()
-            .filter(|((at, _), _)| *at <= now)?;
+        let (&slot, _) = self.by_deadline.iter().next().filter(|((at, _), _)| *at <= now)?;
         let id = self.by_deadline.remove(&slot)?;
         self.by_id.remove(&id);
         Some(id)

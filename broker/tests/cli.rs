@@ -6,18 +6,11 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 fn zbroker(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_zbroker"))
-        .args(args)
-        .output()
-        .unwrap()
+    Command::new(env!("CARGO_BIN_EXE_zbroker")).args(args).output().unwrap()
 }
 
 fn unique(prefix: &str) -> String {
-    format!(
-        "{prefix}-{}-{:?}",
-        std::process::id(),
-        Instant::now().elapsed().as_nanos()
-    )
+    format!("{prefix}-{}-{:?}", std::process::id(), Instant::now().elapsed().as_nanos())
 }
 
 #[test]
@@ -25,14 +18,7 @@ fn help_teaches_the_tool() {
     let out = zbroker(&["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for word in [
-        "--bind",
-        "--expiry",
-        "--pipe-limit",
-        "--config",
-        "status",
-        "ipc://@/zpipes/NAME",
-    ] {
+    for word in ["--bind", "--expiry", "--pipe-limit", "--config", "status", "ipc://@/zpipes/NAME"] {
         assert!(help.contains(word), "help lacks {word}: {help}");
     }
 }
@@ -85,10 +71,7 @@ fn config_file_sets_everything_and_flags_override_it() {
         if out.status.success() {
             break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
         }
-        assert!(
-            Instant::now() < deadline,
-            "broker from config never answered"
-        );
+        assert!(Instant::now() < deadline, "broker from config never answered");
     };
     let zpipes = &status["services"]["zpipes"];
     assert_eq!(zpipes["expiry_ms"], 1234, "from the file");
@@ -100,10 +83,7 @@ fn config_file_sets_everything_and_flags_override_it() {
         .any(|e| e.as_str().unwrap().starts_with("tcp://127.0.0.1:")));
     // The human form names the same things.
     let human = String::from_utf8_lossy(&zbroker(&["status", &name]).stdout).into_owned();
-    assert!(
-        human.contains(&format!("broker {name}")) && human.contains("zpipes:"),
-        "{human}"
-    );
+    assert!(human.contains(&format!("broker {name}")) && human.contains("zpipes:"), "{human}");
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     assert!(child.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();

@@ -20,10 +20,7 @@ pub enum DecodeError {
     #[error("unknown message id {0}")]
     UnknownId(u8),
     #[error("field `{field}` of {message} runs past the end of the frame")]
-    Truncated {
-        message: &'static str,
-        field: &'static str,
-    },
+    Truncated { message: &'static str, field: &'static str },
 }
 
 /// Why a value cannot be put on the wire.
@@ -185,16 +182,12 @@ pub mod strategy {
     any_number!(u64);
     impl ArbitraryField for ShortStr {
         fn strategy() -> BoxedStrategy<Self> {
-            proptest::collection::vec(any::<u8>(), 0..=255)
-                .prop_map(|v| ShortStr(Bytes::from(v)))
-                .boxed()
+            proptest::collection::vec(any::<u8>(), 0..=255).prop_map(|v| ShortStr(Bytes::from(v))).boxed()
         }
     }
     impl ArbitraryField for Chunk {
         fn strategy() -> BoxedStrategy<Self> {
-            proptest::collection::vec(any::<u8>(), 0..512)
-                .prop_map(|v| Chunk(Bytes::from(v)))
-                .boxed()
+            proptest::collection::vec(any::<u8>(), 0..512).prop_map(|v| Chunk(Bytes::from(v))).boxed()
         }
     }
 }

@@ -194,10 +194,7 @@ impl Link {
             std::process::id(),
             MONITORS.fetch_add(1, Ordering::Relaxed)
         );
-        socket.monitor(
-            &monitor_endpoint,
-            zmq::SocketEvent::DISCONNECTED.to_raw() as i32,
-        )?;
+        socket.monitor(&monitor_endpoint, zmq::SocketEvent::DISCONNECTED.to_raw() as i32)?;
         let monitor = context().socket(zmq::PAIR)?;
         monitor.set_linger(0)?;
         monitor.connect(&monitor_endpoint)?;
@@ -205,13 +202,7 @@ impl Link {
         if socket.poll(zmq::POLLOUT, opts.connect_timeout.as_millis() as i64)? == 0 {
             return Err(Error::NoBroker(opts.endpoint.clone()));
         }
-        Ok(Link {
-            socket,
-            monitor,
-            opts: opts.clone(),
-            pings: 0,
-            last_heard: Instant::now(),
-        })
+        Ok(Link { socket, monitor, opts: opts.clone(), pings: 0, last_heard: Instant::now() })
     }
 
     fn send(&mut self, msg: &ZpipesMsg) -> Result<()> {
@@ -219,11 +210,7 @@ impl Link {
             Ok(()) => Ok(()),
             // Immediate mode: no connection to queue on.
             Err(zmq::Error::EAGAIN) => {
-                if self
-                    .socket
-                    .poll(zmq::POLLOUT, self.opts.connect_timeout.as_millis() as i64)?
-                    == 0
-                {
+                if self.socket.poll(zmq::POLLOUT, self.opts.connect_timeout.as_millis() as i64)? == 0 {
                     return Err(Error::BrokerGone(self.opts.endpoint.clone()));
                 }
                 self.socket.send(msg.encode(), zmq::DONTWAIT)?;
@@ -274,10 +261,7 @@ impl Link {
             }
             let until = deadline.map_or(next_ping, |d| d.min(next_ping));
             let wait = until.saturating_duration_since(now).as_millis() as i64;
-            let mut items = [
-                self.socket.as_poll_item(zmq::POLLIN),
-                self.monitor.as_poll_item(zmq::POLLIN),
-            ];
+            let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
             poll(&mut items, wait.max(1))?;
             if items[1].is_readable() && !items[0].is_readable() {
                 return Err(gone());
@@ -292,28 +276,18 @@ impl Link {
 
     /// Opens a pipe end with INPUT or OUTPUT.
     fn open(opts: &Options, pipe: &str, reader: bool) -> Result<Link> {
-        let pipename = ShortStr::new(pipe.as_bytes().to_vec())
-            .map_err(|_| Error::BadName(pipe.to_string()))?;
+        let pipename =
+            ShortStr::new(pipe.as_bytes().to_vec()).map_err(|_| Error::BadName(pipe.to_string()))?;
         let mut link = Link::connect(opts)?;
-        let request = if reader {
-            ZpipesMsg::Input { pipename }
-        } else {
-            ZpipesMsg::Output { pipename }
-        };
+        let request = if reader { ZpipesMsg::Input { pipename } } else { ZpipesMsg::Output { pipename } };
         link.send(&request)?;
-        match link.recv(Some(
-            Instant::now() + opts.connect_timeout + opts.dead_after,
-        ))? {
+        match link.recv(Some(Instant::now() + opts.connect_timeout + opts.dead_after))? {
             Some(ZpipesMsg::InputOk {}) if reader => Ok(link),
             Some(ZpipesMsg::OutputOk {}) if !reader => Ok(link),
-            Some(ZpipesMsg::InputFailed { .. }) => Err(Error::Busy {
-                pipe: pipe.to_string(),
-                end: "reader",
-            }),
-            Some(ZpipesMsg::OutputFailed { .. }) => Err(Error::Busy {
-                pipe: pipe.to_string(),
-                end: "writer",
-            }),
+            Some(ZpipesMsg::InputFailed { .. }) => Err(Error::Busy { pipe: pipe.to_string(), end: "reader" }),
+            Some(ZpipesMsg::OutputFailed { .. }) => {
+                Err(Error::Busy { pipe: pipe.to_string(), end: "writer" })
+            }
             Some(ZpipesMsg::Invalid {}) => Err(Error::Invalid),
             Some(other) => Err(Error::Protocol(other.name())),
             None => Err(Error::NoBroker(opts.endpoint.clone())),
@@ -332,16 +306,11 @@ impl Link {
             if self.pings == 0 {
                 return Ok(());
             }
-            let wait = deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis() as i64;
+            let wait = deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
             if wait == 0 {
                 return Err(Error::BrokerGone(self.opts.endpoint.clone()));
             }
-            let mut items = [
-                self.socket.as_poll_item(zmq::POLLIN),
-                self.monitor.as_poll_item(zmq::POLLIN),
-            ];
+            let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
             poll(&mut items, wait)?;
             if items[1].is_readable() && !items[0].is_readable() {
                 return Err(Error::BrokerGone(self.opts.endpoint.clone()));
@@ -477,13 +446,8 @@ impl Reader {
             return Ok(());
         }
         let size = size.min(u32::MAX as usize) as u32;
-        self.link.send(&ZpipesMsg::Read {
-            size,
-            timeout: ms(timeout),
-        })?;
-        self.in_flight = Some(Flight {
-            timed: timeout.is_some(),
-        });
+        self.link.send(&ZpipesMsg::Read { size, timeout: ms(timeout) })?;
+        self.in_flight = Some(Flight { timed: timeout.is_some() });
         Ok(())
     }
 
@@ -554,10 +518,7 @@ impl io::Read for Reader {
                 self.post(want, self.timeout)?;
             }
             if !self.await_reply(deadline)? {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "no data arrived in time",
-                ));
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "no data arrived in time"));
             }
         }
         let data = self.buffer.take(buf.len());
@@ -616,10 +577,7 @@ impl Writer {
             return Err(Error::TooLarge(len));
         }
         let chunk = Chunk(Bytes::copy_from_slice(data));
-        self.link.send(&ZpipesMsg::Write {
-            chunk,
-            timeout: ms(timeout),
-        })?;
+        self.link.send(&ZpipesMsg::Write { chunk, timeout: ms(timeout) })?;
         let outcome = self.ack()?;
         if outcome == WriteOutcome::Written {
             self.attached = true;
@@ -715,10 +673,7 @@ impl Writer {
 impl io::Write for Writer {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if !self.attached && !self.wait_for_reader(self.attach_timeout)? {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "no reader attached in time",
-            ));
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "no reader attached in time"));
         }
         let max = self.link.opts.max_chunk.max(1);
         if self.buffer.capacity() == 0 {

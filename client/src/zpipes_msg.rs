@@ -63,9 +63,7 @@ mod tests {
     use bytes::Bytes;
 
     fn hex(s: &str) -> Vec<u8> {
-        s.split_whitespace()
-            .map(|b| u8::from_str_radix(b, 16).unwrap())
-            .collect()
+        s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
     }
 
     fn pipe(name: &str) -> ShortStr {
@@ -80,51 +78,19 @@ mod tests {
     #[test]
     fn spec_vectors_round_trip_byte_for_byte() {
         let cases = [
+            (ZpipesMsg::Input { pipename: pipe("test pipe") }, "AA A0 01 09 74 65 73 74 20 70 69 70 65"),
+            (ZpipesMsg::Output { pipename: pipe("test pipe") }, "AA A0 04 09 74 65 73 74 20 70 69 70 65"),
+            (ZpipesMsg::Read { size: 12, timeout: 100 }, "AA A0 07 00 00 00 0C 00 00 00 64"),
+            (ZpipesMsg::Read { size: 0, timeout: 0 }, "AA A0 07 00 00 00 00 00 00 00 00"),
             (
-                ZpipesMsg::Input {
-                    pipename: pipe("test pipe"),
-                },
-                "AA A0 01 09 74 65 73 74 20 70 69 70 65",
-            ),
-            (
-                ZpipesMsg::Output {
-                    pipename: pipe("test pipe"),
-                },
-                "AA A0 04 09 74 65 73 74 20 70 69 70 65",
-            ),
-            (
-                ZpipesMsg::Read {
-                    size: 12,
-                    timeout: 100,
-                },
-                "AA A0 07 00 00 00 0C 00 00 00 64",
-            ),
-            (
-                ZpipesMsg::Read {
-                    size: 0,
-                    timeout: 0,
-                },
-                "AA A0 07 00 00 00 00 00 00 00 00",
-            ),
-            (
-                ZpipesMsg::Write {
-                    chunk: chunk("Hello, World"),
-                    timeout: 100,
-                },
+                ZpipesMsg::Write { chunk: chunk("Hello, World"), timeout: 100 },
                 "AA A0 0C 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64 00 00 00 64",
             ),
             (
-                ZpipesMsg::ReadOk {
-                    chunk: chunk("Hello, World"),
-                },
+                ZpipesMsg::ReadOk { chunk: chunk("Hello, World") },
                 "AA A0 08 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64",
             ),
-            (
-                ZpipesMsg::WriteFailed {
-                    reason: ShortStr::default(),
-                },
-                "AA A0 0F 00",
-            ),
+            (ZpipesMsg::WriteFailed { reason: ShortStr::default() }, "AA A0 0F 00"),
         ];
         for (msg, bytes) in cases {
             assert_eq!(msg.encode(), hex(bytes), "encoding {msg:?}");
@@ -160,60 +126,37 @@ mod tests {
     fn spec_decoder_edge_cases() {
         assert_eq!(
             ZpipesMsg::decode(hex("AA A0 07 00 00 00")),
-            Err(DecodeError::Truncated {
-                message: "Read",
-                field: "size"
-            })
+            Err(DecodeError::Truncated { message: "Read", field: "size" })
         );
         assert_eq!(
             ZpipesMsg::decode(hex("AA A1 13")),
-            Err(DecodeError::BadSignature {
-                found: 0xAAA1,
-                expected: 0xAAA0
-            })
+            Err(DecodeError::BadSignature { found: 0xAAA1, expected: 0xAAA0 })
         );
-        assert_eq!(
-            ZpipesMsg::decode(hex("AA A0 63")),
-            Err(DecodeError::UnknownId(99))
-        );
-        assert_eq!(
-            ZpipesMsg::decode(hex("AA A0 13 FF")),
-            Ok(ZpipesMsg::Ping {})
-        );
+        assert_eq!(ZpipesMsg::decode(hex("AA A0 63")), Err(DecodeError::UnknownId(99)));
+        assert_eq!(ZpipesMsg::decode(hex("AA A0 13 FF")), Ok(ZpipesMsg::Ping {}));
         assert_eq!(
             ZpipesMsg::decode(b"garbage".to_vec()),
-            Err(DecodeError::BadSignature {
-                found: 0x6761,
-                expected: 0xAAA0
-            })
+            Err(DecodeError::BadSignature { found: 0x6761, expected: 0xAAA0 })
         );
         assert_eq!(ZpipesMsg::decode(Vec::new()), Err(DecodeError::NoHeader(0)));
         // A chunk whose length runs past the frame.
         assert!(matches!(
             ZpipesMsg::decode(hex("AA A0 0C 00 00 00 0C 48")),
-            Err(DecodeError::Truncated {
-                message: "Write",
-                field: "chunk"
-            })
+            Err(DecodeError::Truncated { message: "Write", field: "chunk" })
         ));
     }
 
     #[test]
     fn over_long_strings_are_refused_not_wrapped() {
         assert!(ShortStr::new(vec![b'x'; 255]).is_ok());
-        assert_eq!(
-            ShortStr::new(vec![b'x'; 256]),
-            Err(crate::codec::EncodeError::StringTooLong(256))
-        );
+        assert_eq!(ShortStr::new(vec![b'x'; 256]), Err(crate::codec::EncodeError::StringTooLong(256)));
         assert_eq!(ShortStr::lossy(&"é".repeat(200)).as_bytes().len(), 254);
     }
 
     #[test]
     fn decoded_chunks_share_the_frame() {
         let frame = Bytes::from(hex("AA A0 08 00 00 00 02 41 42"));
-        let ZpipesMsg::ReadOk { chunk } = ZpipesMsg::decode(frame.clone()).unwrap() else {
-            panic!()
-        };
+        let ZpipesMsg::ReadOk { chunk } = ZpipesMsg::decode(frame.clone()).unwrap() else { panic!() };
         assert_eq!(chunk.0.as_ptr(), frame[7..].as_ptr());
     }
 

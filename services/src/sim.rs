@@ -17,12 +17,7 @@ pub struct Sim<S: Service> {
 
 impl<S: Service> Sim<S> {
     pub fn new(service: S) -> Self {
-        Sim {
-            service,
-            now: Instant::now(),
-            timers: HashMap::new(),
-            inboxes: BTreeMap::new(),
-        }
+        Sim { service, now: Instant::now(), timers: HashMap::new(), inboxes: BTreeMap::new() }
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
@@ -42,8 +37,7 @@ impl<S: Service> Sim<S> {
     /// Delivers a raw frame from `conn`.
     pub fn send_raw(&mut self, conn: u64, frame: impl Into<Bytes>) {
         let mut out = Vec::new();
-        self.service
-            .handle(ConnId(conn), frame.into(), self.now, &mut out);
+        self.service.handle(ConnId(conn), frame.into(), self.now, &mut out);
         self.apply(out);
     }
 
@@ -76,10 +70,7 @@ impl<S: Service> Sim<S> {
 
     /// Takes every frame sent to `conn` so far.
     pub fn take_raw(&mut self, conn: u64) -> Vec<Vec<u8>> {
-        self.inboxes
-            .get_mut(&ConnId(conn))
-            .map(|q| q.drain(..).collect())
-            .unwrap_or_default()
+        self.inboxes.get_mut(&ConnId(conn)).map(|q| q.drain(..).collect()).unwrap_or_default()
     }
 
     /// Number of armed timers (for leak checks).

@@ -67,9 +67,7 @@ impl Args {
         // Whole writes only, so both sides of the stream move the same bytes.
         let bytes = bytes.max(1).div_ceil(WRITE_SIZE as u64) * WRITE_SIZE as u64;
         let number = |name, default| -> anyhow::Result<u64> {
-            var(name).map_or(Ok(default), |v| {
-                v.parse().with_context(|| format!("{name}={v:?}"))
-            })
+            var(name).map_or(Ok(default), |v| v.parse().with_context(|| format!("{name}={v:?}")))
         };
         let rounds = number("ZPIPES_BENCH_ROUNDS", 100_000)?.max(1);
         let timeout = Duration::from_secs(number("ZPIPES_BENCH_TIMEOUT", 600)?);
@@ -79,13 +77,7 @@ impl Args {
             Some("rtt") => (false, true),
             Some(other) => bail!("ZPIPES_BENCH_ONLY={other:?}: use stream or rtt"),
         };
-        Ok(Args {
-            bytes,
-            rounds,
-            stream,
-            rtt,
-            timeout,
-        })
+        Ok(Args { bytes, rounds, stream, rtt, timeout })
     }
 }
 
@@ -119,10 +111,7 @@ fn run() -> anyhow::Result<()> {
         );
         let raw_endpoint = format!("ipc://@/zpipes-bench-raw/{name}");
         let s = streams(&opts, &raw_endpoint, args.bytes)?;
-        let (zpipes, raw) = (
-            mib_per_s(args.bytes, s.zpipes.elapsed),
-            mib_per_s(args.bytes, s.raw.elapsed),
-        );
+        let (zpipes, raw) = (mib_per_s(args.bytes, s.zpipes.elapsed), mib_per_s(args.bytes, s.raw.elapsed));
         let ratio = two_places(zpipes / raw);
         lines.push(format!(
             "stream {} 64 KiB writes: zpipes {zpipes:.0} MiB/s | raw DEALER->ROUTER {raw:.0} MiB/s | ratio {ratio:.2} (target >= 0.6: {})",
@@ -145,19 +134,11 @@ fn run() -> anyhow::Result<()> {
     }
 
     if args.rtt {
-        eprintln!(
-            "zpipes bench: {} round trips of each kind (interleaved)",
-            args.rounds
-        );
+        eprintln!("zpipes bench: {} round trips of each kind (interleaved)", args.rounds);
         let echo_endpoint = format!("ipc://@/zpipes-bench-echo/{name}");
         let r = round_trips(&opts, &echo_endpoint, args.rounds)?;
         let mean = |total: Duration| micros(total) / args.rounds as f64;
-        let (write, read, raw, ping) = (
-            mean(r.zpipes_write),
-            mean(r.zpipes_read),
-            mean(r.raw),
-            mean(r.ping),
-        );
+        let (write, read, raw, ping) = (mean(r.zpipes_write), mean(r.zpipes_read), mean(r.raw), mean(r.ping));
         let zpipes = write + read;
         let ratio = two_places(zpipes / raw);
         lines.push(format!(
@@ -183,10 +164,7 @@ fn start_watchdog(limit: Duration) {
     thread::spawn(move || {
         thread::sleep(limit);
         let phase = *PHASE.lock().unwrap_or_else(|e| e.into_inner());
-        eprintln!(
-            "zpipes bench: gave up after {} s during {phase}",
-            limit.as_secs()
-        );
+        eprintln!("zpipes bench: gave up after {} s during {phase}", limit.as_secs());
         std::process::exit(2);
     });
 }
@@ -200,24 +178,22 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
     };
     let (bound_tx, bound_rx) = mpsc::channel();
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
-    thread::Builder::new()
-        .name("broker".into())
-        .spawn(move || {
-            let services: Vec<Box<dyn zbroker_services::Service>> =
-                vec![Box::new(Zpipes::new(zpipes::Config::default()))];
-            let mut reactor = match Reactor::bind(settings, services) {
-                Ok(reactor) => reactor,
-                Err(e) => {
-                    let _ = bound_tx.send(Err(e));
-                    return;
-                }
-            };
-            let _ = bound_tx.send(Ok(()));
-            if let Err(e) = reactor.run() {
-                eprintln!("zpipes bench: broker failed: {e:#}");
-                std::process::exit(1);
+    thread::Builder::new().name("broker".into()).spawn(move || {
+        let services: Vec<Box<dyn zbroker_services::Service>> =
+            vec![Box::new(Zpipes::new(zpipes::Config::default()))];
+        let mut reactor = match Reactor::bind(settings, services) {
+            Ok(reactor) => reactor,
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+                return;
             }
-        })?;
+        };
+        let _ = bound_tx.send(Ok(()));
+        if let Err(e) = reactor.run() {
+            eprintln!("zpipes bench: broker failed: {e:#}");
+            std::process::exit(1);
+        }
+    })?;
     bound_rx.recv().context("broker thread died")?
 }
 
@@ -228,10 +204,7 @@ fn broker_status(name: &str) -> anyhow::Result<serde_json::Value> {
     socket.set_linger(0)?;
     socket.connect(&endpoint::control(name))?;
     socket.send("STATUS", 0)?;
-    ensure!(
-        socket.poll(zmq::POLLIN, 2000)? > 0,
-        "no STATUS reply from the broker"
-    );
+    ensure!(socket.poll(zmq::POLLIN, 2000)? > 0, "no STATUS reply from the broker");
     Ok(serde_json::from_slice(&socket.recv_bytes(0)?)?)
 }
 
@@ -310,10 +283,7 @@ fn check_checksum() -> anyhow::Result<()> {
     for piece in data.chunks(13) {
         pieces.update(piece);
     }
-    ensure!(
-        whole.finish() == pieces.finish(),
-        "checksum depends on cuts"
-    );
+    ensure!(whole.finish() == pieces.finish(), "checksum depends on cuts");
     let mut swapped = data;
     swapped.swap(0, 8);
     let mut other = Checksum::default();
@@ -331,10 +301,7 @@ struct Blocks {
 
 impl Blocks {
     fn new() -> Blocks {
-        Blocks {
-            block: zbroker_tests::pseudo_random(WRITE_SIZE, 0x5eed),
-            next: 0,
-        }
+        Blocks { block: zbroker_tests::pseudo_random(WRITE_SIZE, 0x5eed), next: 0 }
     }
 
     fn next_block(&mut self) -> &[u8] {
@@ -443,10 +410,8 @@ impl Stream {
         let what = self.what;
         // When one side fails the other usually fails as a consequence:
         // report both.
-        match (
-            join(self.sender, &format!("{what} sender")),
-            join(self.receiver, &format!("{what} receiver")),
-        ) {
+        match (join(self.sender, &format!("{what} sender")), join(self.receiver, &format!("{what} receiver")))
+        {
             (Ok(()), Ok(sum)) => Ok((sum, elapsed, cpu)),
             (Ok(()), Err(e)) | (Err(e), Ok(_)) => Err(e),
             (Err(send), Err(receive)) => bail!("{receive:#}; and {send:#}"),
@@ -495,12 +460,7 @@ fn streams(opts: &Options, raw_endpoint: &str, total: u64) -> anyhow::Result<Str
         let what = stream.what;
         let (sum, elapsed, cpu) = stream.finish()?;
         let (got, want) = (sum.finish(), expected.finish());
-        ensure!(
-            got.2 == want.2,
-            "{what} stream: received {} bytes, sent {}",
-            got.2,
-            want.2
-        );
+        ensure!(got.2 == want.2, "{what} stream: received {} bytes, sent {}", got.2, want.2);
         ensure!(got == want, "{what} stream: checksum mismatch");
         measured.push(Measured { elapsed, cpu });
     }
@@ -619,9 +579,8 @@ fn round_trips(opts: &Options, echo_endpoint: &str, rounds: u64) -> anyhow::Resu
     let router_context = zmq::Context::new();
     let router = router_context.socket(zmq::ROUTER)?;
     router.bind(echo_endpoint)?;
-    let echo = thread::Builder::new()
-        .name("raw-echo".into())
-        .spawn(move || raw_echo(router, warm + rounds))?;
+    let echo =
+        thread::Builder::new().name("raw-echo".into()).spawn(move || raw_echo(router, warm + rounds))?;
     let context = zmq::Context::new();
     let dealer = context.socket(zmq::DEALER)?;
     dealer.connect(echo_endpoint)?;

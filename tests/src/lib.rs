@@ -18,10 +18,7 @@ pub fn bin(name: &str) -> PathBuf {
     }
     // target/<profile>/deps/<test exe> → target/<profile>/<name>
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe
-        .parent()
-        .and_then(|deps| deps.parent())
-        .expect("target/<profile>");
+    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
     let path = profile_dir.join(name);
     assert!(
         path.exists(),
@@ -34,11 +31,7 @@ pub fn bin(name: &str) -> PathBuf {
 /// A broker name no other test uses.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{prefix}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    )
+    format!("{prefix}-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
 /// Polls `cond` every 10 ms until it holds or `limit` passes.
@@ -70,25 +63,16 @@ impl Broker {
             .arg(name)
             .args(args)
             // ZBROKER_TEST_LOG=debug shows the broker's side of a test.
-            .env(
-                "RUST_LOG",
-                std::env::var("ZBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("RUST_LOG", std::env::var("ZBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .expect("start zbroker");
-        let mut broker = Broker {
-            name: name.to_string(),
-            child,
-        };
+        let mut broker = Broker { name: name.to_string(), child };
         let up = wait_until(Duration::from_secs(10), || {
             broker.try_status().is_some() || broker.child.try_wait().ok().flatten().is_some()
         });
         assert!(up, "zbroker {name} did not come up");
-        assert!(
-            broker.child.try_wait().unwrap().is_none(),
-            "zbroker {name} exited at start"
-        );
+        assert!(broker.child.try_wait().unwrap().is_none(), "zbroker {name} exited at start");
         broker
     }
 
@@ -102,9 +86,7 @@ impl Broker {
         let context = zmq::Context::new();
         let socket = context.socket(zmq::DEALER).ok()?;
         socket.set_linger(0).ok()?;
-        socket
-            .connect(&zbroker_client::endpoint::control(&self.name))
-            .ok()?;
+        socket.connect(&zbroker_client::endpoint::control(&self.name)).ok()?;
         socket.send("STATUS", 0).ok()?;
         if socket.poll(zmq::POLLIN, 1000).ok()? == 0 {
             return None;
@@ -123,13 +105,8 @@ impl Broker {
 
     /// Resident memory of the broker process, in bytes (Linux).
     pub fn rss(&self) -> u64 {
-        let statm =
-            std::fs::read_to_string(format!("/proc/{}/statm", self.child.id())).unwrap_or_default();
-        let pages: u64 = statm
-            .split_whitespace()
-            .nth(1)
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(0);
+        let statm = std::fs::read_to_string(format!("/proc/{}/statm", self.child.id())).unwrap_or_default();
+        let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).unwrap_or(0);
         pages * 4096
     }
 
@@ -180,10 +157,7 @@ impl Raw {
         let socket = context.socket(zmq::DEALER).unwrap();
         socket.set_linger(0).unwrap();
         socket.connect(endpoint).unwrap();
-        Raw {
-            socket,
-            _context: context,
-        }
+        Raw { socket, _context: context }
     }
 
     pub fn send_bytes(&self, bytes: &[u8]) {
@@ -204,8 +178,7 @@ impl Raw {
 
     /// The next message within `ms`, decoded.
     pub fn recv(&self, ms: i64) -> Option<ZpipesMsg> {
-        self.recv_bytes(ms)
-            .map(|f| ZpipesMsg::decode(f).expect("the broker sends well-formed frames"))
+        self.recv_bytes(ms).map(|f| ZpipesMsg::decode(f).expect("the broker sends well-formed frames"))
     }
 
     /// Sends and expects a reply within 2 s.

@@ -15,15 +15,8 @@ fn zpipes(broker: &Broker, args: &[&str]) -> Command {
     command
 }
 
-fn spawn_writer(
-    broker: &Broker,
-    pipe: &str,
-    data: Vec<u8>,
-) -> (Child, std::thread::JoinHandle<()>) {
-    let mut writer = zpipes(broker, &["write", pipe])
-        .stdin(Stdio::piped())
-        .spawn()
-        .unwrap();
+fn spawn_writer(broker: &Broker, pipe: &str, data: Vec<u8>) -> (Child, std::thread::JoinHandle<()>) {
+    let mut writer = zpipes(broker, &["write", pipe]).stdin(Stdio::piped()).spawn().unwrap();
     let mut stdin = writer.stdin.take().unwrap();
     // A writer that exits early (as some tests intend) closes the pipe:
     // its exit status, checked by the test, says why.
@@ -35,10 +28,7 @@ fn spawn_writer(
 
 fn stream_through(broker: &Broker, pipe: &str, data: &[u8]) {
     let (mut writer, feeder) = spawn_writer(broker, pipe, data.to_vec());
-    let reader = zpipes(broker, &["read", pipe])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let reader = zpipes(broker, &["read", pipe]).stdout(Stdio::piped()).spawn().unwrap();
     let out = reader.wait_with_output().unwrap();
     feeder.join().unwrap();
     assert!(writer.wait().unwrap().success(), "zpipes write failed");
@@ -62,10 +52,7 @@ fn empty_input_is_an_empty_stream() {
 #[test]
 fn the_reader_may_start_first() {
     let broker = Broker::start(&[]);
-    let reader = zpipes(&broker, &["read", "early"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let reader = zpipes(&broker, &["read", "early"]).stdout(Stdio::piped()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(200));
     let (mut writer, feeder) = spawn_writer(&broker, "early", b"hello\n".to_vec());
     let out = reader.wait_with_output().unwrap();
@@ -78,41 +65,23 @@ fn the_reader_may_start_first() {
 fn exit_statuses_say_what_happened() {
     let broker = Broker::start(&[]);
     // 3: timed out waiting for a reader, or for data.
-    let out = zpipes(&broker, &["write", "lonely", "--timeout", "200"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = zpipes(&broker, &["read", "lonely", "--timeout", "200"])
-        .output()
-        .unwrap();
+    let out =
+        zpipes(&broker, &["write", "lonely", "--timeout", "200"]).stdin(Stdio::null()).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = zpipes(&broker, &["read", "lonely", "--timeout", "200"]).output().unwrap();
     assert_eq!(out.status.code(), Some(3));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "zpipes: no data on pipe \"lonely\" in time"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "zpipes: no data on pipe \"lonely\" in time");
 
     // 5: the pipe already has a reader.
     let _holder = Reader::open("taken", &Options::broker(&broker.name)).unwrap();
     let out = zpipes(&broker, &["read", "taken"]).output().unwrap();
     assert_eq!(out.status.code(), Some(5));
-    assert_eq!(
-        String::from_utf8_lossy(&out.stderr).trim(),
-        "zpipes: pipe \"taken\" already has a reader"
-    );
+    assert_eq!(String::from_utf8_lossy(&out.stderr).trim(), "zpipes: pipe \"taken\" already has a reader");
 
     // 6: the reader went away while the writer still had data.
     let mut reader = Reader::open("short", &Options::broker(&broker.name)).unwrap();
     let (mut writer, feeder) = spawn_writer(&broker, "short", pseudo_random(32 << 20, 1));
-    assert!(matches!(
-        reader.read_chunk(1000, None).unwrap(),
-        ReadOutcome::Data(_)
-    ));
+    assert!(matches!(reader.read_chunk(1000, None).unwrap(), ReadOutcome::Data(_)));
     reader.close().unwrap();
     let status = wait_timeout(&mut writer, Duration::from_secs(10)).expect("the writer gives up");
     assert_eq!(status.code(), Some(6));
@@ -177,19 +146,10 @@ fn a_slow_reader_keeps_broker_memory_bounded() {
     assert!(writer.wait().unwrap().success());
     let z = broker.zpipes();
     let peak = z["peak_queued_bytes"].as_u64().unwrap();
-    assert!(
-        peak <= LIMIT,
-        "peak queued {peak} exceeds the {LIMIT} bound"
-    );
-    assert!(
-        max_queued > LIMIT / 2,
-        "the pipe did fill up ({max_queued}): the bound was exercised"
-    );
+    assert!(peak <= LIMIT, "peak queued {peak} exceeds the {LIMIT} bound");
+    assert!(max_queued > LIMIT / 2, "the pipe did fill up ({max_queued}): the bound was exercised");
     let rss_growth = broker.rss().saturating_sub(rss_before);
-    assert!(
-        rss_growth < 32 << 20,
-        "broker RSS grew by {rss_growth} bytes for a {total}-byte stream"
-    );
+    assert!(rss_growth < 32 << 20, "broker RSS grew by {rss_growth} bytes for a {total}-byte stream");
 }
 
 #[test]

@@ -19,24 +19,12 @@ fn typed_outcomes_follow_the_selftest() {
     let mut writer = Writer::open("selftest", &opts).unwrap();
     assert_eq!(reader.read_chunk(6, ms(100)).unwrap(), ReadOutcome::Timeout);
     for _ in 0..3 {
-        assert_eq!(
-            writer.write_chunk(b"CHUNK1", ms(100)).unwrap(),
-            WriteOutcome::Written
-        );
+        assert_eq!(writer.write_chunk(b"CHUNK1", ms(100)).unwrap(), WriteOutcome::Written);
     }
-    assert_eq!(
-        reader.read_chunk(1, None).unwrap(),
-        ReadOutcome::Data("C".into())
-    );
-    assert_eq!(
-        reader.read_chunk(10, None).unwrap(),
-        ReadOutcome::Data("HUNK1CHUNK".into())
-    );
+    assert_eq!(reader.read_chunk(1, None).unwrap(), ReadOutcome::Data("C".into()));
+    assert_eq!(reader.read_chunk(10, None).unwrap(), ReadOutcome::Data("HUNK1CHUNK".into()));
     writer.close().unwrap();
-    assert_eq!(
-        reader.read_chunk(50, None).unwrap(),
-        ReadOutcome::Data("1CHUNK1".into())
-    );
+    assert_eq!(reader.read_chunk(50, None).unwrap(), ReadOutcome::Data("1CHUNK1".into()));
     assert_eq!(reader.read_chunk(50, None).unwrap(), ReadOutcome::End);
     reader.close().unwrap();
 }
@@ -47,18 +35,9 @@ fn one_reader_and_one_writer_per_pipe() {
     let opts = Options::broker(&broker.name);
     let _reader = Reader::open("busy", &opts).unwrap();
     let _writer = Writer::open("busy", &opts).unwrap();
-    assert!(matches!(
-        Reader::open("busy", &opts),
-        Err(Error::Busy { end: "reader", .. })
-    ));
-    assert!(matches!(
-        Writer::open("busy", &opts),
-        Err(Error::Busy { end: "writer", .. })
-    ));
-    assert!(matches!(
-        Reader::open(&"x".repeat(256), &opts),
-        Err(Error::BadName(_))
-    ));
+    assert!(matches!(Reader::open("busy", &opts), Err(Error::Busy { end: "reader", .. })));
+    assert!(matches!(Writer::open("busy", &opts), Err(Error::Busy { end: "writer", .. })));
+    assert!(matches!(Reader::open(&"x".repeat(256), &opts), Err(Error::BadName(_))));
 }
 
 #[test]
@@ -108,17 +87,10 @@ fn a_long_wait_is_kept_alive_by_pings() {
     let writer = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(1500));
         let mut writer = Writer::open("patient", &writer_opts).unwrap();
-        assert_eq!(
-            writer.write_chunk(b"late", None).unwrap(),
-            WriteOutcome::Written
-        );
+        assert_eq!(writer.write_chunk(b"late", None).unwrap(), WriteOutcome::Written);
         writer.close().unwrap();
     });
-    assert_eq!(
-        reader.read_chunk(4, None).unwrap(),
-        ReadOutcome::Data("late".into()),
-        "not expired"
-    );
+    assert_eq!(reader.read_chunk(4, None).unwrap(), ReadOutcome::Data("late".into()), "not expired");
     writer.join().unwrap();
     // Idle between calls: an explicit ping keeps the end alive.
     for _ in 0..6 {
@@ -132,14 +104,7 @@ fn a_long_wait_is_kept_alive_by_pings() {
 fn a_writer_learns_of_a_killed_reader_within_two_seconds() {
     let broker = Broker::start(&["--pipe-limit", "1MiB"]);
     let mut reader = Command::new(bin("zpipes"))
-        .args([
-            "--broker",
-            &broker.name,
-            "read",
-            "victim",
-            "--block-size",
-            "4096",
-        ])
+        .args(["--broker", &broker.name, "read", "victim", "--block-size", "4096"])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -158,16 +123,9 @@ fn a_writer_learns_of_a_killed_reader_within_two_seconds() {
         if let Err(e) = writer.write_all(&block).and_then(|()| writer.flush()) {
             break e;
         }
-        assert!(
-            killed.elapsed() < Duration::from_secs(2),
-            "writes still succeed 2 s after the kill"
-        );
+        assert!(killed.elapsed() < Duration::from_secs(2), "writes still succeed 2 s after the kill");
     };
-    assert!(
-        killed.elapsed() < Duration::from_secs(2),
-        "noticed after {:?}",
-        killed.elapsed()
-    );
+    assert!(killed.elapsed() < Duration::from_secs(2), "noticed after {:?}", killed.elapsed());
     assert!(error.to_string().contains("reader has gone"), "{error}");
 }
 
@@ -225,48 +183,19 @@ fn read_ahead_keeps_the_stream_in_order_across_timeouts() {
     let opts = Options::broker(&broker.name);
     let mut reader = Reader::open("ahead", &opts).unwrap();
     let mut writer = Writer::open("ahead", &opts).unwrap();
-    assert_eq!(
-        writer.write_chunk(b"abcdef", None).unwrap(),
-        WriteOutcome::Written
-    );
-    assert_eq!(
-        reader.read_chunk(3, None).unwrap(),
-        ReadOutcome::Data("abc".into())
-    );
+    assert_eq!(writer.write_chunk(b"abcdef", None).unwrap(), WriteOutcome::Written);
+    assert_eq!(reader.read_chunk(3, None).unwrap(), ReadOutcome::Data("abc".into()));
     // The read-ahead has fetched "def" meanwhile.
-    assert!(zbroker_tests::wait_until(Duration::from_secs(2), || broker
-        .zpipes()["queued_bytes"]
-        == 0));
-    assert_eq!(
-        reader.read_chunk(2, ms(100)).unwrap(),
-        ReadOutcome::Data("de".into())
-    );
-    assert_eq!(
-        reader.read_chunk(5, ms(100)).unwrap(),
-        ReadOutcome::Timeout,
-        "only \"f\" is there"
-    );
-    assert_eq!(
-        writer.write_chunk(b"ghij", None).unwrap(),
-        WriteOutcome::Written
-    );
-    assert_eq!(
-        reader.read_chunk(5, ms(1000)).unwrap(),
-        ReadOutcome::Data("fghij".into())
-    );
+    assert!(zbroker_tests::wait_until(Duration::from_secs(2), || broker.zpipes()["queued_bytes"] == 0));
+    assert_eq!(reader.read_chunk(2, ms(100)).unwrap(), ReadOutcome::Data("de".into()));
+    assert_eq!(reader.read_chunk(5, ms(100)).unwrap(), ReadOutcome::Timeout, "only \"f\" is there");
+    assert_eq!(writer.write_chunk(b"ghij", None).unwrap(), WriteOutcome::Written);
+    assert_eq!(reader.read_chunk(5, ms(1000)).unwrap(), ReadOutcome::Data("fghij".into()));
     // std::io::Read hands out what is buffered without waiting for more.
-    assert_eq!(
-        writer.write_chunk(b"klm", None).unwrap(),
-        WriteOutcome::Written
-    );
-    assert_eq!(
-        reader.read_chunk(1, None).unwrap(),
-        ReadOutcome::Data("k".into())
-    );
+    assert_eq!(writer.write_chunk(b"klm", None).unwrap(), WriteOutcome::Written);
+    assert_eq!(reader.read_chunk(1, None).unwrap(), ReadOutcome::Data("k".into()));
     // The read-ahead asks for as much as the last read: one byte.
-    assert!(zbroker_tests::wait_until(Duration::from_secs(2), || broker
-        .zpipes()["queued_bytes"]
-        == 1));
+    assert!(zbroker_tests::wait_until(Duration::from_secs(2), || broker.zpipes()["queued_bytes"] == 1));
     let mut buf = [0u8; 100];
     let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
     assert_eq!(&buf[..n], b"l");

@@ -6,19 +6,23 @@ use zbroker_client::ZpipesMsg as M;
 use zbroker_tests::{wait_until, Broker, Raw};
 
 fn hex(s: &str) -> Vec<u8> {
-    s.split_whitespace()
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect()
+    s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
 }
 
 fn name(s: &str) -> ShortStr {
     ShortStr::new(s.as_bytes().to_vec()).unwrap()
 }
 
+fn input(pipe: &str) -> M {
+    M::Input { pipename: name(pipe) }
+}
+
+fn output(pipe: &str) -> M {
+    M::Output { pipename: name(pipe) }
+}
+
 fn read_ok(s: &[u8]) -> M {
-    M::ReadOk {
-        chunk: Chunk(bytes_of(s)),
-    }
+    M::ReadOk { chunk: Chunk(bytes_of(s)) }
 }
 
 fn bytes_of(s: &[u8]) -> bytes::Bytes {
@@ -34,9 +38,7 @@ fn spec_vectors_on_the_wire() {
     writer.send_bytes(&hex("AA A0 04 09 74 65 73 74 20 70 69 70 65"));
     assert_eq!(writer.recv_bytes(2000).unwrap(), hex("AA A0 05"));
     // WRITE "Hello, World" timeout 100 with no reader → WRITE_TIMEOUT
-    writer.send_bytes(&hex(
-        "AA A0 0C 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64 00 00 00 64",
-    ));
+    writer.send_bytes(&hex("AA A0 0C 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64 00 00 00 64"));
     assert_eq!(writer.recv_bytes(2000).unwrap(), hex("AA A0 0E"));
     // INPUT "test pipe" → INPUT_OK
     reader.send_bytes(&hex("AA A0 01 09 74 65 73 74 20 70 69 70 65"));
@@ -44,9 +46,7 @@ fn spec_vectors_on_the_wire() {
     // READ 12 timeout 100, nothing written → READ_TIMEOUT
     reader.send_bytes(&hex("AA A0 07 00 00 00 0C 00 00 00 64"));
     assert_eq!(reader.recv_bytes(2000).unwrap(), hex("AA A0 0A"));
-    writer.send_bytes(&hex(
-        "AA A0 0C 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64 00 00 00 64",
-    ));
+    writer.send_bytes(&hex("AA A0 0C 00 00 00 0C 48 65 6C 6C 6F 2C 20 57 6F 72 6C 64 00 00 00 64"));
     assert_eq!(writer.recv_bytes(2000).unwrap(), hex("AA A0 0D"));
     reader.send_bytes(&hex("AA A0 07 00 00 00 0C 00 00 00 64"));
     assert_eq!(
@@ -76,59 +76,24 @@ fn pipelined_reads_and_close() {
     let broker = Broker::start(&[]);
     let writer = Raw::connect(&broker.endpoint());
     let reader = Raw::connect(&broker.endpoint());
-    assert_eq!(
-        writer.ask(M::Output {
-            pipename: name("test pipe")
-        }),
-        M::OutputOk {}
-    );
-    assert_eq!(
-        reader.ask(M::Input {
-            pipename: name("test pipe")
-        }),
-        M::InputOk {}
-    );
+    assert_eq!(writer.ask(output("test pipe")), M::OutputOk {});
+    assert_eq!(reader.ask(input("test pipe")), M::InputOk {});
     for _ in 0..3 {
-        reader.send(M::Read {
-            size: 12,
-            timeout: 100,
-        });
+        reader.send(M::Read { size: 12, timeout: 100 });
     }
     assert_eq!(reader.recv(2000), Some(M::ReadTimeout {}));
-    assert_eq!(
-        writer.ask(M::Write {
-            chunk: Chunk(bytes_of(b"Hello, World")),
-            timeout: 100
-        }),
-        M::WriteOk {}
-    );
+    assert_eq!(writer.ask(M::Write { chunk: Chunk(bytes_of(b"Hello, World")), timeout: 100 }), M::WriteOk {});
     assert_eq!(reader.recv(2000), Some(read_ok(b"Hello, World")));
     assert_eq!(reader.ask(M::Ping {}), M::PingOk {});
     assert_eq!(writer.ask(M::Close {}), M::CloseOk {});
     assert_eq!(reader.recv(2000), Some(M::ReadEnd {}));
 
     // Read/close pipelining (selftest 7).
-    assert_eq!(
-        writer.ask(M::Output {
-            pipename: name("p7")
-        }),
-        M::OutputOk {}
-    );
+    assert_eq!(writer.ask(output("p7")), M::OutputOk {});
     assert_eq!(reader.ask(M::Close {}), M::CloseOk {});
-    assert_eq!(
-        reader.ask(M::Input {
-            pipename: name("p7")
-        }),
-        M::InputOk {}
-    );
-    reader.send(M::Read {
-        size: 12,
-        timeout: 0,
-    });
-    reader.send(M::Read {
-        size: 12,
-        timeout: 0,
-    });
+    assert_eq!(reader.ask(input("p7")), M::InputOk {});
+    reader.send(M::Read { size: 12, timeout: 0 });
+    reader.send(M::Read { size: 12, timeout: 0 });
     assert_eq!(reader.ask(M::Ping {}), M::PingOk {});
     reader.send(M::Close {});
     assert!(matches!(reader.recv(2000), Some(M::ReadFailed { .. })));
@@ -141,51 +106,32 @@ fn garbage_is_dropped_and_everyone_else_is_served() {
     let broker = Broker::start(&[]);
     let vandal = Raw::connect(&broker.endpoint());
     let client = Raw::connect(&broker.endpoint());
-    for garbage in [
-        &b"garbage"[..],
-        &hex("AA A0 07 00 00 00"),
-        &hex("AA A1 13"),
-        &hex("AA A0 63"),
-        b"",
-        b"\xAA",
-    ] {
+    for garbage in
+        [&b"garbage"[..], &hex("AA A0 07 00 00 00"), &hex("AA A1 13"), &hex("AA A0 63"), b"", b"\xAA"]
+    {
         vandal.send_bytes(garbage);
     }
     // A multi-frame message: only the first body frame counts.
-    vandal
-        .socket
-        .send_multipart([M::Ping {}.encode(), b"extra".to_vec()], 0)
-        .unwrap();
+    vandal.socket.send_multipart([M::Ping {}.encode(), b"extra".to_vec()], 0).unwrap();
     assert_eq!(vandal.recv(2000), Some(M::PingOk {}));
     assert_eq!(vandal.recv(200), None, "garbage gets no reply");
     assert_eq!(client.ask(M::Ping {}), M::PingOk {});
     let status = broker.status();
-    assert_eq!(
-        status["services"]["zpipes"]["malformed_frames"], 2,
-        "truncated READ, unknown id"
-    );
-    assert_eq!(
-        status["dropped_frames"], 4,
-        "no service's signature: {status}"
-    );
+    assert_eq!(status["services"]["zpipes"]["malformed_frames"], 2, "truncated READ, unknown id");
+    assert_eq!(status["dropped_frames"], 4, "no service's signature: {status}");
 }
 
 #[test]
 fn a_second_broker_with_the_same_name_refuses_to_start() {
     let broker = Broker::start(&[]);
-    let second = std::process::Command::new(zbroker_tests::bin("zbroker"))
-        .arg(&broker.name)
-        .output()
-        .unwrap();
+    let second =
+        std::process::Command::new(zbroker_tests::bin("zbroker")).arg(&broker.name).output().unwrap();
     assert_eq!(second.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("already running"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     // The first one still serves.
-    assert_eq!(
-        Raw::connect(&broker.endpoint()).ask(M::Ping {}),
-        M::PingOk {}
-    );
+    assert_eq!(Raw::connect(&broker.endpoint()).ask(M::Ping {}), M::PingOk {});
 }
 
 #[test]
@@ -203,58 +149,21 @@ fn tcp_bind_serves_the_same_pipes_as_ipc() {
     assert!(!tcp.ends_with(":*"), "the real port is reported: {tcp}");
     let writer = Raw::connect(&tcp);
     let reader = Raw::connect(&broker.endpoint());
-    assert_eq!(
-        writer.ask(M::Output {
-            pipename: name("mixed")
-        }),
-        M::OutputOk {}
-    );
-    assert_eq!(
-        reader.ask(M::Input {
-            pipename: name("mixed")
-        }),
-        M::InputOk {}
-    );
-    assert_eq!(
-        writer.ask(M::Write {
-            chunk: Chunk(bytes_of(b"over tcp")),
-            timeout: 0
-        }),
-        M::WriteOk {}
-    );
-    assert_eq!(
-        reader.ask(M::Read {
-            size: 8,
-            timeout: 0
-        }),
-        read_ok(b"over tcp")
-    );
+    assert_eq!(writer.ask(output("mixed")), M::OutputOk {});
+    assert_eq!(reader.ask(input("mixed")), M::InputOk {});
+    assert_eq!(writer.ask(M::Write { chunk: Chunk(bytes_of(b"over tcp")), timeout: 0 }), M::WriteOk {});
+    assert_eq!(reader.ask(M::Read { size: 8, timeout: 0 }), read_ok(b"over tcp"));
 }
 
 #[test]
 fn silent_connections_expire() {
     let broker = Broker::start(&["--expiry", "200"]);
     let reader = Raw::connect(&broker.endpoint());
-    assert_eq!(
-        reader.ask(M::Input {
-            pipename: name("e")
-        }),
-        M::InputOk {}
-    );
-    reader.send(M::Read {
-        size: 12,
-        timeout: 0,
-    });
+    assert_eq!(reader.ask(input("e")), M::InputOk {});
+    reader.send(M::Read { size: 12, timeout: 0 });
     assert_eq!(reader.recv(400), None, "expiry sends nothing");
-    assert_eq!(
-        reader.ask(M::Read {
-            size: 12,
-            timeout: 0
-        }),
-        M::Invalid {}
-    );
-    assert!(wait_until(std::time::Duration::from_secs(2), || broker
-        .zpipes()["pipes"]
+    assert_eq!(reader.ask(M::Read { size: 12, timeout: 0 }), M::Invalid {});
+    assert!(wait_until(std::time::Duration::from_secs(2), || broker.zpipes()["pipes"]
         .as_array()
         .is_some_and(|p| p.is_empty())));
 }
@@ -264,28 +173,12 @@ fn a_dead_peer_is_noticed_at_once() {
     let broker = Broker::start(&[]);
     let writer = Raw::connect(&broker.endpoint());
     let reader = Raw::connect(&broker.endpoint());
-    assert_eq!(
-        writer.ask(M::Output {
-            pipename: name("d")
-        }),
-        M::OutputOk {}
-    );
-    assert_eq!(
-        reader.ask(M::Input {
-            pipename: name("d")
-        }),
-        M::InputOk {}
-    );
+    assert_eq!(writer.ask(output("d")), M::OutputOk {});
+    assert_eq!(reader.ask(input("d")), M::InputOk {});
     drop(reader); // closes the socket: the broker's monitor sees the disconnect
     let started = std::time::Instant::now();
     let failed = wait_until(std::time::Duration::from_secs(2), || {
-        matches!(
-            writer.ask(M::Write {
-                chunk: Chunk(bytes_of(b"x")),
-                timeout: 0
-            }),
-            M::WriteFailed { .. }
-        )
+        matches!(writer.ask(M::Write { chunk: Chunk(bytes_of(b"x")), timeout: 0 }), M::WriteFailed { .. })
     });
     assert!(failed, "the writer learns of the reader's end");
     assert!(started.elapsed() < std::time::Duration::from_secs(2));
@@ -320,25 +213,14 @@ fn timeouts_fire_under_steady_traffic() {
     };
     std::thread::sleep(std::time::Duration::from_millis(100));
     let reader = Raw::connect(&broker.endpoint());
-    assert_eq!(
-        reader.ask(M::Input {
-            pipename: name("quiet")
-        }),
-        M::InputOk {}
-    );
+    assert_eq!(reader.ask(input("quiet")), M::InputOk {});
     let started = std::time::Instant::now();
-    reader.send(M::Read {
-        size: 1,
-        timeout: 100,
-    });
+    reader.send(M::Read { size: 1, timeout: 100 });
     assert_eq!(reader.recv(3000), Some(M::ReadTimeout {}));
     let took = started.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flood.join().unwrap();
-    assert!(
-        took < std::time::Duration::from_millis(1000),
-        "timed out after {took:?}"
-    );
+    assert!(took < std::time::Duration::from_millis(1000), "timed out after {took:?}");
 }
 
 #[test]

@@ -78,10 +78,7 @@ impl From<Error> for Failure {
             Error::BadName(_) => 2,
             _ => status::FAILED,
         };
-        Failure {
-            code,
-            message: e.to_string(),
-        }
+        Failure { code, message: e.to_string() }
     }
 }
 
@@ -89,29 +86,17 @@ impl From<Error> for Failure {
 /// of standard input or output.
 fn pipe_failure(e: io::Error) -> Failure {
     if e.kind() == io::ErrorKind::TimedOut {
-        return Failure {
-            code: status::TIMEOUT,
-            message: e.to_string(),
-        };
+        return Failure { code: status::TIMEOUT, message: e.to_string() };
     }
     match e.into_inner().map(|inner| inner.downcast::<Error>()) {
         Some(Ok(pipe_error)) => Failure::from(*pipe_error),
-        Some(Err(other)) => Failure {
-            code: status::FAILED,
-            message: other.to_string(),
-        },
-        None => Failure {
-            code: status::FAILED,
-            message: "pipe failed".into(),
-        },
+        Some(Err(other)) => Failure { code: status::FAILED, message: other.to_string() },
+        None => Failure { code: status::FAILED, message: "pipe failed".into() },
     }
 }
 
 fn io_failure(what: &str, e: io::Error) -> Failure {
-    Failure {
-        code: status::IO,
-        message: format!("{what}: {e}"),
-    }
+    Failure { code: status::IO, message: format!("{what}: {e}") }
 }
 
 fn main() -> ExitCode {
@@ -143,12 +128,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn read(
-    name: &str,
-    opts: &Options,
-    timeout: Option<Duration>,
-    block: usize,
-) -> Result<(), Failure> {
+fn read(name: &str, opts: &Options, timeout: Option<Duration>, block: usize) -> Result<(), Failure> {
     let mut reader = Reader::open(name, opts)?;
     let stdout = io::stdout();
     let mut out = stdout.lock();
@@ -182,11 +162,7 @@ fn read(
 
 /// True if standard input can be read without waiting.
 fn stdin_has_data() -> bool {
-    let mut fd = libc::pollfd {
-        fd: 0,
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut fd = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout.
     unsafe { libc::poll(&mut fd, 1, 0) > 0 }
 }

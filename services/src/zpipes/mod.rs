@@ -124,10 +124,7 @@ fn request_key(conn: ConnId) -> TimerKey {
 
 fn reply(out: &mut Vec<Action>, to: ConnId, msg: ZpipesMsg) {
     tracing::trace!(conn = to.0, reply = msg.name(), "zpipes reply");
-    out.push(Action::Send {
-        to,
-        frame: msg.encode(),
-    });
+    out.push(Action::Send { to, frame: msg.encode() });
 }
 
 impl Zpipes {
@@ -178,10 +175,8 @@ impl Zpipes {
             }
             // Only CLOSE and PING may pass a pending request.
             let conn = self.conns.get_mut(&id).expect("checked above");
-            let Some(at) = conn
-                .mailbox
-                .iter()
-                .position(|m| matches!(m, ZpipesMsg::Close {} | ZpipesMsg::Ping {}))
+            let Some(at) =
+                conn.mailbox.iter().position(|m| matches!(m, ZpipesMsg::Close {} | ZpipesMsg::Ping {}))
             else {
                 return false;
             };
@@ -210,12 +205,8 @@ impl Zpipes {
         tracing::debug!(conn = id.0, ?role, request = msg.name(), "zpipes request");
         match (role, msg) {
             (_, ZpipesMsg::Ping {}) => reply(out, id, ZpipesMsg::PingOk {}),
-            (Role::Idle, ZpipesMsg::Input { pipename }) => {
-                self.open(id, pipename, Role::Reader, out)
-            }
-            (Role::Idle, ZpipesMsg::Output { pipename }) => {
-                self.open(id, pipename, Role::Writer, out)
-            }
+            (Role::Idle, ZpipesMsg::Input { pipename }) => self.open(id, pipename, Role::Reader, out),
+            (Role::Idle, ZpipesMsg::Output { pipename }) => self.open(id, pipename, Role::Writer, out),
             (Role::Reader, ZpipesMsg::Read { size, timeout }) => {
                 let size = size as usize;
                 if size == 0 {
@@ -235,10 +226,7 @@ impl Zpipes {
                 } else {
                     self.start_pending(
                         id,
-                        Pending::Write {
-                            chunk: chunk.0,
-                            partly_queued: false,
-                        },
+                        Pending::Write { chunk: chunk.0, partly_queued: false },
                         timeout,
                         now,
                         out,
@@ -284,10 +272,7 @@ impl Zpipes {
         if let Some(other) = other {
             self.ready.push_back(other);
         }
-        let conn = self
-            .conns
-            .get_mut(&id)
-            .expect("caller holds a live connection");
+        let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         conn.role = role;
         conn.pipe = Some(name);
         match role {
@@ -304,36 +289,23 @@ impl Zpipes {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let conn = self
-            .conns
-            .get_mut(&id)
-            .expect("caller holds a live connection");
+        let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         conn.pending = Some(pending);
         if !self.try_complete(id, out) && timeout > 0 {
             let conn = self.conns.get_mut(&id).expect("still live");
-            if let Some(Pending::Write {
-                partly_queued: true,
-                ..
-            }) = conn.pending
-            {
+            if let Some(Pending::Write { partly_queued: true, .. }) = conn.pending {
                 return;
             }
             conn.request_timer = true;
             let at = now + Duration::from_millis(timeout.into());
-            out.push(Action::SetTimer {
-                key: request_key(id),
-                at,
-            });
+            out.push(Action::SetTimer { key: request_key(id), at });
         }
     }
 
     /// Completes the pending request if it can be now.
     fn try_complete(&mut self, id: ConnId, out: &mut Vec<Action>) -> bool {
         let limit = self.config.pipe_limit;
-        let conn = self
-            .conns
-            .get_mut(&id)
-            .expect("caller holds a live connection");
+        let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         match conn.pending {
             None => false,
             Some(Pending::Read { size }) => {
@@ -348,19 +320,10 @@ impl Zpipes {
                     let chunk = conn.queue.take(size);
                     self.queued_bytes -= chunk.len();
                     self.bytes_moved += chunk.len() as u64;
-                    reply(
-                        out,
-                        id,
-                        ZpipesMsg::ReadOk {
-                            chunk: Chunk(chunk),
-                        },
-                    );
+                    reply(out, id, ZpipesMsg::ReadOk { chunk: Chunk(chunk) });
                     // The writer may be waiting for room.
-                    if let Some(writer) = conn
-                        .pipe
-                        .as_ref()
-                        .and_then(|p| self.pipes.get(p))
-                        .and_then(|p| p.writer)
+                    if let Some(writer) =
+                        conn.pipe.as_ref().and_then(|p| self.pipes.get(p)).and_then(|p| p.writer)
                     {
                         self.ready.push_back(writer);
                     }
@@ -371,8 +334,7 @@ impl Zpipes {
             Some(Pending::Write { ref chunk, .. }) => {
                 let Some(name) = &conn.pipe else {
                     conn.pending = None;
-                    let reason =
-                        ShortStr::lossy("the reader has gone: close and open the pipe again");
+                    let reason = ShortStr::lossy("the reader has gone: close and open the pipe again");
                     reply(out, id, ZpipesMsg::WriteFailed { reason });
                     self.cancel_request_timer(id, out);
                     return true;
@@ -381,10 +343,7 @@ impl Zpipes {
                     return false;
                 };
                 let len = chunk.len();
-                let reader = self
-                    .conns
-                    .get_mut(&reader_id)
-                    .expect("a pipe's reader is live");
+                let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
                 let room = limit.saturating_sub(reader.queue.len());
                 if len > room {
                     if room == 0 {
@@ -397,19 +356,12 @@ impl Zpipes {
                     // no longer time out; it ends in WRITE_OK, or
                     // WRITE_FAILED if the reader leaves.
                     let conn = self.conns.get_mut(&id).expect("still live");
-                    let Some(Pending::Write {
-                        chunk,
-                        partly_queued,
-                    }) = conn.pending.as_mut()
-                    else {
+                    let Some(Pending::Write { chunk, partly_queued }) = conn.pending.as_mut() else {
                         unreachable!()
                     };
                     *partly_queued = true;
                     let part = chunk.split_to(room);
-                    let reader = self
-                        .conns
-                        .get_mut(&reader_id)
-                        .expect("a pipe's reader is live");
+                    let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
                     reader.queue.push(part);
                     self.queued_bytes += room;
                     self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
@@ -418,13 +370,8 @@ impl Zpipes {
                     return false;
                 }
                 let conn = self.conns.get_mut(&id).expect("still live");
-                let Some(Pending::Write { chunk, .. }) = conn.pending.take() else {
-                    unreachable!()
-                };
-                let reader = self
-                    .conns
-                    .get_mut(&reader_id)
-                    .expect("a pipe's reader is live");
+                let Some(Pending::Write { chunk, .. }) = conn.pending.take() else { unreachable!() };
+                let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
                 reader.queue.push(chunk);
                 self.queued_bytes += len;
                 self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
@@ -440,9 +387,7 @@ impl Zpipes {
     fn cancel_request_timer(&mut self, id: ConnId, out: &mut Vec<Action>) {
         if let Some(conn) = self.conns.get_mut(&id) {
             if std::mem::take(&mut conn.request_timer) {
-                out.push(Action::CancelTimer {
-                    key: request_key(id),
-                });
+                out.push(Action::CancelTimer { key: request_key(id) });
             }
         }
     }
@@ -450,10 +395,7 @@ impl Zpipes {
     /// CLOSE of an open end: detach, clear the queue, back to `start`.
     fn close(&mut self, id: ConnId, out: &mut Vec<Action>) {
         self.detach(id);
-        let conn = self
-            .conns
-            .get_mut(&id)
-            .expect("caller holds a live connection");
+        let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         conn.role = Role::Idle;
         self.queued_bytes -= conn.queue.clear();
         reply(out, id, ZpipesMsg::CloseOk {});
@@ -469,11 +411,7 @@ impl Zpipes {
         let Some(pipe) = self.pipes.remove(&name) else {
             return;
         };
-        let other = if pipe.reader == Some(id) {
-            pipe.writer
-        } else {
-            pipe.reader
-        };
+        let other = if pipe.reader == Some(id) { pipe.writer } else { pipe.reader };
         if let Some(other) = other {
             if let Some(peer) = self.conns.get_mut(&other) {
                 peer.pipe = None;
@@ -489,13 +427,9 @@ impl Zpipes {
         if let Some(mut conn) = self.conns.remove(&id) {
             self.queued_bytes -= conn.queue.clear();
             if conn.request_timer {
-                out.push(Action::CancelTimer {
-                    key: request_key(id),
-                });
+                out.push(Action::CancelTimer { key: request_key(id) });
             }
-            out.push(Action::CancelTimer {
-                key: expiry_key(id),
-            });
+            out.push(Action::CancelTimer { key: expiry_key(id) });
         }
     }
 
@@ -511,10 +445,7 @@ impl Zpipes {
         let conn = self.conns.entry(id).or_insert_with(|| {
             // The expiry timer is armed once and pushed back lazily when it
             // fires, so a busy connection costs no timer work per message.
-            out.push(Action::SetTimer {
-                key: expiry_key(id),
-                at: expires_at,
-            });
+            out.push(Action::SetTimer { key: expiry_key(id), at: expires_at });
             Conn {
                 role: Role::Idle,
                 pipe: None,
@@ -611,10 +542,7 @@ impl Service for Zpipes {
             .pipes
             .iter()
             .map(|(name, pipe)| {
-                let queued = pipe
-                    .reader
-                    .and_then(|r| self.conns.get(&r))
-                    .map_or(0, |c| c.queue.len());
+                let queued = pipe.reader.and_then(|r| self.conns.get(&r)).map_or(0, |c| c.queue.len());
                 serde_json::json!({
                     "name": name.to_string_lossy(),
                     "reader": pipe.reader.is_some(),

@@ -14,6 +14,12 @@ const W: u64 = 2;
 fn name(s: &str) -> ShortStr {
     ShortStr::new(s.as_bytes().to_vec()).unwrap()
 }
+fn input(pipe: &str) -> ZpipesMsg {
+    M::Input { pipename: name(pipe) }
+}
+fn output(pipe: &str) -> ZpipesMsg {
+    M::Output { pipename: name(pipe) }
+}
 fn chunk(s: &[u8]) -> Chunk {
     Chunk(Bytes::copy_from_slice(s))
 }
@@ -21,10 +27,7 @@ fn read(size: u32, timeout: u32) -> ZpipesMsg {
     M::Read { size, timeout }
 }
 fn write(data: &[u8], timeout: u32) -> ZpipesMsg {
-    M::Write {
-        chunk: chunk(data),
-        timeout,
-    }
+    M::Write { chunk: chunk(data), timeout }
 }
 fn read_ok(data: &[u8]) -> ZpipesMsg {
     M::ReadOk { chunk: chunk(data) }
@@ -41,11 +44,7 @@ impl World {
         self.0.send_raw(conn, msg.encode());
     }
     fn recv(&mut self, conn: u64) -> Vec<ZpipesMsg> {
-        self.0
-            .take_raw(conn)
-            .into_iter()
-            .map(|f| M::decode(f).expect("server frames decode"))
-            .collect()
+        self.0.take_raw(conn).into_iter().map(|f| M::decode(f).expect("server frames decode")).collect()
     }
     /// Sends and returns whatever `conn` got back at once.
     fn ask(&mut self, conn: u64, msg: ZpipesMsg) -> Vec<ZpipesMsg> {
@@ -56,24 +55,8 @@ impl World {
         self.0.advance(Duration::from_millis(ms));
     }
     fn open_pair(&mut self) {
-        assert_eq!(
-            self.ask(
-                W,
-                M::Output {
-                    pipename: name("test pipe")
-                }
-            ),
-            [M::OutputOk {}]
-        );
-        assert_eq!(
-            self.ask(
-                R,
-                M::Input {
-                    pipename: name("test pipe")
-                }
-            ),
-            [M::InputOk {}]
-        );
+        assert_eq!(self.ask(W, output("test pipe")), [M::OutputOk {}]);
+        assert_eq!(self.ask(R, input("test pipe")), [M::InputOk {}]);
     }
 }
 
@@ -87,30 +70,14 @@ fn reason_of(msg: &ZpipesMsg) -> String {
 #[test]
 fn selftest_1_to_5_basic_flow() {
     let mut w = World::new();
-    assert_eq!(
-        w.ask(
-            W,
-            M::Output {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::OutputOk {}]
-    );
+    assert_eq!(w.ask(W, output("test pipe")), [M::OutputOk {}]);
     w.send(W, write(b"Hello, World", 100));
     w.ms(99);
     assert_eq!(w.recv(W), []);
     w.ms(1);
     assert_eq!(w.recv(W), [M::WriteTimeout {}]);
 
-    assert_eq!(
-        w.ask(
-            R,
-            M::Input {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::InputOk {}]
-    );
+    assert_eq!(w.ask(R, input("test pipe")), [M::InputOk {}]);
     w.send(R, read(12, 100));
     w.ms(100);
     assert_eq!(w.recv(R), [M::ReadTimeout {}]);
@@ -173,20 +140,14 @@ fn selftest_8_rechunking() {
 
 #[test]
 fn selftest_9_expiry() {
-    let mut w = World::with(Config {
-        expiry: Duration::from_millis(200),
-        ..Config::default()
-    });
+    let mut w = World::with(Config { expiry: Duration::from_millis(200), ..Config::default() });
     w.open_pair();
     w.send(R, read(12, 0));
     w.ms(300);
     assert_eq!(w.recv(R), []);
     assert_eq!(w.ask(R, read(12, 0)), [M::Invalid {}]);
 
-    let mut w = World::with(Config {
-        expiry: Duration::from_millis(200),
-        ..Config::default()
-    });
+    let mut w = World::with(Config { expiry: Duration::from_millis(200), ..Config::default() });
     w.open_pair();
     assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
     w.ms(300);
@@ -201,10 +162,7 @@ fn selftest_9_expiry() {
 
 #[test]
 fn activity_postpones_expiry() {
-    let mut w = World::with(Config {
-        expiry: Duration::from_millis(200),
-        ..Config::default()
-    });
+    let mut w = World::with(Config { expiry: Duration::from_millis(200), ..Config::default() });
     w.open_pair();
     for _ in 0..10 {
         w.ms(150);
@@ -220,33 +178,13 @@ fn selftest_10_writer_closes_before_reader_has_read() {
     w.open_pair();
     assert_eq!(w.ask(W, write(b"Hello, World", 0)), [M::WriteOk {}]);
     assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
-    assert_eq!(
-        w.ask(
-            W,
-            M::Output {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::OutputOk {}]
-    );
+    assert_eq!(w.ask(W, output("test pipe")), [M::OutputOk {}]);
     assert_eq!(w.ask(R, read(12, 0)), [read_ok(b"Hello, World")]);
     const R2: u64 = 3;
-    assert_eq!(
-        w.ask(
-            R2,
-            M::Input {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::InputOk {}]
-    );
+    assert_eq!(w.ask(R2, input("test pipe")), [M::InputOk {}]);
     assert_eq!(w.ask(W, write(b"second", 0)), [M::WriteOk {}]);
     assert_eq!(w.ask(R, read(0, 0)), [M::ReadEnd {}]);
-    assert_eq!(
-        w.ask(R, read(6, 0)),
-        [M::ReadEnd {}],
-        "the old reader is not part of the new pipe"
-    );
+    assert_eq!(w.ask(R, read(6, 0)), [M::ReadEnd {}], "the old reader is not part of the new pipe");
     assert_eq!(w.ask(R2, read(6, 0)), [read_ok(b"second")]);
     assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
     assert_eq!(w.ask(R2, read(0, 0)), [M::ReadEnd {}]);
@@ -261,19 +199,8 @@ fn selftest_11_reader_closes_while_writer_active() {
     let got = w.ask(W, write(b"Hello, World", 0));
     assert!(matches!(got[..], [M::WriteFailed { .. }]));
     // Even a new reader on the name does not revive the old writer.
-    assert_eq!(
-        w.ask(
-            R,
-            M::Input {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::InputOk {}]
-    );
-    assert!(matches!(
-        w.ask(W, write(b"x", 0))[..],
-        [M::WriteFailed { .. }]
-    ));
+    assert_eq!(w.ask(R, input("test pipe")), [M::InputOk {}]);
+    assert!(matches!(w.ask(W, write(b"x", 0))[..], [M::WriteFailed { .. }]));
     assert_eq!(w.ask(W, M::Close {}), [M::CloseOk {}]);
 }
 
@@ -281,30 +208,12 @@ fn selftest_11_reader_closes_while_writer_active() {
 fn selftest_12_one_writer_one_reader() {
     let mut w = World::new();
     w.open_pair();
-    let got = w.ask(
-        3,
-        M::Output {
-            pipename: name("test pipe"),
-        },
-    );
+    let got = w.ask(3, output("test pipe"));
     assert!(matches!(got[..], [M::OutputFailed { .. }]));
-    let got = w.ask(
-        4,
-        M::Input {
-            pipename: name("test pipe"),
-        },
-    );
+    let got = w.ask(4, input("test pipe"));
     assert!(matches!(got[..], [M::InputFailed { .. }]));
     // Their state is gone: they may simply try again elsewhere.
-    assert_eq!(
-        w.ask(
-            3,
-            M::Output {
-                pipename: name("other")
-            }
-        ),
-        [M::OutputOk {}]
-    );
+    assert_eq!(w.ask(3, output("other")), [M::OutputOk {}]);
 }
 
 #[test]
@@ -321,27 +230,11 @@ fn selftest_13_short_read_when_writer_closes() {
 #[test]
 fn write_waits_for_a_reader_with_no_timeout() {
     let mut w = World::new();
-    assert_eq!(
-        w.ask(
-            W,
-            M::Output {
-                pipename: name("p")
-            }
-        ),
-        [M::OutputOk {}]
-    );
+    assert_eq!(w.ask(W, output("p")), [M::OutputOk {}]);
     w.send(W, write(b"abc", 0));
     w.ms(700);
     assert_eq!(w.recv(W), []);
-    assert_eq!(
-        w.ask(
-            R,
-            M::Input {
-                pipename: name("p")
-            }
-        ),
-        [M::InputOk {}]
-    );
+    assert_eq!(w.ask(R, input("p")), [M::InputOk {}]);
     assert_eq!(w.recv(W), [M::WriteOk {}]);
     assert_eq!(w.ask(R, read(3, 0)), [read_ok(b"abc")]);
 }
@@ -352,12 +245,7 @@ fn write_waits_for_a_reader_with_no_timeout() {
 fn malformed_frames_are_dropped_and_service_goes_on() {
     let mut w = World::new();
     w.open_pair();
-    for garbage in [
-        &b"garbage"[..],
-        &[0xAA, 0xA0, 0x07, 0, 0],
-        &[0xAA, 0xA0, 99],
-        &[],
-    ] {
+    for garbage in [&b"garbage"[..], &[0xAA, 0xA0, 0x07, 0, 0], &[0xAA, 0xA0, 99], &[]] {
         w.0.send_raw(R, garbage.to_vec());
         w.0.send_raw(9, garbage.to_vec());
     }
@@ -378,11 +266,7 @@ fn ping_leaves_a_pending_read_and_its_timer_alone() {
     w.ms(49);
     assert_eq!(w.recv(R), []);
     w.ms(1);
-    assert_eq!(
-        w.recv(R),
-        [M::ReadTimeout {}],
-        "the timer survived the PING"
-    );
+    assert_eq!(w.recv(R), [M::ReadTimeout {}], "the timer survived the PING");
     w.send(R, read(6, 0));
     assert_eq!(w.ask(R, M::Ping {}), [M::PingOk {}]);
     assert_eq!(w.ask(W, write(b"abcdef", 0)), [M::WriteOk {}]);
@@ -392,26 +276,10 @@ fn ping_leaves_a_pending_read_and_its_timer_alone() {
 #[test]
 fn ping_leaves_a_pending_write_alone() {
     let mut w = World::new();
-    assert_eq!(
-        w.ask(
-            W,
-            M::Output {
-                pipename: name("p")
-            }
-        ),
-        [M::OutputOk {}]
-    );
+    assert_eq!(w.ask(W, output("p")), [M::OutputOk {}]);
     w.send(W, write(b"abc", 0));
     assert_eq!(w.ask(W, M::Ping {}), [M::PingOk {}]);
-    assert_eq!(
-        w.ask(
-            R,
-            M::Input {
-                pipename: name("p")
-            }
-        ),
-        [M::InputOk {}]
-    );
+    assert_eq!(w.ask(R, input("p")), [M::InputOk {}]);
     assert_eq!(w.recv(W), [M::WriteOk {}], "the original aborted here");
     assert_eq!(w.ask(R, read(3, 0)), [read_ok(b"abc")]);
 }
@@ -426,54 +294,17 @@ fn read_timeout_stays_armed_with_partial_data() {
     w.ms(50);
     assert_eq!(w.recv(R), [M::ReadTimeout {}]);
     assert_eq!(w.ask(W, write(b" World", 0)), [M::WriteOk {}]);
-    assert_eq!(
-        w.ask(R, read(12, 100)),
-        [read_ok(b"Hello, World")],
-        "nothing was lost"
-    );
+    assert_eq!(w.ask(R, read(12, 100)), [read_ok(b"Hello, World")], "nothing was lost");
 }
 
 #[test]
 fn invalid_detaches_the_pipe_end() {
     let mut w = World::new();
     w.open_pair();
-    assert_eq!(
-        w.ask(
-            W,
-            M::Input {
-                pipename: name("x")
-            }
-        ),
-        [M::Invalid {}]
-    );
-    assert_eq!(
-        w.ask(
-            3,
-            M::Output {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::OutputOk {}],
-        "the name is free again"
-    );
-    assert_eq!(
-        w.ask(
-            R,
-            M::Output {
-                pipename: name("y")
-            }
-        ),
-        [M::Invalid {}]
-    );
-    assert_eq!(
-        w.ask(
-            4,
-            M::Input {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::InputOk {}]
-    );
+    assert_eq!(w.ask(W, input("x")), [M::Invalid {}]);
+    assert_eq!(w.ask(3, output("test pipe")), [M::OutputOk {}], "the name is free again");
+    assert_eq!(w.ask(R, output("y")), [M::Invalid {}]);
+    assert_eq!(w.ask(4, input("test pipe")), [M::InputOk {}]);
 }
 
 #[test]
@@ -491,15 +322,7 @@ fn server_ids_from_a_client_get_invalid_and_terminate() {
     let mut w = World::new();
     w.open_pair();
     assert_eq!(w.ask(R, M::ReadEnd {}), [M::Invalid {}]);
-    assert_eq!(
-        w.ask(
-            4,
-            M::Input {
-                pipename: name("test pipe")
-            }
-        ),
-        [M::InputOk {}]
-    );
+    assert_eq!(w.ask(4, input("test pipe")), [M::InputOk {}]);
 }
 
 #[test]
@@ -509,49 +332,22 @@ fn close_clears_the_readers_queue() {
     assert_eq!(w.ask(W, write(b"stale", 0)), [M::WriteOk {}]);
     assert_eq!(w.ask(R, M::Close {}), [M::CloseOk {}]);
     assert_eq!(w.0.service.queued_bytes(), 0);
-    assert_eq!(
-        w.ask(
-            R,
-            M::Input {
-                pipename: name("B")
-            }
-        ),
-        [M::InputOk {}]
-    );
-    assert_eq!(
-        w.ask(
-            3,
-            M::Output {
-                pipename: name("B")
-            }
-        ),
-        [M::OutputOk {}]
-    );
+    assert_eq!(w.ask(R, input("B")), [M::InputOk {}]);
+    assert_eq!(w.ask(3, output("B")), [M::OutputOk {}]);
     assert_eq!(w.ask(3, write(b"fresh", 0)), [M::WriteOk {}]);
     assert_eq!(w.ask(R, read(5, 0)), [read_ok(b"fresh")]);
 }
 
 #[test]
 fn writes_wait_for_room_within_the_bound() {
-    let mut w = World::with(Config {
-        pipe_limit: 10,
-        ..Config::default()
-    });
+    let mut w = World::with(Config { pipe_limit: 10, ..Config::default() });
     w.open_pair();
-    assert_eq!(
-        w.ask(W, write(b"0123456789", 0)),
-        [M::WriteOk {}],
-        "fits exactly"
-    );
+    assert_eq!(w.ask(W, write(b"0123456789", 0)), [M::WriteOk {}], "fits exactly");
     assert_eq!(w.ask(W, write(b"abc", 100)), [], "no room: waits");
     w.ms(100);
     assert_eq!(w.recv(W), [M::WriteTimeout {}], "nothing of it was queued");
     assert_eq!(w.ask(R, read(4, 0)), [read_ok(b"0123")]);
-    assert_eq!(
-        w.ask(W, write(b"abcdef", 100)),
-        [],
-        "4 bytes of room: part is queued, the rest waits"
-    );
+    assert_eq!(w.ask(W, write(b"abcdef", 100)), [], "4 bytes of room: part is queued, the rest waits");
     w.ms(500);
     assert_eq!(w.recv(W), [], "a partly delivered write does not time out");
     assert_eq!(w.0.service.queued_bytes(), 10);
@@ -567,10 +363,7 @@ fn writes_wait_for_room_within_the_bound() {
 
 #[test]
 fn pending_write_fails_when_the_reader_leaves() {
-    let mut w = World::with(Config {
-        pipe_limit: 4,
-        ..Config::default()
-    });
+    let mut w = World::with(Config { pipe_limit: 4, ..Config::default() });
     w.open_pair();
     assert_eq!(w.ask(W, write(b"1234", 0)), [M::WriteOk {}]);
     assert_eq!(w.ask(W, write(b"5", 0)), []);
@@ -591,11 +384,7 @@ fn writer_disconnect_ends_the_stream_after_queued_data() {
 
 #[test]
 fn mailbox_is_bounded() {
-    let mut w = World::with(Config {
-        mailbox_limit: 3,
-        pipe_limit: 100,
-        ..Config::default()
-    });
+    let mut w = World::with(Config { mailbox_limit: 3, pipe_limit: 100, ..Config::default() });
     w.open_pair();
     w.send(R, read(10, 0));
     for _ in 0..3 {
@@ -622,16 +411,9 @@ fn op() -> impl Strategy<Value = Op> {
     let request = prop_oneof![
         pipe.clone().prop_map(|p| M::Input { pipename: p }),
         pipe.prop_map(|p| M::Output { pipename: p }),
-        (0u32..40, prop_oneof![Just(0u32), 1u32..300])
-            .prop_map(|(size, timeout)| M::Read { size, timeout }),
-        (
-            proptest::collection::vec(any::<u8>(), 0..30),
-            prop_oneof![Just(0u32), 1u32..300]
-        )
-            .prop_map(|(d, timeout)| M::Write {
-                chunk: Chunk(d.into()),
-                timeout
-            }),
+        (0u32..40, prop_oneof![Just(0u32), 1u32..300]).prop_map(|(size, timeout)| M::Read { size, timeout }),
+        (proptest::collection::vec(any::<u8>(), 0..30), prop_oneof![Just(0u32), 1u32..300])
+            .prop_map(|(d, timeout)| M::Write { chunk: Chunk(d.into()), timeout }),
         Just(M::Close {}),
         Just(M::Ping {}),
     ];
