@@ -239,8 +239,6 @@ impl Link {
 
     /// The next reply other than PING_OK, or `None` at `deadline`.
     fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<ZpipesMsg>> {
-        let endpoint = self.opts.endpoint.clone();
-        let gone = || Error::BrokerGone(endpoint.clone());
         let mut next_ping = Instant::now() + self.opts.heartbeat;
         loop {
             // Most replies are already there: no poll for them.
@@ -257,16 +255,22 @@ impl Link {
                 next_ping = now + self.opts.heartbeat;
             }
             if self.pings > 0 && now.duration_since(self.last_heard) > self.opts.dead_after {
-                return Err(gone());
+                return Err(Error::BrokerGone(self.opts.endpoint.clone()));
             }
             let until = deadline.map_or(next_ping, |d| d.min(next_ping));
-            let wait = until.saturating_duration_since(now).as_millis() as i64;
-            let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
-            poll(&mut items, wait.max(1))?;
-            if items[1].is_readable() && !items[0].is_readable() {
-                return Err(gone());
-            }
+            self.wait(until.saturating_duration_since(now))?;
         }
+    }
+
+    /// Waits up to `limit` for a frame; fails if the connection to the
+    /// broker dropped (and nothing is left to read).
+    fn wait(&mut self, limit: Duration) -> Result<()> {
+        let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
+        poll(&mut items, (limit.as_millis() as i64).max(1))?;
+        if items[1].is_readable() && !items[0].is_readable() {
+            return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+        }
+        Ok(())
     }
 
     /// Waits for the next reply for as long as the broker lives.
@@ -306,15 +310,11 @@ impl Link {
             if self.pings == 0 {
                 return Ok(());
             }
-            let wait = deadline.saturating_duration_since(Instant::now()).as_millis() as i64;
-            if wait == 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return Err(Error::BrokerGone(self.opts.endpoint.clone()));
             }
-            let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
-            poll(&mut items, wait)?;
-            if items[1].is_readable() && !items[0].is_readable() {
-                return Err(Error::BrokerGone(self.opts.endpoint.clone()));
-            }
+            self.wait(left)?;
         }
     }
 
