@@ -157,6 +157,99 @@ impl Field for Chunk {
     }
 }
 
+/// zproto `longstr`: a 4-byte length, then the bytes (not necessarily
+/// UTF-8).
+#[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LongStr(pub Bytes);
+
+impl LongStr {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn to_string_lossy(&self) -> String {
+        String::from_utf8_lossy(&self.0).into_owned()
+    }
+}
+
+impl From<&str> for LongStr {
+    fn from(text: &str) -> Self {
+        LongStr(Bytes::copy_from_slice(text.as_bytes()))
+    }
+}
+
+impl fmt::Debug for LongStr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", String::from_utf8_lossy(&self.0))
+    }
+}
+
+impl Field for LongStr {
+    fn wire_len(&self) -> usize {
+        4 + self.0.len()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
+        out.extend_from_slice(&self.0);
+    }
+    fn get(r: &mut Reader) -> Option<Self> {
+        let len = u32::get(r)? as usize;
+        Some(LongStr(r.take(len)?))
+    }
+}
+
+/// zproto `hash` (a "dictionary"): a 4-byte entry count, then each entry as
+/// a `string` key and a `longstr` value. Entries keep their wire order;
+/// with a duplicate key the first entry counts, as in the C decoder.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Hash(pub Vec<(ShortStr, LongStr)>);
+
+impl Hash {
+    /// The value of the first entry with this key.
+    pub fn get(&self, key: &str) -> Option<&LongStr> {
+        self.0.iter().find(|(k, _)| k.as_bytes() == key.as_bytes()).map(|(_, v)| v)
+    }
+    /// Appends an entry; the key must be at most 255 bytes.
+    pub fn insert(&mut self, key: &str, value: impl Into<Bytes>) -> Result<(), EncodeError> {
+        self.0.push((ShortStr::new(Bytes::copy_from_slice(key.as_bytes()))?, LongStr(value.into())));
+        Ok(())
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter().map(|(k, v)| (k, v))).finish()
+    }
+}
+
+impl Field for Hash {
+    fn wire_len(&self) -> usize {
+        4 + self.0.iter().map(|(k, v)| k.wire_len() + v.wire_len()).sum::<usize>()
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
+        for (k, v) in &self.0 {
+            k.put(out);
+            v.put(out);
+        }
+    }
+    fn get(r: &mut Reader) -> Option<Self> {
+        let count = u32::get(r)? as usize;
+        // Each entry takes at least 5 bytes: a lying count cannot make us
+        // reserve more than the frame could hold.
+        let mut entries = Vec::with_capacity(count.min(r.buf.remaining() / 5));
+        for _ in 0..count {
+            entries.push((ShortStr::get(r)?, LongStr::get(r)?));
+        }
+        Some(Hash(entries))
+    }
+}
+
 /// Proptest strategies for each field type, used by the generated
 /// `arbitrary()` of every protocol.
 #[cfg(any(test, feature = "proptest"))]
@@ -183,6 +276,18 @@ pub mod strategy {
     impl ArbitraryField for ShortStr {
         fn strategy() -> BoxedStrategy<Self> {
             proptest::collection::vec(any::<u8>(), 0..=255).prop_map(|v| ShortStr(Bytes::from(v))).boxed()
+        }
+    }
+    impl ArbitraryField for LongStr {
+        fn strategy() -> BoxedStrategy<Self> {
+            proptest::collection::vec(any::<u8>(), 0..300).prop_map(|v| LongStr(Bytes::from(v))).boxed()
+        }
+    }
+    impl ArbitraryField for Hash {
+        fn strategy() -> BoxedStrategy<Self> {
+            proptest::collection::vec((ShortStr::strategy(), LongStr::strategy()), 0..4)
+                .prop_map(Hash)
+                .boxed()
         }
     }
     impl ArbitraryField for Chunk {

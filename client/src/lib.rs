@@ -4,13 +4,16 @@
 //! - [`byte_queue`]: a byte stream kept as the chunks it arrived in.
 //! - [`codec`]: zproto wire types and the `protocol!` declaration macro.
 //! - [`zpipes_msg`]: the ZPIPES protocol, declared once.
+//! - [`filemq_msg`]: the FILEMQ protocol (v2 wire), declared once.
 //! - [`zpipes`]: named-pipe reader and writer clients.
 //! - [`endpoint`]: broker names and their well-known endpoints.
 
 pub mod byte_queue;
 pub mod codec;
 pub mod endpoint;
+pub mod filemq_msg;
 pub mod zpipes;
 pub mod zpipes_msg;
 
+pub use filemq_msg::FilemqMsg;
 pub use zpipes_msg::ZpipesMsg;

@@ -1,0 +1,219 @@
+//! The FILEMQ protocol (signature `AA A3`), v2-newest wire, declared once:
+//! see `shared/spec/FILEMQ.md` §3–§4. Every message is one ZeroMQ frame.
+
+use crate::codec::{Chunk, Hash, LongStr, ShortStr};
+
+crate::protocol! {
+    /// One FILEMQ message (the wire of `zeromq/filemq` since Dec 2014).
+    pub enum FilemqMsg, signature 0xAAA3 {
+        /// Client hello: `protocol` must be "FILEMQ", `version` 2.
+        Ohai = 1 { protocol: ShortStr, version: u16 },
+        OhaiOk = 4 {},
+        /// Subscribe to a virtual path; `cache` maps files the client holds
+        /// to their SHA-1 digests.
+        Icanhaz = 5 { path: LongStr, options: Hash, cache: Hash },
+        IcanhazOk = 6 {},
+        /// Grants `credit` more bytes; `sequence` is ignored by servers.
+        Nom = 7 { credit: u64, sequence: u64 },
+        /// One chunk of a file (operation 1) or a delete (operation 2).
+        /// `sequence` counts CHEEZBURGERs per connection; `eof` is 1 on the
+        /// final, empty chunk.
+        Cheezburger = 8 {
+            sequence: u64,
+            operation: u8,
+            filename: LongStr,
+            offset: u64,
+            eof: u8,
+            headers: Hash,
+            chunk: Chunk,
+        },
+        Hugz = 9 {},
+        HugzOk = 10 {},
+        Kthxbai = 11 {},
+        /// Refused (for example, access denied).
+        Srsly = 128 { reason: ShortStr },
+        /// Not understood (for example, an unsupported version).
+        Rtfm = 129 { reason: ShortStr },
+    }
+}
+
+/// CHEEZBURGER operations.
+pub const CREATE: u8 = 1;
+pub const DELETE: u8 = 2;
+
+/// The FILEMQ wire generations, told apart by the OHAI frame (spec §0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Generation {
+    /// 2012–2013: one-byte version 1, SASL in the protocol.
+    V1,
+    /// 2013–2014: two-byte version 1, `string` paths.
+    V2Interim,
+    /// Since Dec 2014: two-byte version 2, `longstr` paths. What we speak.
+    V2,
+}
+
+impl Generation {
+    /// Which generation an OHAI frame comes from; `None` if it is not an
+    /// OHAI of any of them.
+    pub fn of_ohai(frame: &[u8]) -> Option<Generation> {
+        const HELLO: &[u8] = b"\xAA\xA3\x01\x06FILEMQ";
+        let version = frame.strip_prefix(HELLO)?;
+        match version {
+            [1] => Some(Generation::V1),
+            [0, 1, ..] => Some(Generation::V2Interim),
+            [0, 2, ..] => Some(Generation::V2),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn hex(s: &str) -> Vec<u8> {
+        s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
+    }
+
+    fn short(s: &str) -> ShortStr {
+        ShortStr::new(s.as_bytes().to_vec()).unwrap()
+    }
+
+    fn hash(entries: &[(&str, &str)]) -> Hash {
+        let mut h = Hash::default();
+        for (k, v) in entries {
+            h.insert(k, Bytes::copy_from_slice(v.as_bytes())).unwrap();
+        }
+        h
+    }
+
+    fn burger(sequence: u64, operation: u8, offset: u64, eof: u8, chunk: &str) -> FilemqMsg {
+        FilemqMsg::Cheezburger {
+            sequence,
+            operation,
+            filename: "/hello.txt".into(),
+            offset,
+            eof,
+            headers: Hash::default(),
+            chunk: Chunk(Bytes::copy_from_slice(chunk.as_bytes())),
+        }
+    }
+
+    /// Spec §21, vector 3 (84 bytes).
+    const ICANHAZ_PHOTOS: &str = "AA A3 05 00 00 00 07 2F 70 68 6F 74 6F 73 00 00 00 01 06 52 45 53 59 4E 43 00 00 00 01 \
+        31 00 00 00 01 05 61 2E 74 78 74 00 00 00 28 41 39 39 39 33 45 33 36 34 37 30 36 38 31 36 41 42 41 33 45 32 35 \
+        37 31 37 38 35 30 43 32 36 43 39 43 44 30 44 38 39 44";
+
+    /// Spec §21, vectors 1–7, byte for byte both ways.
+    #[test]
+    fn spec_vectors_round_trip_byte_for_byte() {
+        let cases = [
+            (FilemqMsg::Ohai { protocol: short("FILEMQ"), version: 2 }, "AA A3 01 06 46 49 4C 45 4D 51 00 02"),
+            (
+                FilemqMsg::Icanhaz { path: "/".into(), options: Hash::default(), cache: Hash::default() },
+                "AA A3 05 00 00 00 01 2F 00 00 00 00 00 00 00 00",
+            ),
+            (
+                FilemqMsg::Icanhaz {
+                    path: "/photos".into(),
+                    options: hash(&[("RESYNC", "1")]),
+                    cache: hash(&[("a.txt", "A9993E364706816ABA3E25717850C26C9CD0D89D")]),
+                },
+                ICANHAZ_PHOTOS,
+            ),
+            (FilemqMsg::Nom { credit: 5_000_000, sequence: 0 }, "AA A3 07 00 00 00 00 00 4C 4B 40 00 00 00 00 00 00 00 00"),
+            (
+                burger(0, CREATE, 0, 0, "Hello"),
+                "AA A3 08 00 00 00 00 00 00 00 00 01 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 05 48 65 6C 6C 6F",
+            ),
+            (
+                burger(1, CREATE, 5, 1, ""),
+                "AA A3 08 00 00 00 00 00 00 00 01 01 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 \
+                 05 01 00 00 00 00 00 00 00 00",
+            ),
+            (
+                burger(2, DELETE, 0, 0, ""),
+                "AA A3 08 00 00 00 00 00 00 00 02 02 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 \
+                 00 00 00 00 00 00 00 00 00 00",
+            ),
+        ];
+        for (msg, bytes) in cases {
+            assert_eq!(msg.encode(), hex(bytes), "encoding {msg:?}");
+            assert_eq!(FilemqMsg::decode(hex(bytes)).unwrap(), msg);
+        }
+        assert_eq!(hex(ICANHAZ_PHOTOS).len(), 84, "as the spec counts it");
+    }
+
+    /// Spec §21, vector 8.
+    #[test]
+    fn spec_vectors_short_messages() {
+        let cases = [
+            (FilemqMsg::OhaiOk {}, "AA A3 04"),
+            (FilemqMsg::IcanhazOk {}, "AA A3 06"),
+            (FilemqMsg::Hugz {}, "AA A3 09"),
+            (FilemqMsg::HugzOk {}, "AA A3 0A"),
+            (FilemqMsg::Kthxbai {}, "AA A3 0B"),
+            (FilemqMsg::Rtfm { reason: ShortStr::default() }, "AA A3 81 00"),
+            (FilemqMsg::Srsly { reason: short("denied") }, "AA A3 80 06 64 65 6E 69 65 64"),
+        ];
+        for (msg, bytes) in cases {
+            assert_eq!(msg.encode(), hex(bytes));
+            assert_eq!(FilemqMsg::decode(hex(bytes)).unwrap(), msg);
+        }
+    }
+
+    #[test]
+    fn older_generations_are_recognised_not_decoded() {
+        let v1 = hex("AA A3 01 06 46 49 4C 45 4D 51 01");
+        assert_eq!(Generation::of_ohai(&v1), Some(Generation::V1));
+        assert!(FilemqMsg::decode(v1).is_err(), "a v1 OHAI is too short for v2");
+        assert_eq!(
+            Generation::of_ohai(&hex("AA A3 01 06 46 49 4C 45 4D 51 00 01")),
+            Some(Generation::V2Interim)
+        );
+        assert_eq!(Generation::of_ohai(&hex("AA A3 01 06 46 49 4C 45 4D 51 00 02")), Some(Generation::V2));
+        assert_eq!(Generation::of_ohai(&hex("AA A3 01 06 46 49 4C 45 4D 52 00 02")), None);
+        assert_eq!(Generation::of_ohai(&hex("AA A3 05 00")), None);
+        // A v1 ICANHAZ (string path) does not decode as v2.
+        assert!(FilemqMsg::decode(hex("AA A3 05 07 2F 70 68 6F 74 6F 73 01 08 52 45 53 59 4E 43 3D 31 00"))
+            .is_err());
+    }
+
+    #[test]
+    fn multi_entry_hashes_decode_in_any_order_first_key_wins() {
+        // count 3: "a"="1", "b"="2", "a"="3"
+        let frame = hex(
+            "AA A3 05 00 00 00 00 00 00 00 03 01 61 00 00 00 01 31 01 62 00 00 00 01 32 01 61 00 00 00 01 33 \
+             00 00 00 00",
+        );
+        let FilemqMsg::Icanhaz { options, .. } = FilemqMsg::decode(frame).unwrap() else { panic!() };
+        assert_eq!(options.len(), 3);
+        assert_eq!(options.get("a").unwrap().as_bytes(), b"1");
+        assert_eq!(options.get("b").unwrap().as_bytes(), b"2");
+        assert!(options.get("c").is_none());
+    }
+
+    #[test]
+    fn a_lying_hash_count_is_truncation_not_a_huge_allocation() {
+        let frame = hex("AA A3 05 00 00 00 00 FF FF FF FF 01 61");
+        assert!(FilemqMsg::decode(frame).is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decode_inverts_encode(msg in FilemqMsg::arbitrary()) {
+            let bytes = msg.encode();
+            proptest::prop_assert_eq!(bytes.len(), msg.encoded_len());
+            proptest::prop_assert_eq!(FilemqMsg::decode(bytes).unwrap(), msg);
+        }
+
+        #[test]
+        fn decode_never_panics(id in proptest::prelude::any::<u8>(),
+                               body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..96)) {
+            let mut frame = vec![0xAA, 0xA3, id];
+            frame.extend(body);
+            let _ = FilemqMsg::decode(frame);
+        }
+    }
+}
