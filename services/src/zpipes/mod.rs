@@ -375,7 +375,10 @@ impl Zpipes {
                 reader.queue.push(chunk);
                 self.queued_bytes += len;
                 self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
-                // Queue the data, wake the reader, then acknowledge (spec §7).
+                // The data is queued before anything else happens; the
+                // reader is marked ready and answered once this
+                // connection's turn ends (spec §7 asks only that no machine
+                // runs re-entrantly).
                 self.ready.push_back(reader_id);
                 reply(out, id, ZpipesMsg::WriteOk {});
                 self.cancel_request_timer(id, out);
@@ -470,9 +473,23 @@ impl Zpipes {
             let reason = ShortStr::lossy("too many requests pipelined behind a pending one");
             tracing::warn!(conn = id.0, "zpipes mailbox full; refusing {}", msg.name());
             match msg {
+                // A refused READ loses nothing: the data stays queued.
                 ZpipesMsg::Read { .. } => reply(out, id, ZpipesMsg::ReadFailed { reason }),
-                ZpipesMsg::Write { .. } => reply(out, id, ZpipesMsg::WriteFailed { reason }),
-                _ => reply(out, id, ZpipesMsg::Invalid {}),
+                // A refused WRITE would leave a hole if later ones went
+                // through: the writer is cut off from the pipe instead, so
+                // this and every later WRITE fail, in order: those queued
+                // before it first, then this one.
+                ZpipesMsg::Write { .. } => {
+                    self.detach(id);
+                    self.ready.push_back(id);
+                    self.run_ready(now, out);
+                    reply(out, id, ZpipesMsg::WriteFailed { reason });
+                }
+                _ => {
+                    reply(out, id, ZpipesMsg::Invalid {});
+                    self.terminate(id, out);
+                    self.run_ready(now, out);
+                }
             }
             return;
         }

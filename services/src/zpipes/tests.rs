@@ -395,6 +395,34 @@ fn mailbox_is_bounded() {
     assert!(reason_of(&got[0]).contains("pipelined"));
 }
 
+#[test]
+fn a_refused_write_never_leaves_a_hole_in_the_stream() {
+    let mut w = World::with(Config { mailbox_limit: 2, pipe_limit: 4, ..Config::default() });
+    w.open_pair();
+    w.send(W, write(b"AAAA", 0));
+    w.send(W, write(b"BBBB", 0)); // pending: no room
+    w.send(W, write(b"CCCC", 0));
+    w.send(W, write(b"DDDD", 0)); // mailbox now full
+    w.send(W, write(b"EEEE", 0)); // refused
+    let got = w.recv(W);
+    // One reply per request, in order: the queued writes fail, then the
+    // refused one says why.
+    assert_eq!(got.len(), 5, "{got:?}");
+    assert_eq!(got[0], M::WriteOk {});
+    assert!(got[1..].iter().all(|m| matches!(m, M::WriteFailed { .. })), "{got:?}");
+    assert!(reason_of(&got[4]).contains("pipelined"));
+    assert_eq!(w.ask(W, write(b"FFFF", 0)).len(), 1);
+    let mut stream = Vec::new();
+    loop {
+        match w.ask(R, read(4, 0)).as_slice() {
+            [M::ReadOk { chunk }] => stream.extend_from_slice(&chunk.0),
+            [M::ReadEnd {}] => break,
+            other => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(stream, b"AAAA", "a prefix of the stream, never one with a gap");
+}
+
 // ---- properties ----
 
 #[derive(Debug, Clone)]
