@@ -119,8 +119,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let mut endpoints = vec![endpoint::zpipes(&name)];
     endpoints.extend(if args.bind.is_empty() { file.bind.unwrap_or_default() } else { args.bind });
-    let settings =
-        reactor::Settings { control_endpoint: endpoint::control(&name), name: name.clone(), endpoints };
+    let settings = reactor::Settings {
+        control_endpoint: endpoint::control(&name),
+        name: name.clone(),
+        endpoints,
+        // Room for a couple of the largest replies (a READ_OK of the
+        // whole pipe); more means the peer is not reading.
+        max_parked_bytes: 2 * pipe_limit + 4096,
+    };
     let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes)])?;
     tracing::info!(
         "zbroker {name} ready: zpipes at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",

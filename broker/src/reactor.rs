@@ -29,9 +29,16 @@ const SIGNALS: Token = Token(3);
 
 /// Frames taken from the front socket before the other sockets get a turn.
 const RECV_BATCH: usize = 256;
-/// Replies parked for one peer that cannot take them; past this the peer is
-/// treated as gone (it stopped reading its socket).
+/// Replies parked for one peer that cannot take them; past this many (or
+/// past `Settings::max_parked_bytes`) the peer is treated as gone: it has
+/// stopped reading its socket.
 const PARKED_LIMIT: usize = 4096;
+/// Frames libzmq itself may hold for one peer before a send would block
+/// and the reply is parked (where its bytes are counted).
+const SEND_HWM: i32 = 4;
+/// Front-socket passes between turns for the monitor, control socket and
+/// signal pipe while traffic keeps the front socket busy.
+const PASSES_PER_TURN: u64 = 64;
 /// How long queued replies may take to leave at shutdown.
 const LINGER_MS: i32 = 1000;
 
@@ -42,6 +49,22 @@ pub struct Settings {
     /// and every `--bind`).
     pub endpoints: Vec<String>,
     pub control_endpoint: String,
+    /// Most reply bytes parked for one peer before it is dropped.
+    pub max_parked_bytes: usize,
+}
+
+/// A socket monitor event that ends the peers last seen on a descriptor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FdEvent {
+    accepted: bool,
+    fd: i32,
+}
+
+/// Replies waiting for a peer that cannot take them now.
+#[derive(Default)]
+struct Parked {
+    frames: VecDeque<Vec<u8>>,
+    bytes: usize,
 }
 
 /// The frame bytes of a received ZeroMQ message, shared without copying.
@@ -66,8 +89,16 @@ pub struct Reactor {
     routes: HashMap<u16, usize>,
     peers: Peers,
     timers: Timers,
-    parked: HashMap<ConnId, VecDeque<Vec<u8>>>,
+    parked: HashMap<ConnId, Parked>,
+    max_parked_bytes: usize,
+    /// Monitor events (ACCEPTED or DISCONNECTED, with the descriptor), in
+    /// order, applied once the front socket has been read dry: frames a
+    /// peer sent before it went must reach the services before its
+    /// disconnect does.
+    fd_events: Vec<FdEvent>,
     actions: Vec<Action>,
+    /// Peers found gone while sending; forgotten once the front socket has
+    /// been read dry, like `closed_fds`.
     gone: Vec<ConnId>,
     started: Instant,
     dropped_frames: u64,
@@ -117,6 +148,7 @@ impl Reactor {
 
         let front = context.socket(zmq::ROUTER)?;
         front.set_router_mandatory(true)?;
+        front.set_sndhwm(SEND_HWM)?;
         front.set_linger(LINGER_MS)?;
         let monitor_endpoint = format!("inproc://zbroker-monitor-{}", settings.name);
         let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
@@ -172,6 +204,8 @@ impl Reactor {
             peers: Peers::default(),
             timers: Timers::default(),
             parked: HashMap::new(),
+            max_parked_bytes: settings.max_parked_bytes,
+            fd_events: Vec::new(),
             actions: Vec::new(),
             gone: Vec::new(),
             started: Instant::now(),
@@ -243,8 +277,10 @@ impl Reactor {
         loop {
             self.fire_timers();
             passes += 1;
-            if passes.is_multiple_of(64) {
+            if passes.is_multiple_of(PASSES_PER_TURN) {
                 self.check_signals();
+                self.drain_monitor()?;
+                self.drain_control()?;
             }
             if self.stop {
                 return Ok(());
@@ -256,6 +292,16 @@ impl Reactor {
             }
             if events.contains(zmq::POLLIN) {
                 progress |= self.recv_front()?;
+            }
+            let disconnects = !self.fd_events.is_empty() || !self.gone.is_empty();
+            if !progress && disconnects {
+                // Read dry: now the disconnects (which may send). Frames a
+                // peer sent before it went have all reached the services.
+                for event in std::mem::take(&mut self.fd_events) {
+                    self.forget_fd(event.fd);
+                }
+                self.forget_gone();
+                progress = true;
             }
             if !progress {
                 return Ok(());
@@ -299,17 +345,20 @@ impl Reactor {
                 let mut extra = zmq::Message::new();
                 retry(|| self.front.recv(&mut extra, 0))?;
             }
-            if !self.peers.contains(&routing_id) {
-                // Settle pending disconnects first, so that a descriptor
-                // closed and reused is not pinned on this new peer.
+            let (conn, _) = if self.peers.contains(&routing_id) {
+                self.peers.lookup(&routing_id)
+            } else {
+                let fd: Option<i32> = body.gets("__fd").and_then(|fd| fd.parse().ok());
                 self.drain_monitor()?;
-            }
-            let (conn, new) = self.peers.lookup(&routing_id);
-            if new {
-                if let Some(fd) = body.gets("__fd").and_then(|fd| fd.parse().ok()) {
+                if let Some(fd) = fd {
+                    self.admit_fd(fd);
+                }
+                let (conn, new) = self.peers.lookup(&routing_id);
+                if let Some(fd) = fd {
                     self.peers.set_fd(conn, fd);
                 }
-            }
+                (conn, new)
+            };
             let service = (body.len() >= 2)
                 .then(|| u16::from_be_bytes([body[0], body[1]]))
                 .and_then(|signature| self.routes.get(&signature).copied());
@@ -336,25 +385,24 @@ impl Reactor {
             }
         }
         self.actions = actions;
-        self.forget_gone();
     }
 
     fn send(&mut self, to: ConnId, frame: Vec<u8>) {
-        if let Some(queue) = self.parked.get_mut(&to) {
-            if queue.len() >= PARKED_LIMIT {
-                tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
-                self.gone.push(to);
-                return;
-            }
-            queue.push_back(frame);
+        let frame = match self.parked.get(&to) {
+            Some(_) => frame,
+            None => match self.try_send(to, frame) {
+                Ok(()) => return,
+                Err(frame) => frame,
+            },
+        };
+        let parked = self.parked.entry(to).or_default();
+        if parked.frames.len() >= PARKED_LIMIT || parked.bytes + frame.len() > self.max_parked_bytes {
+            tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
+            self.gone.push(to);
             return;
         }
-        match self.try_send(to, frame) {
-            Ok(()) => {}
-            Err(frame) => {
-                self.parked.entry(to).or_default().push_back(frame);
-            }
-        }
+        parked.bytes += frame.len();
+        parked.frames.push_back(frame);
     }
 
     /// Sends one frame, or gives it back if the peer cannot take it now.
@@ -388,25 +436,31 @@ impl Reactor {
         let mut sent = false;
         let conns: Vec<ConnId> = self.parked.keys().copied().collect();
         for conn in conns {
-            while let Some(frame) = self.parked.get_mut(&conn).and_then(|q| q.pop_front()) {
+            while let Some(frame) = self.parked.get_mut(&conn).and_then(|p| p.frames.pop_front()) {
+                let len = frame.len();
                 if let Err(frame) = self.try_send(conn, frame) {
-                    if let Some(queue) = self.parked.get_mut(&conn) {
-                        queue.push_front(frame);
+                    if let Some(parked) = self.parked.get_mut(&conn) {
+                        parked.frames.push_front(frame);
                     }
                     break;
                 }
+                if let Some(parked) = self.parked.get_mut(&conn) {
+                    parked.bytes -= len;
+                }
                 sent = true;
             }
-            if self.parked.get(&conn).is_some_and(|q| q.is_empty()) {
+            if self.parked.get(&conn).is_some_and(|p| p.frames.is_empty()) {
                 self.parked.remove(&conn);
             }
         }
-        self.forget_gone();
         Ok(sent)
     }
 
-    /// Tells every service about peers found gone, and forgets them.
+    /// Tells every service about peers found gone (unreachable, or not
+    /// reading their replies), and forgets them.
     fn forget_gone(&mut self) {
+        self.gone.sort_unstable();
+        self.gone.dedup();
         while let Some(conn) = self.gone.pop() {
             self.disconnect(conn);
             self.peers.remove(conn);
@@ -434,13 +488,37 @@ impl Reactor {
         let fd = i32::from_le_bytes([event[2], event[3], event[4], event[5]]);
         // A closed peer's fd, or a new peer on a reused fd: either way the
         // connections last seen on it are gone.
-        if kind == zmq::SocketEvent::DISCONNECTED.to_raw() || kind == zmq::SocketEvent::ACCEPTED.to_raw() {
-            for conn in self.peers.remove_fd(fd) {
-                tracing::debug!(conn = conn.0, fd, "peer disconnected");
-                self.disconnect(conn);
-            }
+        tracing::trace!(kind, fd, "monitor event");
+        let accepted = kind == zmq::SocketEvent::ACCEPTED.to_raw();
+        if accepted || kind == zmq::SocketEvent::DISCONNECTED.to_raw() {
+            self.fd_events.push(FdEvent { accepted, fd });
         }
         Ok(())
+    }
+
+    /// A new peer speaks on `fd`. Its own connection is the last ACCEPTED on
+    /// that descriptor: what came before ends older peers (now, before the
+    /// new one takes the descriptor over); what came after (its own
+    /// DISCONNECTED) waits until its frames have been read.
+    fn admit_fd(&mut self, fd: i32) {
+        let Some(last_accept) = self.fd_events.iter().rposition(|e| e.accepted && e.fd == fd) else {
+            return;
+        };
+        let mut index = 0;
+        self.fd_events.retain(|e| {
+            let keep = e.fd != fd || index > last_accept;
+            index += 1;
+            keep
+        });
+        self.forget_fd(fd);
+    }
+
+    /// The peers last seen on a closed descriptor are gone.
+    fn forget_fd(&mut self, fd: i32) {
+        for conn in self.peers.remove_fd(fd) {
+            tracing::debug!(conn = conn.0, fd, "peer disconnected");
+            self.disconnect(conn);
+        }
     }
 
     fn recv_control(&mut self) -> anyhow::Result<()> {
@@ -471,7 +549,8 @@ impl Reactor {
             "endpoints": self.endpoints,
             "peers": self.peers.len(),
             "timers": self.timers.len(),
-            "parked_replies": self.parked.values().map(VecDeque::len).sum::<usize>(),
+            "parked_replies": self.parked.values().map(|p| p.frames.len()).sum::<usize>(),
+            "parked_bytes": self.parked.values().map(|p| p.bytes).sum::<usize>(),
             "dropped_frames": self.dropped_frames,
             "services": services,
         })

@@ -37,8 +37,8 @@ use std::time::{Duration, Instant};
 pub enum Error {
     #[error("no broker answers at {0}")]
     NoBroker(String),
-    #[error("lost the broker at {0}")]
-    BrokerGone(String),
+    #[error("lost the broker at {endpoint}: {why}")]
+    BrokerGone { endpoint: String, why: &'static str },
     #[error("pipe {pipe:?} already has a {end}")]
     Busy { pipe: String, end: &'static str },
     #[error("pipe failed: {0}")]
@@ -59,7 +59,7 @@ impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e {
             Error::NoBroker(_) => io::ErrorKind::NotFound,
-            Error::BrokerGone(_) => io::ErrorKind::ConnectionAborted,
+            Error::BrokerGone { .. } => io::ErrorKind::ConnectionAborted,
             Error::Failed(_) => io::ErrorKind::BrokenPipe,
             _ => io::ErrorKind::Other,
         };
@@ -205,13 +205,17 @@ impl Link {
         Ok(Link { socket, monitor, opts: opts.clone(), pings: 0, last_heard: Instant::now() })
     }
 
+    fn gone(&self, why: &'static str) -> Error {
+        Error::BrokerGone { endpoint: self.opts.endpoint.clone(), why }
+    }
+
     fn send(&mut self, msg: &ZpipesMsg) -> Result<()> {
         match self.socket.send(msg.encode(), zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             // Immediate mode: no connection to queue on.
             Err(zmq::Error::EAGAIN) => {
-                if self.socket.poll(zmq::POLLOUT, self.opts.connect_timeout.as_millis() as i64)? == 0 {
-                    return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+                if self.socket.poll(zmq::POLLOUT, self.opts.dead_after.as_millis() as i64)? == 0 {
+                    return Err(self.gone("no connection to send on"));
                 }
                 self.socket.send(msg.encode(), zmq::DONTWAIT)?;
                 Ok(())
@@ -255,7 +259,7 @@ impl Link {
                 next_ping = now + self.opts.heartbeat;
             }
             if self.pings > 0 && now.duration_since(self.last_heard) > self.opts.dead_after {
-                return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+                return Err(self.gone("no answer to pings"));
             }
             let until = deadline.map_or(next_ping, |d| d.min(next_ping));
             self.wait(until.saturating_duration_since(now))?;
@@ -268,7 +272,7 @@ impl Link {
         let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
         poll(&mut items, (limit.as_millis() as i64).max(1))?;
         if items[1].is_readable() && !items[0].is_readable() {
-            return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+            return Err(self.gone("the connection dropped"));
         }
         Ok(())
     }
@@ -312,7 +316,7 @@ impl Link {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(Error::BrokerGone(self.opts.endpoint.clone()));
+                return Err(self.gone("no answer to a ping"));
             }
             self.wait(left)?;
         }
@@ -336,7 +340,7 @@ impl Link {
                 ) => continue,
                 Some(ZpipesMsg::Invalid {}) => return Err(Error::Invalid),
                 Some(other) => return Err(Error::Protocol(other.name())),
-                None => return Err(Error::BrokerGone(self.opts.endpoint.clone())),
+                None => return Err(self.gone("no answer to CLOSE")),
             }
         }
     }

@@ -175,6 +175,7 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         name: name.to_string(),
         endpoints: vec![endpoint::zpipes(name)],
         control_endpoint: endpoint::control(name),
+        max_parked_bytes: 2 * zpipes::Config::default().pipe_limit + 4096,
     };
     let (bound_tx, bound_rx) = mpsc::channel();
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.

@@ -228,22 +228,88 @@ fn replies_to_a_peer_that_reads_slowly_are_parked_not_lost() {
     let broker = Broker::start(&[]);
     let context = zmq::Context::new();
     let slow = context.socket(zmq::DEALER).unwrap();
-    slow.set_rcvhwm(10).unwrap();
+    slow.set_rcvhwm(1).unwrap();
     slow.set_linger(0).unwrap();
     slow.connect(&broker.endpoint()).unwrap();
-    // 3000 requests, no reads: the broker's pipe to this peer fills and it
-    // must park the rest.
-    for _ in 0..3000 {
-        slow.send(M::Ping {}.encode(), 0).unwrap();
+    slow.send(input("parking").encode(), 0).unwrap();
+    assert_eq!(slow.recv_bytes(0).unwrap(), M::InputOk {}.encode());
+    let writer = Raw::connect(&broker.endpoint());
+    assert_eq!(writer.ask(output("parking")), M::OutputOk {});
+    // 4 MiB of replies (far beyond socket buffers and the send HWM) asked
+    // for, and not read yet: the broker must park them.
+    const N: usize = 64;
+    let block = zbroker_tests::pseudo_random(64 << 10, 11);
+    for _ in 0..N {
+        slow.send(M::Read { size: 64 << 10, timeout: 0 }.encode(), 0).unwrap();
+    }
+    for _ in 0..N {
+        assert_eq!(
+            writer.ask(M::Write { chunk: Chunk(bytes::Bytes::from(block.clone())), timeout: 0 }),
+            M::WriteOk {}
+        );
     }
     assert!(wait_until(std::time::Duration::from_secs(5), || {
         broker.status()["parked_replies"].as_u64().unwrap_or(0) > 0
     }));
     // Others are served meanwhile.
     assert_eq!(Raw::connect(&broker.endpoint()).ask(M::Ping {}), M::PingOk {});
-    for i in 0..3000 {
+    for i in 0..N {
         assert_eq!(slow.poll(zmq::POLLIN, 5000).unwrap(), 1, "reply {i} never came");
-        assert_eq!(slow.recv_bytes(0).unwrap(), M::PingOk {}.encode());
+        assert_eq!(M::decode(slow.recv_bytes(0).unwrap()).unwrap(), read_ok(&block), "reply {i}");
     }
     assert_eq!(broker.status()["parked_replies"], 0);
+}
+
+#[test]
+fn a_peer_that_never_reads_its_replies_is_dropped_at_the_parking_bound() {
+    let broker = Broker::start(&["--pipe-limit", "1MiB"]);
+    let context = zmq::Context::new();
+    let hoarder = context.socket(zmq::DEALER).unwrap();
+    hoarder.set_rcvhwm(1).unwrap();
+    hoarder.set_linger(0).unwrap();
+    hoarder.connect(&broker.endpoint()).unwrap();
+    hoarder.send(input("hoard").encode(), 0).unwrap();
+    assert_eq!(hoarder.recv_bytes(0).unwrap(), M::InputOk {}.encode());
+    for _ in 0..300 {
+        hoarder.send(M::Read { size: 1 << 20, timeout: 0 }.encode(), 0).unwrap();
+    }
+    let rss_before = broker.rss();
+    let writer = Raw::connect(&broker.endpoint());
+    assert_eq!(writer.ask(output("hoard")), M::OutputOk {});
+    let block = bytes::Bytes::from(vec![7u8; 1 << 20]);
+    let mut written = 0;
+    let outcome = loop {
+        match writer.ask(M::Write { chunk: Chunk(block.clone()), timeout: 0 }) {
+            M::WriteOk {} => written += 1,
+            other => break other,
+        }
+        assert!(written < 300, "300 MiB went to a reader that reads nothing");
+    };
+    assert!(matches!(outcome, M::WriteFailed { .. }), "{outcome:?}");
+    let status = broker.status();
+    assert_eq!(status["parked_bytes"], 0, "the hoarder's replies were let go: {status}");
+    let growth = broker.rss().saturating_sub(rss_before);
+    assert!(growth < 48 << 20, "broker RSS grew by {growth} bytes after {written} MiB");
+}
+
+#[test]
+fn a_write_sent_just_before_a_disconnect_is_delivered() {
+    let broker = Broker::start(&[]);
+    let reader = Raw::connect(&broker.endpoint());
+    for round in 0..20 {
+        let pipe = format!("last-{round}");
+        assert_eq!(reader.ask(input(&pipe)), M::InputOk {});
+        {
+            // Fire and forget: WRITE, then the socket closes at once.
+            let context = zmq::Context::new();
+            let writer = context.socket(zmq::DEALER).unwrap();
+            writer.set_linger(1000).unwrap();
+            writer.connect(&broker.endpoint()).unwrap();
+            writer.send(output(&pipe).encode(), 0).unwrap();
+            writer.send(M::Write { chunk: Chunk(bytes_of(b"last words")), timeout: 0 }.encode(), 0).unwrap();
+        }
+        assert_eq!(reader.ask(M::Read { size: 10, timeout: 2000 }), read_ok(b"last words"), "round {round}");
+        assert_eq!(reader.ask(M::Read { size: 10, timeout: 2000 }), M::ReadEnd {});
+        assert_eq!(reader.ask(M::Close {}), M::CloseOk {});
+    }
 }
