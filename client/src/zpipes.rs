@@ -27,6 +27,7 @@ use crate::codec::{Chunk, ShortStr};
 use crate::endpoint;
 use crate::ZpipesMsg;
 use bytes::Bytes;
+use std::collections::VecDeque;
 use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
@@ -108,8 +109,12 @@ pub struct Options {
     /// Largest READ that `std::io::Read` sends; at most the broker's pipe
     /// limit.
     pub max_read: usize,
-    /// WRITEs in flight at once through `std::io::Write`.
+    /// WRITEs in flight at once through `std::io::Write` (and at most
+    /// 3 MiB of them, which the broker always accepts).
     pub window: usize,
+    /// After a read without a timeout, ask for the next chunk of the same
+    /// size at once (see [`Reader`]).
+    pub read_ahead: bool,
 }
 
 impl Options {
@@ -130,6 +135,7 @@ impl Options {
             max_chunk: 1 << 20,
             max_read: 1 << 20,
             window: 4,
+            read_ahead: false,
         }
     }
 }
@@ -139,6 +145,10 @@ impl Default for Options {
         Self::broker(endpoint::DEFAULT_BROKER)
     }
 }
+
+/// WRITE bytes kept in flight at most: below the 4 MiB the broker always
+/// lets wait behind a pending request.
+const IN_FLIGHT_BYTES: usize = 3 << 20;
 
 /// A received frame, shared as `Bytes` without a copy.
 struct Frame(zmq::Message);
@@ -210,11 +220,16 @@ impl Link {
     }
 
     fn send(&mut self, msg: &ZpipesMsg) -> Result<()> {
+        self.send_within(msg, self.opts.dead_after)
+    }
+
+    /// Sends, waiting at most `wait` for a connection to send on (in
+    /// immediate mode a message is never queued without one).
+    fn send_within(&mut self, msg: &ZpipesMsg, wait: Duration) -> Result<()> {
         match self.socket.send(msg.encode(), zmq::DONTWAIT) {
             Ok(()) => Ok(()),
-            // Immediate mode: no connection to queue on.
             Err(zmq::Error::EAGAIN) => {
-                if self.socket.poll(zmq::POLLOUT, self.opts.dead_after.as_millis() as i64)? == 0 {
+                if self.socket.poll(zmq::POLLOUT, wait.as_millis() as i64)? == 0 {
                     return Err(self.gone("no connection to send on"));
                 }
                 self.socket.send(msg.encode(), zmq::DONTWAIT)?;
@@ -324,7 +339,8 @@ impl Link {
 
     /// Sends CLOSE and waits (briefly) for CLOSE_OK.
     fn close(&mut self) -> Result<()> {
-        self.send(&ZpipesMsg::Close {})?;
+        // Closing runs in Drop too: a broker that is gone must not hold it.
+        self.send_within(&ZpipesMsg::Close {}, self.opts.connect_timeout.min(Duration::from_millis(500)))?;
         let deadline = Instant::now() + self.opts.connect_timeout;
         loop {
             match self.recv(Some(deadline))? {
@@ -356,6 +372,16 @@ fn failure(reason: &ShortStr) -> Error {
     Error::Failed(reason.to_string_lossy())
 }
 
+/// How a wait for a READ's reply ended.
+enum Awaited {
+    /// Data or the end of the stream.
+    Reply,
+    /// The broker's READ_TIMEOUT.
+    TimedOut,
+    /// Nothing before the deadline (the READ stays in flight).
+    NoReply,
+}
+
 /// A READ awaiting its reply.
 #[derive(Debug, Clone, Copy)]
 struct Flight {
@@ -365,12 +391,13 @@ struct Flight {
 
 /// The reading end of a named pipe.
 ///
-/// After a read without a timeout, the reader asks for the next chunk of
-/// the same size at once (read-ahead), so the broker can answer while the
-/// program is still busy with the last one: a stream then costs no round
-/// trip per chunk, and a small message is often already there when asked
-/// for. Reads with a timeout are plain request/reply, so the timeout means
-/// exactly what the protocol says.
+/// With [`Options::read_ahead`], after a read without a timeout the reader
+/// asks for the next chunk of the same size at once, so the broker can
+/// answer while the program is still busy with the last one: a small
+/// message is often already there when asked for. The cost: until that
+/// READ is answered (that many bytes, or the writer's end), a later read
+/// waits for it, even one with a timeout or a smaller size. Without it,
+/// every read is plain request/reply.
 pub struct Reader {
     link: Link,
     /// Bytes received and not yet handed out.
@@ -408,10 +435,13 @@ impl Reader {
             return Err(Error::TooLarge(size));
         }
         let deadline = timeout.map(|t| Instant::now() + t);
+        // A READ_TIMEOUT counts only for a READ this call sent: one that
+        // comes late for an earlier call is not this call's timeout.
+        let mut posted = false;
         loop {
             if self.buffer.len() >= size || (self.ended && !self.buffer.is_empty()) {
                 let data = self.buffer.take(size);
-                if timeout.is_none() {
+                if timeout.is_none() && self.link.opts.read_ahead {
                     self.post(size, None)?;
                 }
                 return Ok(ReadOutcome::Data(data));
@@ -421,27 +451,36 @@ impl Reader {
             }
             if self.in_flight.is_none() {
                 self.post(size - self.buffer.len(), timeout)?;
+                posted = true;
             }
-            if !self.await_reply(deadline)? {
-                return Ok(ReadOutcome::Timeout);
+            match self.await_reply(deadline)? {
+                Awaited::Reply => {}
+                Awaited::TimedOut if !posted => {}
+                Awaited::TimedOut | Awaited::NoReply => return Ok(ReadOutcome::Timeout),
             }
         }
     }
 
-    /// Waits for the reply to the READ in flight; false on timeout. A READ
+    /// Waits for the reply to the READ in flight. A READ
     /// sent with a timeout is answered by the broker (READ_TIMEOUT at the
     /// deadline; the grace covers the trip). A read-ahead has no timeout
     /// of its own: it is waited for only until the deadline, and stays in
     /// flight.
-    fn await_reply(&mut self, deadline: Option<Instant>) -> Result<bool> {
+    fn await_reply(&mut self, deadline: Option<Instant>) -> Result<Awaited> {
         let limit = match self.in_flight {
             Some(Flight { timed: true }) => deadline.map(|d| d + self.link.opts.connect_timeout),
             _ => deadline,
         };
-        match self.link.recv(limit)? {
-            Some(reply) => Ok(!self.take_reply(reply)?),
-            None => Ok(false),
-        }
+        Ok(match self.link.recv(limit)? {
+            Some(reply) => {
+                if self.take_reply(reply)? {
+                    Awaited::TimedOut
+                } else {
+                    Awaited::Reply
+                }
+            }
+            None => Awaited::NoReply,
+        })
     }
 
     /// Sends a READ unless one is in flight or the stream has ended.
@@ -521,13 +560,13 @@ impl io::Read for Reader {
             if self.in_flight.is_none() {
                 self.post(want, self.timeout)?;
             }
-            if !self.await_reply(deadline)? {
+            if !matches!(self.await_reply(deadline)?, Awaited::Reply) {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no data arrived in time"));
             }
         }
         let data = self.buffer.take(buf.len());
         buf[..data.len()].copy_from_slice(&data);
-        if self.timeout.is_none() {
+        if self.timeout.is_none() && self.link.opts.read_ahead {
             self.post(want, None)?;
         }
         Ok(data.len())
@@ -547,10 +586,9 @@ pub struct Writer {
     link: Link,
     /// Bytes gathered by `std::io::Write` and not yet sent.
     buffer: Vec<u8>,
-    /// WRITEs sent through `std::io::Write` and not yet acknowledged.
-    in_flight: usize,
-    /// A failure of a pipelined WRITE, reported by the next call.
-    failed: Option<Error>,
+    /// Sizes of the WRITEs sent through `std::io::Write` and not yet
+    /// acknowledged, oldest first.
+    in_flight: VecDeque<usize>,
     attach_timeout: Option<Duration>,
     attached: bool,
     closed: bool,
@@ -563,8 +601,7 @@ impl Writer {
         Ok(Writer {
             link: Link::open(opts, pipe, false)?,
             buffer: Vec::new(),
-            in_flight: 0,
-            failed: None,
+            in_flight: VecDeque::new(),
             attach_timeout: None,
             attached: false,
             closed: false,
@@ -626,45 +663,47 @@ impl Writer {
         }
     }
 
-    /// Collects acknowledgements until at most `max` writes are in flight.
-    fn collect(&mut self, max: usize) -> Result<()> {
-        if let Some(e) = self.failed.take() {
-            return Err(e);
-        }
-        while self.in_flight > max {
+    /// Collects acknowledgements until at most `max` writes, and at most
+    /// `max_bytes`, are in flight. A failure is returned at once; the
+    /// replies of the writes after it are collected by later calls (they
+    /// fail too: the broker cuts a failed writer off from its pipe).
+    fn collect(&mut self, max: usize, max_bytes: usize) -> Result<()> {
+        while self.in_flight.len() > max || self.in_flight.iter().sum::<usize>() > max_bytes {
             let outcome = self.ack();
-            self.in_flight -= 1;
-            match outcome {
-                Ok(WriteOutcome::Written) => {}
+            self.in_flight.pop_front();
+            match outcome? {
+                WriteOutcome::Written => {}
                 // Pipelined writes carry no timeout, so this cannot happen.
-                Ok(WriteOutcome::Timeout) => return Err(Error::Protocol("WriteTimeout")),
-                Err(e) => {
-                    // The later in-flight writes fail too; drop their replies.
-                    self.in_flight = 0;
-                    return Err(e);
-                }
+                WriteOutcome::Timeout => return Err(Error::Protocol("WriteTimeout")),
             }
         }
         Ok(())
     }
 
-    /// Sends the buffer as one pipelined WRITE (no timeout: a reader is
-    /// attached, and a timeout could leave a hole in the stream).
-    fn send_buffer(&mut self) -> Result<()> {
+    /// Sends what `std::io::Write` has gathered as one pipelined WRITE,
+    /// without waiting for its acknowledgement (use it when the stream
+    /// pauses; `flush` also waits).
+    pub fn send_gathered(&mut self) -> Result<()> {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        self.collect(self.link.opts.window.saturating_sub(1))?;
+        // Stay within what the broker queues behind a pending request
+        // (4 MiB at the least), so a pipelined WRITE is never refused.
+        let room = IN_FLIGHT_BYTES.saturating_sub(self.buffer.len());
+        self.collect(self.link.opts.window.max(1) - 1, room)?;
         let chunk = Chunk(Bytes::from(std::mem::take(&mut self.buffer)));
+        let len = chunk.0.len();
+        // No timeout: a reader is attached, and a timeout could leave a
+        // hole in the stream.
         self.link.send(&ZpipesMsg::Write { chunk, timeout: 0 })?;
-        self.in_flight += 1;
+        self.in_flight.push_back(len);
         Ok(())
     }
 
     /// Sends what is buffered and waits for every acknowledgement.
     fn settle(&mut self) -> Result<()> {
-        self.send_buffer()?;
-        self.collect(0)
+        self.send_gathered()?;
+        self.collect(0, 0)
     }
 }
 
@@ -679,15 +718,17 @@ impl io::Write for Writer {
         if !self.attached && !self.wait_for_reader(self.attach_timeout)? {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "no reader attached in time"));
         }
-        let max = self.link.opts.max_chunk.max(1);
+        let max = self.link.opts.max_chunk.clamp(1, IN_FLIGHT_BYTES);
+        // A full buffer goes out before anything is taken from `buf`, so an
+        // error never follows a partial acceptance.
+        if self.buffer.len() >= max {
+            self.send_gathered()?;
+        }
         if self.buffer.capacity() == 0 {
             self.buffer.reserve_exact(max);
         }
         let n = buf.len().min(max - self.buffer.len());
         self.buffer.extend_from_slice(&buf[..n]);
-        if self.buffer.len() >= max {
-            self.send_buffer()?;
-        }
         Ok(n)
     }
 

@@ -573,7 +573,11 @@ struct RoundTrips {
 fn round_trips(opts: &Options, echo_endpoint: &str, rounds: u64) -> anyhow::Result<RoundTrips> {
     phase("round-trip setup");
     const PIPE: &str = "bench-rtt";
-    let mut reader = Reader::open(PIPE, opts)?;
+    // The reader reads ahead: its next READ is at the broker before the
+    // writer writes, as a program reading a stream of messages would have
+    // it (Options::read_ahead).
+    let reader_opts = Options { read_ahead: true, ..opts.clone() };
+    let mut reader = Reader::open(PIPE, &reader_opts)?;
     let mut writer = Writer::open(PIPE, opts)?;
 
     let warm = (rounds / 10).clamp(100, 10_000);

@@ -176,3 +176,38 @@ fn zpipes_reads_through_a_tcp_endpoint() {
     assert!(writer.wait().unwrap().success());
     assert!(got == pseudo_random(1 << 20, 9));
 }
+
+#[test]
+fn a_quiet_writer_is_kept_alive_and_the_stream_is_whole() {
+    // Expiry shorter than the writer's pause: only its pings keep it.
+    let broker = Broker::start(&["--expiry", "1500"]);
+    let mut writer = zpipes(&broker, &["write", "pause"]).stdin(Stdio::piped()).spawn().unwrap();
+    let reader = zpipes(&broker, &["read", "pause"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut stdin = writer.stdin.take().unwrap();
+    stdin.write_all(b"first\n").unwrap();
+    std::thread::sleep(Duration::from_millis(3500));
+    stdin.write_all(b"second\n").unwrap();
+    drop(stdin);
+    let out = reader.wait_with_output().unwrap();
+    assert!(writer.wait().unwrap().success());
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"first\nsecond\n");
+}
+
+#[test]
+fn a_trickle_reaches_the_reader_without_waiting_for_a_block() {
+    let broker = Broker::start(&[]);
+    let mut reader = zpipes(&broker, &["read", "trickle"]).stdout(Stdio::piped()).spawn().unwrap();
+    let mut writer = zbroker_client::zpipes::Writer::open("trickle", &Options::broker(&broker.name)).unwrap();
+    let mut out = reader.stdout.take().unwrap();
+    for line in [&b"hello\n"[..], b"world\n"] {
+        let started = std::time::Instant::now();
+        writer.write_chunk(line, None).unwrap();
+        let mut got = vec![0u8; line.len()];
+        out.read_exact(&mut got).unwrap();
+        assert_eq!(got, line);
+        assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    }
+    writer.close().unwrap();
+    assert!(reader.wait().unwrap().success());
+}

@@ -180,7 +180,7 @@ fn a_dead_broker_ends_a_wait_instead_of_hanging() {
 #[test]
 fn read_ahead_keeps_the_stream_in_order_across_timeouts() {
     let broker = Broker::start(&[]);
-    let opts = Options::broker(&broker.name);
+    let opts = Options { read_ahead: true, ..Options::broker(&broker.name) };
     let mut reader = Reader::open("ahead", &opts).unwrap();
     let mut writer = Writer::open("ahead", &opts).unwrap();
     assert_eq!(writer.write_chunk(b"abcdef", None).unwrap(), WriteOutcome::Written);
@@ -204,4 +204,18 @@ fn read_ahead_keeps_the_stream_in_order_across_timeouts() {
     assert_eq!(&buf[..n], b"m", "a short read once the writer has gone");
     assert_eq!(std::io::Read::read(&mut reader, &mut buf).unwrap(), 0);
     reader.close().unwrap();
+}
+
+#[test]
+fn without_read_ahead_a_timed_read_gets_what_is_there() {
+    let broker = Broker::start(&[]);
+    let opts = Options::broker(&broker.name);
+    let mut reader = Reader::open("plain", &opts).unwrap();
+    let mut writer = Writer::open("plain", &opts).unwrap();
+    assert_eq!(writer.write_chunk(b"0123456789", None).unwrap(), WriteOutcome::Written);
+    assert_eq!(reader.read_chunk(6, None).unwrap(), ReadOutcome::Data("012345".into()));
+    assert_eq!(reader.read_chunk(4, ms(500)).unwrap(), ReadOutcome::Data("6789".into()));
+    assert_eq!(reader.read_chunk(4, ms(100)).unwrap(), ReadOutcome::Timeout);
+    assert_eq!(writer.write_chunk(b"abcd", None).unwrap(), WriteOutcome::Written);
+    assert_eq!(reader.read_chunk(4, None).unwrap(), ReadOutcome::Data("abcd".into()));
 }

@@ -3,7 +3,8 @@
 use clap::{Parser, Subcommand};
 use std::io::{self, Read, Write};
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Error, Options, ReadOutcome, Reader, Writer};
 
@@ -128,45 +129,128 @@ fn main() -> ExitCode {
     }
 }
 
-fn read(name: &str, opts: &Options, timeout: Option<Duration>, block: usize) -> Result<(), Failure> {
+/// How long one READ waits before the reader looks for a partial block:
+/// the most a trickle of bytes waits to be passed on.
+const PATIENCE: Duration = Duration::from_millis(200);
+/// How long a probing READ waits: only for bytes already there.
+const PROBE: Duration = Duration::from_millis(1);
+
+/// What a search for less than a block found.
+enum Probe {
+    Data(bytes::Bytes),
+    End,
+    Nothing,
+}
+
+/// A READ answers only when its whole size is there, so after a timeout the
+/// reader asks for one byte, and if there is one, for halves of the block
+/// until a size fits what is waiting.
+fn probe(reader: &mut Reader, block: usize) -> Result<Probe, Failure> {
+    match reader.read_chunk(1, Some(PROBE))? {
+        ReadOutcome::Data(first) => {
+            let mut size = block / 2;
+            while size > 1 {
+                match reader.read_chunk(size, Some(PROBE))? {
+                    ReadOutcome::Data(more) => return Ok(Probe::Data([first, more].concat().into())),
+                    ReadOutcome::End => break,
+                    ReadOutcome::Timeout => size /= 2,
+                }
+            }
+            Ok(Probe::Data(first))
+        }
+        ReadOutcome::End => Ok(Probe::End),
+        ReadOutcome::Timeout => Ok(Probe::Nothing),
+    }
+}
+
+/// Copies the pipe to standard output. A thread writes standard output, so
+/// that a slow consumer never keeps this one from the broker: while it
+/// waits, it pings, and the pipe end does not expire.
+fn read(name: &str, opts: &Options, timeout: Option<Duration>, max_block: usize) -> Result<(), Failure> {
     let mut reader = Reader::open(name, opts)?;
-    let stdout = io::stdout();
-    let mut out = stdout.lock();
-    loop {
-        let data = match reader.read_chunk(block, timeout)? {
-            ReadOutcome::Data(data) => data,
-            ReadOutcome::End => break,
-            // A block may be partly there: a one-byte READ tells whether
-            // anything at all arrived in time.
-            ReadOutcome::Timeout => match reader.read_chunk(1, timeout)? {
-                ReadOutcome::Data(data) => data,
-                ReadOutcome::End => break,
-                ReadOutcome::Timeout => {
-                    return Err(Failure {
-                        code: status::TIMEOUT,
-                        message: format!("no data on pipe {name:?} in time"),
-                    })
+    let (tx, rx) = mpsc::sync_channel::<bytes::Bytes>(4);
+    let output = std::thread::spawn(move || -> io::Result<()> {
+        let mut out = io::stdout().lock();
+        for data in rx {
+            out.write_all(&data)?;
+            out.flush()?;
+        }
+        Ok(())
+    });
+    let mut block = max_block;
+    let mut idle_since = Instant::now();
+    let result = loop {
+        let data = match reader.read_chunk(block, Some(PATIENCE))? {
+            ReadOutcome::Data(data) => {
+                if data.len() == block {
+                    block = (block * 2).min(max_block);
+                }
+                data
+            }
+            ReadOutcome::End => break Ok(()),
+            ReadOutcome::Timeout => match probe(&mut reader, block)? {
+                Probe::Data(data) => {
+                    block = data.len().max(1);
+                    data
+                }
+                Probe::End => break Ok(()),
+                Probe::Nothing => {
+                    if timeout.is_some_and(|t| idle_since.elapsed() >= t) {
+                        break Err(Failure {
+                            code: status::TIMEOUT,
+                            message: format!("no data on pipe {name:?} in time"),
+                        });
+                    }
+                    continue;
                 }
             },
         };
-        match out.write_all(&data).and_then(|()| out.flush()) {
-            Ok(()) => {}
-            // The consumer stopped reading (`| head`): not an error of ours.
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
-            Err(e) => return Err(io_failure("writing standard output", e)),
+        idle_since = Instant::now();
+        if !hand_over(&tx, data, &mut reader, opts.heartbeat)? {
+            break Ok(()); // standard output failed: see below
         }
+    };
+    drop(tx);
+    match output.join() {
+        Ok(Ok(())) => {}
+        // The consumer stopped reading (`| head`): not an error of ours.
+        Ok(Err(e)) if e.kind() == io::ErrorKind::BrokenPipe => return Ok(()),
+        Ok(Err(e)) => return Err(io_failure("writing standard output", e)),
+        Err(_) => return Err(Failure { code: status::IO, message: "the output thread failed".into() }),
     }
+    result?;
     reader.close()?;
     Ok(())
 }
 
-/// True if standard input can be read without waiting.
-fn stdin_has_data() -> bool {
-    let mut fd = libc::pollfd { fd: 0, events: libc::POLLIN, revents: 0 };
-    // SAFETY: one valid pollfd, zero timeout.
-    unsafe { libc::poll(&mut fd, 1, 0) > 0 }
+/// Queues data for the output thread, pinging the broker while it is
+/// full. False if the output thread has stopped.
+fn hand_over(
+    tx: &mpsc::SyncSender<bytes::Bytes>,
+    mut data: bytes::Bytes,
+    reader: &mut Reader,
+    heartbeat: Duration,
+) -> Result<bool, Failure> {
+    let mut last_ping = Instant::now();
+    loop {
+        match tx.try_send(data) {
+            Ok(()) => return Ok(true),
+            Err(mpsc::TrySendError::Disconnected(_)) => return Ok(false),
+            Err(mpsc::TrySendError::Full(back)) => {
+                data = back;
+                std::thread::sleep(Duration::from_millis(5));
+                if last_ping.elapsed() >= heartbeat {
+                    reader.ping()?;
+                    last_ping = Instant::now();
+                }
+            }
+        }
+    }
 }
 
+/// Copies standard input into the pipe, then closes it. A thread reads
+/// standard input, so that a quiet producer never keeps this one from the
+/// broker: while nothing comes it pings, and the pipe end does not expire.
 fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Failure> {
     let mut writer = Writer::open(name, opts)?;
     // Wait for the reader first, so that even empty input reaches it as an
@@ -177,21 +261,43 @@ fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Fa
             message: format!("no reader opened pipe {name:?} in time"),
         });
     }
-    let stdin = io::stdin();
-    let mut input = stdin.lock();
-    let mut buf = vec![0u8; opts.max_chunk];
+    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    let chunk = opts.max_chunk.clamp(4096, 1 << 20);
+    std::thread::spawn(move || {
+        let mut input = io::stdin().lock();
+        loop {
+            let mut buf = vec![0u8; chunk];
+            match input.read(&mut buf) {
+                Ok(0) => return, // end of input: the channel closes
+                Ok(n) => {
+                    buf.truncate(n);
+                    if tx.send(Ok(buf)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
     loop {
-        let n = match input.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(io_failure("reading standard input", e)),
+        let next = match rx.try_recv() {
+            Ok(next) => Ok(next),
+            Err(mpsc::TryRecvError::Disconnected) => break,
+            Err(mpsc::TryRecvError::Empty) => {
+                // The producer paused: pass on what has been gathered.
+                writer.send_gathered()?;
+                rx.recv_timeout(opts.heartbeat)
+            }
         };
-        writer.write_all(&buf[..n]).map_err(pipe_failure)?;
-        // The writer gathers small writes into large chunks; when the
-        // producer pauses, deliver what it has so far.
-        if !stdin_has_data() {
-            writer.flush().map_err(pipe_failure)?;
+        match next {
+            Ok(Ok(data)) => writer.write_all(&data).map_err(pipe_failure)?,
+            Ok(Err(e)) => return Err(io_failure("reading standard input", e)),
+            Err(mpsc::RecvTimeoutError::Timeout) => writer.ping()?,
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
     writer.close()?;
