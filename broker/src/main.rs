@@ -115,6 +115,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     // Pipelined writes may hold as much again as the pipe, and at least
     // the default, so a client's usual window always fits.
     let mailbox_bytes = pipe_limit.max(defaults.mailbox_bytes);
+    if expiry < Duration::from_secs(3) {
+        tracing::warn!(
+            "--expiry {} ms: zbroker clients ping once a second while they wait; \
+             an expiry under 3 s may drop clients that are only waiting",
+            expiry.as_millis()
+        );
+    }
     let zpipes = Zpipes::new(zpipes::Config { expiry, pipe_limit, mailbox_bytes, ..defaults });
 
     let mut endpoints = vec![endpoint::zpipes(&name)];

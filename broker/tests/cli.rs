@@ -10,7 +10,9 @@ fn zbroker(args: &[&str]) -> Output {
 }
 
 fn unique(prefix: &str) -> String {
-    format!("{prefix}-{}-{:?}", std::process::id(), Instant::now().elapsed().as_nanos())
+    static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
 }
 
 #[test]
@@ -72,6 +74,7 @@ fn config_file_sets_everything_and_flags_override_it() {
             break serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap();
         }
         assert!(Instant::now() < deadline, "broker from config never answered");
+        std::thread::sleep(Duration::from_millis(20));
     };
     let zpipes = &status["services"]["zpipes"];
     assert_eq!(zpipes["expiry_ms"], 1234, "from the file");

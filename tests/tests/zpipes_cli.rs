@@ -53,7 +53,12 @@ fn empty_input_is_an_empty_stream() {
 fn the_reader_may_start_first() {
     let broker = Broker::start(&[]);
     let reader = zpipes(&broker, &["read", "early"]).stdout(Stdio::piped()).spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(200));
+    let attached = zbroker_tests::wait_until(Duration::from_secs(5), || {
+        broker.zpipes()["pipes"].as_array().is_some_and(|pipes| {
+            pipes.iter().any(|p| p["name"] == "early" && p["reader"] == true && p["writer"] == false)
+        })
+    });
+    assert!(attached, "the reader is there before any writer");
     let (mut writer, feeder) = spawn_writer(&broker, "early", b"hello\n".to_vec());
     let out = reader.wait_with_output().unwrap();
     feeder.join().unwrap();
@@ -134,9 +139,9 @@ fn a_slow_reader_keeps_broker_memory_bounded() {
         let n = reader.read(&mut buf).unwrap();
         assert!(n > 0, "stream ended early at {got}");
         got += n;
+        // Slow: about 20 MiB/s, far below what the writer could do.
+        std::thread::sleep(Duration::from_millis(3));
         if got.is_multiple_of(4 << 20) {
-            // Let the writer fill the pipe to its bound, then look.
-            std::thread::sleep(Duration::from_millis(50));
             let queued = broker.zpipes()["queued_bytes"].as_u64().unwrap();
             max_queued = max_queued.max(queued);
         }
