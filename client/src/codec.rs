@@ -148,12 +148,10 @@ impl Field for Chunk {
         4 + self.0.len()
     }
     fn put(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
-        out.extend_from_slice(&self.0);
+        put_long_bytes(&self.0, out);
     }
     fn get(r: &mut Reader) -> Option<Self> {
-        let len = u32::get(r)? as usize;
-        Some(Chunk(r.take(len)?))
+        get_long_bytes(r).map(Chunk)
     }
 }
 
@@ -188,13 +186,22 @@ impl Field for LongStr {
         4 + self.0.len()
     }
     fn put(&self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&(self.0.len() as u32).to_be_bytes());
-        out.extend_from_slice(&self.0);
+        put_long_bytes(&self.0, out);
     }
     fn get(r: &mut Reader) -> Option<Self> {
-        let len = u32::get(r)? as usize;
-        Some(LongStr(r.take(len)?))
+        get_long_bytes(r).map(LongStr)
     }
+}
+
+/// `longstr` and `chunk` share a layout: a 4-byte length, then the bytes.
+fn put_long_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn get_long_bytes(r: &mut Reader) -> Option<Bytes> {
+    let len = u32::get(r)? as usize;
+    r.take(len)
 }
 
 /// zproto `hash` (a "dictionary"): a 4-byte entry count, then each entry as
