@@ -589,6 +589,9 @@ pub struct Writer {
     /// Sizes of the WRITEs sent through `std::io::Write` and not yet
     /// acknowledged, oldest first.
     in_flight: VecDeque<usize>,
+    /// A failure met after `std::io::Write` had accepted the bytes,
+    /// reported by the next call.
+    failed: Option<Error>,
     attach_timeout: Option<Duration>,
     attached: bool,
     closed: bool,
@@ -602,6 +605,7 @@ impl Writer {
             link: Link::open(opts, pipe, false)?,
             buffer: Vec::new(),
             in_flight: VecDeque::new(),
+            failed: None,
             attach_timeout: None,
             attached: false,
             closed: false,
@@ -668,6 +672,9 @@ impl Writer {
     /// replies of the writes after it are collected by later calls (they
     /// fail too: the broker cuts a failed writer off from its pipe).
     fn collect(&mut self, max: usize, max_bytes: usize) -> Result<()> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
         while self.in_flight.len() > max || self.in_flight.iter().sum::<usize>() > max_bytes {
             let outcome = self.ack();
             self.in_flight.pop_front();
@@ -718,17 +725,23 @@ impl io::Write for Writer {
         if !self.attached && !self.wait_for_reader(self.attach_timeout)? {
             return Err(io::Error::new(io::ErrorKind::TimedOut, "no reader attached in time"));
         }
-        let max = self.link.opts.max_chunk.clamp(1, IN_FLIGHT_BYTES);
-        // A full buffer goes out before anything is taken from `buf`, so an
-        // error never follows a partial acceptance.
-        if self.buffer.len() >= max {
-            self.send_gathered()?;
+        if let Some(e) = self.failed.take() {
+            return Err(e.into());
         }
+        let max = self.link.opts.max_chunk.clamp(1, IN_FLIGHT_BYTES);
         if self.buffer.capacity() == 0 {
             self.buffer.reserve_exact(max);
         }
         let n = buf.len().min(max - self.buffer.len());
         self.buffer.extend_from_slice(&buf[..n]);
+        // A full chunk goes out at once. The bytes are accepted either way:
+        // a failure is kept for the next call, so that a caller retrying
+        // this one never sends them twice.
+        if self.buffer.len() >= max {
+            if let Err(e) = self.send_gathered() {
+                self.failed = Some(e);
+            }
+        }
         Ok(n)
     }
 

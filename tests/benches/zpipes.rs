@@ -506,6 +506,9 @@ fn zpipes_stream(opts: &Options) -> anyhow::Result<Stream> {
                 for _ in 0..bytes / WRITE_SIZE as u64 {
                     writer.write_all(blocks.next_block())?;
                 }
+                // The segment's last bytes must not wait in the gathering
+                // buffer while the other stream runs.
+                writer.send_gathered()?;
             }
             writer.close()?;
             Ok(())

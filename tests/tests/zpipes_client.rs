@@ -219,3 +219,15 @@ fn without_read_ahead_a_timed_read_gets_what_is_there() {
     assert_eq!(writer.write_chunk(b"abcd", None).unwrap(), WriteOutcome::Written);
     assert_eq!(reader.read_chunk(4, None).unwrap(), ReadOutcome::Data("abcd".into()));
 }
+
+#[test]
+fn a_full_chunk_goes_out_without_a_flush() {
+    let broker = Broker::start(&[]);
+    let opts = Options::broker(&broker.name);
+    let mut reader = Reader::open("full", &opts).unwrap();
+    let mut writer = Writer::open("full", &opts).unwrap();
+    let data = pseudo_random(opts.max_chunk, 21);
+    writer.write_all(&data).unwrap(); // no flush: the chunk is full
+    assert_eq!(reader.read_chunk(data.len(), ms(5000)).unwrap(), ReadOutcome::Data(data.into()));
+    writer.close().unwrap();
+}
