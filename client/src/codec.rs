@@ -257,6 +257,21 @@ impl Field for Hash {
     }
 }
 
+/// Helpers for the protocols' tests: the spec writes vectors as hex.
+#[cfg(test)]
+pub(crate) mod test_util {
+    use super::ShortStr;
+
+    /// "AA A0 01" → [0xAA, 0xA0, 0x01]
+    pub fn hex(text: &str) -> Vec<u8> {
+        text.split_whitespace().map(|b| u8::from_str_radix(b, 16).expect("hex byte")).collect()
+    }
+
+    pub fn short(text: &str) -> ShortStr {
+        ShortStr::new(text.as_bytes().to_vec()).expect("a short string")
+    }
+}
+
 /// Proptest strategies for each field type, used by the generated
 /// `arbitrary()` of every protocol.
 #[cfg(any(test, feature = "proptest"))]

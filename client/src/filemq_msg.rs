@@ -72,13 +72,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    fn hex(s: &str) -> Vec<u8> {
-        s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
-    }
-
-    fn short(s: &str) -> ShortStr {
-        ShortStr::new(s.as_bytes().to_vec()).unwrap()
-    }
+    use crate::codec::test_util::{hex, short};
 
     fn hash(entries: &[(&str, &str)]) -> Hash {
         let mut h = Hash::default();

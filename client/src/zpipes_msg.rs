@@ -62,13 +62,7 @@ mod tests {
     use crate::codec::DecodeError;
     use bytes::Bytes;
 
-    fn hex(s: &str) -> Vec<u8> {
-        s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
-    }
-
-    fn pipe(name: &str) -> ShortStr {
-        ShortStr::new(name.as_bytes().to_vec()).unwrap()
-    }
+    use crate::codec::test_util::{hex, short as pipe};
 
     fn chunk(s: &str) -> Chunk {
         Chunk(Bytes::copy_from_slice(s.as_bytes()))
