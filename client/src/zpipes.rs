@@ -146,6 +146,8 @@ impl Default for Options {
     }
 }
 
+use zmq::SocketEvent::{CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_SUCCEEDED};
+
 /// WRITE bytes kept in flight at most: below the 4 MiB the broker always
 /// lets wait behind a pending request.
 const IN_FLIGHT_BYTES: usize = 3 << 20;
@@ -189,6 +191,8 @@ struct Link {
     /// PINGs sent and not yet answered.
     pings: usize,
     last_heard: Instant,
+    /// The monitor saw the connection drop (the broker died or restarted).
+    dropped: bool,
 }
 
 impl Link {
@@ -204,15 +208,57 @@ impl Link {
             std::process::id(),
             MONITORS.fetch_add(1, Ordering::Relaxed)
         );
-        socket.monitor(&monitor_endpoint, zmq::SocketEvent::DISCONNECTED.to_raw() as i32)?;
+        let events = [CONNECTED, CONNECT_RETRIED, HANDSHAKE_SUCCEEDED, DISCONNECTED];
+        socket.monitor(&monitor_endpoint, events.iter().fold(0, |all, e| all | e.to_raw()) as i32)?;
         let monitor = context().socket(zmq::PAIR)?;
         monitor.set_linger(0)?;
         monitor.connect(&monitor_endpoint)?;
         socket.connect(&opts.endpoint)?;
-        if socket.poll(zmq::POLLOUT, opts.connect_timeout.as_millis() as i64)? == 0 {
-            return Err(Error::NoBroker(opts.endpoint.clone()));
+        let mut link = Link {
+            socket,
+            monitor,
+            opts: opts.clone(),
+            pings: 0,
+            last_heard: Instant::now(),
+            dropped: false,
+        };
+        link.await_handshake()?;
+        Ok(link)
+    }
+
+    /// Waits for the connection's ZMTP handshake. A refused connection
+    /// (nothing listens there) is "no broker" at once; a connection that is
+    /// up but slow to greet (a busy machine) gets `dead_after` to finish.
+    fn await_handshake(&mut self) -> Result<()> {
+        let endpoint = self.opts.endpoint.clone();
+        let no_broker = || Error::NoBroker(endpoint.clone());
+        let mut deadline = Instant::now() + self.opts.connect_timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.monitor.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
+                return Err(no_broker());
+            }
+            match self.monitor_event()? {
+                Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => return Ok(()),
+                Some(e) if e == CONNECT_RETRIED.to_raw() => return Err(no_broker()),
+                Some(e) if e == CONNECTED.to_raw() => deadline = Instant::now() + self.opts.dead_after,
+                _ => {}
+            }
         }
-        Ok(Link { socket, monitor, opts: opts.clone(), pings: 0, last_heard: Instant::now() })
+    }
+
+    /// Reads one event from the socket's monitor (its kind), noting a drop.
+    fn monitor_event(&mut self) -> Result<Option<u16>> {
+        let frames = match self.monitor.recv_multipart(zmq::DONTWAIT) {
+            Ok(frames) => frames,
+            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let kind = frames.first().filter(|f| f.len() >= 2).map(|f| u16::from_le_bytes([f[0], f[1]]));
+        if kind == Some(DISCONNECTED.to_raw()) {
+            self.dropped = true;
+        }
+        Ok(kind)
     }
 
     fn gone(&self, why: &'static str) -> Error {
@@ -286,7 +332,11 @@ impl Link {
     fn wait(&mut self, limit: Duration) -> Result<()> {
         let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
         poll(&mut items, (limit.as_millis() as i64).max(1))?;
-        if items[1].is_readable() && !items[0].is_readable() {
+        let (frames, events) = (items[0].is_readable(), items[1].is_readable());
+        if events {
+            while self.monitor_event()?.is_some() {}
+        }
+        if self.dropped && !frames {
             return Err(self.gone("the connection dropped"));
         }
         Ok(())
