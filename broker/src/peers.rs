@@ -59,6 +59,18 @@ impl Peers {
         gone
     }
 
+    /// Unlinks every peer from a descriptor (it was closed and reused)
+    /// without forgetting them; returns them.
+    pub fn take_fd(&mut self, fd: i32) -> Vec<ConnId> {
+        let gone = self.by_fd.remove(&fd).unwrap_or_default();
+        for id in &gone {
+            if let Some(entry) = self.routing_ids.get_mut(id) {
+                entry.1 = None;
+            }
+        }
+        gone
+    }
+
     /// Forgets one peer (it was unreachable or misbehaved).
     pub fn remove(&mut self, id: ConnId) {
         if let Some((rid, fd)) = self.routing_ids.remove(&id) {

@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
@@ -98,8 +98,11 @@ pub struct Reactor {
     fd_events: Vec<FdEvent>,
     actions: Vec<Action>,
     /// Peers found gone while sending; forgotten once the front socket has
-    /// been read dry, like `closed_fds`.
+    /// been read dry, like `fd_events`.
     gone: Vec<ConnId>,
+    /// Peers dropped at the parking bound: no further reply goes to them
+    /// (a later, smaller one would leave a hole behind the lost one).
+    dropping: HashSet<ConnId>,
     started: Instant,
     dropped_frames: u64,
     stop: bool,
@@ -206,6 +209,7 @@ impl Reactor {
             parked: HashMap::new(),
             max_parked_bytes: settings.max_parked_bytes,
             fd_events: Vec::new(),
+            dropping: HashSet::new(),
             actions: Vec::new(),
             gone: Vec::new(),
             started: Instant::now(),
@@ -294,9 +298,10 @@ impl Reactor {
                 progress |= self.recv_front()?;
             }
             let disconnects = !self.fd_events.is_empty() || !self.gone.is_empty();
-            if !progress && disconnects {
-                // Read dry: now the disconnects (which may send). Frames a
-                // peer sent before it went have all reached the services.
+            // Disconnects wait until the front socket is read dry, so that
+            // a peer's last frames reach the services first; under traffic
+            // that never lets up, they wait at most a turn.
+            if disconnects && (!progress || passes.is_multiple_of(PASSES_PER_TURN)) {
                 for event in std::mem::take(&mut self.fd_events) {
                     self.forget_fd(event.fd);
                 }
@@ -388,6 +393,9 @@ impl Reactor {
     }
 
     fn send(&mut self, to: ConnId, frame: Vec<u8>) {
+        if self.dropping.contains(&to) {
+            return; // nothing more, so nothing after a lost reply
+        }
         let frame = match self.parked.get(&to) {
             Some(_) => frame,
             None => match self.try_send(to, frame) {
@@ -398,6 +406,8 @@ impl Reactor {
         let parked = self.parked.entry(to).or_default();
         if parked.frames.len() >= PARKED_LIMIT || parked.bytes + frame.len() > self.max_parked_bytes {
             tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
+            self.parked.remove(&to);
+            self.dropping.insert(to);
             self.gone.push(to);
             return;
         }
@@ -462,6 +472,7 @@ impl Reactor {
         self.gone.sort_unstable();
         self.gone.dedup();
         while let Some(conn) = self.gone.pop() {
+            self.dropping.remove(&conn);
             self.disconnect(conn);
             self.peers.remove(conn);
         }
@@ -510,7 +521,10 @@ impl Reactor {
             index += 1;
             keep
         });
-        self.forget_fd(fd);
+        // The older peers there are gone, but their last frames may still
+        // be queued: forget them once the front socket is read dry.
+        let old = self.peers.take_fd(fd);
+        self.gone.extend(old);
     }
 
     /// The peers last seen on a closed descriptor are gone.

@@ -82,7 +82,8 @@ impl ByteQueue {
     /// Drops everything; returns how many bytes were dropped.
     pub fn clear(&mut self) -> usize {
         self.chunks.clear();
-        self.tail.clear();
+        // A new buffer: clearing would keep the old allocation.
+        self.tail = BytesMut::new();
         std::mem::take(&mut self.len)
     }
 }

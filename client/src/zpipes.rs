@@ -188,6 +188,7 @@ struct Link {
     socket: zmq::Socket,
     monitor: zmq::Socket,
     opts: Options,
+    monitor_endpoint: String,
     /// PINGs sent and not yet answered.
     pings: usize,
     last_heard: Instant,
@@ -217,13 +218,33 @@ impl Link {
         let mut link = Link {
             socket,
             monitor,
+            monitor_endpoint,
             opts: opts.clone(),
             pings: 0,
             last_heard: Instant::now(),
             dropped: false,
         };
         link.await_handshake()?;
+        // From now on only a drop matters. Events nobody reads would pile
+        // up (a reconnecting socket reports a retry every 100 ms) and
+        // libzmq sends them blocking, from its I/O thread.
+        link.watch(&[DISCONNECTED])?;
         Ok(link)
+    }
+
+    /// Points the socket's monitor at a fresh endpoint for `events` (which
+    /// stops the previous one) and listens there.
+    fn watch(&mut self, events: &[zmq::SocketEvent]) -> Result<()> {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let endpoint = format!("{}-{}", self.monitor_endpoint, GENERATION.fetch_add(1, Ordering::Relaxed));
+        self.socket.monitor(&endpoint, events.iter().fold(0, |all, e| all | e.to_raw()) as i32)?;
+        if !events.is_empty() {
+            let monitor = context().socket(zmq::PAIR)?;
+            monitor.set_linger(0)?;
+            monitor.connect(&endpoint)?;
+            self.monitor = monitor;
+        }
+        Ok(())
     }
 
     /// Waits for the connection's ZMTP handshake. A refused connection
@@ -275,6 +296,10 @@ impl Link {
         match self.socket.send(msg.encode(), zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => {
+                while self.monitor_event()?.is_some() {}
+                if self.dropped {
+                    return Err(self.gone("the connection dropped"));
+                }
                 if self.socket.poll(zmq::POLLOUT, wait.as_millis() as i64)? == 0 {
                     return Err(self.gone("no connection to send on"));
                 }
@@ -414,6 +439,10 @@ impl Link {
 
 impl Drop for Link {
     fn drop(&mut self) {
+        // Stop the monitor before its reader goes: libzmq sends monitor
+        // events blocking, and an event for a closed reader would stall the
+        // I/O thread that every client in the process shares.
+        let _ = self.watch(&[]);
         let _ = self.socket.disconnect(&self.opts.endpoint);
     }
 }

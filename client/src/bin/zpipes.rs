@@ -44,8 +44,8 @@ enum Command {
     Read {
         /// The pipe's name
         name: String,
-        /// Bytes asked for per request: output comes in blocks of this size (smaller is more
-        /// interactive, larger is faster)
+        /// Most bytes asked for per request (at most the broker's pipe limit); a trickle is
+        /// passed on within a fraction of a second whatever the size
         #[arg(long, value_name = "BYTES", default_value_t = 1 << 20,
               value_parser = clap::value_parser!(u32).range(1..=(64 << 20)))]
         block_size: u32,
@@ -179,7 +179,9 @@ fn read(name: &str, opts: &Options, timeout: Option<Duration>, max_block: usize)
     });
     let mut block = max_block;
     let mut idle_since = Instant::now();
-    let result = loop {
+    // Whatever ends the loop, what was received reaches standard output:
+    // the output thread is joined before any error is reported.
+    let result = (|| loop {
         let data = match reader.read_chunk(block, Some(PATIENCE))? {
             ReadOutcome::Data(data) => {
                 if data.len() == block {
@@ -209,7 +211,7 @@ fn read(name: &str, opts: &Options, timeout: Option<Duration>, max_block: usize)
         if !hand_over(&tx, data, &mut reader, opts.heartbeat)? {
             break Ok(()); // standard output failed: see below
         }
-    };
+    })();
     drop(tx);
     match output.join() {
         Ok(Ok(())) => {}
@@ -224,7 +226,8 @@ fn read(name: &str, opts: &Options, timeout: Option<Duration>, max_block: usize)
 }
 
 /// Queues data for the output thread, pinging the broker while it is
-/// full. False if the output thread has stopped.
+/// full. False if the output thread has stopped. The data is never
+/// dropped while the output thread runs.
 fn hand_over(
     tx: &mpsc::SyncSender<bytes::Bytes>,
     mut data: bytes::Bytes,
@@ -240,7 +243,12 @@ fn hand_over(
                 data = back;
                 std::thread::sleep(Duration::from_millis(5));
                 if last_ping.elapsed() >= heartbeat {
-                    reader.ping()?;
+                    if let Err(e) = reader.ping() {
+                        // The broker is gone, but these bytes were received:
+                        // they still go out, however long the consumer takes.
+                        let _ = tx.send(data);
+                        return Err(e.into());
+                    }
                     last_ping = Instant::now();
                 }
             }

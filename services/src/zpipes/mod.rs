@@ -479,17 +479,16 @@ impl Zpipes {
                 // through: the writer is cut off from the pipe instead, so
                 // this and every later WRITE fail, in order: those queued
                 // before it first, then this one.
-                ZpipesMsg::Write { .. } => {
+                ZpipesMsg::Write { .. } if conn.role == Role::Writer => {
                     self.detach(id);
                     self.ready.push_back(id);
                     self.run_ready(now, out);
                     reply(out, id, ZpipesMsg::WriteFailed { reason });
                 }
-                _ => {
-                    reply(out, id, ZpipesMsg::Invalid {});
-                    self.terminate(id, out);
-                    self.run_ready(now, out);
-                }
+                ZpipesMsg::Write { .. } => reply(out, id, ZpipesMsg::WriteFailed { reason }),
+                // Terminating here would leave the pending request and the
+                // ones queued behind it without replies.
+                _ => reply(out, id, ZpipesMsg::Invalid {}),
             }
             return;
         }
