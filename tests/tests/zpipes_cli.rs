@@ -185,12 +185,12 @@ fn zpipes_reads_through_a_tcp_endpoint() {
 #[test]
 fn a_quiet_writer_is_kept_alive_and_the_stream_is_whole() {
     // Expiry shorter than the writer's pause: only its pings keep it.
-    let broker = Broker::start(&["--expiry", "1500"]);
+    let broker = Broker::start(&["--expiry", "2500"]);
     let mut writer = zpipes(&broker, &["write", "pause"]).stdin(Stdio::piped()).spawn().unwrap();
     let reader = zpipes(&broker, &["read", "pause"]).stdout(Stdio::piped()).spawn().unwrap();
     let mut stdin = writer.stdin.take().unwrap();
     stdin.write_all(b"first\n").unwrap();
-    std::thread::sleep(Duration::from_millis(3500));
+    std::thread::sleep(Duration::from_millis(5000));
     stdin.write_all(b"second\n").unwrap();
     drop(stdin);
     let out = reader.wait_with_output().unwrap();

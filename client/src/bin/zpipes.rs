@@ -273,13 +273,12 @@ fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Fa
     let chunk = opts.max_chunk.clamp(4096, 1 << 20);
     std::thread::spawn(move || {
         let mut input = io::stdin().lock();
+        let mut buf = vec![0u8; chunk];
         loop {
-            let mut buf = vec![0u8; chunk];
             match input.read(&mut buf) {
                 Ok(0) => return, // end of input: the channel closes
                 Ok(n) => {
-                    buf.truncate(n);
-                    if tx.send(Ok(buf)).is_err() {
+                    if tx.send(Ok(buf[..n].to_vec())).is_err() {
                         return;
                     }
                 }

@@ -221,8 +221,12 @@ impl Zpipes {
             }
             (Role::Writer, ZpipesMsg::Write { chunk, timeout }) => {
                 if chunk.0.len() > self.config.pipe_limit {
+                    // Refused, and the writer is cut off from its pipe: a
+                    // smaller WRITE after it must not go through and leave
+                    // a hole in the stream.
                     let reason = self.too_big("write", chunk.0.len());
                     reply(out, id, ZpipesMsg::WriteFailed { reason });
+                    self.detach(id);
                 } else {
                     self.start_pending(
                         id,

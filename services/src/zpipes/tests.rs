@@ -357,6 +357,10 @@ fn writes_wait_for_room_within_the_bound() {
     assert_eq!(w.0.service.peak_queued_bytes(), 10);
     let got = w.ask(W, write(b"0123456789a", 0));
     assert!(reason_of(&got[0]).contains("pipe limit of 10 bytes"));
+    assert!(
+        matches!(w.ask(W, write(b"x", 0))[..], [M::WriteFailed { .. }]),
+        "no hole: the writer is cut off after a refused write"
+    );
     let got = w.ask(R, read(11, 0));
     assert!(reason_of(&got[0]).contains("read of 11 bytes"));
 }
