@@ -42,16 +42,16 @@ fn flood(
 }
 
 /// A writer vanishes (socket closed) while its reader waits on a READ with
-/// no timeout. Without load the reader hears READ_END at once. Under a
-/// sustained stream of frames the disconnect waits for a read-dry pass that
-/// never comes.
+/// no timeout, and other peers keep the front socket busy without pause:
+/// the disconnect must still reach the reader (it waits at most a turn,
+/// not for a read-dry pass that may never come).
 #[test]
 fn disconnect_is_applied_while_the_front_socket_stays_busy() {
     let broker = Broker::start(&[]);
     let endpoint = broker.endpoint();
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
-    let threads: usize = std::env::var("FLOODERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
+    let threads: usize = 2;
     let flooders = flood(&endpoint, threads, stop.clone(), sent.clone());
     std::thread::sleep(Duration::from_millis(500));
 
@@ -123,12 +123,12 @@ fn disconnect_is_applied_when_idle() {
 fn a_write_is_not_lost_when_the_descriptor_is_reused_at_once() {
     let broker = Broker::start(&[]);
     let endpoint = broker.endpoint();
-    let threads: usize = std::env::var("FLOODERS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let threads: usize = 0;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let flooders = flood(&endpoint, threads, stop.clone(), sent.clone());
     std::thread::sleep(Duration::from_millis(300));
-    let pings: usize = std::env::var("PINGS").ok().and_then(|v| v.parse().ok()).unwrap_or(900);
+    let pings: usize = 900;
     let reader = Raw::connect(&endpoint);
     let mut lost = 0;
     let rounds = 10;
@@ -152,14 +152,9 @@ fn a_write_is_not_lost_when_the_descriptor_is_reused_at_once() {
             .unwrap();
         }
         // B: a new client at once, on the descriptor A just left.
-        let _b = if std::env::var("NO_B").is_err() {
-            let b = Raw::connect(&endpoint);
-            b.send(M::Ping {});
-            let _ = b.recv(5000);
-            Some(b)
-        } else {
-            None
-        };
+        let b = Raw::connect(&endpoint);
+        b.send(M::Ping {});
+        let _ = b.recv(5000);
         reader.send(M::Read { size: 10, timeout: 3000 });
         let got = reader.recv(10_000);
         if got != Some(M::ReadOk { chunk: Chunk(bytes::Bytes::from_static(b"last words")) }) {
@@ -190,7 +185,7 @@ fn a_write_is_not_lost_when_the_descriptor_is_reused_at_once() {
 fn a_reply_dropped_at_the_parking_bound_leaves_no_hole() {
     let broker = Broker::start(&["--pipe-limit", "1MiB"]);
     let endpoint = broker.endpoint();
-    let threads: usize = std::env::var("FLOODERS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    let threads: usize = 0;
     let stop = Arc::new(AtomicBool::new(false));
     let sent = Arc::new(AtomicU64::new(0));
     let flooders = flood(&endpoint, threads, stop.clone(), sent.clone());
