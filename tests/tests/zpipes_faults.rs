@@ -123,11 +123,6 @@ fn disconnect_is_applied_when_idle() {
 fn a_write_is_not_lost_when_the_descriptor_is_reused_at_once() {
     let broker = Broker::start(&[]);
     let endpoint = broker.endpoint();
-    let threads: usize = 0;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let flooders = flood(&endpoint, threads, stop.clone(), sent.clone());
-    std::thread::sleep(Duration::from_millis(300));
     let pings: usize = 900;
     let reader = Raw::connect(&endpoint);
     let mut lost = 0;
@@ -171,10 +166,6 @@ fn a_write_is_not_lost_when_the_descriptor_is_reused_at_once() {
         }
         let _ = reader.ask(M::Close {});
     }
-    stop.store(true, Ordering::Relaxed);
-    for f in flooders {
-        f.join().unwrap();
-    }
     assert_eq!(lost, 0, "{lost} of {rounds} WRITEs sent before a close were lost");
 }
 
@@ -185,10 +176,6 @@ fn a_write_is_not_lost_when_the_descriptor_is_reused_at_once() {
 fn a_reply_dropped_at_the_parking_bound_leaves_no_hole() {
     let broker = Broker::start(&["--pipe-limit", "1MiB"]);
     let endpoint = broker.endpoint();
-    let threads: usize = 0;
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let flooders = flood(&endpoint, threads, stop.clone(), sent.clone());
     let context = zmq::Context::new();
     let slow = context.socket(zmq::DEALER).unwrap();
     slow.set_rcvhwm(1).unwrap();
@@ -223,10 +210,6 @@ fn a_reply_dropped_at_the_parking_bound_leaves_no_hole() {
         }
     }
     eprintln!("replies seen (first byte, length): {seen:?}");
-    stop.store(true, Ordering::Relaxed);
-    for f in flooders {
-        f.join().unwrap();
-    }
     let st = broker.status();
     eprintln!(
         "status: peers {} parked {} parked_bytes {} conns {}",
