@@ -387,6 +387,7 @@ impl Reactor {
                 Action::Send { to, frame } => self.send(to, frame),
                 Action::SetTimer { key, at } => self.timers.set((service, key), at),
                 Action::CancelTimer { key } => self.timers.cancel((service, key)),
+                Action::Work { .. } => tracing::error!("no worker yet"),
             }
         }
         self.actions = actions;

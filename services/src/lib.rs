@@ -10,6 +10,7 @@
 use bytes::Bytes;
 use std::time::Instant;
 
+pub mod filemq;
 pub mod sim;
 pub mod zpipes;
 
@@ -22,7 +23,7 @@ pub struct ConnId(pub u64);
 pub type TimerKey = u64;
 
 /// What a service asks the reactor to do.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Action {
     /// Send one frame to a connection. If the peer has gone, the frame is
     /// dropped and the service gets [`Service::on_disconnect`].
@@ -32,6 +33,9 @@ pub enum Action {
     SetTimer { key: TimerKey, at: Instant },
     /// Forget the timer with this key, if any.
     CancelTimer { key: TimerKey },
+    /// Run `job` off the event loop; its outcome comes back through
+    /// [`Service::on_work`] with the same `key`.
+    Work { key: u64, job: filemq::work::Job },
 }
 
 /// A protocol service hosted by the reactor.
@@ -44,6 +48,18 @@ pub trait Service {
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>);
     /// A timer set by this service has come due.
     fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>);
+    /// The outcome of an [`Action::Work`] this service asked for (or, for a
+    /// watch, a change it reports).
+    fn on_work(&mut self, key: u64, done: filemq::work::Done, now: Instant, out: &mut Vec<Action>) {
+        let _ = (key, done, now, out);
+    }
+    /// A command from the control endpoint (`zbroker publish …`), split into
+    /// words. `None` if this service does not know it; otherwise the reply
+    /// (`Err` is shown to the operator as the failure).
+    fn command(&mut self, words: &[String], now: Instant, out: &mut Vec<Action>) -> Option<Result<String, String>> {
+        let _ = (words, now, out);
+        None
+    }
     /// The peer behind `conn` has disconnected; forget it.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>);
     /// A snapshot for `zbroker status`.

@@ -3,6 +3,8 @@
 //! the frames the service sent. Unit tests, property tests and fuzz targets
 //! share it.
 
+use crate::filemq::disk;
+use crate::filemq::work::{Done, Job, MountId};
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -13,11 +15,26 @@ pub struct Sim<S: Service> {
     pub now: Instant,
     timers: HashMap<TimerKey, Instant>,
     inboxes: BTreeMap<ConnId, VecDeque<Vec<u8>>>,
+    /// Work the service asked for, not yet run.
+    work: VecDeque<(u64, Job)>,
+    /// When set, work waits for [`Sim::run_work`]; otherwise it runs (on
+    /// the real disk, inline) as soon as it is asked for.
+    pub hold_work: bool,
+    /// Mounts the service asked to watch.
+    pub watched: BTreeMap<MountId, u64>,
 }
 
 impl<S: Service> Sim<S> {
     pub fn new(service: S) -> Self {
-        Sim { service, now: Instant::now(), timers: HashMap::new(), inboxes: BTreeMap::new() }
+        Sim {
+            service,
+            now: Instant::now(),
+            timers: HashMap::new(),
+            inboxes: BTreeMap::new(),
+            work: VecDeque::new(),
+            hold_work: false,
+            watched: BTreeMap::new(),
+        }
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
@@ -30,8 +47,51 @@ impl<S: Service> Sim<S> {
                 Action::CancelTimer { key } => {
                     self.timers.remove(&key);
                 }
+                Action::Work { key, job: Job::Watch { mount, .. } } => {
+                    self.watched.insert(mount, key);
+                }
+                Action::Work { job: Job::Unwatch { mount }, .. } => {
+                    self.watched.remove(&mount);
+                }
+                Action::Work { key, job } => self.work.push_back((key, job)),
             }
         }
+        if !self.hold_work {
+            self.run_work();
+        }
+    }
+
+    /// Runs every piece of work asked for so far (and any it leads to), in
+    /// order, delivering each outcome before the next job starts.
+    pub fn run_work(&mut self) {
+        while let Some((key, job)) = self.work.pop_front() {
+            if let Some(done) = disk::run(job) {
+                self.deliver(key, done);
+            }
+        }
+    }
+
+    /// Number of jobs waiting (with `hold_work`).
+    pub fn pending_work(&self) -> usize {
+        self.work.len()
+    }
+
+    /// Hands the service the outcome of a piece of work, or a watch event.
+    pub fn deliver(&mut self, key: u64, done: Done) {
+        let mut out = Vec::new();
+        self.service.on_work(key, done, self.now, &mut out);
+        let hold = std::mem::replace(&mut self.hold_work, true);
+        self.apply(out);
+        self.hold_work = hold;
+    }
+
+    /// Sends a control command, as `zbroker publish` does.
+    pub fn command(&mut self, words: &[&str]) -> Option<Result<String, String>> {
+        let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        let mut out = Vec::new();
+        let reply = self.service.command(&words, self.now, &mut out);
+        self.apply(out);
+        reply
     }
 
     /// Delivers a raw frame from `conn`.

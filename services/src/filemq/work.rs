@@ -1,0 +1,106 @@
+//! Work the FILEMQ service hands off the event loop: scanning a mount,
+//! hashing files, reading chunks. The service asks with [`Job`]s (through
+//! `Action::Work`) and is told the outcome with [`Done`] (through
+//! `Service::on_work`). The state machine never runs a job itself; the
+//! reactor runs them on worker threads (`disk::run`), and `sim::Sim` runs
+//! them inline, so tests stay deterministic.
+
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// A mount, numbered by the service. Never reused while the broker runs.
+pub type MountId = u32;
+
+/// One published file as the last scan saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileMeta {
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: u64,
+    /// SHA-1 of the contents, 40 upper-case hex digits (CZMQ `zdigest`).
+    pub digest: String,
+}
+
+/// The stable files of one mount, keyed by path relative to its root with
+/// `/` separators and no leading `/` (`"a/b.txt"`). Hidden entries (a
+/// component starting with `.`) and anything outside the root are never in
+/// it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub files: BTreeMap<String, FileMeta>,
+}
+
+/// What changed between two snapshots, by relative path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// New, or changed in size, mtime or digest: the new meta is in the
+    /// snapshot.
+    Created(String),
+    Deleted(String),
+}
+
+/// Work to do off the event loop.
+#[derive(Debug, Clone)]
+pub enum Job {
+    /// Walk `root`, compare with `previous`, and report the stable files.
+    /// A file is stable once its mtime is at least `stable_age` old; an
+    /// unstable file keeps its `previous` entry (or stays absent) and sets
+    /// `Done::Scanned::unstable`. Digests are reused from `previous` when
+    /// size and mtime are unchanged, else from `digest_cache` (a file kept
+    /// between runs; read when `previous` is empty, rewritten when new
+    /// digests were computed), else computed.
+    Scan {
+        mount: MountId,
+        root: PathBuf,
+        previous: Arc<Snapshot>,
+        stable_age: Duration,
+        digest_cache: Option<PathBuf>,
+    },
+    /// Read `len` bytes at `offset` of `root/rel`, provided the file still
+    /// has the size and mtime in `expect` and still lies inside `root`.
+    Read { root: PathBuf, rel: String, offset: u64, len: usize, expect: FileMeta },
+    /// Watch `root` for changes (inotify); each burst of changes is
+    /// reported as `Done::Dirty`. Run by the reactor, not by `disk::run`.
+    Watch { mount: MountId, root: PathBuf },
+    /// Stop watching (the mount was removed).
+    Unwatch { mount: MountId },
+}
+
+/// The outcome of a [`Job`].
+#[derive(Debug, Clone)]
+pub enum Done {
+    Scanned {
+        mount: MountId,
+        /// `Err` when the root itself cannot be read (the previous snapshot
+        /// stays in force).
+        result: Result<Scanned, String>,
+    },
+    Read(Result<Bytes, ReadError>),
+    /// Something under the mount changed: scan it soon.
+    Dirty { mount: MountId },
+    /// The watch could not be set up: rely on periodic rescans.
+    WatchFailed { mount: MountId, why: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct Scanned {
+    pub snapshot: Arc<Snapshot>,
+    pub changes: Vec<Change>,
+    /// Some files were left out (or kept at their old version) because
+    /// they changed within `stable_age`: scan again after it.
+    pub unstable: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The file is no longer what was announced (size or mtime differ,
+    /// shorter than expected, or it left the root): a rescan will
+    /// announce the new version.
+    #[error("file changed since it was announced")]
+    Changed,
+    #[error("{0}")]
+    Io(String),
+}
