@@ -7,6 +7,12 @@
 //! expiry = 60000          # ms
 //! pipe_limit = "8MiB"     # or a number of bytes
 //! log = "info"
+//! publish = ["/srv/outbox", "/srv/photos=/photos"]   # DIR[=/alias]
+//! stable_age = 1000       # ms a file must stay unchanged before it is sent
+//! state_dir = "/var/lib/zbroker"   # digests kept between runs
+//! upstream = "tcp://hub:5670"      # cascade: mirror this broker's files...
+//! subscribe = ["/"]                # ...under these paths...
+//! inbox = "/srv/outbox"            # ...into this directory
 //! ```
 
 use anyhow::{bail, Context as _};
@@ -21,6 +27,31 @@ pub struct FileConfig {
     pub expiry: Option<u64>,
     pub pipe_limit: Option<Size>,
     pub log: Option<String>,
+    pub publish: Option<Vec<String>>,
+    pub stable_age: Option<u64>,
+    pub state_dir: Option<std::path::PathBuf>,
+    pub upstream: Option<String>,
+    pub subscribe: Option<Vec<String>>,
+    pub inbox: Option<std::path::PathBuf>,
+}
+
+/// A `--publish DIR[=/alias]` argument.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publish {
+    pub dir: std::path::PathBuf,
+    pub alias: String,
+}
+
+/// Parses `DIR` (published as `/`) or `DIR=/alias`.
+pub fn parse_publish(text: &str) -> anyhow::Result<Publish> {
+    let (dir, alias) = match text.rsplit_once("=/") {
+        Some((dir, rest)) => (dir, format!("/{rest}")),
+        None => (text, "/".to_string()),
+    };
+    if dir.is_empty() {
+        bail!("--publish {text:?}: no directory (use DIR or DIR=/alias)");
+    }
+    Ok(Publish { dir: dir.into(), alias })
 }
 
 /// A byte count written as a number or as text with a unit ("8MiB").
@@ -90,6 +121,12 @@ mod tests {
             expiry = 1000
             pipe_limit = "1MiB"
             log = "debug"
+            publish = ["/srv/a", "/srv/b=/photos"]
+            stable_age = 500
+            state_dir = "/var/lib/zbroker"
+            upstream = "tcp://hub:5670"
+            subscribe = ["/"]
+            inbox = "/srv/a"
             "#,
         )
         .unwrap();
@@ -98,5 +135,14 @@ mod tests {
         let numeric: FileConfig = toml::from_str("pipe_limit = 1024").unwrap();
         assert_eq!(numeric.pipe_limit.map(Size::bytes), Some(1024));
         assert!(toml::from_str::<FileConfig>("nmae = 'typo'").is_err());
+        assert_eq!(config.publish.map(|p| p.len()), Some(2));
+        assert_eq!(config.stable_age, Some(500));
+    }
+
+    #[test]
+    fn publish_arguments_parse() {
+        assert_eq!(parse_publish("./out").unwrap(), Publish { dir: "./out".into(), alias: "/".into() });
+        assert_eq!(parse_publish("a=b=/x/y").unwrap(), Publish { dir: "a=b".into(), alias: "/x/y".into() });
+        assert!(parse_publish("=/x").is_err());
     }
 }

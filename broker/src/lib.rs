@@ -6,3 +6,4 @@ pub mod config;
 mod peers;
 pub mod reactor;
 mod timers;
+pub mod worker;

@@ -7,23 +7,30 @@ use std::process::ExitCode;
 use std::time::Duration;
 use zbroker::{config, reactor};
 use zbroker_client::endpoint;
+use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
 
 #[derive(Parser)]
 #[command(
     name = "zbroker",
     version,
-    about = "A ZeroMQ broker hosting ZPIPES named pipes",
-    long_about = "A ZeroMQ broker hosting ZPIPES named pipes.\n\n\
+    about = "A ZeroMQ broker hosting ZPIPES named pipes and FILEMQ file distribution",
+    long_about = "A ZeroMQ broker hosting ZPIPES named pipes and FILEMQ file distribution.\n\n\
         `zbroker NAME` runs the broker called NAME (default `local`). Local clients find it at \
-        ipc://@/zpipes/NAME, the endpoint the original C zpipes_client uses; --bind adds more \
-        endpoints (tcp://...). Every endpoint serves every service: the protocol signature at \
-        the start of each message picks the service. A second broker with the same name refuses \
-        to start. SIGINT or SIGTERM stops it cleanly.\n\n\
-        `zbroker status NAME` asks a running broker what it is doing.",
+        ipc://@/zpipes/NAME (the endpoint the original C zpipes_client uses) and \
+        ipc://@/filemq/NAME; --bind adds more endpoints (tcp://...). Every endpoint serves every \
+        service: the protocol signature at the start of each message picks the service. \
+        --publish DIR[=/alias] publishes a directory to FILEMQ subscribers: every file in it, \
+        and every later create, change and delete, reaches them. A second broker with the same \
+        name refuses to start. SIGINT or SIGTERM stops it cleanly.\n\n\
+        `zbroker status NAME` asks a running broker what it is doing; `zbroker publish NAME DIR \
+        /alias` publishes one more directory at run time.",
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  zbroker                                  run the broker \"local\"\n  \
         zbroker hub --bind tcp://127.0.0.1:5670  also listen on TCP\n  \
+        zbroker --publish ./outbox --bind tcp://*:5670   publish ./outbox as / over TCP\n  \
+        zbroker relay --upstream tcp://hub:5670 --subscribe / --inbox ./mirror --publish ./mirror\n  \
+                                                 cascade: mirror the hub and publish the mirror\n  \
         zbroker status hub --json                machine-readable status"
 )]
 struct Cli {
@@ -47,6 +54,25 @@ struct RunArgs {
     /// Most bytes queued for one pipe's reader, at least 1MiB [default: 8MiB]
     #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
     pipe_limit: Option<u64>,
+    /// Publish DIR to FILEMQ subscribers as virtual path /alias (repeatable) [default alias: /]
+    #[arg(long, value_name = "DIR[=/alias]", value_parser = config::parse_publish)]
+    publish: Vec<config::Publish>,
+    /// A file is sent once unchanged for this many milliseconds [default: 1000]
+    #[arg(long, value_name = "MS")]
+    stable_age: Option<u64>,
+    /// Keep file digests here between runs, so a restart does not rehash an unchanged tree
+    /// [default: $XDG_STATE_HOME/zbroker/NAME or ~/.local/state/zbroker/NAME]
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+    /// Cascade: mirror the FILEMQ broker at ENDPOINT (with --subscribe and --inbox)
+    #[arg(long, value_name = "ENDPOINT", requires = "inbox")]
+    upstream: Option<String>,
+    /// Cascade: virtual path to mirror from --upstream (repeatable) [default: /]
+    #[arg(long, value_name = "PATH", requires = "upstream")]
+    subscribe: Vec<String>,
+    /// Cascade: directory the --upstream files go into (publish it too to relay them)
+    #[arg(long, value_name = "DIR", requires = "upstream")]
+    inbox: Option<PathBuf>,
     /// Read settings from a TOML file; flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -69,12 +95,25 @@ enum Command {
         #[arg(long, value_name = "MS", default_value_t = 2000)]
         timeout: u64,
     },
+    /// Publish a directory to FILEMQ subscribers of a running broker
+    Publish {
+        /// Name of the broker
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Directory to publish
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        /// Virtual path subscribers see it under, e.g. / or /photos
+        #[arg(value_name = "ALIAS")]
+        alias: String,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
+        Some(Command::Publish { name, dir, alias }) => publish(&name, &dir, &alias),
         None => run(cli.run),
     };
     match result {
@@ -124,7 +163,26 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let zpipes = Zpipes::new(zpipes::Config { expiry, pipe_limit, mailbox_bytes, ..defaults });
 
-    let mut endpoints = vec![endpoint::zpipes(&name)];
+    let fdefaults = filemq::Config::default();
+    let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
+    let state_dir = args.state_dir.or(file.state_dir).or_else(|| default_state_dir(&name));
+    let mut filemq = Filemq::new(filemq::Config { expiry, stable_age, state_dir, ..fdefaults.clone() });
+    let mut publish = args.publish;
+    if publish.is_empty() {
+        for text in file.publish.unwrap_or_default() {
+            publish.push(config::parse_publish(&text)?);
+        }
+    }
+    let now = std::time::Instant::now();
+    let mut startup_work = Vec::new();
+    for config::Publish { dir, alias } in publish {
+        let root = publishable(&dir)?;
+        filemq
+            .publish(root, &alias, now, &mut startup_work)
+            .map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
+    }
+
+    let mut endpoints = vec![endpoint::zpipes(&name), endpoint::filemq(&name)];
     endpoints.extend(if args.bind.is_empty() { file.bind.unwrap_or_default() } else { args.bind });
     let settings = reactor::Settings {
         control_endpoint: endpoint::control(&name),
@@ -132,17 +190,67 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         endpoints,
         // Room for a couple of the largest replies (a READ_OK of the
         // whole pipe); more means the peer is not reading.
-        max_parked_bytes: 2 * pipe_limit + 4096,
+        // (or the most credit a FILEMQ subscriber may hold, plus a chunk).
+        max_parked_bytes: (2 * pipe_limit).max(fdefaults.max_credit as usize + fdefaults.chunk_size) + 4096,
     };
-    let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes)])?;
+    let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes), Box::new(filemq)])?;
+    // The FILEMQ service is the second one handed to the reactor.
+    reactor.start_work(1, startup_work);
     tracing::info!(
-        "zbroker {name} ready: zpipes at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
+        "zbroker {name} ready at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
         reactor.endpoints().join(", "),
         expiry.as_millis()
     );
     reactor.run()?;
     tracing::info!("zbroker {name} stopped");
     Ok(())
+}
+
+/// Where digests are kept between runs when `--state-dir` is not given.
+fn default_state_dir(name: &str) -> Option<PathBuf> {
+    let base = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))?;
+    Some(base.join("zbroker").join(name))
+}
+
+/// The absolute path of a directory to publish, or why it cannot be.
+fn publishable(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
+    let root = std::fs::canonicalize(dir).with_context(|| format!("cannot publish {}", dir.display()))?;
+    if !root.is_dir() {
+        bail!("cannot publish {}: not a directory", dir.display());
+    }
+    Ok(root)
+}
+
+/// Asks a running broker to publish one more directory.
+fn publish(name: &str, dir: &std::path::Path, alias: &str) -> anyhow::Result<()> {
+    endpoint::check_name(name)?;
+    let root = publishable(dir)?;
+    let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
+    let reply = control_request(name, &["PUBLISH", root, alias], Duration::from_secs(2))?;
+    match (reply["ok"].as_str(), reply["error"].as_str()) {
+        (Some(ok), _) => {
+            println!("{ok}");
+            Ok(())
+        }
+        (_, Some(error)) => bail!("{error}"),
+        _ => bail!("unexpected reply from the broker: {reply}"),
+    }
+}
+
+/// Sends one request to a broker's control endpoint and returns its JSON reply.
+fn control_request(name: &str, words: &[&str], timeout: Duration) -> anyhow::Result<serde_json::Value> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::DEALER)?;
+    socket.set_linger(0)?;
+    socket.connect(&endpoint::control(name))?;
+    socket.send_multipart(words.iter().map(|w| w.as_bytes()), 0)?;
+    if socket.poll(zmq::POLLIN, timeout.as_millis() as i64)? == 0 {
+        bail!("no broker named {name:?} answers at {}", endpoint::control(name));
+    }
+    let reply = socket.recv_bytes(0)?;
+    serde_json::from_slice(&reply).context("the broker's reply is not JSON")
 }
 
 fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
@@ -163,17 +271,7 @@ fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
 /// Asks the broker's control endpoint for its status and prints it.
 fn status(name: &str, json: bool, timeout: Duration) -> anyhow::Result<()> {
     endpoint::check_name(name)?;
-    let context = zmq::Context::new();
-    let socket = context.socket(zmq::DEALER)?;
-    socket.set_linger(0)?;
-    socket.connect(&endpoint::control(name))?;
-    socket.send("STATUS", 0)?;
-    if socket.poll(zmq::POLLIN, timeout.as_millis() as i64)? == 0 {
-        bail!("no broker named {name:?} answers at {}", endpoint::control(name));
-    }
-    let reply = socket.recv_bytes(0)?;
-    let status: serde_json::Value =
-        serde_json::from_slice(&reply).context("the broker's status is not JSON")?;
+    let status = control_request(name, &["STATUS"], timeout)?;
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
@@ -220,6 +318,46 @@ fn describe(s: &serde_json::Value) -> String {
                 yes(&pipe["reader"]),
                 yes(&pipe["writer"]),
                 pipe["queued_bytes"]
+            );
+        }
+    }
+    let f = &s["services"]["filemq"];
+    if f.is_object() {
+        let _ = writeln!(
+            out,
+            "filemq: {} subscribers, {} files and {} bytes sent, {} deletes sent, {} malformed frames",
+            f["subscribers"].as_array().map_or(0, Vec::len),
+            f["files_sent"],
+            f["bytes_sent"],
+            f["deletes_sent"],
+            f["malformed_frames"]
+        );
+        for mount in f["mounts"].as_array().into_iter().flatten() {
+            let state = match (mount["error"].as_str(), mount["scanned"].as_bool()) {
+                (Some(error), _) => format!("error: {error}"),
+                (None, Some(true)) => format!("{} files, {} bytes", mount["files"], mount["bytes"]),
+                _ => "scanning".to_string(),
+            };
+            let _ = writeln!(
+                out,
+                "  mount {} <- {} ({state}{})",
+                mount["alias"].as_str().unwrap_or("?"),
+                mount["root"].as_str().unwrap_or("?"),
+                if mount["watching"].as_bool() == Some(false) { ", polling" } else { "" }
+            );
+        }
+        for sub in f["subscribers"].as_array().into_iter().flatten() {
+            let paths: Vec<&str> =
+                sub["subscriptions"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
+            let _ = writeln!(
+                out,
+                "  subscriber #{}: {}, {} bytes sent, {} queued, credit {}{}",
+                sub["connection"],
+                paths.join(" "),
+                sub["bytes_sent"],
+                sub["queued"],
+                sub["credit"],
+                sub["sending"].as_str().map(|f| format!(", sending {f}")).unwrap_or_default()
             );
         }
     }

@@ -12,6 +12,7 @@
 
 use crate::peers::Peers;
 use crate::timers::Timers;
+use crate::worker::Worker;
 use anyhow::{bail, Context as _};
 use bytes::Bytes;
 use mio::unix::SourceFd;
@@ -26,6 +27,7 @@ const FRONT: Token = Token(0);
 const MONITOR: Token = Token(1);
 const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
+const WORK_DONE: Token = Token(4);
 
 /// Frames taken from the front socket before the other sockets get a turn.
 const RECV_BATCH: usize = 256;
@@ -39,6 +41,8 @@ const SEND_HWM: i32 = 4;
 /// Front-socket passes between turns for the monitor, control socket and
 /// signal pipe while traffic keeps the front socket busy.
 const PASSES_PER_TURN: u64 = 64;
+/// Threads running disk work (scans, hashing, chunk reads).
+const WORKER_THREADS: usize = 3;
 /// How long queued replies may take to leave at shutdown.
 const LINGER_MS: i32 = 1000;
 
@@ -106,6 +110,8 @@ pub struct Reactor {
     started: Instant,
     dropped_frames: u64,
     stop: bool,
+    /// Runs services' disk work off this thread; wakes `WORK_DONE`.
+    worker: Worker,
 }
 
 fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
@@ -192,6 +198,9 @@ impl Reactor {
             Interest::READABLE,
         )?;
 
+        let waker = std::sync::Arc::new(mio::Waker::new(registry, WORK_DONE)?);
+        let worker = Worker::start(waker, WORKER_THREADS).context("starting the worker threads")?;
+
         let routes = services.iter().enumerate().map(|(i, s)| (s.signature(), i)).collect();
         Ok(Reactor {
             name: settings.name,
@@ -215,7 +224,15 @@ impl Reactor {
             started: Instant::now(),
             dropped_frames: 0,
             stop: false,
+            worker,
         })
+    }
+
+    /// Carries out actions a service produced before the reactor existed
+    /// (the first scans of the mounts given on the command line).
+    pub fn start_work(&mut self, service: usize, actions: Vec<Action>) {
+        self.actions.extend(actions);
+        self.apply(service);
     }
 
     /// The front endpoints as bound (wildcard ports resolved).
@@ -263,6 +280,20 @@ impl Reactor {
         }
     }
 
+    /// Hands finished disk work back to the services that asked for it.
+    fn deliver_work(&mut self) -> bool {
+        let done = self.worker.take_done();
+        if done.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        for (service, key, outcome) in done {
+            self.services[service].on_work(key, outcome, now, &mut self.actions);
+            self.apply(service);
+        }
+        true
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some((service, key)) = self.timers.pop_due(now) {
@@ -280,6 +311,7 @@ impl Reactor {
         let mut passes = 0u64;
         loop {
             self.fire_timers();
+            let delivered = self.deliver_work();
             passes += 1;
             if passes.is_multiple_of(PASSES_PER_TURN) {
                 self.check_signals();
@@ -289,7 +321,7 @@ impl Reactor {
             if self.stop {
                 return Ok(());
             }
-            let mut progress = false;
+            let mut progress = delivered;
             let events = events(&self.front)?;
             if events.contains(zmq::POLLOUT) && !self.parked.is_empty() {
                 progress |= self.flush_parked()?;
@@ -387,7 +419,7 @@ impl Reactor {
                 Action::Send { to, frame } => self.send(to, frame),
                 Action::SetTimer { key, at } => self.timers.set((service, key), at),
                 Action::CancelTimer { key } => self.timers.cancel((service, key)),
-                Action::Work { .. } => tracing::error!("no worker yet"),
+                Action::Work { key, job } => self.worker.submit(service, key, job),
             }
         }
         self.actions = actions;
@@ -541,16 +573,31 @@ impl Reactor {
         if parts.len() < 2 {
             return Ok(());
         }
-        let request = parts.pop().unwrap_or_default();
-        let routing_id = parts.swap_remove(0);
-        let reply = match request.as_slice() {
-            b"STATUS" => self.status().to_string(),
-            other => serde_json::json!({ "error": format!("unknown control request {:?}", String::from_utf8_lossy(other)) })
-                .to_string(),
+        let routing_id = parts.remove(0);
+        let words: Vec<String> = parts.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
+        let reply = match words.first().map(String::as_str) {
+            Some("STATUS") => self.status().to_string(),
+            _ => self.command(&words).to_string(),
         };
         // A control client that vanished is no loss.
         let _ = self.control.send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
         Ok(())
+    }
+
+    /// A control command for the services (`PUBLISH DIR ALIAS`): the first
+    /// service that knows it answers `{"ok": …}` or `{"error": …}`.
+    fn command(&mut self, words: &[String]) -> serde_json::Value {
+        let now = Instant::now();
+        for service in 0..self.services.len() {
+            if let Some(result) = self.services[service].command(words, now, &mut self.actions) {
+                self.apply(service);
+                return match result {
+                    Ok(message) => serde_json::json!({ "ok": message }),
+                    Err(error) => serde_json::json!({ "error": error }),
+                };
+            }
+        }
+        serde_json::json!({ "error": format!("unknown control request {:?}", words.join(" ")) })
     }
 
     fn status(&self) -> serde_json::Value {
@@ -567,6 +614,7 @@ impl Reactor {
             "parked_replies": self.parked.values().map(|p| p.frames.len()).sum::<usize>(),
             "parked_bytes": self.parked.values().map(|p| p.bytes).sum::<usize>(),
             "dropped_frames": self.dropped_frames,
+            "work_in_flight": self.worker.in_flight(),
             "services": services,
         })
     }

@@ -40,6 +40,11 @@ pub fn zpipes(name: &str) -> String {
     format!("ipc://@/zpipes/{name}")
 }
 
+/// The FILEMQ endpoint of the broker called `name`.
+pub fn filemq(name: &str) -> String {
+    format!("ipc://@/filemq/{name}")
+}
+
 /// The control endpoint of the broker called `name` (status queries).
 pub fn control(name: &str) -> String {
     format!("ipc://@/zbroker/{name}")
@@ -53,6 +58,7 @@ mod tests {
     fn names_map_to_the_original_endpoints() {
         assert_eq!(zpipes("local"), "ipc://@/zpipes/local");
         assert_eq!(control("x"), "ipc://@/zbroker/x");
+        assert_eq!(filemq("local"), "ipc://@/filemq/local");
     }
 
     #[test]

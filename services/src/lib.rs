@@ -56,7 +56,12 @@ pub trait Service {
     /// A command from the control endpoint (`zbroker publish …`), split into
     /// words. `None` if this service does not know it; otherwise the reply
     /// (`Err` is shown to the operator as the failure).
-    fn command(&mut self, words: &[String], now: Instant, out: &mut Vec<Action>) -> Option<Result<String, String>> {
+    fn command(
+        &mut self,
+        words: &[String],
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Option<Result<String, String>> {
         let _ = (words, now, out);
         None
     }

@@ -1,13 +1,18 @@
 //! The integration-test harness: starts the real `zbroker` binary under a
-//! name of its own (tests run in parallel), finds the `zpipes` program, and
-//! speaks raw ZPIPES bytes over real DEALER sockets.
+//! name of its own (tests run in parallel), finds the `zpipes` and `filemq`
+//! programs, speaks raw ZPIPES bytes over real DEALER sockets, and compares
+//! directory trees by digest.
 //!
 //! The binaries are the ones `cargo test --workspace` builds into the same
 //! target directory as the test executables; `ZBROKER_BIN_DIR` overrides.
 
-use std::path::PathBuf;
+use sha1::{Digest as _, Sha1};
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 use zbroker_client::ZpipesMsg;
 
@@ -50,6 +55,8 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
 pub struct Broker {
     pub name: String,
     pub child: Child,
+    /// Digests kept between runs, unless the test passed `--state-dir`.
+    _state: Option<tempfile::TempDir>,
 }
 
 impl Broker {
@@ -59,15 +66,22 @@ impl Broker {
     }
 
     pub fn start_named(name: &str, args: &[&str]) -> Broker {
-        let child = Command::new(bin("zbroker"))
-            .arg(name)
-            .args(args)
+        let mut command = Command::new(bin("zbroker"));
+        command.arg(name).args(args);
+        let state = if args.contains(&"--state-dir") {
+            None
+        } else {
+            let dir = tempfile::tempdir().expect("a state directory");
+            command.arg("--state-dir").arg(dir.path());
+            Some(dir)
+        };
+        let child = command
             // ZBROKER_TEST_LOG=debug shows the broker's side of a test.
             .env("RUST_LOG", std::env::var("ZBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .spawn()
             .expect("start zbroker");
-        let mut broker = Broker { name: name.to_string(), child };
+        let mut broker = Broker { name: name.to_string(), child, _state: state };
         let up = wait_until(Duration::from_secs(10), || {
             broker.try_status().is_some() || broker.child.try_wait().ok().flatten().is_some()
         });
@@ -96,6 +110,42 @@ impl Broker {
 
     pub fn status(&self) -> serde_json::Value {
         self.try_status().expect("broker answers status")
+    }
+
+    /// The FILEMQ endpoint clients use for this broker by name.
+    pub fn filemq_endpoint(&self) -> String {
+        zbroker_client::endpoint::filemq(&self.name)
+    }
+
+    /// The first TCP endpoint the broker bound (with `--bind tcp://127.0.0.1:*`).
+    pub fn tcp_endpoint(&self) -> String {
+        let status = self.status();
+        let endpoints = status["endpoints"].as_array().cloned().unwrap_or_default();
+        endpoints
+            .iter()
+            .filter_map(|e| e.as_str())
+            .find(|e| e.starts_with("tcp://"))
+            .expect("the broker was started with a TCP --bind")
+            .to_string()
+    }
+
+    /// The FILEMQ part of the status.
+    pub fn filemq(&self) -> serde_json::Value {
+        self.status()["services"]["filemq"].clone()
+    }
+
+    /// Chunk payload bytes the broker has sent to FILEMQ subscribers.
+    pub fn filemq_bytes_sent(&self) -> u64 {
+        self.filemq()["bytes_sent"].as_u64().expect("bytes_sent in the status")
+    }
+
+    /// Waits until every mount has finished its first scan.
+    pub fn wait_scanned(&self) {
+        let done = wait_until(Duration::from_secs(60), || {
+            let mounts = self.filemq()["mounts"].as_array().cloned().unwrap_or_default();
+            mounts.iter().all(|m| m["scanned"].as_bool() == Some(true))
+        });
+        assert!(done, "the broker's mounts were not scanned within 60 s");
     }
 
     /// The ZPIPES part of the status.
@@ -200,4 +250,108 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     }
     out.truncate(len);
     out
+}
+
+/// SHA-1 (upper-case hex) of every file under `root`, by path relative to
+/// it, skipping hidden entries as a publisher does.
+pub fn tree_digests(root: &Path) -> BTreeMap<String, String> {
+    fn walk(root: &Path, dir: &Path, out: &mut BTreeMap<String, String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let path = entry.path();
+            if path.is_dir() {
+                walk(root, &path, out);
+            } else if let Ok(data) = std::fs::read(&path) {
+                let rel = path.strip_prefix(root).unwrap_or(&path).to_string_lossy().into_owned();
+                out.insert(rel, sha1_hex(&data));
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(root, root, &mut out);
+    out
+}
+
+pub fn sha1_hex(data: &[u8]) -> String {
+    Sha1::digest(data).iter().map(|b| format!("{b:02X}")).collect()
+}
+
+/// Waits until the two trees hold the same files with the same digests.
+pub fn wait_converged(publisher: &Path, inbox: &Path, limit: Duration) -> bool {
+    wait_until(limit, || tree_digests(publisher) == tree_digests(inbox))
+}
+
+/// Writes `data` to `root/rel`, creating folders.
+pub fn put(root: &Path, rel: &str, data: &[u8]) {
+    let path = root.join(rel);
+    std::fs::create_dir_all(path.parent().expect("a parent")).expect("create folders");
+    std::fs::write(path, data).expect("write a file");
+}
+
+/// A running `filemq subscribe` process; its stdout lines arrive on
+/// `lines`. Killed on drop.
+pub struct Subscriber {
+    pub child: Child,
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Subscriber {
+    /// Starts `filemq subscribe ARGS...` (give it the paths, `--inbox` and
+    /// `--broker`/`--endpoint`).
+    pub fn start(args: &[&str]) -> Subscriber {
+        let mut child = Command::new(bin("filemq"))
+            .arg("subscribe")
+            .args(args)
+            .env("RUST_LOG", std::env::var("ZBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("start filemq");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Subscriber { child, lines }
+    }
+
+    /// Waits for a stdout line equal to `want`; returns the lines seen.
+    pub fn expect_line(&self, want: &str, limit: Duration) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let done = line == want;
+                    seen.push(line);
+                    if done {
+                        return seen;
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        panic!("no line {want:?} within {limit:?}; saw {seen:?}");
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
 }

@@ -1,4 +1,974 @@
-//! The FILEMQ service (spec `FILEMQ.md` §5–§14 with the fixes of §20).
+//! FILEMQ: publish directories under virtual paths; subscribers receive
+//! every file, and every later change and delete, as credit-controlled
+//! chunks (spec `shared/spec/FILEMQ.md` §5–§14, with the fixes of §20).
+//!
+//! The service holds each mount's latest [`Snapshot`] and, per connection,
+//! its subscriptions, a queue of patches (one entry per virtual path: a
+//! newer change replaces a queued one), what the client is known to hold
+//! (its ICANHAZ cache plus what it was sent), its credit, and at most one
+//! file in transfer. Scanning, hashing and reading happen off the event
+//! loop as [`Job`]s; their outcomes come back through `on_work`.
+//!
+//! Divergences from the original, all on the same wire:
+//! - malformed frames are dropped (the original stopped serving everyone),
+//!   and an OHAI of an older generation gets RTFM;
+//! - a chunk is `min(chunk_size, credit, bytes left)`, so a small credit
+//!   never sends the previous chunk again for ever (§5.1);
+//! - patches are filtered by each subscription's path, and a connection may
+//!   hold many subscriptions (§6.1, §9);
+//! - RESYNC works: a subscriber gets what it lacks under the path, nothing
+//!   its cache already lists, and deletes for cached files no longer
+//!   published (§12);
+//! - deletes carry clean fields (§14); deletes and eof markers cost no
+//!   credit and are sent whatever the credit;
+//! - a file that changed since it was announced is abandoned (the rescan
+//!   announces the new version) instead of sending a torn mixture;
+//! - the wire extensions of ARCHITECTURE.md ("FILEMQ: how we extend the
+//!   wire") go to clients that ask for them with the `X-ZBROKER` option.
 
 pub mod disk;
 pub mod work;
+
+#[cfg(test)]
+mod tests;
+
+use crate::{Action, ConnId, Service, TimerKey};
+use bytes::Bytes;
+use sha1::{Digest as _, Sha1};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use work::{Change, Done, FileMeta, Job, MountId, ReadError, Snapshot};
+use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_client::filemq_msg::{FilemqMsg, Generation, CREATE, DELETE};
+
+/// Option keys and header names of our wire extensions.
+pub mod ext {
+    /// ICANHAZ option: the client understands the extensions.
+    pub const ZBROKER: &str = "X-ZBROKER";
+    /// ICANHAZ option: partial files held, lines `SHA1 OFFSET`.
+    pub const RESUME: &str = "X-RESUME";
+    /// ICANHAZ option of the spec: send what is published now.
+    pub const RESYNC: &str = "RESYNC";
+    /// CHEEZBURGER header: SHA-1 of the whole file.
+    pub const SHA1: &str = "X-SHA1";
+    /// CHEEZBURGER header: size of the whole file.
+    pub const SIZE: &str = "X-SIZE";
+    /// CHEEZBURGER header of the in-sync marker: the subscription path.
+    pub const SYNCED: &str = "X-SYNCED";
+}
+
+/// Settings of the FILEMQ service.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// A connection silent for this long is forgotten (spec §15).
+    pub expiry: Duration,
+    /// Largest chunk sent (the original's CHUNK_SIZE).
+    pub chunk_size: usize,
+    /// A file is announced once unchanged for this long.
+    pub stable_age: Duration,
+    /// Safety-net rescan interval while change notification works.
+    pub rescan: Duration,
+    /// Rescan interval when change notification could not be set up.
+    pub poll_rescan: Duration,
+    /// Wait after a change notice before scanning, so a burst of changes
+    /// costs one scan.
+    pub settle: Duration,
+    /// Most subscriptions one connection may hold.
+    pub max_subscriptions: usize,
+    /// Most credit a connection may hold; grants beyond it are ignored.
+    /// Bounds what the broker may have in flight to one subscriber.
+    pub max_credit: u64,
+    /// Where digests are kept between runs (one file per mount).
+    pub state_dir: Option<PathBuf>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            expiry: Duration::from_millis(60_000),
+            chunk_size: 1_000_000,
+            stable_age: Duration::from_secs(1),
+            rescan: Duration::from_secs(5),
+            poll_rescan: Duration::from_secs(1),
+            settle: Duration::from_millis(50),
+            max_subscriptions: 64,
+            max_credit: 32 << 20,
+            state_dir: None,
+        }
+    }
+}
+
+/// Longest subscription path accepted.
+const MAX_PATH: usize = 4096;
+
+struct Mount {
+    alias: String,
+    root: PathBuf,
+    snapshot: Arc<Snapshot>,
+    /// The first scan has completed: the snapshot is the tree, not empty.
+    scanned: bool,
+    scanning: bool,
+    /// A change was noticed while scanning: scan again when it ends.
+    dirty: bool,
+    /// When the next scan is due (the armed rescan timer).
+    next_scan: Option<Instant>,
+    watching: bool,
+    error: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Create,
+    Delete,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    /// A file's latest op is in `Conn::ops`.
+    File(String),
+    /// The in-sync marker for a subscription path.
+    Synced(String),
+}
+
+struct Transfer {
+    vpath: String,
+    mount: MountId,
+    rel: String,
+    meta: FileMeta,
+    offset: u64,
+    /// The read job in flight, if any.
+    reading: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Waiting for OHAI.
+    Start,
+    Ready,
+}
+
+struct Conn {
+    state: State,
+    /// Asked for the wire extensions.
+    extended: bool,
+    credit: u64,
+    sequence: u64,
+    subscriptions: Vec<String>,
+    /// Subscriptions whose RESYNC waits for every mount's first scan.
+    pending_resync: Vec<String>,
+    queue: VecDeque<Entry>,
+    ops: HashMap<String, Op>,
+    /// Virtual path → digest of what the client holds.
+    known: HashMap<String, String>,
+    /// Digest → offset of partial files the client holds.
+    resume: HashMap<String, u64>,
+    current: Option<Transfer>,
+    expires_at: Instant,
+    bytes_sent: u64,
+}
+
+impl Conn {
+    fn new(now: Instant, expiry: Duration) -> Conn {
+        Conn {
+            state: State::Start,
+            extended: false,
+            credit: 0,
+            sequence: 0,
+            subscriptions: Vec::new(),
+            pending_resync: Vec::new(),
+            queue: VecDeque::new(),
+            ops: HashMap::new(),
+            known: HashMap::new(),
+            resume: HashMap::new(),
+            current: None,
+            expires_at: now + expiry,
+            bytes_sent: 0,
+        }
+    }
+
+    fn wants(&self, vpath: &str) -> bool {
+        self.subscriptions.iter().any(|s| covers(s, vpath))
+    }
+
+    /// Queues `op` for `vpath`, replacing a queued op for the same file.
+    fn enqueue(&mut self, vpath: &str, op: Op) {
+        if self.ops.insert(vpath.to_string(), op).is_none() {
+            self.queue.push_back(Entry::File(vpath.to_string()));
+        }
+    }
+
+    /// Queues the in-sync marker for `path` behind everything queued now.
+    fn enqueue_marker(&mut self, path: &str) {
+        // One marker per path: a repeated ICANHAZ moves it to the back
+        // rather than growing the queue.
+        self.queue.retain(|e| !matches!(e, Entry::Synced(p) if p == path));
+        self.queue.push_back(Entry::Synced(path.to_string()));
+    }
+
+    fn next_sequence(&mut self) -> u64 {
+        let s = self.sequence;
+        self.sequence += 1;
+        s
+    }
+}
+
+/// What a work key stands for.
+#[derive(Debug, Clone, Copy)]
+enum WorkFor {
+    Read { conn: ConnId },
+    Scan { mount: MountId },
+    Watch { mount: MountId },
+}
+
+/// The FILEMQ service.
+pub struct Filemq {
+    config: Config,
+    mounts: BTreeMap<MountId, Mount>,
+    next_mount: MountId,
+    conns: HashMap<ConnId, Conn>,
+    work: HashMap<u64, WorkFor>,
+    next_work: u64,
+    bytes_sent: u64,
+    files_sent: u64,
+    deletes_sent: u64,
+    malformed: u64,
+}
+
+// Timer keys: a connection's expiry, a mount's next scan.
+fn expiry_key(conn: ConnId) -> TimerKey {
+    conn.0 << 1
+}
+fn scan_key(mount: MountId) -> TimerKey {
+    (mount as u64) << 1 | 1
+}
+
+fn send(out: &mut Vec<Action>, to: ConnId, msg: &FilemqMsg) {
+    tracing::trace!(conn = to.0, reply = msg.name(), "filemq send");
+    out.push(Action::Send { to, frame: msg.encode() });
+}
+
+/// Does the subscription `path` cover the virtual path `vpath`? Whole
+/// components only: `/photo` does not cover `/photos/x` (the original's
+/// plain string prefix did).
+pub fn covers(path: &str, vpath: &str) -> bool {
+    if path == "/" {
+        return vpath.starts_with('/');
+    }
+    vpath == path || (vpath.starts_with(path) && vpath.as_bytes().get(path.len()) == Some(&b'/'))
+}
+
+/// The virtual path of `rel` under the mount `alias`.
+fn join(alias: &str, rel: &str) -> String {
+    if alias == "/" {
+        format!("/{rel}")
+    } else {
+        format!("{alias}/{rel}")
+    }
+}
+
+/// A virtual path made of plain components: starts with `/`, no empty,
+/// `.` or `..` component, no NUL, not too long. Returns it without a
+/// trailing `/` (except for the root).
+pub fn normalise_vpath(path: &str) -> Option<String> {
+    if !path.starts_with('/') || path.len() > MAX_PATH || path.contains('\0') {
+        return None;
+    }
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() {
+        return Some("/".to_string());
+    }
+    let plain = trimmed[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
+    plain.then(|| trimmed.to_string())
+}
+
+fn upper_hex_digest(value: &LongStr) -> Option<String> {
+    let text = std::str::from_utf8(value.as_bytes()).ok()?;
+    (text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit())).then(|| text.to_ascii_uppercase())
+}
+
+/// Parses the `X-RESUME` option: lines `SHA1 OFFSET`; bad lines are
+/// skipped.
+fn parse_resume(value: &LongStr) -> Vec<(String, u64)> {
+    let text = String::from_utf8_lossy(value.as_bytes());
+    text.lines()
+        .filter_map(|line| {
+            let (digest, offset) = line.trim().split_once(' ')?;
+            let digest = upper_hex_digest(&LongStr::from(digest))?;
+            Some((digest, offset.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+impl Filemq {
+    pub fn new(config: Config) -> Self {
+        Filemq {
+            config,
+            mounts: BTreeMap::new(),
+            next_mount: 0,
+            conns: HashMap::new(),
+            work: HashMap::new(),
+            next_work: 0,
+            bytes_sent: 0,
+            files_sent: 0,
+            deletes_sent: 0,
+            malformed: 0,
+        }
+    }
+
+    /// Chunk payload bytes sent to all subscribers so far.
+    pub fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    fn work(&mut self, out: &mut Vec<Action>, what: WorkFor, job: Job) -> u64 {
+        let key = self.next_work;
+        self.next_work += 1;
+        self.work.insert(key, what);
+        out.push(Action::Work { key, job });
+        key
+    }
+
+    /// Publishes `root` (an absolute directory path) as `alias`. The
+    /// first scan starts at once; subscribers that asked for RESYNC wait
+    /// for it.
+    pub fn publish(
+        &mut self,
+        root: PathBuf,
+        alias: &str,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<(), String> {
+        let alias = normalise_vpath(alias).ok_or_else(|| {
+            format!("alias {alias:?} must be an absolute virtual path such as / or /photos")
+        })?;
+        if let Some(m) = self.mounts.values().find(|m| m.alias == alias) {
+            return Err(format!("{alias} is already published from {}", m.root.display()));
+        }
+        let id = self.next_mount;
+        self.next_mount += 1;
+        tracing::info!(alias = %alias, root = %root.display(), "filemq publishing");
+        self.work(out, WorkFor::Watch { mount: id }, Job::Watch { mount: id, root: root.clone() });
+        self.mounts.insert(
+            id,
+            Mount {
+                alias,
+                root,
+                snapshot: Arc::default(),
+                scanned: false,
+                scanning: false,
+                dirty: false,
+                next_scan: None,
+                watching: true,
+                error: None,
+            },
+        );
+        self.start_scan(id, now, out);
+        Ok(())
+    }
+
+    fn digest_cache(&self, root: &std::path::Path) -> Option<PathBuf> {
+        let dir = self.config.state_dir.as_ref()?;
+        let name: String =
+            Sha1::digest(root.as_os_str().as_encoded_bytes()).iter().map(|b| format!("{b:02X}")).collect();
+        Some(dir.join(format!("{name}.digests")))
+    }
+
+    fn start_scan(&mut self, id: MountId, now: Instant, out: &mut Vec<Action>) {
+        let Some(mount) = self.mounts.get(&id) else { return };
+        if mount.scanning {
+            return;
+        }
+        let job = Job::Scan {
+            mount: id,
+            root: mount.root.clone(),
+            previous: mount.snapshot.clone(),
+            stable_age: self.config.stable_age,
+            digest_cache: self.digest_cache(&mount.root),
+        };
+        let _ = now;
+        if let Some(mount) = self.mounts.get_mut(&id) {
+            mount.scanning = true;
+            mount.dirty = false;
+        }
+        self.work(out, WorkFor::Scan { mount: id }, job);
+    }
+
+    /// Arms the mount's scan timer for `at`, unless it is due sooner.
+    fn scan_at(&mut self, id: MountId, at: Instant, out: &mut Vec<Action>) {
+        let Some(mount) = self.mounts.get_mut(&id) else { return };
+        if mount.next_scan.is_some_and(|due| due <= at) {
+            return;
+        }
+        mount.next_scan = Some(at);
+        out.push(Action::SetTimer { key: scan_key(id), at });
+    }
+
+    fn scanned(
+        &mut self,
+        id: MountId,
+        result: Result<work::Scanned, String>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(mount) = self.mounts.get_mut(&id) else { return };
+        mount.scanning = false;
+        let interval = if mount.watching { self.config.rescan } else { self.config.poll_rescan };
+        let mut next = now + interval;
+        match result {
+            Err(why) => {
+                if mount.error.as_ref() != Some(&why) {
+                    tracing::warn!(alias = %mount.alias, "filemq cannot scan {}: {why}", mount.root.display());
+                }
+                mount.error = Some(why);
+            }
+            Ok(scan) => {
+                mount.error = None;
+                let first = !mount.scanned;
+                mount.scanned = true;
+                mount.snapshot = scan.snapshot;
+                if scan.unstable {
+                    next = next.min(now + self.config.stable_age);
+                }
+                if first {
+                    tracing::info!(alias = %mount.alias, files = mount.snapshot.files.len(), "filemq mount scanned");
+                }
+                let alias = mount.alias.clone();
+                self.apply_changes(&alias, &scan.changes);
+            }
+        }
+        if self.mounts.get(&id).is_some_and(|m| m.dirty) {
+            next = now + self.config.settle;
+        }
+        self.scan_at(id, next, out);
+        self.run_pending_resyncs();
+        self.pump_all(out);
+    }
+
+    fn apply_changes(&mut self, alias: &str, changes: &[Change]) {
+        for change in changes {
+            let (rel, op) = match change {
+                Change::Created(rel) => (rel, Op::Create),
+                Change::Deleted(rel) => (rel, Op::Delete),
+            };
+            let vpath = join(alias, rel);
+            for conn in self.conns.values_mut() {
+                if conn.state == State::Ready && conn.wants(&vpath) {
+                    // The version in transfer is stale: stop sending it (a
+                    // read in flight is ignored when it returns).
+                    if conn.current.as_ref().is_some_and(|t| t.vpath == vpath) {
+                        conn.current = None;
+                    }
+                    conn.enqueue(&vpath, op);
+                }
+            }
+        }
+    }
+
+    /// The mount serving `vpath` (the longest alias covering it) and the
+    /// path relative to its root.
+    fn resolve(&self, vpath: &str) -> Option<(MountId, String)> {
+        self.mounts
+            .iter()
+            .filter(|(_, m)| covers(&m.alias, vpath) && vpath != m.alias)
+            .max_by_key(|(_, m)| m.alias.len())
+            .map(|(id, m)| {
+                let rel = if m.alias == "/" { &vpath[1..] } else { &vpath[m.alias.len() + 1..] };
+                (*id, rel.to_string())
+            })
+    }
+
+    fn published(&self, vpath: &str) -> Option<(MountId, String, &FileMeta)> {
+        let (id, rel) = self.resolve(vpath)?;
+        let meta = self.mounts.get(&id)?.snapshot.files.get(&rel)?;
+        Some((id, rel, meta))
+    }
+
+    fn all_scanned(&self) -> bool {
+        self.mounts.values().all(|m| m.scanned || m.error.is_some())
+    }
+
+    fn run_pending_resyncs(&mut self) {
+        if !self.all_scanned() {
+            return;
+        }
+        let ids: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| !c.pending_resync.is_empty()).map(|(id, _)| *id).collect();
+        for id in ids {
+            let paths =
+                self.conns.get_mut(&id).map(|c| std::mem::take(&mut c.pending_resync)).unwrap_or_default();
+            for path in paths {
+                self.resync(id, &path);
+            }
+        }
+    }
+
+    /// Queues what the client lacks under `path`, deletes for what it
+    /// holds that is no longer published, then the in-sync marker.
+    fn resync(&mut self, id: ConnId, path: &str) {
+        let mut creates = Vec::new();
+        for mount in self.mounts.values() {
+            for (rel, meta) in &mount.snapshot.files {
+                let vpath = join(&mount.alias, rel);
+                if covers(path, &vpath) && self.resolve(&vpath).map(|(m, _)| m) == self.mount_id(&mount.alias)
+                {
+                    creates.push((vpath, meta.digest.clone()));
+                }
+            }
+        }
+        let Some(conn) = self.conns.get(&id) else { return };
+        let stale: Vec<String> =
+            conn.known.keys().filter(|v| covers(path, v) && self.published(v).is_none()).cloned().collect();
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        for (vpath, digest) in creates {
+            if conn.known.get(&vpath) != Some(&digest) {
+                conn.enqueue(&vpath, Op::Create);
+            }
+        }
+        for vpath in stale {
+            conn.enqueue(&vpath, Op::Delete);
+        }
+        conn.enqueue_marker(path);
+    }
+
+    fn mount_id(&self, alias: &str) -> Option<MountId> {
+        self.mounts.iter().find(|(_, m)| m.alias == alias).map(|(id, _)| *id)
+    }
+
+    fn pump_all(&mut self, out: &mut Vec<Action>) {
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            self.pump(id, out);
+        }
+    }
+
+    /// Sends what the connection's credit allows: deletes, markers and eof
+    /// markers freely, file bytes within credit, one read in flight.
+    fn pump(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        loop {
+            let Some(conn) = self.conns.get_mut(&id) else { return };
+            if conn.state != State::Ready {
+                return;
+            }
+            if let Some(transfer) = &conn.current {
+                if transfer.reading.is_some() {
+                    return;
+                }
+                if transfer.offset >= transfer.meta.size {
+                    self.finish_file(id, out);
+                    continue;
+                }
+                if conn.credit == 0 {
+                    return;
+                }
+                let left = transfer.meta.size - transfer.offset;
+                let len = (self.config.chunk_size as u64).min(conn.credit).min(left) as usize;
+                let Some(mount) = self.mounts.get(&transfer.mount) else {
+                    conn.current = None;
+                    continue;
+                };
+                let job = Job::Read {
+                    root: mount.root.clone(),
+                    rel: transfer.rel.clone(),
+                    offset: transfer.offset,
+                    len,
+                    expect: transfer.meta.clone(),
+                };
+                let key = self.work(out, WorkFor::Read { conn: id }, job);
+                if let Some(t) = self.conns.get_mut(&id).and_then(|c| c.current.as_mut()) {
+                    t.reading = Some(key);
+                }
+                return;
+            }
+            let Some(entry) = conn.queue.pop_front() else { return };
+            match entry {
+                Entry::Synced(path) => {
+                    if conn.extended {
+                        let mut headers = Hash::default();
+                        let _ = headers.insert(ext::SYNCED, Bytes::from(path.into_bytes()));
+                        let msg = FilemqMsg::Cheezburger {
+                            sequence: conn.next_sequence(),
+                            operation: CREATE,
+                            filename: LongStr::default(),
+                            offset: 0,
+                            eof: 1,
+                            headers,
+                            chunk: Chunk::default(),
+                        };
+                        send(out, id, &msg);
+                    }
+                }
+                Entry::File(vpath) => {
+                    let Some(op) = conn.ops.remove(&vpath) else { continue };
+                    match op {
+                        Op::Delete => {
+                            conn.known.remove(&vpath);
+                            let msg = FilemqMsg::Cheezburger {
+                                sequence: conn.next_sequence(),
+                                operation: DELETE,
+                                filename: LongStr::from(vpath.as_str()),
+                                offset: 0,
+                                eof: 0,
+                                headers: Hash::default(),
+                                chunk: Chunk::default(),
+                            };
+                            send(out, id, &msg);
+                            self.deletes_sent += 1;
+                        }
+                        Op::Create => self.start_file(id, vpath),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Makes `vpath` the connection's current transfer, unless it is no
+    /// longer published or the client already holds this version.
+    fn start_file(&mut self, id: ConnId, vpath: String) {
+        let Some((mount, rel, meta)) = self.published(&vpath).map(|(m, r, meta)| (m, r, meta.clone())) else {
+            return;
+        };
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if conn.known.get(&vpath) == Some(&meta.digest) {
+            return;
+        }
+        let offset = match conn.resume.remove(&meta.digest) {
+            Some(offset) if conn.extended => offset.min(meta.size),
+            _ => 0,
+        };
+        if offset > 0 {
+            tracing::debug!(conn = id.0, %vpath, offset, "filemq resuming a partial file");
+        }
+        conn.current = Some(Transfer { vpath, mount, rel, meta, offset, reading: None });
+    }
+
+    fn headers(extended: bool, meta: &FileMeta) -> Hash {
+        let mut headers = Hash::default();
+        if extended {
+            let _ = headers.insert(ext::SHA1, Bytes::from(meta.digest.clone().into_bytes()));
+            let _ = headers.insert(ext::SIZE, Bytes::from(meta.size.to_string().into_bytes()));
+        }
+        headers
+    }
+
+    /// Sends the eof marker of the current file and forgets the transfer.
+    fn finish_file(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(transfer) = conn.current.take() else { return };
+        let msg = FilemqMsg::Cheezburger {
+            sequence: conn.next_sequence(),
+            operation: CREATE,
+            filename: LongStr::from(transfer.vpath.as_str()),
+            offset: transfer.meta.size,
+            eof: 1,
+            headers: Self::headers(conn.extended, &transfer.meta),
+            chunk: Chunk::default(),
+        };
+        send(out, id, &msg);
+        conn.known.insert(transfer.vpath, transfer.meta.digest);
+        self.files_sent += 1;
+    }
+
+    fn read_done(
+        &mut self,
+        key: u64,
+        id: ConnId,
+        result: Result<Bytes, ReadError>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let Some(transfer) = conn.current.as_mut().filter(|t| t.reading == Some(key)) else { return };
+        transfer.reading = None;
+        match result {
+            Ok(data) => {
+                let len = data.len() as u64;
+                let msg = FilemqMsg::Cheezburger {
+                    sequence: conn.sequence,
+                    operation: CREATE,
+                    filename: LongStr::from(transfer.vpath.as_str()),
+                    offset: transfer.offset,
+                    eof: 0,
+                    headers: Self::headers(conn.extended, &transfer.meta),
+                    chunk: Chunk(data),
+                };
+                transfer.offset += len;
+                conn.sequence += 1;
+                conn.credit = conn.credit.saturating_sub(len);
+                conn.bytes_sent += len;
+                self.bytes_sent += len;
+                send(out, id, &msg);
+            }
+            Err(error) => {
+                // The rescan announces the file's new state; the client
+                // discards the partial copy when that arrives.
+                let mount = transfer.mount;
+                tracing::debug!(conn = id.0, vpath = %transfer.vpath, %error, "filemq abandons a transfer");
+                conn.current = None;
+                if let Some(m) = self.mounts.get_mut(&mount) {
+                    m.dirty = true;
+                }
+                self.scan_at(mount, now + self.config.settle, out);
+            }
+        }
+        self.pump(id, out);
+    }
+
+    fn terminate(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        if self.conns.remove(&id).is_some() {
+            out.push(Action::CancelTimer { key: expiry_key(id) });
+        }
+    }
+
+    fn subscribe(&mut self, id: ConnId, path: &LongStr, options: &Hash, cache: &Hash, out: &mut Vec<Action>) {
+        let refuse = |out: &mut Vec<Action>, why: &str| {
+            tracing::debug!(conn = id.0, why, "filemq refuses a subscription");
+            send(out, id, &FilemqMsg::Srsly { reason: ShortStr::lossy(why) });
+        };
+        let Some(path) = std::str::from_utf8(path.as_bytes()).ok().and_then(normalise_vpath) else {
+            return refuse(out, "the path must start with / and have no empty, . or .. parts");
+        };
+        let max = self.config.max_subscriptions;
+        let ready_scans = self.all_scanned();
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if !conn.subscriptions.contains(&path) {
+            if conn.subscriptions.len() >= max {
+                return refuse(out, "too many subscriptions on one connection");
+            }
+            conn.subscriptions.push(path.clone());
+        }
+        if options.get(ext::ZBROKER).is_some_and(|v| v.as_bytes() == b"1") {
+            conn.extended = true;
+        }
+        if let Some(value) = options.get(ext::RESUME) {
+            conn.resume.extend(parse_resume(value));
+        }
+        // The cache says what the client holds under this path now.
+        conn.known.retain(|vpath, _| !covers(&path, vpath));
+        for (key, digest) in &cache.0 {
+            let (Ok(key), Some(digest)) = (std::str::from_utf8(key.as_bytes()), upper_hex_digest(digest))
+            else {
+                continue;
+            };
+            let vpath = if key.starts_with('/') { key.to_string() } else { join(&path, key) };
+            match normalise_vpath(&vpath) {
+                Some(vpath) if covers(&path, &vpath) => {
+                    conn.known.insert(vpath, digest);
+                }
+                _ => {}
+            }
+        }
+        send(out, id, &FilemqMsg::IcanhazOk {});
+        let resync = options.get(ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
+        if resync {
+            if ready_scans {
+                self.resync(id, &path);
+            } else if let Some(conn) = self.conns.get_mut(&id) {
+                conn.pending_resync.push(path);
+            }
+        }
+        self.pump(id, out);
+    }
+
+    fn receive(&mut self, id: ConnId, msg: FilemqMsg, now: Instant, out: &mut Vec<Action>) {
+        let expiry = self.config.expiry;
+        if !self.conns.contains_key(&id) {
+            out.push(Action::SetTimer { key: expiry_key(id), at: now + expiry });
+        }
+        let conn = self.conns.entry(id).or_insert_with(|| Conn::new(now, expiry));
+        conn.expires_at = now + expiry;
+        match (conn.state, msg) {
+            (_, FilemqMsg::Ohai { protocol, version }) => {
+                if protocol.as_bytes() != b"FILEMQ" || version != 2 {
+                    send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy("FILEMQ version 2 only") });
+                    return self.terminate(id, out);
+                }
+                // A second OHAI starts the session over (spec §5.1).
+                let mut fresh = Conn::new(now, expiry);
+                fresh.state = State::Ready;
+                *conn = fresh;
+                send(out, id, &FilemqMsg::OhaiOk {});
+            }
+            (State::Start, other) => {
+                tracing::debug!(conn = id.0, msg = other.name(), "filemq message before OHAI");
+                send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy("OHAI first") });
+                self.terminate(id, out);
+            }
+            (State::Ready, FilemqMsg::Icanhaz { path, options, cache }) => {
+                self.subscribe(id, &path, &options, &cache, out);
+            }
+            (State::Ready, FilemqMsg::Nom { credit, .. }) => {
+                conn.credit = conn.credit.saturating_add(credit).min(self.config.max_credit);
+                self.pump(id, out);
+            }
+            (State::Ready, FilemqMsg::Hugz {}) => send(out, id, &FilemqMsg::HugzOk {}),
+            (State::Ready, FilemqMsg::HugzOk {}) => {}
+            (State::Ready, FilemqMsg::Kthxbai {}) => self.terminate(id, out),
+            (State::Ready, other) => {
+                tracing::debug!(conn = id.0, msg = other.name(), "filemq message a client may not send");
+                send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy("not a client message") });
+                self.terminate(id, out);
+            }
+        }
+    }
+
+    /// The command `PUBLISH ROOT ALIAS` from the control endpoint.
+    fn publish_command(
+        &mut self,
+        words: &[String],
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<String, String> {
+        let [_, root, alias] = words else {
+            return Err("usage: PUBLISH DIRECTORY ALIAS".into());
+        };
+        let root = PathBuf::from(root);
+        if !root.is_absolute() {
+            return Err(format!("{} is not an absolute path", root.display()));
+        }
+        self.publish(root.clone(), alias, now, out)?;
+        Ok(format!("publishing {} as {}", root.display(), normalise_vpath(alias).unwrap_or_default()))
+    }
+}
+
+impl Service for Filemq {
+    fn name(&self) -> &'static str {
+        "filemq"
+    }
+
+    fn signature(&self) -> u16 {
+        FilemqMsg::SIGNATURE
+    }
+
+    fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
+        match FilemqMsg::decode(frame.clone()) {
+            Ok(msg) => self.receive(conn, msg, now, out),
+            Err(error) => match Generation::of_ohai(&frame) {
+                // An older client: tell it what we speak (spec §0, §20).
+                Some(generation) => {
+                    tracing::debug!(conn = conn.0, ?generation, "filemq OHAI of an older generation");
+                    send(out, conn, &FilemqMsg::Rtfm { reason: ShortStr::lossy("FILEMQ version 2 only") });
+                    self.terminate(conn, out);
+                }
+                None => {
+                    // Dropped: one bad peer must not stop the broker (spec §2).
+                    self.malformed += 1;
+                    tracing::debug!(conn = conn.0, %error, "filemq dropped a malformed frame");
+                }
+            },
+        }
+    }
+
+    fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>) {
+        if key & 1 == 1 {
+            let id = (key >> 1) as MountId;
+            let Some(mount) = self.mounts.get_mut(&id) else { return };
+            mount.next_scan = None;
+            if mount.scanning {
+                mount.dirty = true;
+            } else {
+                self.start_scan(id, now, out);
+            }
+            return;
+        }
+        let id = ConnId(key >> 1);
+        let Some(conn) = self.conns.get(&id) else { return };
+        if now < conn.expires_at {
+            out.push(Action::SetTimer { key, at: conn.expires_at });
+        } else {
+            tracing::debug!(conn = id.0, "filemq connection expired");
+            self.terminate(id, out);
+        }
+    }
+
+    fn on_work(&mut self, key: u64, done: Done, now: Instant, out: &mut Vec<Action>) {
+        let Some(what) = self.work.get(&key).copied() else { return };
+        if !matches!(what, WorkFor::Watch { .. }) {
+            self.work.remove(&key);
+        }
+        match (what, done) {
+            (WorkFor::Read { conn }, Done::Read(result)) => self.read_done(key, conn, result, now, out),
+            (WorkFor::Scan { mount }, Done::Scanned { result, .. }) => self.scanned(mount, result, now, out),
+            (WorkFor::Watch { mount }, Done::Dirty { .. }) => {
+                let Some(m) = self.mounts.get_mut(&mount) else { return };
+                if m.scanning {
+                    m.dirty = true;
+                } else {
+                    self.scan_at(mount, now + self.config.settle, out);
+                }
+            }
+            (WorkFor::Watch { mount }, Done::WatchFailed { why, .. }) => {
+                let Some(m) = self.mounts.get_mut(&mount) else { return };
+                tracing::warn!(alias = %m.alias, "filemq cannot watch {} ({why}); rescanning every {:?}", m.root.display(), self.config.poll_rescan);
+                m.watching = false;
+                self.scan_at(mount, now + self.config.poll_rescan, out);
+            }
+            (what, done) => tracing::error!(?what, ?done, "filemq work outcome of the wrong kind"),
+        }
+    }
+
+    fn command(
+        &mut self,
+        words: &[String],
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Option<Result<String, String>> {
+        match words.first().map(String::as_str) {
+            Some("PUBLISH") => Some(self.publish_command(words, now, out)),
+            _ => None,
+        }
+    }
+
+    fn on_disconnect(&mut self, conn: ConnId, _now: Instant, out: &mut Vec<Action>) {
+        if self.conns.contains_key(&conn) {
+            tracing::debug!(conn = conn.0, "filemq peer disconnected");
+            self.terminate(conn, out);
+        }
+    }
+
+    fn status(&self) -> serde_json::Value {
+        let mounts: Vec<_> = self
+            .mounts
+            .values()
+            .map(|m| {
+                serde_json::json!({
+                    "alias": m.alias,
+                    "root": m.root.display().to_string(),
+                    "files": m.snapshot.files.len(),
+                    "bytes": m.snapshot.files.values().map(|f| f.size).sum::<u64>(),
+                    "scanned": m.scanned,
+                    "watching": m.watching,
+                    "error": m.error,
+                })
+            })
+            .collect();
+        let mut subscribers: Vec<_> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.state == State::Ready)
+            .map(|(id, c)| {
+                serde_json::json!({
+                    "connection": id.0,
+                    "subscriptions": c.subscriptions,
+                    "extended": c.extended,
+                    "credit": c.credit,
+                    "queued": c.queue.len(),
+                    "sending": c.current.as_ref().map(|t| t.vpath.clone()),
+                    "bytes_sent": c.bytes_sent,
+                })
+            })
+            .collect();
+        subscribers.sort_by_key(|s| s["connection"].as_u64());
+        serde_json::json!({
+            "mounts": mounts,
+            "connections": self.conns.len(),
+            "subscribers": subscribers,
+            "bytes_sent": self.bytes_sent,
+            "files_sent": self.files_sent,
+            "deletes_sent": self.deletes_sent,
+            "malformed_frames": self.malformed,
+            "expiry_ms": self.config.expiry.as_millis() as u64,
+        })
+    }
+}

@@ -80,9 +80,14 @@ pub enum Done {
     },
     Read(Result<Bytes, ReadError>),
     /// Something under the mount changed: scan it soon.
-    Dirty { mount: MountId },
+    Dirty {
+        mount: MountId,
+    },
     /// The watch could not be set up: rely on periodic rescans.
-    WatchFailed { mount: MountId, why: String },
+    WatchFailed {
+        mount: MountId,
+        why: String,
+    },
 }
 
 #[derive(Debug, Clone)]
