@@ -182,6 +182,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
     }
 
+    let upstream = args.upstream.or(file.upstream);
+    let inbox = args.inbox.or(file.inbox);
+    let mut paths = if args.subscribe.is_empty() { file.subscribe.unwrap_or_default() } else { args.subscribe };
+    if paths.is_empty() {
+        paths.push("/".to_string());
+    }
+    let cascade = match (upstream, inbox) {
+        (Some(upstream), Some(inbox)) => Some(Upstream::start(&upstream, paths, inbox)?),
+        (Some(_), None) => bail!("--upstream needs --inbox DIR (the directory to mirror into)"),
+        (None, Some(_)) => bail!("--inbox is for --upstream ENDPOINT (the broker to mirror)"),
+        (None, None) => None,
+    };
+
     let mut endpoints = vec![endpoint::zpipes(&name), endpoint::filemq(&name)];
     endpoints.extend(if args.bind.is_empty() { file.bind.unwrap_or_default() } else { args.bind });
     let settings = reactor::Settings {
@@ -202,8 +215,57 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         expiry.as_millis()
     );
     reactor.run()?;
+    if let Some(cascade) = cascade {
+        cascade.stop();
+    }
     tracing::info!("zbroker {name} stopped");
     Ok(())
+}
+
+/// The cascade: a FILEMQ subscription to an upstream broker, mirrored into
+/// a directory (which this broker usually publishes in turn), running on a
+/// thread of its own beside the event loop.
+struct Upstream {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Upstream {
+    fn start(endpoint: &str, paths: Vec<String>, inbox: PathBuf) -> anyhow::Result<Upstream> {
+        use std::sync::atomic::Ordering;
+        use zbroker_client::filemq::{Event, Options, Subscriber};
+        let subscriber = Subscriber::start(Options::endpoint(endpoint, paths.clone(), inbox.clone()))
+            .with_context(|| format!("cannot mirror {endpoint} into {}", inbox.display()))?;
+        tracing::info!("mirroring {} from {endpoint} into {}", paths.join(" "), inbox.display());
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = stop.clone();
+        let endpoint = endpoint.to_string();
+        let thread = std::thread::Builder::new().name("upstream".into()).spawn(move || {
+            while !stopping.load(Ordering::Relaxed) {
+                match subscriber.recv_timeout(Duration::from_millis(200)) {
+                    Ok(Event::Updated { path, size }) => tracing::debug!(%path, size, "upstream file updated"),
+                    Ok(Event::Deleted { path }) => tracing::debug!(%path, "upstream file deleted"),
+                    Ok(Event::InSync { path }) => tracing::info!(%path, "in sync with {endpoint}"),
+                    Ok(Event::Disconnected { why }) => tracing::warn!("upstream {endpoint}: {why}; reconnecting"),
+                    Ok(Event::Rejected { name, why }) => tracing::warn!("upstream sent {name:?}: refused ({why})"),
+                    Ok(Event::IntegrityFailed { path }) => tracing::warn!(%path, "upstream file failed verification; fetching again"),
+                    Ok(Event::Refused { why }) | Ok(Event::Failed { why }) => {
+                        tracing::error!("upstream {endpoint}: {why}; mirroring stopped");
+                        return;
+                    }
+                    Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            }
+            subscriber.stop();
+        })?;
+        Ok(Upstream { stop, thread })
+    }
+
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.thread.join();
+    }
 }
 
 /// Where digests are kept between runs when `--state-dir` is not given.

@@ -112,6 +112,9 @@ struct Mount {
     scanning: bool,
     /// A change was noticed while scanning: scan again when it ends.
     dirty: bool,
+    /// The last scan left out files still changing: the mount is not yet
+    /// what it will be, so no in-sync marker for paths it covers.
+    unstable: bool,
     /// When the next scan is due (the armed rescan timer).
     next_scan: Option<Instant>,
     watching: bool,
@@ -158,6 +161,9 @@ struct Conn {
     subscriptions: Vec<String>,
     /// Subscriptions whose RESYNC waits for every mount's first scan.
     pending_resync: Vec<String>,
+    /// Subscriptions resynced whose in-sync marker waits for files still
+    /// changing under them to settle (and be queued).
+    awaiting_marker: Vec<String>,
     queue: VecDeque<Entry>,
     ops: HashMap<String, Op>,
     /// Virtual path → digest of what the client holds.
@@ -178,6 +184,7 @@ impl Conn {
             sequence: 0,
             subscriptions: Vec::new(),
             pending_resync: Vec::new(),
+            awaiting_marker: Vec::new(),
             queue: VecDeque::new(),
             ops: HashMap::new(),
             known: HashMap::new(),
@@ -359,6 +366,7 @@ impl Filemq {
                 scanned: false,
                 scanning: false,
                 dirty: false,
+                unstable: false,
                 next_scan: None,
                 watching: true,
                 error: None,
@@ -428,6 +436,7 @@ impl Filemq {
                 let first = !mount.scanned;
                 mount.scanned = true;
                 mount.snapshot = scan.snapshot;
+                mount.unstable = scan.unstable;
                 if scan.unstable {
                     next = next.min(now + self.config.stable_age);
                 }
@@ -443,6 +452,7 @@ impl Filemq {
         }
         self.scan_at(id, next, out);
         self.run_pending_resyncs();
+        self.release_markers();
         self.pump_all(out);
     }
 
@@ -529,7 +539,35 @@ impl Filemq {
         for vpath in stale {
             conn.enqueue(&vpath, Op::Delete);
         }
-        conn.enqueue_marker(path);
+        if !conn.awaiting_marker.iter().any(|p| p == path) {
+            conn.awaiting_marker.push(path.to_string());
+        }
+        self.release_markers();
+    }
+
+    /// Queues the in-sync markers of subscriptions whose mounts hold no
+    /// file still changing: what those mounts publish is all queued.
+    fn release_markers(&mut self) {
+        let settled = |path: &str| {
+            self.mounts
+                .values()
+                .filter(|m| covers(path, &m.alias) || covers(&m.alias, path))
+                .all(|m| (m.scanned && !m.unstable) || m.error.is_some())
+        };
+        let mut release = Vec::new();
+        for (id, conn) in &self.conns {
+            for path in &conn.awaiting_marker {
+                if settled(path) {
+                    release.push((*id, path.clone()));
+                }
+            }
+        }
+        for (id, path) in release {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.awaiting_marker.retain(|p| *p != path);
+                conn.enqueue_marker(&path);
+            }
+        }
     }
 
     fn mount_id(&self, alias: &str) -> Option<MountId> {

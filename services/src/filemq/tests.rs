@@ -562,3 +562,16 @@ proptest! {
         prop_assert!(only_watches, "work outlived its connection");
     }
 }
+
+#[test]
+fn the_in_sync_marker_waits_for_files_still_changing() {
+    let config = Config { stable_age: Duration::from_millis(300), ..Config::default() };
+    let (_dir, mut sim) = world_with(&[("fresh", b"just written")], config);
+    let got = burgers(subscribe(&mut sim, 1, "/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], 1_000_000));
+    assert!(got.is_empty(), "neither the unsettled file nor the marker yet: {got:?}");
+    std::thread::sleep(Duration::from_millis(350));
+    sim.advance(Duration::from_millis(300));
+    let got = burgers(take(&mut sim, 1));
+    let names: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.eof)).collect();
+    assert_eq!(names, vec![("/fresh", 0), ("/fresh", 1), ("", 1)]);
+}
