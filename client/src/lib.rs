@@ -6,11 +6,13 @@
 //! - [`zpipes_msg`]: the ZPIPES protocol, declared once.
 //! - [`filemq_msg`]: the FILEMQ protocol (v2 wire), declared once.
 //! - [`zpipes`]: named-pipe reader and writer clients.
+//! - [`filemq`]: a FILEMQ subscriber mirroring published files into an inbox.
 //! - [`endpoint`]: broker names and their well-known endpoints.
 
 pub mod byte_queue;
 pub mod codec;
 pub mod endpoint;
+pub mod filemq;
 pub mod filemq_msg;
 pub mod zpipes;
 pub mod zpipes_msg;

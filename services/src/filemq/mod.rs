@@ -161,9 +161,11 @@ struct Conn {
     subscriptions: Vec<String>,
     /// Subscriptions whose RESYNC waits for every mount's first scan.
     pending_resync: Vec<String>,
-    /// Subscriptions resynced whose in-sync marker waits for files still
-    /// changing under them to settle (and be queued).
-    awaiting_marker: Vec<String>,
+    /// Subscriptions resynced whose in-sync markers (one per RESYNC) wait
+    /// for files still changing under them to settle (and be queued).
+    awaiting_marker: HashMap<String, u32>,
+    /// Markers owed per path when its queued `Entry::Synced` is reached.
+    markers_owed: HashMap<String, u32>,
     queue: VecDeque<Entry>,
     ops: HashMap<String, Op>,
     /// Virtual path → digest of what the client holds.
@@ -184,7 +186,8 @@ impl Conn {
             sequence: 0,
             subscriptions: Vec::new(),
             pending_resync: Vec::new(),
-            awaiting_marker: Vec::new(),
+            awaiting_marker: HashMap::new(),
+            markers_owed: HashMap::new(),
             queue: VecDeque::new(),
             ops: HashMap::new(),
             known: HashMap::new(),
@@ -206,12 +209,15 @@ impl Conn {
         }
     }
 
-    /// Queues the in-sync marker for `path` behind everything queued now.
-    fn enqueue_marker(&mut self, path: &str) {
-        // One marker per path: a repeated ICANHAZ moves it to the back
-        // rather than growing the queue.
+    /// Queues `count` in-sync markers for `path` behind everything queued
+    /// now: a client counts one marker per RESYNC it sent.
+    fn enqueue_marker(&mut self, path: &str, count: u32) {
+        // One queue entry per path: a repeated ICANHAZ moves it to the back
+        // and adds to its count rather than growing the queue.
         self.queue.retain(|e| !matches!(e, Entry::Synced(p) if p == path));
         self.queue.push_back(Entry::Synced(path.to_string()));
+        let owed = self.markers_owed.entry(path.to_string()).or_default();
+        *owed = owed.saturating_add(count);
     }
 
     fn next_sequence(&mut self) -> u64 {
@@ -539,9 +545,8 @@ impl Filemq {
         for vpath in stale {
             conn.enqueue(&vpath, Op::Delete);
         }
-        if !conn.awaiting_marker.iter().any(|p| p == path) {
-            conn.awaiting_marker.push(path.to_string());
-        }
+        let awaiting = conn.awaiting_marker.entry(path.to_string()).or_default();
+        *awaiting = awaiting.saturating_add(1);
         self.release_markers();
     }
 
@@ -556,7 +561,7 @@ impl Filemq {
         };
         let mut release = Vec::new();
         for (id, conn) in &self.conns {
-            for path in &conn.awaiting_marker {
+            for path in conn.awaiting_marker.keys() {
                 if settled(path) {
                     release.push((*id, path.clone()));
                 }
@@ -564,8 +569,8 @@ impl Filemq {
         }
         for (id, path) in release {
             if let Some(conn) = self.conns.get_mut(&id) {
-                conn.awaiting_marker.retain(|p| *p != path);
-                conn.enqueue_marker(&path);
+                let count = conn.awaiting_marker.remove(&path).unwrap_or(1);
+                conn.enqueue_marker(&path, count);
             }
         }
     }
@@ -622,19 +627,22 @@ impl Filemq {
             let Some(entry) = conn.queue.pop_front() else { return };
             match entry {
                 Entry::Synced(path) => {
+                    let count = conn.markers_owed.remove(&path).unwrap_or(1);
                     if conn.extended {
                         let mut headers = Hash::default();
                         let _ = headers.insert(ext::SYNCED, Bytes::from(path.into_bytes()));
-                        let msg = FilemqMsg::Cheezburger {
-                            sequence: conn.next_sequence(),
-                            operation: CREATE,
-                            filename: LongStr::default(),
-                            offset: 0,
-                            eof: 1,
-                            headers,
-                            chunk: Chunk::default(),
-                        };
-                        send(out, id, &msg);
+                        for _ in 0..count {
+                            let msg = FilemqMsg::Cheezburger {
+                                sequence: conn.next_sequence(),
+                                operation: CREATE,
+                                filename: LongStr::default(),
+                                offset: 0,
+                                eof: 1,
+                                headers: headers.clone(),
+                                chunk: Chunk::default(),
+                            };
+                            send(out, id, &msg);
+                        }
                     }
                 }
                 Entry::File(vpath) => {

@@ -474,6 +474,23 @@ fn subscriptions_per_connection_are_bounded() {
     assert!(conn.queue.len() <= 64);
 }
 
+/// A client counts one marker per RESYNC (it re-subscribes to fetch a
+/// file that failed verification), so merged RESYNCs still owe as many.
+#[test]
+fn every_resync_gets_its_marker() {
+    let (_dir, mut sim) = world(&[("a", b"abc")]);
+    send(&mut sim, 1, ohai());
+    for _ in 0..3 {
+        send(&mut sim, 1, icanhaz("/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &[]));
+    }
+    take(&mut sim, 1);
+    send(&mut sim, 1, nom(1_000_000));
+    let got = burgers(take(&mut sim, 1));
+    let markers = got.iter().filter(|b| b.headers.first().is_some_and(|(k, _)| k == "X-SYNCED")).count();
+    assert_eq!(markers, 3, "{got:?}");
+    assert_eq!(reassemble(&got)["/a"], b"abc");
+}
+
 fn client_msg() -> impl Strategy<Value = FilemqMsg> {
     prop_oneof![
         Just(ohai()),

@@ -1,0 +1,195 @@
+//! One connection to the server: a DEALER socket and the monitor that tells
+//! us when it drops. A new session gets a new `Link` (and a new routing id
+//! at the server), never a reused socket.
+
+use crate::FilemqMsg;
+use bytes::Bytes;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use zmq::SocketEvent::{CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_SUCCEEDED};
+
+/// How an attempt to connect ended without a link.
+pub(crate) enum NoLink {
+    /// Asked to stop while connecting.
+    Stop,
+    /// No server, or a local ZeroMQ failure; try again later.
+    Failed(String),
+}
+
+/// A received frame, shared as `Bytes` without a copy.
+struct Frame(zmq::Message);
+impl AsRef<[u8]> for Frame {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+pub(crate) struct Link {
+    pub socket: zmq::Socket,
+    /// Reports DISCONNECTED once the handshake is done.
+    pub monitor: zmq::Socket,
+    context: zmq::Context,
+    monitor_endpoint: String,
+    endpoint: String,
+    /// The monitor saw the connection drop.
+    pub dropped: bool,
+    /// KTHXBAI is on its way: closing must not cut it off.
+    leaving: bool,
+}
+
+fn event_mask(events: &[zmq::SocketEvent]) -> i32 {
+    events.iter().fold(0, |all, e| all | e.to_raw()) as i32
+}
+
+/// `zmq::poll`, where an interruption by a signal counts as a wake-up with
+/// nothing to do: callers loop and re-check.
+pub(crate) fn poll(items: &mut [zmq::PollItem], timeout: Duration) -> zmq::Result<()> {
+    match zmq::poll(items, timeout.as_millis().clamp(1, i64::MAX as u128) as i64) {
+        Ok(_) | Err(zmq::Error::EINTR) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+impl Link {
+    /// Connects and waits for the ZMTP handshake, at most `patience`; a
+    /// message on `control` (stop) ends the wait.
+    pub fn connect(
+        context: &zmq::Context,
+        endpoint: &str,
+        control: &zmq::Socket,
+        patience: Duration,
+    ) -> Result<Link, NoLink> {
+        static MONITORS: AtomicU64 = AtomicU64::new(0);
+        let zmq_failed = |e: zmq::Error| NoLink::Failed(format!("ZeroMQ: {e}"));
+        let socket = context.socket(zmq::DEALER).map_err(zmq_failed)?;
+        // Nothing is queued before a server is there, so a message we send
+        // goes to the connection we watch, and "no server" shows at once.
+        socket.set_immediate(true).map_err(zmq_failed)?;
+        socket.set_linger(0).map_err(zmq_failed)?;
+        let monitor_endpoint = format!(
+            "inproc://filemq-monitor-{}-{}",
+            std::process::id(),
+            MONITORS.fetch_add(1, Ordering::Relaxed)
+        );
+        socket
+            .monitor(
+                &monitor_endpoint,
+                event_mask(&[CONNECTED, CONNECT_RETRIED, HANDSHAKE_SUCCEEDED, DISCONNECTED]),
+            )
+            .map_err(zmq_failed)?;
+        let monitor = context.socket(zmq::PAIR).map_err(zmq_failed)?;
+        monitor.set_linger(0).map_err(zmq_failed)?;
+        monitor.connect(&monitor_endpoint).map_err(zmq_failed)?;
+        let mut link = Link {
+            socket,
+            monitor,
+            context: context.clone(),
+            monitor_endpoint,
+            endpoint: endpoint.to_string(),
+            dropped: false,
+            leaving: false,
+        };
+        link.socket
+            .connect(endpoint)
+            .map_err(|e| NoLink::Failed(format!("cannot connect to {endpoint}: {e}")))?;
+        let mut deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(NoLink::Failed(format!("no server answered at {endpoint}")));
+            }
+            let mut items = [link.monitor.as_poll_item(zmq::POLLIN), control.as_poll_item(zmq::POLLIN)];
+            poll(&mut items, left).map_err(zmq_failed)?;
+            if items[1].is_readable() {
+                return Err(NoLink::Stop);
+            }
+            match link.monitor_event() {
+                Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => break,
+                Some(e) if e == CONNECT_RETRIED.to_raw() => {
+                    return Err(NoLink::Failed(format!("nothing listens at {endpoint}")));
+                }
+                // Connected but not yet greeted: a busy peer gets the full
+                // patience for the handshake.
+                Some(e) if e == CONNECTED.to_raw() => deadline = Instant::now() + patience,
+                Some(e) if e == DISCONNECTED.to_raw() => {
+                    return Err(NoLink::Failed(format!("{endpoint} closed the connection")));
+                }
+                _ => {}
+            }
+        }
+        // From now on only a drop matters; events nobody reads would pile
+        // up, and libzmq sends them blocking from its I/O thread.
+        link.watch(&[DISCONNECTED]).map_err(zmq_failed)?;
+        Ok(link)
+    }
+
+    /// Points the monitor at a fresh endpoint for `events` (which stops the
+    /// previous one) and listens there.
+    fn watch(&mut self, events: &[zmq::SocketEvent]) -> zmq::Result<()> {
+        static GENERATION: AtomicU64 = AtomicU64::new(0);
+        let endpoint = format!("{}-{}", self.monitor_endpoint, GENERATION.fetch_add(1, Ordering::Relaxed));
+        self.socket.monitor(&endpoint, event_mask(events))?;
+        if !events.is_empty() {
+            let monitor = self.context.socket(zmq::PAIR)?;
+            monitor.set_linger(0)?;
+            monitor.connect(&endpoint)?;
+            self.monitor = monitor;
+        }
+        Ok(())
+    }
+
+    /// Reads one monitor event (its kind) if there is one, noting a drop.
+    pub fn monitor_event(&mut self) -> Option<u16> {
+        let frames = self.monitor.recv_multipart(zmq::DONTWAIT).ok()?;
+        let kind = frames.first().filter(|f| f.len() >= 2).map(|f| u16::from_le_bytes([f[0], f[1]]));
+        if kind == Some(DISCONNECTED.to_raw()) {
+            self.dropped = true;
+        }
+        kind
+    }
+
+    /// Sends one message, waiting at most `patience` for room.
+    pub fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), String> {
+        let frame = msg.encode();
+        match self.socket.send(&frame, zmq::DONTWAIT) {
+            Ok(()) => Ok(()),
+            Err(zmq::Error::EAGAIN) => {
+                // Immediate mode: no room means no connection, or a server
+                // that stopped reading.
+                match self.socket.poll(zmq::POLLOUT, patience.as_millis().max(1) as i64) {
+                    Ok(n) if n > 0 => self.socket.send(frame, zmq::DONTWAIT).map_err(|e| e.to_string()),
+                    _ => Err(format!("could not send {} to the server", msg.name())),
+                }
+            }
+            Err(e) => Err(format!("sending {}: {e}", msg.name())),
+        }
+    }
+
+    /// The next frame if one is there; `Err` on a socket failure.
+    pub fn try_recv(&mut self) -> Result<Option<Bytes>, String> {
+        match self.socket.recv_msg(zmq::DONTWAIT) {
+            Ok(frame) => Ok(Some(Bytes::from_owner(Frame(frame)))),
+            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => Ok(None),
+            Err(e) => Err(format!("receiving: {e}")),
+        }
+    }
+
+    /// Sends KTHXBAI and lets the socket linger a moment so it leaves.
+    pub fn goodbye(&mut self) {
+        self.leaving = true;
+        let _ = self.socket.set_linger(200);
+        let _ = self.socket.send(FilemqMsg::Kthxbai {}.encode(), zmq::DONTWAIT);
+    }
+}
+
+impl Drop for Link {
+    fn drop(&mut self) {
+        // Stop the monitor before its reader goes: libzmq sends monitor
+        // events blocking, and an event for a closed reader would stall the
+        // I/O thread.
+        let _ = self.watch(&[]);
+        if !self.leaving {
+            let _ = self.socket.disconnect(&self.endpoint);
+        }
+    }
+}

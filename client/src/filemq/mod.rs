@@ -1,0 +1,267 @@
+//! A FILEMQ subscriber: mirrors what a server publishes under one or more
+//! virtual paths into a local inbox directory, and keeps it mirrored across
+//! broker restarts and network cuts.
+//!
+//! ```no_run
+//! use zbroker_client::filemq::{Event, Options, Subscriber};
+//!
+//! let opts = Options::broker("local", vec!["/photos".into()], "inbox".into());
+//! let subscriber = Subscriber::start(opts)?;
+//! while let Some(event) = subscriber.recv() {
+//!     match event {
+//!         Event::Updated { path, .. } => println!("updated {path}"),
+//!         Event::Deleted { path } => println!("deleted {path}"),
+//!         Event::InSync { .. } => break,
+//!         _ => {}
+//!     }
+//! }
+//! subscriber.stop();
+//! # Ok::<(), zbroker_client::filemq::Error>(())
+//! ```
+//!
+//! # Inbox layout
+//!
+//! - With **one** subscription path `P`, a published file `P/rest` lands at
+//!   `<inbox>/rest` (like the original newest client).
+//! - With **several** paths, a file `/full/path` lands at
+//!   `<inbox>/full/path`, so subscriptions never collide. The files each
+//!   subscription reports to the server as held (the ICANHAZ cache) are
+//!   those under its own subdirectory.
+//!
+//! A path given twice, or covered by another (`/a/b` beside `/a`), is
+//! subscribed once. Hidden entries of the inbox are never reported nor
+//! touched; `<inbox>/.filemq/` is the subscriber's own (partial files, a
+//! digest cache, a lock that keeps a second subscriber out).
+//!
+//! # Guarantees
+//!
+//! - Nothing is written or deleted outside the inbox, whatever the server
+//!   sends: names that do not fall under a subscription, or that hold
+//!   `..`, `.`, empty or hidden components or NUL, are refused
+//!   ([`Event::Rejected`]), and so is any path through an existing symlink.
+//! - A file appears whole or not at all: it is received into
+//!   `.filemq/partial/`, checked against the server's `X-SIZE` and `X-SHA1`
+//!   and renamed into place. A file that fails the check is discarded and
+//!   fetched again ([`Event::IntegrityFailed`]).
+//! - A transfer cut short (even by SIGKILL) resumes where it stopped on the
+//!   next connection, with a server that supports it.
+//! - When the server goes silent or the connection drops, the subscriber
+//!   reconnects (100 ms, doubling to 5 s) and resynchronises: the inbox
+//!   converges to the publisher's content, deletes included.
+//!
+//! The connection runs on a thread of its own; events arrive on a bounded
+//! channel. A consumer that stops reading events holds that thread up (and,
+//! after the server's expiry, 60 s by default, loses the connection, which
+//! is then made anew): read them. [`Event::Progress`] alone is dropped
+//! rather than waited for.
+
+mod inbox;
+mod layout;
+mod link;
+mod session;
+#[cfg(test)]
+mod tests;
+
+use crate::endpoint;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+/// Default credit window: bytes of file content granted ahead.
+pub const DEFAULT_WINDOW: u64 = 8_000_000;
+
+/// Why a subscriber could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A subscription path is unusable (it must start with `/`, and hold no
+    /// empty, `.`, `..` or hidden component).
+    #[error("bad subscription path {path:?}: {why}")]
+    BadPath { path: String, why: &'static str },
+    /// An option is out of range.
+    #[error("bad option: {0}")]
+    BadOption(&'static str),
+    /// The inbox cannot be created, locked or read.
+    #[error("inbox {path}: {source}")]
+    Inbox {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// ZeroMQ failed locally.
+    #[error(transparent)]
+    Zmq(#[from] zmq::Error),
+    /// The connection thread could not be started.
+    #[error("cannot start the connection thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// What to subscribe to, where to put it, and tuning.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// A ZeroMQ endpoint: `ipc://@/filemq/NAME` (see [`Options::broker`]),
+    /// `tcp://host:port`, …
+    pub endpoint: String,
+    /// Virtual paths to mirror; each starts with `/`.
+    pub paths: Vec<String>,
+    /// The directory that mirrors them (created if missing).
+    pub inbox: PathBuf,
+    /// Credit window: bytes of file content the server may send ahead of
+    /// what we have written. At least 1.
+    pub window: u64,
+    /// Send HUGZ when nothing has come from the server for this long.
+    pub heartbeat: Duration,
+    /// Take the server as gone after this long without a message from it.
+    pub dead_after: Duration,
+    /// Capacity of the event channel.
+    pub event_capacity: usize,
+}
+
+impl Options {
+    /// Subscribes to `paths` on the broker called `name` on this machine.
+    pub fn broker(name: &str, paths: Vec<String>, inbox: PathBuf) -> Self {
+        Self::endpoint(&endpoint::filemq(name), paths, inbox)
+    }
+
+    /// Subscribes to `paths` on a server at any ZeroMQ endpoint.
+    pub fn endpoint(endpoint: &str, paths: Vec<String>, inbox: PathBuf) -> Self {
+        Options {
+            endpoint: endpoint.to_string(),
+            paths,
+            inbox,
+            window: DEFAULT_WINDOW,
+            heartbeat: Duration::from_secs(1),
+            dead_after: Duration::from_secs(5),
+            event_capacity: 1024,
+        }
+    }
+}
+
+/// What the subscriber reports. Paths in `Progress`, `Updated`, `Deleted`
+/// and `IntegrityFailed` are relative to the inbox, `/`-separated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A session started: the server greeted us (OHAI-OK).
+    Connected,
+    /// Bytes of a file arrived; `size` is the whole file's when the server
+    /// said (`X-SIZE`). Dropped when the channel is full.
+    Progress { path: String, offset: u64, size: Option<u64> },
+    /// A file was created or replaced in the inbox, whole and verified.
+    Updated { path: String, size: u64 },
+    /// A file was removed from the inbox.
+    Deleted { path: String },
+    /// Everything published under this subscription path when we
+    /// (re)subscribed has arrived: the inbox mirrors it. Comes again after
+    /// every reconnection.
+    InSync { path: String },
+    /// A name the server sent was refused for safety (see the module
+    /// documentation); nothing was written. `name` is the server's, lossily
+    /// decoded.
+    Rejected { name: String, why: String },
+    /// A received file did not match its announced size or digest; it was
+    /// discarded and asked for again.
+    IntegrityFailed { path: String },
+    /// The session ended (server gone, connection cut, protocol trouble);
+    /// reconnecting.
+    Disconnected { why: String },
+    /// The server refused us (RTFM or SRSLY). The subscriber has stopped.
+    Refused { why: String },
+    /// The inbox became unusable (not writable, disk full, …). The
+    /// subscriber has stopped.
+    Failed { why: String },
+}
+
+/// A running subscription. Dropping it is [`Subscriber::stop`].
+pub struct Subscriber {
+    /// A message here tells the connection thread to say KTHXBAI and end.
+    control: zmq::Socket,
+    events: Option<mpsc::Receiver<Event>>,
+    thread: Option<JoinHandle<()>>,
+    subscriptions: Vec<String>,
+}
+
+impl Subscriber {
+    /// Checks the options, opens (creates and locks) the inbox, and starts
+    /// the connection thread, which connects, subscribes and keeps the
+    /// inbox mirrored until [`Subscriber::stop`]. A server that is not
+    /// there yet is not an error: the thread keeps trying.
+    pub fn start(opts: Options) -> Result<Subscriber, Error> {
+        let layout = layout::Layout::new(&opts.paths).map_err(|(path, why)| Error::BadPath { path, why })?;
+        if opts.window == 0 {
+            return Err(Error::BadOption("the credit window must be at least 1 byte"));
+        }
+        if opts.heartbeat.is_zero() || opts.dead_after.is_zero() {
+            return Err(Error::BadOption("heartbeat and dead_after must be more than 0"));
+        }
+        let inbox = inbox::Inbox::open(&opts.inbox)
+            .map_err(|source| Error::Inbox { path: opts.inbox.clone(), source })?;
+        // One context per subscriber: dropping it waits (briefly) for the
+        // KTHXBAI to leave before the process may exit.
+        let context = zmq::Context::new();
+        let control = context.socket(zmq::PAIR)?;
+        // inproc names are per context: this one is ours alone.
+        control.bind("inproc://filemq-control")?;
+        let thread_control = context.socket(zmq::PAIR)?;
+        thread_control.connect("inproc://filemq-control")?;
+        let (tx, rx) = mpsc::sync_channel(opts.event_capacity.max(1));
+        let subscriptions = layout.subscriptions().to_vec();
+        let thread = std::thread::Builder::new()
+            .name("filemq-subscriber".into())
+            .spawn(move || {
+                session::run(session::Shared::new(opts, layout, inbox, tx, thread_control, context))
+            })
+            .map_err(Error::Thread)?;
+        Ok(Subscriber { control, events: Some(rx), thread: Some(thread), subscriptions })
+    }
+
+    /// The subscription paths in the form the server sees them (and
+    /// [`Event::InSync`] names them): normalised, duplicates and covered
+    /// paths dropped.
+    pub fn subscriptions(&self) -> &[String] {
+        &self.subscriptions
+    }
+
+    /// The next event; `None` once the subscriber has ended (after
+    /// [`Event::Refused`] or [`Event::Failed`]).
+    pub fn recv(&self) -> Option<Event> {
+        self.events.as_ref()?.recv().ok()
+    }
+
+    /// The next event, waiting at most `timeout`.
+    pub fn recv_timeout(&self, timeout: Duration) -> Result<Event, mpsc::RecvTimeoutError> {
+        match &self.events {
+            Some(rx) => rx.recv_timeout(timeout),
+            None => Err(mpsc::RecvTimeoutError::Disconnected),
+        }
+    }
+
+    /// The next event if there is one.
+    pub fn try_recv(&self) -> Result<Event, mpsc::TryRecvError> {
+        match &self.events {
+            Some(rx) => rx.try_recv(),
+            None => Err(mpsc::TryRecvError::Disconnected),
+        }
+    }
+
+    /// Says KTHXBAI to the server, ends the connection thread and waits for
+    /// it. Events not yet received are dropped. A file being received stays
+    /// in `.filemq/partial/` for a later resume.
+    pub fn stop(mut self) {
+        self.shut_down();
+    }
+
+    fn shut_down(&mut self) {
+        let _ = self.control.send("stop", zmq::DONTWAIT);
+        // Unblocks the thread if it waits for room in a full channel.
+        self.events = None;
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}

@@ -1,0 +1,585 @@
+//! The connection thread: one session per connection (OHAI, ICANHAZ per
+//! subscription, NOM credit, CHEEZBURGERs into the inbox, HUGZ while the
+//! server is quiet), and reconnection with backoff when a session ends.
+
+use super::inbox::{self, FileError, Inbox, Incoming};
+use super::layout::{Layout, Placed};
+use super::link::{self, Link, NoLink};
+use super::{Event, Options};
+use crate::codec::{Hash, ShortStr};
+use crate::filemq_msg::{CREATE, DELETE};
+use crate::FilemqMsg;
+use bytes::Bytes;
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::time::{Duration, Instant};
+
+/// Credit is granted in at least this many bytes at a time (the original's
+/// slice), so that a stream of chunks does not become a stream of NOMs.
+const CREDIT_SLICE: u64 = 1_000_000;
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Frames handled per wake-up before the timers are looked at again.
+const BATCH: usize = 256;
+
+/// What lives across sessions.
+pub(crate) struct Shared {
+    opts: Options,
+    layout: Layout,
+    inbox: Inbox,
+    events: SyncSender<Event>,
+    /// Readable when the subscriber is told to stop.
+    control: zmq::Socket,
+    context: zmq::Context,
+}
+
+impl Shared {
+    pub fn new(
+        opts: Options,
+        layout: Layout,
+        inbox: Inbox,
+        events: SyncSender<Event>,
+        control: zmq::Socket,
+        context: zmq::Context,
+    ) -> Shared {
+        Shared { opts, layout, inbox, events, control, context }
+    }
+
+    /// Waits `pause` unless told to stop first; true if told to stop.
+    fn stop_within(&self, pause: Duration) -> bool {
+        let mut items = [self.control.as_poll_item(zmq::POLLIN)];
+        let deadline = Instant::now() + pause;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            if link::poll(&mut items, left).is_err() || items[0].is_readable() {
+                return true;
+            }
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+enum End {
+    /// We were told to stop, or nobody reads our events any more.
+    Stop,
+    /// The connection is no good; start a new one.
+    Lost(String),
+    /// RTFM or SRSLY.
+    Refused(String),
+    /// The inbox is unusable.
+    Failed(String),
+}
+
+/// The connection thread's body.
+pub(crate) fn run(mut shared: Shared) {
+    let mut backoff = FIRST_BACKOFF;
+    let mut failed_attempts = 0u32;
+    loop {
+        let patience = shared.opts.dead_after;
+        let end = match Link::connect(&shared.context, &shared.opts.endpoint, &shared.control, patience) {
+            Ok(link) => {
+                failed_attempts = 0;
+                let mut session = Session::new(&mut shared, link);
+                let end = session.run();
+                let greeted = session.greeted;
+                session.close(&end);
+                if greeted {
+                    backoff = FIRST_BACKOFF;
+                    if let End::Lost(why) = &end {
+                        tracing::warn!("lost the server: {why}; reconnecting");
+                        if shared.events.send(Event::Disconnected { why: why.clone() }).is_err() {
+                            break;
+                        }
+                    }
+                }
+                end
+            }
+            Err(NoLink::Stop) => End::Stop,
+            Err(NoLink::Failed(why)) => {
+                if failed_attempts == 0 {
+                    tracing::warn!("{why}; retrying");
+                } else {
+                    tracing::debug!("{why}; retrying");
+                }
+                failed_attempts += 1;
+                End::Lost(why)
+            }
+        };
+        match end {
+            End::Stop => break,
+            End::Refused(why) => {
+                tracing::warn!("the server refused us: {why}");
+                let _ = shared.events.send(Event::Refused { why });
+                break;
+            }
+            End::Failed(why) => {
+                tracing::warn!("{why}");
+                let _ = shared.events.send(Event::Failed { why });
+                break;
+            }
+            End::Lost(_) => {}
+        }
+        if shared.stop_within(backoff) {
+            break;
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+    if let Err(e) = shared.inbox.save_digests(false) {
+        tracing::warn!("cannot save the digest cache: {e}");
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// OHAI sent, waiting for OHAI-OK.
+    Greeting,
+    /// ICANHAZs sent; credit goes out once all are acknowledged.
+    Subscribing { oks_due: usize },
+    /// Credit granted; files flow.
+    Subscribed,
+}
+
+struct Session<'a> {
+    shared: &'a mut Shared,
+    link: Link,
+    phase: Phase,
+    /// OHAI-OK came: this session counts as connected.
+    greeted: bool,
+    /// Credit granted and not yet spent, as far as we can tell.
+    credit: u64,
+    last_sequence: Option<u64>,
+    /// The file being received.
+    incoming: Option<Incoming>,
+    /// The name of a file whose remaining chunks are ignored (refused, or
+    /// failed and asked for again).
+    skipping: Option<Vec<u8>>,
+    /// Per subscription: RESYNCs sent whose in-sync marker has not come.
+    markers_due: Vec<u32>,
+    /// Leftover partial files have been cleared this session.
+    partials_cleared: bool,
+    last_heard: Instant,
+    last_hugz: Instant,
+}
+
+impl<'a> Session<'a> {
+    fn new(shared: &'a mut Shared, link: Link) -> Session<'a> {
+        let subscriptions = shared.layout.subscriptions().len();
+        let now = Instant::now();
+        Session {
+            shared,
+            link,
+            phase: Phase::Greeting,
+            greeted: false,
+            credit: 0,
+            last_sequence: None,
+            incoming: None,
+            skipping: None,
+            markers_due: vec![0; subscriptions],
+            partials_cleared: false,
+            last_heard: now,
+            last_hugz: now,
+        }
+    }
+
+    fn run(&mut self) -> End {
+        match self.session() {
+            Ok(()) => End::Stop,
+            Err(end) => end,
+        }
+    }
+
+    /// Runs until the session ends; `Err` says why (`Ok` never comes back
+    /// but keeps `?` usable throughout).
+    fn session(&mut self) -> Result<(), End> {
+        self.send(&FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 })?;
+        loop {
+            let mut read_dry = false;
+            for _ in 0..BATCH {
+                match self.link.try_recv().map_err(End::Lost)? {
+                    Some(frame) => {
+                        self.last_heard = Instant::now();
+                        self.on_frame(frame)?;
+                    }
+                    None => {
+                        read_dry = true;
+                        break;
+                    }
+                }
+            }
+            // Frames that arrived before the drop are handled first.
+            if self.link.dropped && read_dry {
+                return Err(End::Lost("the connection dropped".into()));
+            }
+            let now = Instant::now();
+            let opts = &self.shared.opts;
+            let dead_at = self.last_heard + opts.dead_after;
+            if now >= dead_at {
+                return Err(End::Lost(format!("no word from the server for {:?}", opts.dead_after)));
+            }
+            let hugz_at = self.last_heard.max(self.last_hugz) + opts.heartbeat;
+            if self.greeted && now >= hugz_at {
+                self.send(&FilemqMsg::Hugz {})?;
+                self.last_hugz = now;
+                continue;
+            }
+            if !read_dry {
+                continue;
+            }
+            let wake = if self.greeted { dead_at.min(hugz_at) } else { dead_at };
+            let mut items = [
+                self.link.socket.as_poll_item(zmq::POLLIN),
+                self.link.monitor.as_poll_item(zmq::POLLIN),
+                self.shared.control.as_poll_item(zmq::POLLIN),
+            ];
+            link::poll(&mut items, wake.saturating_duration_since(now))
+                .map_err(|e| End::Lost(format!("ZeroMQ: {e}")))?;
+            let (monitor, control) = (items[1].is_readable(), items[2].is_readable());
+            if control {
+                return Err(End::Stop);
+            }
+            if monitor {
+                while self.link.monitor_event().is_some() {}
+            }
+        }
+    }
+
+    /// Ends the session: a file being received stays for a resume; a
+    /// stopping subscriber says goodbye.
+    fn close(&mut self, end: &End) {
+        if let Some(incoming) = self.incoming.take() {
+            self.shared.inbox.abandon(incoming, true);
+        }
+        if matches!(end, End::Stop) {
+            self.link.goodbye();
+        }
+        if let Err(e) = self.shared.inbox.save_digests(false) {
+            tracing::warn!("cannot save the digest cache: {e}");
+        }
+    }
+
+    fn send(&mut self, msg: &FilemqMsg) -> Result<(), End> {
+        tracing::trace!("sending {}", msg.name());
+        let patience = self.shared.opts.dead_after;
+        self.link.send(msg, patience).map_err(End::Lost)
+    }
+
+    fn emit(&self, event: Event) -> Result<(), End> {
+        tracing::debug!("event {event:?}");
+        self.shared.events.send(event).map_err(|_| End::Stop)
+    }
+
+    fn on_frame(&mut self, frame: Bytes) -> Result<(), End> {
+        let msg = match FilemqMsg::decode(frame) {
+            Ok(msg) => msg,
+            Err(e) => {
+                tracing::warn!("ignoring a malformed frame from the server: {e}");
+                return Ok(());
+            }
+        };
+        tracing::trace!("received {}", msg.name());
+        match msg {
+            FilemqMsg::OhaiOk {} if self.phase == Phase::Greeting => {
+                self.greeted = true;
+                self.emit(Event::Connected)?;
+                self.subscribe_all()
+            }
+            FilemqMsg::IcanhazOk {} => {
+                if let Phase::Subscribing { oks_due } = self.phase {
+                    self.phase = match oks_due.saturating_sub(1) {
+                        0 => Phase::Subscribed,
+                        oks_due => Phase::Subscribing { oks_due },
+                    };
+                    self.top_up()?;
+                }
+                Ok(())
+            }
+            FilemqMsg::Cheezburger { sequence, operation, filename, offset, eof, headers, chunk }
+                if self.greeted =>
+            {
+                self.on_cheezburger(sequence, operation, filename.as_bytes(), offset, eof, &headers, chunk.0)
+            }
+            FilemqMsg::HugzOk {} => Ok(()),
+            FilemqMsg::Hugz {} => self.send(&FilemqMsg::HugzOk {}),
+            FilemqMsg::Srsly { reason } => Err(End::Refused(why_or(&reason, "SRSLY"))),
+            FilemqMsg::Rtfm { reason } => Err(End::Refused(why_or(&reason, "RTFM"))),
+            FilemqMsg::Kthxbai {} => Err(End::Lost("the server said goodbye".into())),
+            other => {
+                tracing::warn!("ignoring an unexpected {} from the server", other.name());
+                Ok(())
+            }
+        }
+    }
+
+    /// ICANHAZ for every subscription; the digest cache is saved (and
+    /// pruned) once all holdings have been listed.
+    fn subscribe_all(&mut self) -> Result<(), End> {
+        let count = self.shared.layout.subscriptions().len();
+        self.phase = Phase::Subscribing { oks_due: count };
+        self.shared.inbox.start_census();
+        for sub in 0..count {
+            self.subscribe(sub)?;
+        }
+        if let Err(e) = self.shared.inbox.save_digests(true) {
+            tracing::warn!("cannot save the digest cache: {e}");
+        }
+        Ok(())
+    }
+
+    /// ICANHAZ(path, RESYNC, X-ZBROKER, X-RESUME, cache of what we hold).
+    fn subscribe(&mut self, sub: usize) -> Result<(), End> {
+        let local = |e: std::io::Error| End::Failed(format!("reading the inbox: {e}"));
+        let path = self.shared.layout.subscriptions()[sub].clone();
+        let dir = self.shared.layout.mirror_dir(sub).to_string();
+        let mut cache = Hash::default();
+        for (rel, digest) in self.shared.inbox.holdings(&dir).map_err(local)? {
+            // A key longer than a `string` cannot travel: that file is
+            // simply sent again.
+            if let Some(key) = self.shared.layout.cache_key(sub, &rel) {
+                let _ = cache.insert(&key, digest);
+            }
+        }
+        let mut options = Hash::default();
+        let _ = options.insert("RESYNC", "1");
+        let _ = options.insert("X-ZBROKER", "1");
+        let resume: String = self
+            .shared
+            .inbox
+            .resumable()
+            .map_err(local)?
+            .iter()
+            .map(|(digest, held)| format!("{digest} {held}\n"))
+            .collect();
+        if !resume.is_empty() {
+            let _ = options.insert("X-RESUME", resume);
+        }
+        tracing::debug!("subscribing to {path} holding {} files", cache.len());
+        self.send(&FilemqMsg::Icanhaz { path: path.as_str().into(), options, cache })?;
+        self.markers_due[sub] += 1;
+        Ok(())
+    }
+
+    /// Keeps `window` bytes of credit granted: tops up once the estimate
+    /// falls a slice (or half a small window) below it.
+    fn top_up(&mut self) -> Result<(), End> {
+        if self.phase != Phase::Subscribed {
+            return Ok(());
+        }
+        let window = self.shared.opts.window;
+        let refill_below = window - CREDIT_SLICE.min(window / 2);
+        if self.credit < refill_below {
+            let credit = window - self.credit;
+            self.send(&FilemqMsg::Nom { credit, sequence: self.last_sequence.unwrap_or(0) })?;
+            self.credit = window;
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn on_cheezburger(
+        &mut self,
+        sequence: u64,
+        operation: u8,
+        name: &[u8],
+        offset: u64,
+        eof: u8,
+        headers: &Hash,
+        chunk: Bytes,
+    ) -> Result<(), End> {
+        if let Some(previous) = self.last_sequence {
+            if sequence != previous.wrapping_add(1) {
+                return Err(End::Lost(format!(
+                    "CHEEZBURGER {sequence} came after {previous}: messages were lost"
+                )));
+            }
+        }
+        self.last_sequence = Some(sequence);
+        // The server spent credit on every payload byte it sent, whatever we
+        // make of them: counting only what we keep would drift (spec §7).
+        self.credit = self.credit.saturating_sub(chunk.len() as u64);
+        match operation {
+            CREATE if name.is_empty() => self.on_marker(headers)?,
+            // The original server marks the end with an empty chunk only.
+            CREATE => self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?,
+            // Offset and chunk of a delete may be stale (spec §14).
+            DELETE => self.on_delete(name)?,
+            other => tracing::warn!("ignoring a CHEEZBURGER with operation {other}"),
+        }
+        self.top_up()
+    }
+
+    /// The in-sync marker: everything the last RESYNC for a path asked
+    /// for has come.
+    fn on_marker(&mut self, headers: &Hash) -> Result<(), End> {
+        let Some(synced) = headers.get("X-SYNCED") else {
+            tracing::warn!("ignoring a CHEEZBURGER without a filename");
+            return Ok(());
+        };
+        let subs = self.shared.layout.subscriptions();
+        let Some(sub) = subs.iter().position(|s| s.as_bytes() == synced.as_bytes()) else {
+            tracing::warn!("ignoring an in-sync marker for {synced:?}, which we did not subscribe to");
+            return Ok(());
+        };
+        let path = subs[sub].clone();
+        self.markers_due[sub] = self.markers_due[sub].saturating_sub(1);
+        if self.markers_due[sub] > 0 {
+            // A later RESYNC (a file being fetched again) is still due.
+            return Ok(());
+        }
+        if !self.partials_cleared && self.markers_due.iter().all(|&due| due == 0) {
+            // Every offered resume had its chance: what is left is stale.
+            self.partials_cleared = true;
+            self.shared.inbox.remove_stale_partials(self.incoming.as_ref().map(Incoming::temp));
+        }
+        tracing::info!("{path} is in sync");
+        self.emit(Event::InSync { path })
+    }
+
+    fn on_chunk(
+        &mut self,
+        name: &[u8],
+        offset: u64,
+        end: bool,
+        headers: &Hash,
+        data: &[u8],
+    ) -> Result<(), End> {
+        if let Some(skipped) = &self.skipping {
+            if skipped == name {
+                if end {
+                    self.skipping = None;
+                }
+                return Ok(());
+            }
+            self.skipping = None;
+        }
+        let continues = self.incoming.as_ref().is_some_and(|i| i.name == name && i.written == offset);
+        if !continues {
+            if let Some(previous) = self.incoming.take() {
+                // The server moved on without finishing it (it changed while
+                // being sent): what we hold may still be resumed later.
+                tracing::debug!("{} was left unfinished", previous.rel);
+                self.shared.inbox.abandon(previous, true);
+            }
+            match self.begin(name, offset, headers)? {
+                Some(incoming) => self.incoming = Some(incoming),
+                None => {
+                    if !end {
+                        self.skipping = Some(name.to_vec());
+                    }
+                    return Ok(());
+                }
+            }
+        }
+        let Some(incoming) = self.incoming.as_mut() else { return Ok(()) };
+        if let Err(e) = incoming.write(data) {
+            let Some(incoming) = self.incoming.take() else { return Ok(()) };
+            let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
+            self.shared.inbox.abandon(incoming, false);
+            if !end {
+                self.skipping = Some(name.to_vec());
+            }
+            return self.file_error(name, placed, FileError::Io(e));
+        }
+        let progress = Event::Progress {
+            path: incoming.rel.clone(),
+            offset: incoming.written,
+            size: incoming.expected_size,
+        };
+        if let Err(TrySendError::Disconnected(_)) = self.shared.events.try_send(progress) {
+            return Err(End::Stop);
+        }
+        if end {
+            let Some(incoming) = self.incoming.take() else { return Ok(()) };
+            let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
+            match self.shared.inbox.deliver(incoming) {
+                Ok(size) => {
+                    tracing::info!("updated {}", placed.rel);
+                    self.emit(Event::Updated { path: placed.rel, size })?;
+                }
+                Err(e) => self.file_error(name, placed, e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a new file's name and headers and opens its temporary file;
+    /// `None` if it is refused (and reported).
+    fn begin(&mut self, name: &[u8], offset: u64, headers: &Hash) -> Result<Option<Incoming>, End> {
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why).map(|()| None),
+        };
+        let digest = match headers.get("X-SHA1") {
+            None => None,
+            Some(text) => match inbox::parse_digest(text.as_bytes()) {
+                Some(digest) => Some(digest),
+                None => return self.reject(name, "has a malformed X-SHA1 header").map(|()| None),
+            },
+        };
+        let size = match headers.get("X-SIZE") {
+            None => None,
+            Some(text) => match std::str::from_utf8(text.as_bytes()).ok().and_then(|t| t.parse::<u64>().ok())
+            {
+                Some(size) => Some(size),
+                None => return self.reject(name, "has a malformed X-SIZE header").map(|()| None),
+            },
+        };
+        if let Err(e) = self.shared.inbox.check_no_symlink(&placed.rel) {
+            return self.file_error(name, placed, e).map(|()| None);
+        }
+        match self.shared.inbox.begin(name.to_vec(), placed.clone(), size, digest, offset) {
+            Ok(incoming) => Ok(Some(incoming)),
+            Err(e) => self.file_error(name, placed, e).map(|()| None),
+        }
+    }
+
+    fn on_delete(&mut self, name: &[u8]) -> Result<(), End> {
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why),
+        };
+        match self.shared.inbox.delete(&placed.rel) {
+            Ok(true) => {
+                tracing::info!("deleted {}", placed.rel);
+                self.emit(Event::Deleted { path: placed.rel })
+            }
+            Ok(false) => {
+                tracing::debug!("nothing to delete at {}", placed.rel);
+                Ok(())
+            }
+            Err(e) => self.file_error(name, placed, e),
+        }
+    }
+
+    /// Reports one file that could not be taken; only a fatal I/O error
+    /// ends the subscriber.
+    fn file_error(&mut self, name: &[u8], placed: Placed, e: FileError) -> Result<(), End> {
+        match e {
+            FileError::Refused(why) => self.reject(name, &why),
+            FileError::Integrity(why) => {
+                tracing::warn!("{}: {why}; fetching it again", placed.rel);
+                self.emit(Event::IntegrityFailed { path: placed.rel })?;
+                self.subscribe(placed.subscription)
+            }
+            FileError::Io(e) if inbox::is_fatal(&e) => Err(End::Failed(format!("{}: {e}", placed.rel))),
+            FileError::Io(e) => self.reject(name, &e.to_string()),
+        }
+    }
+
+    fn reject(&mut self, name: &[u8], why: &str) -> Result<(), End> {
+        let name = String::from_utf8_lossy(name).into_owned();
+        tracing::warn!("refusing {name:?} from the server: {why}");
+        self.emit(Event::Rejected { name, why: why.to_string() })
+    }
+}
+
+fn why_or(reason: &ShortStr, default: &str) -> String {
+    let reason = reason.to_string_lossy();
+    if reason.is_empty() {
+        default.to_string()
+    } else {
+        format!("{default}: {reason}")
+    }
+}

@@ -1,0 +1,710 @@
+//! The subscriber against fake servers: a ROUTER socket driven by the test
+//! thread, speaking the FILEMQ codec, polite or hostile.
+
+use super::inbox::hex_upper;
+use super::*;
+use crate::codec::{Chunk, Hash};
+use crate::filemq_msg::{CREATE, DELETE};
+use crate::FilemqMsg;
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+use std::fs;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn unique_endpoint() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!("ipc://@/filemq-test/{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn sha1_hex(data: &[u8]) -> String {
+    hex_upper(&Sha1::digest(data))
+}
+
+fn hash(entries: &[(&str, &str)]) -> Hash {
+    let mut h = Hash::default();
+    for (k, v) in entries {
+        h.insert(k, Bytes::copy_from_slice(v.as_bytes())).unwrap();
+    }
+    h
+}
+
+fn text(h: &Hash, key: &str) -> Option<String> {
+    h.get(key).map(|v| v.to_string_lossy())
+}
+
+/// Bytes that differ at every position, so a misplaced chunk shows.
+fn content(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+struct FakeServer {
+    socket: zmq::Socket,
+    endpoint: String,
+    /// The routing id of the last client heard.
+    peer: Vec<u8>,
+    next_sequence: u64,
+    /// Sum of all NOM credit received.
+    granted: u64,
+    /// Payload bytes sent in CHEEZBURGERs.
+    spent: u64,
+    answer_hugz: bool,
+    hugz_seen: usize,
+    _context: zmq::Context,
+}
+
+impl FakeServer {
+    fn bind(endpoint: &str) -> FakeServer {
+        let context = zmq::Context::new();
+        let socket = context.socket(zmq::ROUTER).unwrap();
+        socket.set_linger(0).unwrap();
+        socket.bind(endpoint).unwrap();
+        FakeServer {
+            socket,
+            endpoint: endpoint.to_string(),
+            peer: Vec::new(),
+            next_sequence: 0,
+            granted: 0,
+            spent: 0,
+            answer_hugz: true,
+            hugz_seen: 0,
+            _context: context,
+        }
+    }
+
+    /// The next message, NOMs included, or `None` after `timeout`. HUGZ
+    /// is answered (while `answer_hugz`) and not returned.
+    fn next(&mut self, timeout: Duration) -> Option<FilemqMsg> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.socket.poll(zmq::POLLIN, left.as_millis().max(1) as i64).unwrap() == 0 {
+                return None;
+            }
+            let frames = self.socket.recv_multipart(0).unwrap();
+            assert_eq!(frames.len(), 2, "one body frame per message");
+            let msg = FilemqMsg::decode(frames[1].clone()).expect("the client sends valid frames");
+            if frames[0] != self.peer {
+                self.peer = frames[0].clone();
+            }
+            match msg {
+                FilemqMsg::Hugz {} => {
+                    self.hugz_seen += 1;
+                    if self.answer_hugz {
+                        self.send(&FilemqMsg::HugzOk {});
+                    }
+                }
+                FilemqMsg::Nom { credit, .. } => {
+                    self.granted += credit;
+                    return Some(msg);
+                }
+                msg => return Some(msg),
+            }
+        }
+    }
+
+    /// The next message other than NOM (NOMs are counted).
+    fn recv(&mut self) -> FilemqMsg {
+        loop {
+            match self.next(WAIT).expect("the client said nothing") {
+                FilemqMsg::Nom { .. } => {}
+                msg => return msg,
+            }
+        }
+    }
+
+    /// Collects NOMs for a moment.
+    fn settle(&mut self) {
+        while let Some(msg) = self.next(Duration::from_millis(300)) {
+            assert!(matches!(msg, FilemqMsg::Nom { .. }), "unexpected {msg:?}");
+        }
+    }
+
+    fn send(&self, msg: &FilemqMsg) {
+        self.send_raw(&msg.encode());
+    }
+
+    fn send_raw(&self, body: &[u8]) {
+        self.socket.send_multipart([self.peer.as_slice(), body], 0).unwrap();
+    }
+
+    /// OHAI → OHAI-OK, then each ICANHAZ → ICANHAZ-OK, then the first NOM.
+    /// Returns the ICANHAZs as (path, options, cache).
+    fn handshake(&mut self, subscriptions: usize) -> Vec<(String, Hash, Hash)> {
+        match self.recv() {
+            FilemqMsg::Ohai { protocol, version } => {
+                assert_eq!(protocol.as_bytes(), b"FILEMQ");
+                assert_eq!(version, 2);
+            }
+            other => panic!("expected OHAI, got {other:?}"),
+        }
+        self.next_sequence = 0;
+        self.send(&FilemqMsg::OhaiOk {});
+        let mut icanhaz = Vec::new();
+        for _ in 0..subscriptions {
+            match self.recv() {
+                FilemqMsg::Icanhaz { path, options, cache } => {
+                    icanhaz.push((path.to_string_lossy(), options, cache))
+                }
+                other => panic!("expected ICANHAZ, got {other:?}"),
+            }
+            self.send(&FilemqMsg::IcanhazOk {});
+        }
+        match self.next(WAIT) {
+            Some(FilemqMsg::Nom { .. }) => {}
+            other => panic!("expected NOM, got {other:?}"),
+        }
+        icanhaz
+    }
+
+    fn burger(&mut self, operation: u8, name: &[u8], offset: u64, eof: u8, headers: Hash, data: &[u8]) {
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        self.spent += data.len() as u64;
+        self.send(&FilemqMsg::Cheezburger {
+            sequence,
+            operation,
+            filename: crate::codec::LongStr(Bytes::copy_from_slice(name)),
+            offset,
+            eof,
+            headers,
+            chunk: Chunk(Bytes::copy_from_slice(data)),
+        });
+    }
+
+    /// A whole file from `offset`, in chunks of `chunk`, as an X-ZBROKER
+    /// server sends it (headers on every chunk) or, with `announce` None,
+    /// as the original does.
+    fn file(&mut self, name: &str, data: &[u8], from: usize, chunk: usize, announce: Option<(&str, u64)>) {
+        let headers = || match announce {
+            Some((digest, size)) => hash(&[("X-SHA1", digest), ("X-SIZE", &size.to_string())]),
+            None => Hash::default(),
+        };
+        let mut offset = from;
+        while offset < data.len() {
+            let end = (offset + chunk).min(data.len());
+            self.burger(CREATE, name.as_bytes(), offset as u64, 0, headers(), &data[offset..end]);
+            offset = end;
+        }
+        self.burger(CREATE, name.as_bytes(), data.len() as u64, 1, headers(), b"");
+    }
+
+    /// A whole file with truthful X-SHA1/X-SIZE.
+    fn publish(&mut self, name: &str, data: &[u8]) {
+        let digest = sha1_hex(data);
+        self.file(name, data, 0, 1_000_000, Some((&digest, data.len() as u64)));
+    }
+
+    fn delete(&mut self, name: &str) {
+        // Stale offset and chunk, as the original server sends them.
+        self.burger(DELETE, name.as_bytes(), 12345, 0, Hash::default(), b"");
+    }
+
+    fn synced(&mut self, path: &str) {
+        self.burger(CREATE, b"", 0, 1, hash(&[("X-SYNCED", path)]), b"");
+    }
+}
+
+fn options(endpoint: &str, paths: &[&str], inbox: &Path) -> Options {
+    let mut opts =
+        Options::endpoint(endpoint, paths.iter().map(|p| p.to_string()).collect(), inbox.to_path_buf());
+    opts.heartbeat = Duration::from_millis(100);
+    opts.dead_after = Duration::from_millis(1500);
+    opts
+}
+
+/// Events (Progress left out) up to and including the first that `done`
+/// accepts.
+fn events_until(sub: &Subscriber, done: impl Fn(&Event) -> bool) -> Vec<Event> {
+    let deadline = Instant::now() + WAIT;
+    let mut seen = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match sub.recv_timeout(left) {
+            Ok(Event::Progress { .. }) => {}
+            Ok(event) => {
+                let last = done(&event);
+                seen.push(event);
+                if last {
+                    return seen;
+                }
+            }
+            Err(e) => panic!("no awaited event ({e}); got {seen:?}"),
+        }
+    }
+}
+
+fn partial_files(inbox: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(inbox.join(".filemq/partial"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Visible entries under `dir`, recursively, as sorted relative paths.
+fn listing(dir: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut pending = vec![(dir.to_path_buf(), String::new())];
+    while let Some((path, rel)) = pending.pop() {
+        for entry in fs::read_dir(&path).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let child = if rel.is_empty() { name } else { format!("{rel}/{name}") };
+            let meta = fs::symlink_metadata(entry.path()).unwrap();
+            if meta.is_dir() {
+                pending.push((entry.path(), child.clone()));
+                found.push(format!("{child}/"));
+            } else {
+                found.push(child);
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+#[test]
+fn a_multi_chunk_file_and_a_delete_arrive() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    assert_eq!(sub.subscriptions(), ["/data"]);
+
+    let icanhaz = server.handshake(1);
+    let (path, opts, cache) = &icanhaz[0];
+    assert_eq!(path, "/data");
+    assert_eq!(text(opts, "RESYNC").as_deref(), Some("1"));
+    assert_eq!(text(opts, "X-ZBROKER").as_deref(), Some("1"));
+    assert_eq!(opts.get("X-RESUME"), None, "nothing to resume");
+    assert!(cache.is_empty());
+    assert_eq!(server.granted, DEFAULT_WINDOW);
+
+    let data = content(2_500_000);
+    server.publish("/data/sub/f.bin", &data);
+    server.synced("/data");
+    let events = events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    assert_eq!(
+        events,
+        [
+            Event::Connected,
+            Event::Updated { path: "sub/f.bin".into(), size: 2_500_000 },
+            Event::InSync { path: "/data".into() },
+        ]
+    );
+    assert!(fs::read(inbox.join("sub/f.bin")).unwrap() == data, "the file arrived intact");
+    assert!(partial_files(&inbox).is_empty(), "no temporary file is left");
+
+    server.delete("/data/sub/f.bin");
+    let events = events_until(&sub, |e| matches!(e, Event::Deleted { .. }));
+    assert_eq!(events, [Event::Deleted { path: "sub/f.bin".into() }]);
+    assert!(!inbox.join("sub").exists(), "the emptied directory went too");
+    assert!(inbox.is_dir(), "but never the inbox itself");
+
+    // The original server's form: no headers, the end is an empty chunk
+    // (eof 0 here, as its newest client reads it).
+    server.burger(CREATE, b"/data/hello.txt", 0, 0, Hash::default(), b"Hello");
+    server.burger(CREATE, b"/data/hello.txt", 5, 0, Hash::default(), b"");
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert_eq!(events, [Event::Updated { path: "hello.txt".into(), size: 5 }]);
+    assert_eq!(fs::read(inbox.join("hello.txt")).unwrap(), b"Hello");
+    assert!(partial_files(&inbox).is_empty());
+
+    sub.stop();
+    assert!(matches!(server.recv(), FilemqMsg::Kthxbai {}), "stop says goodbye");
+}
+
+#[test]
+fn a_hostile_server_cannot_touch_anything_outside_the_inbox() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let base = tempfile::tempdir().unwrap();
+    let inbox = base.path().join("inbox");
+    let outside = base.path().join("outside");
+    fs::create_dir_all(&inbox).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("victim"), b"keep me").unwrap();
+    std::os::unix::fs::symlink(&outside, inbox.join("link")).unwrap();
+    std::os::unix::fs::symlink(outside.join("victim"), inbox.join("victim")).unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+
+    let evil_creates: [&[u8]; 14] = [
+        b"/data/../escape",
+        b"/data/a/../../escape",
+        b"/data//escape",
+        b"/data/./x",
+        b"/data/a\0b",
+        b"/data/.hidden",
+        b"/data/.filemq/partial/x",
+        b"/data/.filemq/lock",
+        b"/data/link/planted",
+        b"/data/victim",
+        b"/other/x",
+        b"/datax/y",
+        b"relative/x",
+        b"/data/\xff\xfe",
+    ];
+    for name in evil_creates {
+        // Two chunks and the end: one refusal per file, not per chunk.
+        server.burger(CREATE, name, 0, 0, Hash::default(), b"evil");
+        server.burger(CREATE, name, 4, 0, Hash::default(), b"evil");
+        server.burger(CREATE, name, 8, 1, Hash::default(), b"");
+    }
+    // A digest header that would name a file outside our private area.
+    let traversal = hash(&[("X-SHA1", "../../../../../../../../../../../../../../../escape")]);
+    server.burger(CREATE, b"/data/ok-name", 0, 0, traversal.clone(), b"evil");
+    server.burger(CREATE, b"/data/ok-name", 4, 1, traversal, b"");
+    server.burger(CREATE, b"/data/sized", 0, 1, hash(&[("X-SIZE", "-1")]), b"evil");
+    for name in
+        [&b"/data/link/victim"[..], b"/data/victim", b"/data/../outside/victim", b"/data/.filemq/lock"]
+    {
+        server.burger(DELETE, name, 0, 0, Hash::default(), b"");
+    }
+    // Garbage and messages a server never sends are dropped, not fatal.
+    server.send_raw(b"garbage");
+    server.send_raw(&[0xAA, 0xA3, 0x08, 0x00]);
+    server.send(&FilemqMsg::Nom { credit: 1, sequence: 0 });
+    server.publish("/data/fine", b"fine");
+
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    let rejected: Vec<&Event> = events.iter().filter(|e| matches!(e, Event::Rejected { .. })).collect();
+    assert_eq!(rejected.len(), evil_creates.len() + 2 + 4, "{events:#?}");
+    assert_eq!(events.last(), Some(&Event::Updated { path: "fine".into(), size: 4 }));
+    assert!(events.contains(&Event::Rejected {
+        name: "/data/../escape".into(),
+        why: "has a '.' or '..' component".into()
+    }));
+
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"keep me");
+    assert_eq!(listing(&outside), ["victim"]);
+    assert_eq!(
+        listing(base.path()),
+        ["inbox/", "inbox/fine", "inbox/link", "inbox/victim", "outside/", "outside/victim"]
+    );
+    assert!(fs::symlink_metadata(inbox.join("victim")).unwrap().file_type().is_symlink());
+    assert!(inbox.join(".filemq/lock").exists());
+    assert!(partial_files(&inbox).is_empty());
+    drop(sub);
+}
+
+#[test]
+fn a_file_that_fails_its_check_is_fetched_again() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+
+    let data = content(3000);
+    let digest = sha1_hex(&data);
+    let mut corrupt = data.clone();
+    corrupt[1500] ^= 1;
+    server.file("/data/f", &corrupt, 0, 1000, Some((&digest, 3000)));
+    let events = events_until(&sub, |e| matches!(e, Event::IntegrityFailed { .. }));
+    assert_eq!(events, [Event::Connected, Event::IntegrityFailed { path: "f".into() }]);
+    match server.recv() {
+        FilemqMsg::Icanhaz { path, options, cache } => {
+            assert_eq!(path.to_string_lossy(), "/data");
+            assert_eq!(text(&options, "RESYNC").as_deref(), Some("1"));
+            assert!(cache.is_empty(), "the bad file is not held");
+        }
+        other => panic!("expected a new ICANHAZ, got {other:?}"),
+    }
+    server.send(&FilemqMsg::IcanhazOk {});
+    assert!(!inbox.join("f").exists());
+    assert!(partial_files(&inbox).is_empty());
+
+    // The first RESYNC's marker does not mean in sync: the refetch is due.
+    server.synced("/data");
+    // A wrong size is caught too.
+    server.file("/data/g", b"short", 0, 1000, Some((&sha1_hex(b"short"), 6)));
+    let events = events_until(&sub, |e| matches!(e, Event::IntegrityFailed { .. }));
+    assert_eq!(events, [Event::IntegrityFailed { path: "g".into() }]);
+    assert!(matches!(server.recv(), FilemqMsg::Icanhaz { .. }));
+    server.send(&FilemqMsg::IcanhazOk {});
+    server.publish("/data/f", &data);
+    server.publish("/data/g", b"short");
+    server.synced("/data");
+    server.synced("/data");
+    let events = events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    assert_eq!(
+        events,
+        [
+            Event::Updated { path: "f".into(), size: 3000 },
+            Event::Updated { path: "g".into(), size: 5 },
+            Event::InSync { path: "/data".into() },
+        ]
+    );
+    assert_eq!(fs::read(inbox.join("f")).unwrap(), data);
+}
+
+#[test]
+fn an_interrupted_transfer_resumes_where_it_stopped() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let data = content(2_500_000);
+    let digest = sha1_hex(&data);
+    let announce = Some((digest.as_str(), data.len() as u64));
+
+    // First session: one chunk arrives, then the subscriber stops.
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+    server.burger(CREATE, b"/data/big", 0, 0, hash(&[("X-SHA1", &digest)]), &data[..1_000_000]);
+    let deadline = Instant::now() + WAIT;
+    while fs::metadata(inbox.join(".filemq/partial").join(&digest)).map_or(0, |m| m.len()) < 1_000_000 {
+        assert!(Instant::now() < deadline, "the first chunk never reached the disk");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    sub.stop();
+    assert!(matches!(server.recv(), FilemqMsg::Kthxbai {}));
+    assert_eq!(partial_files(&inbox), vec![digest.clone()], "the part is kept, named by its digest");
+    // Bytes past the resume point are cut off: make some.
+    let mut part = data[..1_000_000].to_vec();
+    part.extend_from_slice(&[0xEE; 500]);
+    fs::write(inbox.join(".filemq/partial").join(&digest), &part).unwrap();
+
+    // Second session: the part is offered and the server resumes short of
+    // its end.
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    let icanhaz = server.handshake(1);
+    assert_eq!(text(&icanhaz[0].1, "X-RESUME"), Some(format!("{digest} 1000500\n")));
+    server.file("/data/big", &data, 900_000, 1_000_000, announce);
+    server.synced("/data");
+    let events = events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    assert_eq!(events[1], Event::Updated { path: "big".into(), size: 2_500_000 });
+    assert!(fs::read(inbox.join("big")).unwrap() == data, "the resumed file is identical");
+    assert!(partial_files(&inbox).is_empty());
+
+    // A resume the client cannot honour is an integrity failure, not a
+    // corrupt file.
+    server.file("/data/other", b"abcdef", 3, 1000, Some((&sha1_hex(b"abcdef"), 6)));
+    let events = events_until(&sub, |e| matches!(e, Event::IntegrityFailed { .. }));
+    assert_eq!(events, [Event::IntegrityFailed { path: "other".into() }]);
+    assert!(matches!(server.recv(), FilemqMsg::Icanhaz { .. }));
+    assert!(!inbox.join("other").exists());
+}
+
+#[test]
+fn stale_partial_files_go_once_in_sync() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    fs::create_dir_all(inbox.join(".filemq/partial")).unwrap();
+    let stale = sha1_hex(b"gone from the publisher");
+    fs::write(inbox.join(".filemq/partial").join(&stale), b"gone").unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    let icanhaz = server.handshake(1);
+    assert_eq!(text(&icanhaz[0].1, "X-RESUME"), Some(format!("{stale} 4\n")));
+    server.synced("/data");
+    events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    assert!(partial_files(&inbox).is_empty());
+}
+
+#[test]
+fn the_cache_lists_what_the_inbox_holds() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    fs::create_dir_all(inbox.join("sub")).unwrap();
+    fs::create_dir_all(inbox.join(".secret")).unwrap();
+    fs::write(inbox.join("a.txt"), b"abc").unwrap();
+    fs::write(inbox.join("sub/b.txt"), b"xyz").unwrap();
+    fs::write(inbox.join(".hidden"), b"h").unwrap();
+    fs::write(inbox.join(".secret/c"), b"c").unwrap();
+
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    let icanhaz = server.handshake(1);
+    let cache = &icanhaz[0].2;
+    assert_eq!(cache.len(), 2, "{cache:?}");
+    assert_eq!(text(cache, "a.txt"), Some(sha1_hex(b"abc")));
+    assert_eq!(text(cache, "sub/b.txt"), Some(sha1_hex(b"xyz")));
+    // The digests are kept for the next time.
+    let digests = fs::read_to_string(inbox.join(".filemq/digests")).unwrap();
+    assert_eq!(digests.lines().count(), 2, "{digests}");
+    // RESYNC's deletes make the inbox a mirror.
+    server.delete("/data/a.txt");
+    events_until(&sub, |e| matches!(e, Event::Deleted { .. }));
+    sub.stop();
+    server.recv();
+
+    // Several paths: full virtual paths, one cache per subscription.
+    fs::create_dir_all(inbox.join("logs")).unwrap();
+    fs::create_dir_all(inbox.join("data")).unwrap();
+    fs::write(inbox.join("data/x"), b"x").unwrap();
+    fs::write(inbox.join("logs/today"), b"log").unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data", "/logs/", "/data/deeper"], &inbox)).unwrap();
+    assert_eq!(sub.subscriptions(), ["/data", "/logs"]);
+    let icanhaz = server.handshake(2);
+    let by_path: std::collections::HashMap<_, _> =
+        icanhaz.iter().map(|(p, _, c)| (p.clone(), c.clone())).collect();
+    assert_eq!(by_path["/data"].len(), 1);
+    assert_eq!(text(&by_path["/data"], "x"), Some(sha1_hex(b"x")));
+    assert_eq!(by_path["/logs"].len(), 1);
+    assert_eq!(text(&by_path["/logs"], "today"), Some(sha1_hex(b"log")));
+    server.publish("/logs/new", b"new");
+    server.synced("/data");
+    server.synced("/logs");
+    let events = events_until(&sub, |e| matches!(e, Event::InSync { path } if path == "/logs"));
+    assert!(events.contains(&Event::Updated { path: "logs/new".into(), size: 3 }), "{events:?}");
+    assert_eq!(fs::read(inbox.join("logs/new")).unwrap(), b"new");
+}
+
+#[test]
+fn credit_counts_every_payload_byte_the_server_sent() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let mut opts = options(&endpoint, &["/data"], &inbox);
+    opts.window = 3_000_000;
+    let sub = Subscriber::start(opts).unwrap();
+    server.handshake(1);
+    assert_eq!(server.granted, 3_000_000);
+
+    // Refused chunks cost credit at the server: they must here too, or the
+    // two would drift apart and the transfer stall (spec §7).
+    let junk = content(1_000_000);
+    server.burger(CREATE, b"/other/junk", 0, 0, Hash::default(), &junk);
+    server.burger(CREATE, b"/other/junk", 1_000_000, 1, Hash::default(), b"");
+    let data = content(1_700_000);
+    server.publish("/data/f", &data);
+    events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    server.settle();
+    assert_eq!(server.spent, 2_700_000);
+    let outstanding = server.granted - server.spent;
+    // The client tops up when less than a slice below the window is left.
+    assert!((2_000_000..=3_000_000).contains(&outstanding), "outstanding {outstanding}");
+    assert_eq!(server.granted, 3_000_000 + 2_000_000, "one top-up after the second chunk");
+
+    // A tiny window still flows.
+    sub.stop();
+    server.recv();
+    let mut opts = options(&endpoint, &["/data"], &inbox);
+    opts.window = 10;
+    let sub = Subscriber::start(opts).unwrap();
+    server.granted = 0;
+    server.spent = 0;
+    server.handshake(1);
+    assert_eq!(server.granted, 10);
+    server.file("/data/small", b"0123456789abcdef", 0, 4, None);
+    events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    server.settle();
+    assert!(server.granted - server.spent >= 5, "granted {} spent {}", server.granted, server.spent);
+}
+
+#[test]
+fn the_subscriber_comes_back_after_the_server_restarts() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+    server.publish("/data/one", b"1");
+    events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    drop(server);
+
+    let events = events_until(&sub, |e| matches!(e, Event::Disconnected { .. }));
+    assert!(matches!(events.last(), Some(Event::Disconnected { .. })));
+    let mut server = FakeServer::bind(&endpoint);
+    let icanhaz = server.handshake(1);
+    assert_eq!(text(&icanhaz[0].2, "one"), Some(sha1_hex(b"1")), "a fresh cache on the new session");
+    server.publish("/data/two", b"2");
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert_eq!(events, [Event::Connected, Event::Updated { path: "two".into(), size: 1 }]);
+    assert_eq!(server.endpoint, endpoint);
+}
+
+#[test]
+fn a_silent_server_is_given_up_on_and_reconnected() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    server.handshake(1);
+    let first_peer = server.peer.clone();
+    server.answer_hugz = false;
+    let started = Instant::now();
+    // HUGZ go unanswered; after dead_after a new session says OHAI.
+    match server.recv() {
+        FilemqMsg::Ohai { .. } => {}
+        other => panic!("expected a new OHAI, got {other:?}"),
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1200), "gave up after {:?}", started.elapsed());
+    assert!(server.hugz_seen >= 5, "HUGZ every heartbeat: {}", server.hugz_seen);
+    assert_ne!(server.peer, first_peer, "a new connection");
+    let events = events_until(&sub, |e| matches!(e, Event::Disconnected { .. }));
+    assert_eq!(events.len(), 2);
+}
+
+#[test]
+fn a_gap_in_the_sequence_starts_a_new_session() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    server.handshake(1);
+    server.burger(CREATE, b"/data/a", 0, 0, Hash::default(), b"abc");
+    server.next_sequence += 3;
+    server.burger(CREATE, b"/data/a", 3, 1, Hash::default(), b"");
+    let events = events_until(&sub, |e| matches!(e, Event::Disconnected { .. }));
+    assert!(matches!(&events[1], Event::Disconnected { why } if why.contains("lost")), "{events:?}");
+    server.handshake(1);
+    assert!(!dir.path().join("inbox/a").exists());
+}
+
+#[test]
+fn a_refusal_stops_the_subscriber() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    assert!(matches!(server.recv(), FilemqMsg::Ohai { .. }));
+    server.send(&FilemqMsg::Rtfm { reason: crate::codec::ShortStr::lossy("go away") });
+    let events = events_until(&sub, |e| matches!(e, Event::Refused { .. }));
+    assert_eq!(events, [Event::Refused { why: "RTFM: go away".into() }]);
+    assert_eq!(sub.recv(), None, "the subscriber has ended");
+}
+
+#[test]
+fn bad_options_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let start = |paths: &[&str], window: u64| {
+        let mut opts = options("ipc://@/filemq-test/unused", paths, dir.path());
+        opts.window = window;
+        Subscriber::start(opts)
+    };
+    assert!(matches!(start(&["data"], 1), Err(Error::BadPath { .. })));
+    assert!(matches!(start(&["/a/../b"], 1), Err(Error::BadPath { .. })));
+    assert!(matches!(start(&[], 1), Err(Error::BadPath { .. })));
+    assert!(matches!(start(&["/a"], 0), Err(Error::BadOption(_))));
+    let file = dir.path().join("file");
+    fs::write(&file, b"").unwrap();
+    let opts = options("ipc://@/filemq-test/unused", &["/a"], &file);
+    assert!(matches!(Subscriber::start(opts), Err(Error::Inbox { .. })));
+}
+
+#[test]
+fn without_a_server_stop_still_returns_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&unique_endpoint(), &["/data"], dir.path())).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    sub.stop();
+    assert!(started.elapsed() < Duration::from_secs(1), "stop took {:?}", started.elapsed());
+}

@@ -1,0 +1,254 @@
+//! The `filemq` command line, against no server or a fake one (a ROUTER
+//! socket in a thread speaking the FILEMQ codec).
+
+use bytes::Bytes;
+use sha1::{Digest, Sha1};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_client::filemq_msg::{CREATE, DELETE};
+use zbroker_client::FilemqMsg;
+
+fn filemq(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_filemq")).args(args).output().unwrap()
+}
+
+fn unique_endpoint() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!("ipc://@/filemq-cli-test/{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn help_names_every_option_and_exit_status() {
+    let out = filemq(&["subscribe", "--help"]);
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    for word in [
+        "--inbox",
+        "--broker",
+        "--endpoint",
+        "--once",
+        "--timeout",
+        "--window",
+        "--quiet",
+        "--log",
+        "Exit status",
+        "the broker refused us",
+        "updated PATH",
+    ] {
+        assert!(help.contains(word), "help lacks {word}: {help}");
+    }
+    assert!(filemq(&["--help"]).status.success());
+}
+
+#[test]
+fn usage_errors_exit_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().to_str().unwrap();
+    assert_eq!(filemq(&[]).status.code(), Some(2));
+    assert_eq!(filemq(&["subscribe", "--inbox", inbox]).status.code(), Some(2), "no path");
+    assert_eq!(filemq(&["subscribe", "/a"]).status.code(), Some(2), "no inbox");
+    assert_eq!(filemq(&["subscribe", "/a", "--inbox", inbox, "--timeout", "5"]).status.code(), Some(2));
+    assert_eq!(filemq(&["subscribe", "/a", "--inbox", inbox, "--window", "lots"]).status.code(), Some(2));
+    assert_eq!(
+        filemq(&["subscribe", "/a", "--inbox", inbox, "--broker", "x", "--endpoint", "tcp://127.0.0.1:1"])
+            .status
+            .code(),
+        Some(2)
+    );
+    for args in [
+        &["subscribe", "relative", "--inbox", inbox][..],
+        &["subscribe", "/a/../b", "--inbox", inbox],
+        &["subscribe", "/a", "--inbox", inbox, "--broker", "no/slash"],
+    ] {
+        let out = filemq(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = stderr(&out);
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.starts_with("filemq: "), "{err}");
+    }
+}
+
+#[test]
+fn an_unusable_inbox_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"").unwrap();
+    let inbox = file.join("inbox");
+    let out =
+        filemq(&["subscribe", "/a", "--inbox", inbox.to_str().unwrap(), "--endpoint", &unique_endpoint()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(err.starts_with("filemq: inbox ") && err.trim().lines().count() == 1, "{err}");
+}
+
+#[test]
+fn once_without_a_broker_times_out_with_3() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = filemq(&[
+        "subscribe",
+        "/a",
+        "--inbox",
+        dir.path().to_str().unwrap(),
+        "--endpoint",
+        &unique_endpoint(),
+        "--once",
+        "--timeout",
+        "500",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = stderr(&out);
+    assert!(err.starts_with("filemq: not in sync after 500 ms") && err.trim().lines().count() == 1, "{err}");
+}
+
+/// A fake server for one session: greets, acknowledges the ICANHAZs, runs
+/// `script` with a way to send, and returns the messages received after.
+fn fake_server(
+    endpoint: &str,
+    script: impl FnOnce(&mut dyn FnMut(FilemqMsg)) + Send + 'static,
+) -> JoinHandle<Vec<FilemqMsg>> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::ROUTER).unwrap();
+    socket.set_linger(0).unwrap();
+    socket.bind(endpoint).unwrap();
+    std::thread::spawn(move || {
+        let _context = context;
+        let recv = |socket: &zmq::Socket| -> Option<(Vec<u8>, FilemqMsg)> {
+            if socket.poll(zmq::POLLIN, 10_000).unwrap() == 0 {
+                return None;
+            }
+            let frames = socket.recv_multipart(0).unwrap();
+            Some((frames[0].clone(), FilemqMsg::decode(frames[1].clone()).unwrap()))
+        };
+        let (peer, ohai) = recv(&socket).expect("OHAI");
+        assert!(matches!(ohai, FilemqMsg::Ohai { .. }));
+        let send = |msg: FilemqMsg| socket.send_multipart([peer.clone(), msg.encode()], 0).unwrap();
+        send(FilemqMsg::OhaiOk {});
+        assert!(matches!(recv(&socket).expect("ICANHAZ").1, FilemqMsg::Icanhaz { .. }));
+        send(FilemqMsg::IcanhazOk {});
+        let mut send_mut = send;
+        script(&mut send_mut);
+        let mut after = Vec::new();
+        while let Some((_, msg)) = recv(&socket) {
+            let last = matches!(msg, FilemqMsg::Kthxbai {});
+            if !matches!(msg, FilemqMsg::Nom { .. } | FilemqMsg::Hugz {}) {
+                after.push(msg);
+            }
+            if last {
+                break;
+            }
+        }
+        after
+    })
+}
+
+fn burger(
+    sequence: u64,
+    operation: u8,
+    name: &str,
+    offset: u64,
+    eof: u8,
+    headers: Hash,
+    data: &[u8],
+) -> FilemqMsg {
+    FilemqMsg::Cheezburger {
+        sequence,
+        operation,
+        filename: LongStr::from(name),
+        offset,
+        eof,
+        headers,
+        chunk: Chunk(Bytes::copy_from_slice(data)),
+    }
+}
+
+fn header(key: &str, value: &str) -> Hash {
+    let mut h = Hash::default();
+    h.insert(key, value.to_string()).unwrap();
+    h
+}
+
+#[test]
+fn once_mirrors_prints_one_line_per_file_and_says_goodbye() {
+    let endpoint = unique_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("stale.txt"), b"old").unwrap();
+    let server = fake_server(&endpoint, |send| {
+        let digest: String = Sha1::digest(b"hello").iter().map(|b| format!("{b:02X}")).collect();
+        let mut headers = header("X-SHA1", &digest);
+        headers.insert("X-SIZE", "5").unwrap();
+        send(burger(0, CREATE, "/data/a/hello.txt", 0, 0, headers.clone(), b"hello"));
+        send(burger(1, CREATE, "/data/a/hello.txt", 5, 1, headers, b""));
+        send(burger(2, DELETE, "/data/stale.txt", 0, 0, Hash::default(), b""));
+        send(burger(3, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+    });
+    let out = Command::new(env!("CARGO_BIN_EXE_filemq"))
+        .args([
+            "subscribe",
+            "/data",
+            "--inbox",
+            dir.path().to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+            "--once",
+        ])
+        .args(["--timeout", "10000"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "updated a/hello.txt\ndeleted stale.txt\n");
+    assert_eq!(std::fs::read(dir.path().join("a/hello.txt")).unwrap(), b"hello");
+    assert!(!dir.path().join("stale.txt").exists());
+    let after = server.join().unwrap();
+    assert!(matches!(after.last(), Some(FilemqMsg::Kthxbai {})), "{after:?}");
+}
+
+#[test]
+fn a_refusal_exits_4() {
+    let endpoint = unique_endpoint();
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::ROUTER).unwrap();
+    socket.set_linger(0).unwrap();
+    socket.bind(&endpoint).unwrap();
+    let server = std::thread::spawn(move || {
+        let frames = socket.recv_multipart(0).unwrap();
+        let rtfm = FilemqMsg::Srsly { reason: ShortStr::lossy("not you") }.encode();
+        socket.send_multipart([frames[0].clone(), rtfm], 0).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let out =
+        filemq(&["subscribe", "/data", "--inbox", dir.path().to_str().unwrap(), "--endpoint", &endpoint]);
+    assert_eq!(out.status.code(), Some(4));
+    assert_eq!(stderr(&out).trim(), "filemq: the broker refused us: SRSLY: not you");
+    server.join().unwrap();
+}
+
+#[test]
+fn sigterm_says_goodbye_and_exits_0() {
+    let endpoint = unique_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_server(&endpoint, |_| {});
+    let mut child = Command::new(env!("CARGO_BIN_EXE_filemq"))
+        .args(["subscribe", "/data", "--inbox", dir.path().to_str().unwrap(), "--endpoint", &endpoint])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let after = server.join().unwrap();
+    assert!(matches!(after.last(), Some(FilemqMsg::Kthxbai {})), "{after:?}");
+}
