@@ -184,7 +184,8 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
 
     let upstream = args.upstream.or(file.upstream);
     let inbox = args.inbox.or(file.inbox);
-    let mut paths = if args.subscribe.is_empty() { file.subscribe.unwrap_or_default() } else { args.subscribe };
+    let mut paths =
+        if args.subscribe.is_empty() { file.subscribe.unwrap_or_default() } else { args.subscribe };
     if paths.is_empty() {
         paths.push("/".to_string());
     }
@@ -243,12 +244,20 @@ impl Upstream {
         let thread = std::thread::Builder::new().name("upstream".into()).spawn(move || {
             while !stopping.load(Ordering::Relaxed) {
                 match subscriber.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Event::Updated { path, size }) => tracing::debug!(%path, size, "upstream file updated"),
+                    Ok(Event::Updated { path, size }) => {
+                        tracing::debug!(%path, size, "upstream file updated")
+                    }
                     Ok(Event::Deleted { path }) => tracing::debug!(%path, "upstream file deleted"),
                     Ok(Event::InSync { path }) => tracing::info!(%path, "in sync with {endpoint}"),
-                    Ok(Event::Disconnected { why }) => tracing::warn!("upstream {endpoint}: {why}; reconnecting"),
-                    Ok(Event::Rejected { name, why }) => tracing::warn!("upstream sent {name:?}: refused ({why})"),
-                    Ok(Event::IntegrityFailed { path }) => tracing::warn!(%path, "upstream file failed verification; fetching again"),
+                    Ok(Event::Disconnected { why }) => {
+                        tracing::warn!("upstream {endpoint}: {why}; reconnecting")
+                    }
+                    Ok(Event::Rejected { name, why }) => {
+                        tracing::warn!("upstream sent {name:?}: refused ({why})")
+                    }
+                    Ok(Event::IntegrityFailed { path }) => {
+                        tracing::warn!(%path, "upstream file failed verification; fetching again")
+                    }
                     Ok(Event::Refused { why }) | Ok(Event::Failed { why }) => {
                         tracing::error!("upstream {endpoint}: {why}; mirroring stopped");
                         return;

@@ -363,7 +363,8 @@ pub fn assert_same_tree(publisher: &Path, inbox: &Path) {
     let got = tree_digests(inbox);
     let missing: Vec<&String> = want.keys().filter(|k| !got.contains_key(*k)).take(5).collect();
     let extra: Vec<&String> = got.keys().filter(|k| !want.contains_key(*k)).take(5).collect();
-    let differ: Vec<&String> = want.keys().filter(|k| got.get(*k).is_some_and(|d| d != &want[*k])).take(5).collect();
+    let differ: Vec<&String> =
+        want.keys().filter(|k| got.get(*k).is_some_and(|d| d != &want[*k])).take(5).collect();
     assert!(
         missing.is_empty() && extra.is_empty() && differ.is_empty(),
         "trees differ ({} vs {} files): missing {missing:?}, extra {extra:?}, different {differ:?}",
