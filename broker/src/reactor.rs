@@ -34,7 +34,12 @@ const RECV_BATCH: usize = 256;
 /// Replies parked for one peer that cannot take them; past this many (or
 /// past `Settings::max_parked_bytes`) the peer is treated as gone: it has
 /// stopped reading its socket.
-const PARKED_LIMIT: usize = 4096;
+const PARKED_LIMIT: usize = 65_536;
+/// Bytes a parked frame is counted for beyond its own length (its
+/// allocation and queue slot), so many tiny frames (a FILEMQ subscriber of
+/// small files gets two per file whatever its credit) meet the byte bound
+/// rather than an arbitrary frame count.
+const PARKED_OVERHEAD: usize = 64;
 /// Frames libzmq itself may hold for one peer before a send would block
 /// and the reply is parked (where its bytes are counted).
 const SEND_HWM: i32 = 4;
@@ -437,14 +442,15 @@ impl Reactor {
             },
         };
         let parked = self.parked.entry(to).or_default();
-        if parked.frames.len() >= PARKED_LIMIT || parked.bytes + frame.len() > self.max_parked_bytes {
+        let cost = frame.len() + PARKED_OVERHEAD;
+        if parked.frames.len() >= PARKED_LIMIT || parked.bytes + cost > self.max_parked_bytes {
             tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
             self.parked.remove(&to);
             self.dropping.insert(to);
             self.gone.push(to);
             return;
         }
-        parked.bytes += frame.len();
+        parked.bytes += cost;
         parked.frames.push_back(frame);
     }
 
@@ -480,7 +486,7 @@ impl Reactor {
         let conns: Vec<ConnId> = self.parked.keys().copied().collect();
         for conn in conns {
             while let Some(frame) = self.parked.get_mut(&conn).and_then(|p| p.frames.pop_front()) {
-                let len = frame.len();
+                let cost = frame.len() + PARKED_OVERHEAD;
                 if let Err(frame) = self.try_send(conn, frame) {
                     if let Some(parked) = self.parked.get_mut(&conn) {
                         parked.frames.push_front(frame);
@@ -488,7 +494,7 @@ impl Reactor {
                     break;
                 }
                 if let Some(parked) = self.parked.get_mut(&conn) {
-                    parked.bytes -= len;
+                    parked.bytes -= cost;
                 }
                 sent = true;
             }

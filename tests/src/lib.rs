@@ -203,8 +203,15 @@ pub struct Raw {
 
 impl Raw {
     pub fn connect(endpoint: &str) -> Raw {
+        Self::connect_with_rcvhwm(endpoint, 1000)
+    }
+
+    /// With a receive queue of at most `hwm` frames, so what the test does
+    /// not read stays at the broker.
+    pub fn connect_with_rcvhwm(endpoint: &str, hwm: i32) -> Raw {
         let context = zmq::Context::new();
         let socket = context.socket(zmq::DEALER).unwrap();
+        socket.set_rcvhwm(hwm).unwrap();
         socket.set_linger(0).unwrap();
         socket.connect(endpoint).unwrap();
         Raw { socket, _context: context }

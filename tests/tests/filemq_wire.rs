@@ -30,7 +30,10 @@ fn icanhaz(path: &str, resync: bool) -> FilemqMsg {
 
 /// Connects as the original client does: OHAI, ICANHAZ, first NOM.
 fn subscribe(broker: &Broker, path: &str, resync: bool, credit: u64) -> Raw {
-    let raw = Raw::connect(&broker.filemq_endpoint());
+    subscribe_raw(Raw::connect(&broker.filemq_endpoint()), path, resync, credit)
+}
+
+fn subscribe_raw(raw: Raw, path: &str, resync: bool, credit: u64) -> Raw {
     send(&raw, ohai());
     assert_eq!(recv(&raw, 5000), Some(FilemqMsg::OhaiOk {}));
     send(&raw, icanhaz(path, resync));
@@ -220,4 +223,31 @@ fn publish_at_run_time_and_status() {
     let text = String::from_utf8_lossy(&human.stdout);
     assert!(text.contains("mount /photos <- "), "{text}");
     assert!(text.contains("subscriber #"), "{text}");
+}
+
+/// Small files cost two frames each (data, eof) whatever the credit: a
+/// subscriber that reads late must not be taken for one that stopped
+/// reading while thousands of them wait for it.
+#[test]
+fn a_late_reader_of_many_small_files_is_not_dropped() {
+    let (dir, root) = publisher();
+    for i in 0..3000 {
+        put(dir.path(), &format!("d{}/f{i}", i % 10), format!("file {i}").as_bytes());
+    }
+    let broker = Broker::start(&["--publish", &root]);
+    broker.wait_scanned();
+    let late = Raw::connect_with_rcvhwm(&broker.filemq_endpoint(), 1);
+    let raw = subscribe_raw(late, "/", true, 8_000_000);
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    let mut files = 0;
+    while let Some(msg) = recv(&raw, 5000) {
+        if let FilemqMsg::Cheezburger { eof: 1, .. } = msg {
+            files += 1;
+            if files == 3000 {
+                break;
+            }
+        }
+    }
+    assert_eq!(files, 3000, "every file arrived");
+    assert_eq!(broker.filemq()["subscribers"].as_array().map(Vec::len), Some(1), "the subscriber was kept");
 }
