@@ -106,6 +106,9 @@ enum Command {
         /// Virtual path subscribers see it under, e.g. / or /photos
         #[arg(value_name = "ALIAS")]
         alias: String,
+        /// The broker's --state-dir, if it was given one (its control token is there)
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
     },
 }
 
@@ -113,7 +116,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
-        Some(Command::Publish { name, dir, alias }) => publish(&name, &dir, &alias),
+        Some(Command::Publish { name, dir, alias, state_dir }) => publish(&name, &dir, &alias, state_dir),
         None => run(cli.run),
     };
     match result {
@@ -166,7 +169,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let fdefaults = filemq::Config::default();
     let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
     let state_dir = args.state_dir.or(file.state_dir).or_else(|| default_state_dir(&name));
-    let mut filemq = Filemq::new(filemq::Config { expiry, stable_age, state_dir, ..fdefaults.clone() });
+    let control_token = match &state_dir {
+        Some(dir) => Some(write_control_token(dir)?),
+        None => {
+            tracing::warn!("no state directory (no HOME, no --state-dir): `zbroker publish` is refused");
+            None
+        }
+    };
+    let mut filemq =
+        Filemq::new(filemq::Config { expiry, stable_age, state_dir: state_dir.clone(), ..fdefaults.clone() });
     let mut publish = args.publish;
     if publish.is_empty() {
         for text in file.publish.unwrap_or_default() {
@@ -206,6 +217,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // whole pipe); more means the peer is not reading.
         // (or the most credit a FILEMQ subscriber may hold, plus a chunk).
         max_parked_bytes: (2 * pipe_limit).max(fdefaults.max_credit as usize + fdefaults.chunk_size) + 4096,
+        // The largest WRITE plus its header, or a FILEMQ ICANHAZ whose
+        // cache lists some hundreds of thousands of files.
+        max_message_size: (pipe_limit as i64 + (1 << 20)).max(MAX_FILEMQ_MESSAGE),
+        control_token,
     };
     let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes), Box::new(filemq)])?;
     // The FILEMQ service is the second one handed to the reactor.
@@ -277,6 +292,34 @@ impl Upstream {
     }
 }
 
+/// Largest FILEMQ message accepted (an ICANHAZ with a large cache).
+const MAX_FILEMQ_MESSAGE: i64 = 64 << 20;
+/// The file in the state directory holding the control token.
+const CONTROL_TOKEN_FILE: &str = "control-token";
+
+/// Makes a fresh random control token, readable by this user only.
+fn write_control_token(dir: &std::path::Path) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
+    let mut random = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut random))
+        .context("reading /dev/urandom")?;
+    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let path = dir.join(CONTROL_TOKEN_FILE);
+    let _ = std::fs::remove_file(&path);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(token)
+}
+
 /// Where digests are kept between runs when `--state-dir` is not given.
 fn default_state_dir(name: &str) -> Option<PathBuf> {
     let base = std::env::var_os("XDG_STATE_HOME")
@@ -295,11 +338,21 @@ fn publishable(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Asks a running broker to publish one more directory.
-fn publish(name: &str, dir: &std::path::Path, alias: &str) -> anyhow::Result<()> {
+fn publish(name: &str, dir: &std::path::Path, alias: &str, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     endpoint::check_name(name)?;
     let root = publishable(dir)?;
     let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
-    let reply = control_request(name, &["PUBLISH", root, alias], Duration::from_secs(2))?;
+    let state_dir = state_dir
+        .or_else(|| default_state_dir(name))
+        .context("no state directory: pass the broker's --state-dir")?;
+    let token_path = state_dir.join(CONTROL_TOKEN_FILE);
+    let token = std::fs::read_to_string(&token_path).with_context(|| {
+        format!(
+            "cannot read the broker's control token {} (run as the broker's user, with its --state-dir)",
+            token_path.display()
+        )
+    })?;
+    let reply = control_request(name, &["PUBLISH", token.trim(), root, alias], Duration::from_secs(2))?;
     match (reply["ok"].as_str(), reply["error"].as_str()) {
         (Some(ok), _) => {
             println!("{ok}");

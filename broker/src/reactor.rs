@@ -31,14 +31,12 @@ const WORK_DONE: Token = Token(4);
 
 /// Frames taken from the front socket before the other sockets get a turn.
 const RECV_BATCH: usize = 256;
-/// Replies parked for one peer that cannot take them; past this many (or
-/// past `Settings::max_parked_bytes`) the peer is treated as gone: it has
-/// stopped reading its socket.
-const PARKED_LIMIT: usize = 65_536;
 /// Bytes a parked frame is counted for beyond its own length (its
-/// allocation and queue slot), so many tiny frames (a FILEMQ subscriber of
-/// small files gets two per file whatever its credit) meet the byte bound
-/// rather than an arbitrary frame count.
+/// allocation and queue slot). Replies parked for one peer that cannot
+/// take them are bounded by `Settings::max_parked_bytes` counted this way;
+/// past it the peer is treated as gone: it has stopped reading its socket.
+/// Bytes, not frames: a FILEMQ subscriber of small files gets two frames
+/// per file (and a mass delete one per file) whatever its credit.
 const PARKED_OVERHEAD: usize = 64;
 /// Frames libzmq itself may hold for one peer before a send would block
 /// and the reply is parked (where its bytes are counted).
@@ -60,6 +58,13 @@ pub struct Settings {
     pub control_endpoint: String,
     /// Most reply bytes parked for one peer before it is dropped.
     pub max_parked_bytes: usize,
+    /// Largest frame accepted on the front socket; a peer sending a larger
+    /// one is disconnected by libzmq before the frame is buffered.
+    pub max_message_size: i64,
+    /// Secret that control commands other than STATUS must carry (the
+    /// `zbroker publish` of the same user reads it from the state
+    /// directory); `None` refuses them all.
+    pub control_token: Option<String>,
 }
 
 /// A socket monitor event that ends the peers last seen on a descriptor.
@@ -117,6 +122,7 @@ pub struct Reactor {
     stop: bool,
     /// Runs services' disk work off this thread; wakes `WORK_DONE`.
     worker: Worker,
+    control_token: Option<String>,
 }
 
 fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
@@ -164,6 +170,7 @@ impl Reactor {
         front.set_router_mandatory(true)?;
         front.set_sndhwm(SEND_HWM)?;
         front.set_linger(LINGER_MS)?;
+        front.set_maxmsgsize(settings.max_message_size)?;
         let monitor_endpoint = format!("inproc://zbroker-monitor-{}", settings.name);
         let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
         front.monitor(&monitor_endpoint, events as i32)?;
@@ -230,6 +237,7 @@ impl Reactor {
             dropped_frames: 0,
             stop: false,
             worker,
+            control_token: settings.control_token,
         })
     }
 
@@ -443,7 +451,7 @@ impl Reactor {
         };
         let parked = self.parked.entry(to).or_default();
         let cost = frame.len() + PARKED_OVERHEAD;
-        if parked.frames.len() >= PARKED_LIMIT || parked.bytes + cost > self.max_parked_bytes {
+        if parked.bytes + cost > self.max_parked_bytes {
             tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
             self.parked.remove(&to);
             self.dropping.insert(to);
@@ -593,6 +601,17 @@ impl Reactor {
     /// A control command for the services (`PUBLISH DIR ALIAS`): the first
     /// service that knows it answers `{"ok": …}` or `{"error": …}`.
     fn command(&mut self, words: &[String]) -> serde_json::Value {
+        // The abstract-namespace control socket has no file permissions:
+        // anyone on the machine can reach it, so commands that change
+        // what is published need the secret only the broker's user can read.
+        let (Some(verb), Some(token)) = (words.first(), words.get(1)) else {
+            return serde_json::json!({ "error": "usage: COMMAND TOKEN ARGUMENTS..." });
+        };
+        if self.control_token.as_ref() != Some(token) {
+            return serde_json::json!({ "error": "not authorised: the control token does not match (run as the broker's user, with its --state-dir)" });
+        }
+        let words: Vec<String> = std::iter::once(verb.clone()).chain(words[2..].iter().cloned()).collect();
+        let words = &words[..];
         let now = Instant::now();
         for service in 0..self.services.len() {
             if let Some(result) = self.services[service].command(words, now, &mut self.actions) {

@@ -40,6 +40,8 @@ fn help_names_every_option_and_exit_status() {
         "--log",
         "Exit status",
         "the broker refused us",
+        "5  in sync (--once), but some files could not be fetched",
+        "refused for safety",
         "updated PATH",
     ] {
         assert!(help.contains(word), "help lacks {word}: {help}");
@@ -208,6 +210,39 @@ fn once_mirrors_prints_one_line_per_file_and_says_goodbye() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "updated a/hello.txt\ndeleted stale.txt\n");
     assert_eq!(std::fs::read(dir.path().join("a/hello.txt")).unwrap(), b"hello");
     assert!(!dir.path().join("stale.txt").exists());
+    let after = server.join().unwrap();
+    assert!(matches!(after.last(), Some(FilemqMsg::Kthxbai {})), "{after:?}");
+}
+
+#[test]
+fn once_with_a_refused_file_exits_5() {
+    let endpoint = unique_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_server(&endpoint, |send| {
+        send(burger(0, CREATE, "/data/../escape", 0, 1, Hash::default(), b"evil"));
+        send(burger(1, CREATE, "/data/fine", 0, 1, Hash::default(), b"fine"));
+        send(burger(2, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+    });
+    let out = filemq(&[
+        "subscribe",
+        "/data",
+        "--inbox",
+        dir.path().to_str().unwrap(),
+        "--endpoint",
+        &endpoint,
+        "--once",
+        "--timeout",
+        "10000",
+    ]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "updated fine\n");
+    let err = stderr(&out);
+    assert!(
+        err.starts_with("filemq: in sync, but 1 file(s) could not be fetched or were refused for safety")
+            && err.contains("/data/../escape")
+            && err.trim().lines().count() == 1,
+        "{err}"
+    );
     let after = server.join().unwrap();
     assert!(matches!(after.last(), Some(FilemqMsg::Kthxbai {})), "{after:?}");
 }

@@ -41,6 +41,7 @@ use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -138,8 +139,24 @@ fn main() {
         .tempdir_in(&args.dir)
         .expect("cannot create the bench's directory");
     run(&args, work.path());
+    // The broker has stopped (with `run`'s `Bench`); its disk work may
+    // still be finishing.
     phase("cleaning up");
-    drop(work);
+    let dir = work.keep();
+    let mut result = Ok(());
+    for _ in 0..50 {
+        result = match std::fs::remove_dir_all(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        };
+        if result.is_ok() {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    if let Err(e) = result {
+        eprintln!("filemq bench: cannot remove {}: {e}", dir.display());
+    }
 }
 
 fn run(args: &Args, work: &Path) {
@@ -173,8 +190,14 @@ fn run(args: &Args, work: &Path) {
     eprintln!("broker {} at {}: first scan and hash took {:.2} s", broker.name, broker.endpoint, secs(scan));
 
     let rsync = Rsyncd::start(work);
-    let mut bench =
-        Bench { broker, window: args.window, work: work.to_path_buf(), rsync, rows: Vec::new(), runs: 0 };
+    let mut bench = Bench {
+        broker,
+        window: args.window,
+        work: work.to_path_buf(),
+        rsync,
+        rows: Vec::new(),
+        runs: Default::default(),
+    };
     // Inboxes kept for the resync scenario.
     let mut filled = BTreeMap::new();
     if let (true, Some(tree)) = (args.runs(Scenario::Big), &big) {
@@ -337,11 +360,18 @@ fn verify(tree: &Tree, dir: &Path, what: &str) {
 
 // ---- the broker ----
 
+/// The embedded broker; stopped on drop.
 struct Broker {
     name: String,
     /// The TCP endpoint, port resolved.
     endpoint: String,
+    /// Ends when the broker thread does.
+    stopped: mpsc::Receiver<()>,
 }
+
+/// Set before the bench stops its own broker, so that the broker thread
+/// does not take the stop for an interruption.
+static STOPPING: AtomicBool = AtomicBool::new(false);
 
 impl Broker {
     /// Publishes `mounts` and runs the reactor on a thread of its own
@@ -360,13 +390,20 @@ impl Broker {
             control_endpoint: endpoint::control(&name),
             // As the zbroker program: the most credit a subscriber may hold, plus a chunk.
             max_parked_bytes: defaults.max_credit as usize + defaults.chunk_size + 4096,
+            // As the zbroker program: room for an ICANHAZ whose cache lists
+            // a large inbox (the resync scenario's).
+            max_message_size: 64 << 20,
+            // STATUS needs no token; the bench sends nothing else.
+            control_token: None,
         };
         let (bound_tx, bound_rx) = mpsc::channel();
+        let (stopped_tx, stopped) = mpsc::channel::<()>();
         let work = work.to_path_buf();
         // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
         thread::Builder::new()
             .name("broker".into())
             .spawn(move || {
+                let _stopped = stopped_tx;
                 let mut filemq = Filemq::new(config);
                 let mut startup = Vec::new();
                 let now = Instant::now();
@@ -384,8 +421,12 @@ impl Broker {
                 reactor.start_work(0, startup);
                 let _ = bound_tx.send(Ok(reactor.endpoints().to_vec()));
                 let result = reactor.run();
-                // The reactor catches SIGINT and SIGTERM: it only ends so
-                // when the run is interrupted. Leave nothing behind.
+                drop(reactor);
+                if STOPPING.load(Ordering::SeqCst) {
+                    return;
+                }
+                // The reactor catches SIGINT and SIGTERM: the run was
+                // interrupted. Leave nothing behind.
                 let _ = std::fs::remove_dir_all(&work);
                 match result {
                     Ok(()) => eprintln!("filemq bench: interrupted"),
@@ -403,7 +444,7 @@ impl Broker {
             .into_iter()
             .find(|e| e.starts_with("tcp://"))
             .expect("the broker reports no TCP endpoint");
-        Broker { name, endpoint }
+        Broker { name, endpoint, stopped }
     }
 
     /// The broker's STATUS reply from its control endpoint.
@@ -416,6 +457,17 @@ impl Broker {
         assert!(socket.poll(zmq::POLLIN, 5000).expect("poll") > 0, "no STATUS reply from the broker");
         let reply = socket.recv_bytes(0).expect("cannot receive the STATUS reply");
         serde_json::from_slice(&reply).expect("the STATUS reply is not JSON")
+    }
+
+    /// Stops the reactor the only way it stops, SIGTERM (caught by the
+    /// reactor, not fatal), and waits for its thread, so that it writes no
+    /// more digests into the state directory.
+    fn stop(&self) {
+        STOPPING.store(true, Ordering::SeqCst);
+        // SAFETY: kill and getpid touch no memory; the reactor has a
+        // handler for SIGTERM.
+        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+        let _ = self.stopped.recv_timeout(Duration::from_secs(10));
     }
 
     fn bytes_sent(&self) -> u64 {
@@ -448,6 +500,12 @@ impl Broker {
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -682,7 +740,8 @@ fn cpu_times() -> (Duration, Duration) {
 /// One line of the final table.
 struct Row {
     what: String,
-    /// Bytes delivered in all (every subscriber's).
+    /// Files and bytes delivered in all (every subscriber's).
+    files: u64,
     bytes: u64,
     filemq: Duration,
     filemq_cpu: Duration,
@@ -698,17 +757,17 @@ struct Bench {
     rsync: Option<Rsyncd>,
     rows: Vec<Row>,
     /// Directories made so far, for fresh names.
-    runs: u32,
+    runs: std::cell::Cell<u32>,
 }
 
 impl Bench {
     /// A name no directory of this run has had.
-    fn fresh_name(&mut self, what: &str) -> String {
-        self.runs += 1;
-        format!("{what}-{}", self.runs)
+    fn fresh_name(&self, what: &str) -> String {
+        self.runs.set(self.runs.get() + 1);
+        format!("{what}-{}", self.runs.get())
     }
 
-    fn fresh(&mut self, what: &str) -> PathBuf {
+    fn fresh(&self, what: &str) -> PathBuf {
         let name = self.fresh_name(what);
         self.work.join(name)
     }
@@ -731,11 +790,8 @@ impl Bench {
     /// rsync is installed.
     fn rsync(&mut self, tree: &Tree, n: usize) -> Option<Duration> {
         phase(format!("rsync of {}", tree.alias));
-        if self.rsync.is_none() {
-            return None;
-        }
-        let dests: Vec<String> = (0..n).map(|_| self.fresh_name("rsync")).collect();
         let daemon = self.rsync.as_ref()?;
+        let dests: Vec<String> = (0..n).map(|_| self.fresh_name("rsync")).collect();
         sync();
         let elapsed = daemon.push(tree, &dests);
         daemon.remove(&dests);
@@ -763,6 +819,7 @@ impl Bench {
         let note = notes(&seen, tree);
         self.add(Row {
             what: what.to_string(),
+            files: tree.files.len() as u64,
             bytes: tree.bytes,
             filemq: elapsed,
             filemq_cpu: cpu,
@@ -822,7 +879,16 @@ impl Bench {
         if disconnects > 0 {
             note += &format!("; {disconnects} disconnects");
         }
-        self.add(Row { what, bytes: total, filemq: elapsed, filemq_cpu: cpu, cp: Some(cp), rsync, note });
+        self.add(Row {
+            what,
+            files: (tree.files.len() * n) as u64,
+            bytes: total,
+            filemq: elapsed,
+            filemq_cpu: cpu,
+            cp: Some(cp),
+            rsync,
+            note,
+        });
     }
 
     /// Fills an inbox with the tree, untimed (for a resync run on its own).
@@ -870,6 +936,7 @@ impl Bench {
         verify(tree, inbox, &what);
         self.add(Row {
             what,
+            files: 0,
             bytes: 0,
             filemq: elapsed,
             filemq_cpu: cpu,
@@ -897,17 +964,17 @@ impl Bench {
             args.files
         );
         println!(
-            "{:<34} {:>9} {:>9} {:>8} {:>9} {:>8} {:>6} {:>9} {:>6}",
-            "transfer", "MB", "filemq s", "MB/s", "cp -r s", "MB/s", "ratio", "rsync s", "ratio"
+            "{:<34} {:>6} {:>7} {:>9} {:>6} {:>8} {:>6} {:>6} {:>8} {:>6}",
+            "transfer", "files", "MB", "filemq s", "MB/s", "cp -r s", "MB/s", "ratio", "rsync s", "ratio"
         );
         for row in &self.rows {
             let mb = row.bytes as f64 / 1e6;
+            let rate =
+                |d: Duration| if row.bytes == 0 { "-".to_string() } else { format!("{:.0}", mb / secs(d)) };
             let (cp, cp_rate, cp_ratio) = match row.cp {
-                Some((cp, _)) => (
-                    format!("{:.2}", secs(cp)),
-                    format!("{:.0}", mb / secs(cp)),
-                    format!("{:.2}", secs(row.filemq) / secs(cp)),
-                ),
+                Some((cp, _)) => {
+                    (format!("{:.3}", secs(cp)), rate(cp), format!("{:.2}", secs(row.filemq) / secs(cp)))
+                }
                 None => ("-".into(), "-".into(), "-".into()),
             };
             let (rsync, rsync_ratio) = match row.rsync {
@@ -917,11 +984,12 @@ impl Bench {
                 None => ("-".into(), "-".into()),
             };
             println!(
-                "{:<34} {:>9.0} {:>9.2} {:>8.0} {:>9} {:>8} {:>6} {:>9} {:>6}",
+                "{:<34} {:>6} {:>7.0} {:>9.3} {:>6} {:>8} {:>6} {:>6} {:>8} {:>6}",
                 row.what,
+                row.files,
                 mb,
                 secs(row.filemq),
-                mb / secs(row.filemq),
+                rate(row.filemq),
                 cp,
                 cp_rate,
                 cp_ratio,
@@ -955,24 +1023,26 @@ fn notes(seen: &Seen, tree: &Tree) -> String {
 
 fn describe(row: &Row) -> String {
     let mb = row.bytes as f64 / 1e6;
+    let rate =
+        |d: Duration| if row.bytes == 0 { String::new() } else { format!("{:.0} MB/s, ", mb / secs(d)) };
     let mut line = format!(
-        "{}: filemq {:.2} s ({:.0} MB/s, cpu {:.2} s)",
+        "{}: filemq {:.3} s ({}cpu {:.2} s)",
         row.what,
         secs(row.filemq),
-        mb / secs(row.filemq),
+        rate(row.filemq),
         secs(row.filemq_cpu)
     );
     if let Some((cp, cpu)) = row.cp {
         line += &format!(
-            " | cp -r {:.2} s ({:.0} MB/s, cpu {:.2} s) | ratio {:.2}",
+            " | cp -r {:.3} s ({}cpu {:.2} s) | ratio {:.2}",
             secs(cp),
-            mb / secs(cp),
+            rate(cp),
             secs(cpu),
             secs(row.filemq) / secs(cp)
         );
     }
     if let Some(rsync) = row.rsync {
-        line += &format!(" | rsync {:.2} s | ratio {:.2}", secs(rsync), secs(row.filemq) / secs(rsync));
+        line += &format!(" | rsync {:.3} s | ratio {:.2}", secs(rsync), secs(row.filemq) / secs(rsync));
     }
     format!("{line} [{}]", row.note)
 }

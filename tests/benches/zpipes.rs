@@ -176,6 +176,8 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         endpoints: vec![endpoint::zpipes(name)],
         control_endpoint: endpoint::control(name),
         max_parked_bytes: 2 * zpipes::Config::default().pipe_limit + 4096,
+        max_message_size: 64 << 20,
+        control_token: None,
     };
     let (bound_tx, bound_rx) = mpsc::channel();
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.

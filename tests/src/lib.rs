@@ -112,6 +112,12 @@ impl Broker {
         self.try_status().expect("broker answers status")
     }
 
+    /// The state directory the harness gave the broker (its control token
+    /// is there), unless the test passed its own `--state-dir`.
+    pub fn state_dir(&self) -> Option<&Path> {
+        self._state.as_ref().map(|d| d.path())
+    }
+
     /// The FILEMQ endpoint clients use for this broker by name.
     pub fn filemq_endpoint(&self) -> String {
         zbroker_client::endpoint::filemq(&self.name)

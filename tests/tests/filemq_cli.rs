@@ -120,8 +120,12 @@ fn a_subscriber_killed_mid_file_resumes_it() {
     sub.kill();
     let kept = partial_bytes(inbox.path());
     assert!(kept < size, "killed too late: the file had arrived");
-    // Let the broker notice the disconnect and stop counting.
-    std::thread::sleep(Duration::from_millis(500));
+    // Once the broker has let go of the killed subscriber, it sends it
+    // nothing more: count from there.
+    let gone = wait_until(Duration::from_secs(10), || {
+        broker.filemq()["subscribers"].as_array().is_some_and(|subs| subs.is_empty())
+    });
+    assert!(gone, "the broker did not notice the subscriber's death");
     let before = broker.filemq_bytes_sent();
 
     let out = once(&broker.name, inbox.path(), Duration::from_secs(120));
@@ -145,6 +149,8 @@ fn subscribers_reconnect_when_the_broker_restarts() {
     let mut broker = Broker::start_named(&name, &args);
     let sub = Subscriber::start(&["/", "--inbox", path_arg(inbox.path()), "--broker", &name]);
     sub.expect_line("updated f00", Duration::from_secs(60));
+    // Mid-file: some bytes of a file not yet complete are on their way.
+    wait_until(Duration::from_secs(10), || partial_bytes(inbox.path()) > 0);
     zbroker_tests::signal(&broker.child, libc::SIGKILL);
     let _ = broker.child.wait();
     assert!(tree_digests(inbox.path()).len() < 40, "killed too late: everything had arrived");

@@ -195,15 +195,22 @@ fn publish_at_run_time_and_status() {
     put(dir.path(), "a", b"a");
     put(photos.path(), "p.jpg", b"jpeg");
     let broker = Broker::start(&["--publish", &root]);
-    let out = std::process::Command::new(zbroker_tests::bin("zbroker"))
-        .args(["publish", &broker.name, &photos_root, "/photos"])
-        .output()
-        .unwrap();
+    let state = broker.state_dir().unwrap().to_str().unwrap().to_string();
+    let publish = |state: &str| {
+        std::process::Command::new(zbroker_tests::bin("zbroker"))
+            .args(["publish", &broker.name, &photos_root, "/photos", "--state-dir", state])
+            .output()
+            .unwrap()
+    };
+    // Someone without the broker's control token cannot publish.
+    let stranger = tempfile::tempdir().unwrap();
+    std::fs::write(stranger.path().join("control-token"), "guess").unwrap();
+    let refused = publish(stranger.path().to_str().unwrap());
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not authorised"));
+    let out = publish(&state);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let again = std::process::Command::new(zbroker_tests::bin("zbroker"))
-        .args(["publish", &broker.name, &photos_root, "/photos"])
-        .output()
-        .unwrap();
+    let again = publish(&state);
     assert!(!again.status.success(), "a second mount on one alias is refused");
     let stderr = String::from_utf8_lossy(&again.stderr);
     assert!(stderr.starts_with("zbroker: ") && stderr.contains("/photos"), "{stderr}");

@@ -12,6 +12,18 @@ use std::time::{Duration, Instant};
 use zbroker_client::endpoint;
 use zbroker_client::filemq::{self, Event, Options, Subscriber};
 
+/// The exit statuses, as `--help` shows them (see `mod status`).
+macro_rules! exit_status_help {
+    () => {
+        "Exit status:\n  0  stopped by SIGINT/SIGTERM, or in sync (--once)\n  \
+        1  local I/O error (e.g. the inbox is not writable)\n  2  bad command line\n  \
+        3  not in sync in time (--once --timeout)\n  \
+        4  the broker refused us (RTFM/SRSLY to our greeting, or SRSLY to a PATH)\n  \
+        5  in sync (--once), but some files could not be fetched (they failed\n     \
+        verification again and again) or were refused for safety"
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "filemq",
@@ -24,12 +36,12 @@ use zbroker_client::filemq::{self, Event, Options, Subscriber};
         following changes until interrupted. Files appear whole (they are received aside, \
         verified, then renamed into place); a transfer cut short resumes where it stopped; \
         a lost broker is reconnected to.",
-    after_help = "Examples:\n  filemq subscribe /photos --inbox ~/photos\n  \
+    after_help = concat!(
+        "Examples:\n  filemq subscribe /photos --inbox ~/photos\n  \
         filemq subscribe /logs /etc-backup --inbox /srv/mirror --endpoint tcp://hub:5670\n  \
-        filemq subscribe /data --inbox data --once --timeout 60000 && make\n\n\
-        Exit status:\n  0  stopped by SIGINT/SIGTERM, or in sync (--once)\n  \
-        1  local I/O error (e.g. the inbox is not writable)\n  2  bad command line\n  \
-        3  not in sync in time (--once --timeout)\n  4  the broker refused us (RTFM/SRSLY)"
+        filemq subscribe /data --inbox data --once --timeout 60000 && make\n\n",
+        exit_status_help!()
+    )
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,15 +51,15 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Mirror the virtual PATHs into the inbox, and keep mirroring them
-    #[command(after_help = "Inbox layout:\n  \
+    #[command(after_help = concat!(
+        "Inbox layout:\n  \
         With one PATH, its files land relative to it: /data/a/b.txt -> INBOX/a/b.txt.\n  \
         With several, they keep their full path: /data/a/b.txt -> INBOX/data/a/b.txt.\n  \
         INBOX/.filemq/ holds partial files and a digest cache; hidden files are left alone.\n\n\
         Output (when standard output is not a terminal), one line per change:\n  \
-        updated PATH\n  deleted PATH\n(PATH relative to the inbox). On a terminal, a progress bar.\n\n\
-        Exit status:\n  0  stopped by SIGINT/SIGTERM, or in sync (--once)\n  \
-        1  local I/O error (e.g. the inbox is not writable)\n  2  bad command line\n  \
-        3  not in sync in time (--once --timeout)\n  4  the broker refused us (RTFM/SRSLY)")]
+        updated PATH\n  deleted PATH\n(PATH relative to the inbox). On a terminal, a progress bar.\n\n",
+        exit_status_help!()
+    ))]
     Subscribe(SubscribeArgs),
 }
 
@@ -88,7 +100,12 @@ mod status {
     pub const USAGE: u8 = 2;
     pub const TIMEOUT: u8 = 3;
     pub const REFUSED: u8 = 4;
+    pub const INCOMPLETE: u8 = 5;
 }
+
+/// At most this many names of files that did not make it are listed when
+/// `--once` exits 5.
+const NAMES_LISTED: usize = 5;
 
 struct Failure {
     code: u8,
@@ -253,6 +270,8 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
 
     let deadline = args.timeout.map(|ms| Instant::now() + Duration::from_millis(ms));
     let mut pending: HashSet<String> = subscriber.subscriptions().iter().cloned().collect();
+    // Files refused for safety or given up on: `--once` then exits 5.
+    let mut missing: Vec<String> = Vec::new();
     let mut output = Output::new(args.quiet);
     output.status(format!("connecting to {endpoint}"));
     let result = loop {
@@ -278,8 +297,15 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
             }
         };
         let written = match event {
-            Event::Updated { path, .. } => output.line(&format!("updated {path}")),
-            Event::Deleted { path } => output.line(&format!("deleted {path}")),
+            Event::Updated { path, .. } => {
+                // A file given up on may still come (a new version).
+                missing.retain(|m| *m != path);
+                output.line(&format!("updated {path}"))
+            }
+            Event::Deleted { path } => {
+                missing.retain(|m| *m != path);
+                output.line(&format!("deleted {path}"))
+            }
             Event::Progress { path, offset, size } => {
                 output.progress(path, offset, size);
                 true
@@ -287,7 +313,21 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
             Event::InSync { path } => {
                 pending.remove(&path);
                 if args.once && pending.is_empty() {
-                    break Ok(());
+                    if missing.is_empty() {
+                        break Ok(());
+                    }
+                    let mut names = missing.iter().take(NAMES_LISTED).cloned().collect::<Vec<_>>().join(", ");
+                    if missing.len() > NAMES_LISTED {
+                        names.push_str(", …");
+                    }
+                    break Err(Failure::new(
+                        status::INCOMPLETE,
+                        format!(
+                            "in sync, but {} file(s) could not be fetched or were refused for safety \
+                             (--log warn says why): {names}",
+                            missing.len()
+                        ),
+                    ));
                 }
                 output.status(format!("{path} in sync"));
                 true
@@ -301,7 +341,16 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 true
             }
             // Logged by the library (--log warn); nothing was written.
-            Event::Rejected { .. } | Event::IntegrityFailed { .. } => true,
+            Event::Rejected { name, .. } => {
+                missing.push(name);
+                true
+            }
+            Event::GaveUp { path } => {
+                missing.push(path);
+                true
+            }
+            // Fetched again; a file given up on is reported as GaveUp.
+            Event::IntegrityFailed { .. } => true,
             Event::Refused { why } => {
                 break Err(Failure::new(status::REFUSED, format!("the broker refused us: {why}")))
             }

@@ -210,7 +210,7 @@ impl Inbox {
                 Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
                     return Err(FileError::Refused(format!("a file is in the way of {rel}")));
                 }
-                Err(e) => return Err(e.into()),
+                Err(e) => return Err(below_root(rel, e.into())),
             }
         }
         Ok(())
@@ -344,6 +344,7 @@ impl Inbox {
             fs::rename(&temp, &target)?;
             Ok(target)
         });
+        let result = result.map_err(|e| below_root(&rel, e));
         match result {
             Ok(target) => {
                 if let Ok(meta) = fs::metadata(&target) {
@@ -382,6 +383,10 @@ impl Inbox {
     /// Removes the file `rel` and the directories its removal left empty,
     /// up to but not including the inbox root. False if there was no file.
     pub fn delete(&mut self, rel: &str) -> Result<bool, FileError> {
+        self.delete_file(rel).map_err(|e| below_root(rel, e))
+    }
+
+    fn delete_file(&mut self, rel: &str) -> Result<bool, FileError> {
         self.check_no_symlink(rel)?;
         let target = self.root.join(rel);
         match fs::symlink_metadata(&target) {
@@ -407,16 +412,28 @@ impl Inbox {
     /// The files held under inbox-relative directory `dir` (empty: the
     /// whole inbox), as `(inbox-relative path, upper-case SHA-1)`. Hidden
     /// entries (our `.filemq` among them) and symlinks are skipped; digests
-    /// come from the cache when size and mtime are unchanged.
+    /// come from the cache when size and mtime are unchanged. An entry that
+    /// cannot be read (no permission, a path too long, an I/O error) is
+    /// left out with a warning: we do not hold it as far as the server is
+    /// told. Only an unreadable inbox root is an error.
     pub fn holdings(&mut self, dir: &str) -> io::Result<Vec<(String, String)>> {
         let mut found = Vec::new();
         let start = if dir.is_empty() { self.root.clone() } else { self.root.join(dir) };
         match fs::symlink_metadata(&start) {
             Ok(meta) if meta.is_file() => {
-                found.push((dir.to_string(), self.digest_of(dir, &meta)?));
+                match self.digest_of(dir, &meta) {
+                    Ok(digest) => found.push((dir.to_string(), digest)),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => unreadable(&start, &e),
+                }
                 return Ok(found);
             }
             Ok(meta) if meta.is_dir() => {}
+            Err(e) if dir.is_empty() => return Err(e),
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                unreadable(&start, &e);
+                return Ok(found);
+            }
             // Absent, a symlink or something else: we hold nothing there.
             _ => return Ok(found),
         }
@@ -425,10 +442,21 @@ impl Inbox {
             let entries = match fs::read_dir(&path) {
                 Ok(entries) => entries,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
+                Err(e) if rel.is_empty() => return Err(e),
+                Err(e) => {
+                    unreadable(&path, &e);
+                    continue;
+                }
             };
             for entry in entries {
-                let entry = entry?;
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) if rel.is_empty() => return Err(e),
+                    Err(e) => {
+                        unreadable(&path, &e);
+                        break;
+                    }
+                };
                 let Ok(name) = entry.file_name().into_string() else { continue };
                 if name.starts_with('.') {
                     continue;
@@ -437,7 +465,10 @@ impl Inbox {
                 let meta = match fs::symlink_metadata(entry.path()) {
                     Ok(meta) => meta,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    Err(e) => return Err(e),
+                    Err(e) => {
+                        unreadable(&entry.path(), &e);
+                        continue;
+                    }
                 };
                 if meta.is_dir() {
                     pending.push((entry.path(), child));
@@ -446,7 +477,7 @@ impl Inbox {
                         Ok(digest) => found.push((child, digest)),
                         // Gone while we walked: not held.
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e),
+                        Err(e) => unreadable(&entry.path(), &e),
                     }
                 }
             }
@@ -526,6 +557,24 @@ impl Inbox {
         fs::rename(&temp, &self.digests_path)?;
         self.dirty = false;
         Ok(())
+    }
+}
+
+/// Notes an inbox entry left out of the holdings.
+fn unreadable(path: &Path, e: &io::Error) {
+    tracing::warn!("skipping {}, which cannot be read: {e}", path.display());
+}
+
+/// A permission refused below the inbox root concerns that directory, not
+/// the inbox: the file is refused and the subscriber goes on. (At the root,
+/// or in our private area, it stays fatal: no file could be taken.)
+fn below_root(rel: &str, e: FileError) -> FileError {
+    match e {
+        FileError::Io(e) if e.kind() == io::ErrorKind::PermissionDenied => match rel.rsplit_once('/') {
+            Some((parent, _)) => FileError::Refused(format!("cannot write in {parent}: {e}")),
+            None => FileError::Io(e),
+        },
+        e => e,
     }
 }
 

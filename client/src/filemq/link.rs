@@ -1,12 +1,19 @@
 //! One connection to the server: a DEALER socket and the monitor that tells
 //! us when it drops. A new session gets a new `Link` (and a new routing id
-//! at the server), never a reused socket.
+//! at the server), never a reused socket: the socket itself never
+//! reconnects (`ZMQ_RECONNECT_IVL` -1), so a session never goes on, unaware,
+//! over a connection the server does not know.
 
 use crate::FilemqMsg;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use zmq::SocketEvent::{CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_SUCCEEDED};
+use zmq::SocketEvent::{CLOSED, CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_SUCCEEDED};
+
+/// The largest frame we accept. Our server's chunks are at most 1,000,000
+/// bytes; a bigger frame drops the connection (libzmq refuses it before
+/// buffering it) and the session layer makes a new one.
+pub(crate) const MAX_FRAME: i64 = 64 << 20;
 
 /// How an attempt to connect ended without a link.
 pub(crate) enum NoLink {
@@ -66,6 +73,11 @@ impl Link {
         // goes to the connection we watch, and "no server" shows at once.
         socket.set_immediate(true).map_err(zmq_failed)?;
         socket.set_linger(0).map_err(zmq_failed)?;
+        // A dropped connection ends the session, and the next session gets a
+        // new socket: libzmq must not reconnect this one underneath us (the
+        // server would see a stranger speak in the middle of a session).
+        socket.set_reconnect_ivl(-1).map_err(zmq_failed)?;
+        socket.set_maxmsgsize(MAX_FRAME).map_err(zmq_failed)?;
         let monitor_endpoint = format!(
             "inproc://filemq-monitor-{}-{}",
             std::process::id(),
@@ -74,7 +86,7 @@ impl Link {
         socket
             .monitor(
                 &monitor_endpoint,
-                event_mask(&[CONNECTED, CONNECT_RETRIED, HANDSHAKE_SUCCEEDED, DISCONNECTED]),
+                event_mask(&[CONNECTED, CONNECT_RETRIED, CLOSED, HANDSHAKE_SUCCEEDED, DISCONNECTED]),
             )
             .map_err(zmq_failed)?;
         let monitor = context.socket(zmq::PAIR).map_err(zmq_failed)?;
@@ -105,7 +117,10 @@ impl Link {
             }
             match link.monitor_event() {
                 Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => break,
-                Some(e) if e == CONNECT_RETRIED.to_raw() => {
+                // Without reconnection a failed attempt closes its socket
+                // (CLOSED) and is not retried; CONNECT_RETRIED for libzmqs
+                // that announce a retry anyway.
+                Some(e) if e == CONNECT_RETRIED.to_raw() || e == CLOSED.to_raw() => {
                     return Err(NoLink::Failed(format!("nothing listens at {endpoint}")));
                 }
                 // Connected but not yet greeted: a busy peer gets the full

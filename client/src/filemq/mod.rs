@@ -42,12 +42,21 @@
 //! - A file appears whole or not at all: it is received into
 //!   `.filemq/partial/`, checked against the server's `X-SIZE` and `X-SHA1`
 //!   and renamed into place. A file that fails the check is discarded and
-//!   fetched again ([`Event::IntegrityFailed`]).
+//!   fetched again ([`Event::IntegrityFailed`]) after a pause (1 s,
+//!   doubling up to 60 s); after 5 failures in one session it is given up
+//!   on until the next session ([`Event::GaveUp`]). A file whose bytes
+//!   overrun its announced `X-SIZE` is discarded at once, not at its end.
 //! - A transfer cut short (even by SIGKILL) resumes where it stopped on the
 //!   next connection, with a server that supports it.
-//! - When the server goes silent or the connection drops, the subscriber
-//!   reconnects (100 ms, doubling to 5 s) and resynchronises: the inbox
-//!   converges to the publisher's content, deletes included.
+//! - When the server goes silent, the connection drops, or the server has
+//!   forgotten our session (an RTFM after it greeted us), the subscriber
+//!   reconnects (100 ms, doubling to 5 s; the pause only starts again from
+//!   100 ms after a session that lasted 10 s or delivered something) and
+//!   resynchronises: the inbox converges to the publisher's content,
+//!   deletes included.
+//! - An inbox entry that cannot be read (a directory without permission, a
+//!   path too long) is left out of what we report as held, with a warning;
+//!   only an unusable inbox root or private area stops the subscriber.
 //!
 //! The connection runs on a thread of its own; events arrive on a bounded
 //! channel. A consumer that stops reading events holds that thread up (and,
@@ -115,6 +124,9 @@ pub struct Options {
     pub dead_after: Duration,
     /// Capacity of the event channel.
     pub event_capacity: usize,
+    /// Pause before a file that failed verification is asked for again;
+    /// it doubles with each failure of that file (up to 60 s).
+    pub refetch_delay: Duration,
 }
 
 impl Options {
@@ -133,6 +145,7 @@ impl Options {
             heartbeat: Duration::from_secs(1),
             dead_after: Duration::from_secs(5),
             event_capacity: 1024,
+            refetch_delay: Duration::from_secs(1),
         }
     }
 }
@@ -159,12 +172,21 @@ pub enum Event {
     /// decoded.
     Rejected { name: String, why: String },
     /// A received file did not match its announced size or digest; it was
-    /// discarded and asked for again.
+    /// discarded and is asked for again after a pause (see
+    /// [`Options::refetch_delay`]), unless [`Event::GaveUp`] follows.
     IntegrityFailed { path: String },
-    /// The session ended (server gone, connection cut, protocol trouble);
-    /// reconnecting.
+    /// A file failed verification 5 times in this session: it is no longer
+    /// asked for (the server may still send it, as a change or along with
+    /// other files) until the next session. [`Event::InSync`] still comes.
+    GaveUp { path: String },
+    /// The session ended (server gone, connection cut, the server forgot
+    /// us, protocol trouble); reconnecting.
     Disconnected { why: String },
-    /// The server refused us (RTFM or SRSLY). The subscriber has stopped.
+    /// The server refused us: RTFM or SRSLY in answer to our OHAI (it does
+    /// not speak our protocol or will not serve us), or SRSLY after it
+    /// greeted us (it refused a subscription path). The subscriber has
+    /// stopped. (An RTFM after the greeting means the server lost our
+    /// session: that is [`Event::Disconnected`] and a new session.)
     Refused { why: String },
     /// The inbox became unusable (not writable, disk full, …). The
     /// subscriber has stopped.
@@ -190,8 +212,8 @@ impl Subscriber {
         if opts.window == 0 {
             return Err(Error::BadOption("the credit window must be at least 1 byte"));
         }
-        if opts.heartbeat.is_zero() || opts.dead_after.is_zero() {
-            return Err(Error::BadOption("heartbeat and dead_after must be more than 0"));
+        if opts.heartbeat.is_zero() || opts.dead_after.is_zero() || opts.refetch_delay.is_zero() {
+            return Err(Error::BadOption("heartbeat, dead_after and refetch_delay must be more than 0"));
         }
         let inbox = inbox::Inbox::open(&opts.inbox)
             .map_err(|source| Error::Inbox { path: opts.inbox.clone(), source })?;

@@ -10,6 +10,7 @@ use crate::codec::{Hash, ShortStr};
 use crate::filemq_msg::{CREATE, DELETE};
 use crate::FilemqMsg;
 use bytes::Bytes;
+use std::collections::HashMap;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
@@ -18,6 +19,16 @@ use std::time::{Duration, Instant};
 const CREDIT_SLICE: u64 = 1_000_000;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// A session that lasted this long (or delivered something) was a good
+/// one: the reconnection pause starts again from [`FIRST_BACKOFF`]. A
+/// server that greets and drops us at once gets a growing pause instead.
+const STEADY_SESSION: Duration = Duration::from_secs(10);
+/// The longest pause before a file that failed verification is asked for
+/// again (the first is `Options::refetch_delay`, doubling).
+const MAX_REFETCH_DELAY: Duration = Duration::from_secs(60);
+/// Failed verifications of one file in one session before we stop asking
+/// for it.
+const MAX_FAILURES: u32 = 5;
 /// Frames handled per wake-up before the timers are looked at again.
 const BATCH: usize = 256;
 
@@ -67,7 +78,7 @@ enum End {
     Stop,
     /// The connection is no good; start a new one.
     Lost(String),
-    /// RTFM or SRSLY.
+    /// RTFM or SRSLY to our OHAI, or SRSLY to an ICANHAZ.
     Refused(String),
     /// The inbox is unusable.
     Failed(String),
@@ -84,10 +95,14 @@ pub(crate) fn run(mut shared: Shared) {
                 failed_attempts = 0;
                 let mut session = Session::new(&mut shared, link);
                 let end = session.run();
-                let greeted = session.greeted;
+                let greeted = session.greeted_at.is_some();
+                let good =
+                    session.delivered || session.greeted_at.is_some_and(|t| t.elapsed() >= STEADY_SESSION);
                 session.close(&end);
-                if greeted {
+                if good {
                     backoff = FIRST_BACKOFF;
+                }
+                if greeted {
                     if let End::Lost(why) = &end {
                         tracing::warn!("lost the server: {why}; reconnecting");
                         if shared.events.send(Event::Disconnected { why: why.clone() }).is_err() {
@@ -146,18 +161,26 @@ struct Session<'a> {
     shared: &'a mut Shared,
     link: Link,
     phase: Phase,
-    /// OHAI-OK came: this session counts as connected.
-    greeted: bool,
+    /// When OHAI-OK came: this session counts as connected.
+    greeted_at: Option<Instant>,
+    /// A file was updated or deleted in this session.
+    delivered: bool,
     /// Credit granted and not yet spent, as far as we can tell.
     credit: u64,
     last_sequence: Option<u64>,
     /// The file being received.
     incoming: Option<Incoming>,
-    /// The name of a file whose remaining chunks are ignored (refused, or
-    /// failed and asked for again).
-    skipping: Option<Vec<u8>>,
+    /// A file whose remaining chunks are ignored (refused, or failed and
+    /// asked for again).
+    skipping: Option<Skipping>,
     /// Per subscription: RESYNCs sent whose in-sync marker has not come.
     markers_due: Vec<u32>,
+    /// Per subscription: a RESYNC to send then (a file that failed its
+    /// check is fetched again after a pause). Until it is sent and its
+    /// marker has come, the subscription is not in sync.
+    resubscribe_at: Vec<Option<Instant>>,
+    /// Failed verifications this session, per inbox-relative path.
+    failures: HashMap<String, u32>,
     /// Leftover partial files have been cleared this session.
     partials_cleared: bool,
     last_heard: Instant,
@@ -172,12 +195,15 @@ impl<'a> Session<'a> {
             shared,
             link,
             phase: Phase::Greeting,
-            greeted: false,
+            greeted_at: None,
+            delivered: false,
             credit: 0,
             last_sequence: None,
             incoming: None,
             skipping: None,
             markers_due: vec![0; subscriptions],
+            resubscribe_at: vec![None; subscriptions],
+            failures: HashMap::new(),
             partials_cleared: false,
             last_heard: now,
             last_hugz: now,
@@ -220,15 +246,23 @@ impl<'a> Session<'a> {
                 return Err(End::Lost(format!("no word from the server for {:?}", opts.dead_after)));
             }
             let hugz_at = self.last_heard.max(self.last_hugz) + opts.heartbeat;
-            if self.greeted && now >= hugz_at {
+            if self.greeted_at.is_some() && now >= hugz_at {
                 self.send(&FilemqMsg::Hugz {})?;
                 self.last_hugz = now;
+                continue;
+            }
+            if let Some(sub) = self.resubscribe_at.iter().position(|at| at.is_some_and(|at| now >= at)) {
+                self.resubscribe_at[sub] = None;
+                self.subscribe(sub)?;
                 continue;
             }
             if !read_dry {
                 continue;
             }
-            let wake = if self.greeted { dead_at.min(hugz_at) } else { dead_at };
+            let mut wake = if self.greeted_at.is_some() { dead_at.min(hugz_at) } else { dead_at };
+            if let Some(at) = self.resubscribe_at.iter().flatten().min() {
+                wake = wake.min(*at);
+            }
             let mut items = [
                 self.link.socket.as_poll_item(zmq::POLLIN),
                 self.link.monitor.as_poll_item(zmq::POLLIN),
@@ -282,7 +316,7 @@ impl<'a> Session<'a> {
         tracing::trace!("received {}", msg.name());
         match msg {
             FilemqMsg::OhaiOk {} if self.phase == Phase::Greeting => {
-                self.greeted = true;
+                self.greeted_at = Some(Instant::now());
                 self.emit(Event::Connected)?;
                 self.subscribe_all()
             }
@@ -297,13 +331,22 @@ impl<'a> Session<'a> {
                 Ok(())
             }
             FilemqMsg::Cheezburger { sequence, operation, filename, offset, eof, headers, chunk }
-                if self.greeted =>
+                if self.greeted_at.is_some() =>
             {
                 self.on_cheezburger(sequence, operation, filename.as_bytes(), offset, eof, &headers, chunk.0)
             }
             FilemqMsg::HugzOk {} => Ok(()),
             FilemqMsg::Hugz {} => self.send(&FilemqMsg::HugzOk {}),
+            // Before the greeting, RTFM and SRSLY answer our OHAI: the
+            // server will not serve us, now or later. After it, SRSLY
+            // answers an ICANHAZ (a subscription path refused, which no new
+            // session changes), but RTFM ("OHAI first") means the server has
+            // forgotten our session (expiry, a restart, or it dropped us):
+            // a new session puts that right.
             FilemqMsg::Srsly { reason } => Err(End::Refused(why_or(&reason, "SRSLY"))),
+            FilemqMsg::Rtfm { reason } if self.greeted_at.is_some() => {
+                Err(End::Lost(why_or(&reason, "the server lost our session (RTFM)")))
+            }
             FilemqMsg::Rtfm { reason } => Err(End::Refused(why_or(&reason, "RTFM"))),
             FilemqMsg::Kthxbai {} => Err(End::Lost("the server said goodbye".into())),
             other => {
@@ -424,11 +467,14 @@ impl<'a> Session<'a> {
         };
         let path = subs[sub].clone();
         self.markers_due[sub] = self.markers_due[sub].saturating_sub(1);
-        if self.markers_due[sub] > 0 {
-            // A later RESYNC (a file being fetched again) is still due.
+        if self.markers_due[sub] > 0 || self.resubscribe_at[sub].is_some() {
+            // A later RESYNC (a file being fetched again) was sent, or is
+            // to be sent after a pause: its own marker will say.
             return Ok(());
         }
-        if !self.partials_cleared && self.markers_due.iter().all(|&due| due == 0) {
+        let settled =
+            self.markers_due.iter().all(|&due| due == 0) && self.resubscribe_at.iter().all(Option::is_none);
+        if !self.partials_cleared && settled {
             // Every offered resume had its chance: what is left is stale.
             self.partials_cleared = true;
             self.shared.inbox.remove_stale_partials(self.incoming.as_ref().map(Incoming::temp));
@@ -445,16 +491,26 @@ impl<'a> Session<'a> {
         headers: &Hash,
         data: &[u8],
     ) -> Result<(), End> {
-        if let Some(skipped) = &self.skipping {
-            if skipped == name {
-                if end {
-                    self.skipping = None;
+        // The digest this chunk says its file has, if it says: a chunk that
+        // names another digest than the file in progress is another file
+        // (a new version, perhaps resumed at the very offset where the old
+        // one was abandoned), never its continuation.
+        // A chunk without one continues whatever (the original server never
+        // says); a malformed one is kept as `Some(None)`.
+        let said = said_digest(headers);
+        let same_digest = |held: Option<&Option<String>>| said.as_ref().is_none_or(|said| Some(said) == held);
+        if let Some(skipped) = self.skipping.take() {
+            if skipped.name == name && skipped.next == offset && same_digest(skipped.digest.as_ref()) {
+                if !end {
+                    self.skipping = Some(skipped.after(data.len()));
                 }
                 return Ok(());
             }
-            self.skipping = None;
         }
-        let continues = self.incoming.as_ref().is_some_and(|i| i.name == name && i.written == offset);
+        let continues = self
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.name == name && i.written == offset && same_digest(Some(&i.expected_digest)));
         if !continues {
             if let Some(previous) = self.incoming.take() {
                 // The server moved on without finishing it (it changed while
@@ -465,22 +521,28 @@ impl<'a> Session<'a> {
             match self.begin(name, offset, headers)? {
                 Some(incoming) => self.incoming = Some(incoming),
                 None => {
-                    if !end {
-                        self.skipping = Some(name.to_vec());
-                    }
+                    self.skip(name, offset, end, headers, data.len());
                     return Ok(());
                 }
             }
         }
         let Some(incoming) = self.incoming.as_mut() else { return Ok(()) };
-        if let Err(e) = incoming.write(data) {
+        let overrun = incoming
+            .expected_size
+            .filter(|&size| incoming.written.saturating_add(data.len() as u64) > size)
+            .map(|size| format!("more than the {size} bytes announced"));
+        let failed = match overrun {
+            Some(why) => Some(FileError::Integrity(why)),
+            None => incoming.write(data).err().map(FileError::Io),
+        };
+        if let Some(e) = failed {
+            // Nothing more of it is written: an oversized file is refused
+            // as soon as it overruns, not once the disk is full.
             let Some(incoming) = self.incoming.take() else { return Ok(()) };
             let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
             self.shared.inbox.abandon(incoming, false);
-            if !end {
-                self.skipping = Some(name.to_vec());
-            }
-            return self.file_error(name, placed, FileError::Io(e));
+            self.skip(name, offset, end, headers, data.len());
+            return self.file_error(name, placed, e);
         }
         let progress = Event::Progress {
             path: incoming.rel.clone(),
@@ -496,12 +558,21 @@ impl<'a> Session<'a> {
             match self.shared.inbox.deliver(incoming) {
                 Ok(size) => {
                     tracing::info!("updated {}", placed.rel);
+                    self.delivered = true;
+                    self.failures.remove(&placed.rel);
                     self.emit(Event::Updated { path: placed.rel, size })?;
                 }
                 Err(e) => self.file_error(name, placed, e)?,
             }
         }
         Ok(())
+    }
+
+    /// Ignores the rest of the file this chunk belongs to (unless it was
+    /// its last).
+    fn skip(&mut self, name: &[u8], offset: u64, end: bool, headers: &Hash, len: usize) {
+        self.skipping = (!end)
+            .then(|| Skipping { name: name.to_vec(), next: offset, digest: said_digest(headers) }.after(len));
     }
 
     /// Checks a new file's name and headers and opens its temporary file;
@@ -536,6 +607,17 @@ impl<'a> Session<'a> {
     }
 
     fn on_delete(&mut self, name: &[u8]) -> Result<(), End> {
+        if self.incoming.as_ref().is_some_and(|i| i.name == name) {
+            // The server gave up sending it: what we hold may be resumed
+            // if it comes back (or goes as stale once we are in sync).
+            if let Some(incoming) = self.incoming.take() {
+                tracing::debug!("{} was deleted while being received", incoming.rel);
+                self.shared.inbox.abandon(incoming, true);
+            }
+        }
+        if self.skipping.as_ref().is_some_and(|s| s.name == name) {
+            self.skipping = None;
+        }
         let placed = match self.shared.layout.place(name) {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why),
@@ -543,6 +625,7 @@ impl<'a> Session<'a> {
         match self.shared.inbox.delete(&placed.rel) {
             Ok(true) => {
                 tracing::info!("deleted {}", placed.rel);
+                self.delivered = true;
                 self.emit(Event::Deleted { path: placed.rel })
             }
             Ok(false) => {
@@ -558,14 +641,44 @@ impl<'a> Session<'a> {
     fn file_error(&mut self, name: &[u8], placed: Placed, e: FileError) -> Result<(), End> {
         match e {
             FileError::Refused(why) => self.reject(name, &why),
-            FileError::Integrity(why) => {
-                tracing::warn!("{}: {why}; fetching it again", placed.rel);
-                self.emit(Event::IntegrityFailed { path: placed.rel })?;
-                self.subscribe(placed.subscription)
-            }
+            FileError::Integrity(why) => self.integrity_failed(placed, &why),
             FileError::Io(e) if inbox::is_fatal(&e) => Err(End::Failed(format!("{}: {e}", placed.rel))),
             FileError::Io(e) => self.reject(name, &e.to_string()),
         }
+    }
+
+    /// A file failed its check: it is asked for again (a RESYNC of its
+    /// subscription) after a pause that doubles with each of its failures,
+    /// and not at all after [`MAX_FAILURES`] in this session.
+    fn integrity_failed(&mut self, placed: Placed, why: &str) -> Result<(), End> {
+        let failures = self.failures.entry(placed.rel.clone()).or_insert(0);
+        *failures += 1;
+        let failures = *failures;
+        if failures >= MAX_FAILURES {
+            tracing::warn!(
+                "{}: {why}; not fetching it again in this session ({failures} failures)",
+                placed.rel
+            );
+            self.emit(Event::IntegrityFailed { path: placed.rel.clone() })?;
+            if failures == MAX_FAILURES {
+                return self.emit(Event::GaveUp { path: placed.rel });
+            }
+            return Ok(());
+        }
+        let delay = self
+            .shared
+            .opts
+            .refetch_delay
+            .saturating_mul(1 << (failures - 1))
+            .min(MAX_REFETCH_DELAY.max(self.shared.opts.refetch_delay));
+        tracing::warn!("{}: {why}; fetching it again in {delay:?}", placed.rel);
+        self.emit(Event::IntegrityFailed { path: placed.rel })?;
+        let at = Instant::now() + delay;
+        let due = &mut self.resubscribe_at[placed.subscription];
+        // Sooner wins: one RESYNC fetches every file of the subscription
+        // that is not held.
+        *due = Some(due.map_or(at, |due| due.min(at)));
+        Ok(())
     }
 
     fn reject(&mut self, name: &[u8], why: &str) -> Result<(), End> {
@@ -573,6 +686,27 @@ impl<'a> Session<'a> {
         tracing::warn!("refusing {name:?} from the server: {why}");
         self.emit(Event::Rejected { name, why: why.to_string() })
     }
+}
+
+/// The rest of a file we ignore: its chunks go on with the same name at
+/// the next offset (and, if they say, the same digest).
+struct Skipping {
+    name: Vec<u8>,
+    next: u64,
+    /// What its first chunk said in `X-SHA1` (see [`said_digest`]).
+    digest: Option<Option<String>>,
+}
+
+impl Skipping {
+    fn after(self, len: usize) -> Skipping {
+        Skipping { next: self.next.saturating_add(len as u64), ..self }
+    }
+}
+
+/// A chunk's `X-SHA1`: `None` if it has none, `Some(None)` if it is
+/// malformed.
+fn said_digest(headers: &Hash) -> Option<Option<String>> {
+    headers.get("X-SHA1").map(|text| inbox::parse_digest(text.as_bytes()))
 }
 
 fn why_or(reason: &ShortStr, default: &str) -> String {

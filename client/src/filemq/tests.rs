@@ -213,6 +213,7 @@ fn options(endpoint: &str, paths: &[&str], inbox: &Path) -> Options {
         Options::endpoint(endpoint, paths.iter().map(|p| p.to_string()).collect(), inbox.to_path_buf());
     opts.heartbeat = Duration::from_millis(100);
     opts.dead_after = Duration::from_millis(1500);
+    opts.refetch_delay = Duration::from_millis(100);
     opts
 }
 
@@ -707,4 +708,310 @@ fn without_a_server_stop_still_returns_promptly() {
     let started = Instant::now();
     sub.stop();
     assert!(started.elapsed() < Duration::from_secs(1), "stop took {:?}", started.elapsed());
+}
+
+/// The next message other than NOM, and how long it took to come.
+fn timed_recv(server: &mut FakeServer) -> (FilemqMsg, Duration) {
+    let started = Instant::now();
+    let msg = server.recv();
+    (msg, started.elapsed())
+}
+
+fn rtfm(server: &FakeServer, why: &str) {
+    server.send(&FilemqMsg::Rtfm { reason: crate::codec::ShortStr::lossy(why) });
+}
+
+#[test]
+fn an_rtfm_after_the_greeting_is_a_lost_session_and_pauses_grow() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    server.handshake(1);
+    // The broker forgot us (expiry, its parking bound, a restart under a
+    // silently reconnected socket): our next message gets "OHAI first".
+    // That is no refusal but a new session, after a pause that grows while
+    // sessions end at once without delivering anything.
+    let mut pauses = Vec::new();
+    for _ in 0..4 {
+        rtfm(&server, "OHAI first");
+        let started = Instant::now();
+        server.handshake(1);
+        pauses.push(started.elapsed());
+    }
+    assert!(pauses[3] >= Duration::from_millis(700), "no growing pause: {pauses:?}");
+    assert!(pauses[0] < pauses[3], "{pauses:?}");
+    // A session that delivers something was a good one: the pause starts
+    // again from 100 ms (it would be 1.6 s otherwise).
+    server.publish("/data/f", b"f");
+    let mut events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    rtfm(&server, "OHAI first");
+    let started = Instant::now();
+    server.handshake(1);
+    assert!(started.elapsed() < Duration::from_millis(1000), "the pause was {:?}", started.elapsed());
+
+    events.extend(events_until(&sub, |e| *e == Event::Connected));
+    assert!(!events.iter().any(|e| matches!(e, Event::Refused { .. })), "{events:?}");
+    let lost = events.iter().filter(
+        |e| matches!(e, Event::Disconnected { why } if why.contains("lost our session (RTFM): OHAI first")),
+    );
+    assert_eq!(lost.count(), 5, "{events:?}");
+    assert_eq!(events.iter().filter(|e| **e == Event::Connected).count(), 6, "{events:?}");
+}
+
+#[test]
+fn an_srsly_to_a_subscription_stops_the_subscriber() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    assert!(matches!(server.recv(), FilemqMsg::Ohai { .. }));
+    server.send(&FilemqMsg::OhaiOk {});
+    assert!(matches!(server.recv(), FilemqMsg::Icanhaz { .. }));
+    server.send(&FilemqMsg::Srsly { reason: crate::codec::ShortStr::lossy("no such path") });
+    let events = events_until(&sub, |e| matches!(e, Event::Refused { .. }));
+    assert_eq!(events, [Event::Connected, Event::Refused { why: "SRSLY: no such path".into() }]);
+    assert_eq!(sub.recv(), None, "the subscriber has ended");
+}
+
+#[test]
+fn a_file_that_keeps_failing_is_fetched_after_growing_pauses_then_given_up() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+    // The server's digest is stale: the file never matches it.
+    let data = content(3000);
+    let stale = sha1_hex(b"what the file once was");
+    let mut pauses = Vec::new();
+    for round in 0..5 {
+        server.file("/data/f", &data, 0, 1000, Some((&stale, 3000)));
+        // The marker of the RESYNC that brought it: not in sync, since the
+        // file is to be fetched again.
+        server.synced("/data");
+        if round == 4 {
+            break;
+        }
+        let (msg, pause) = timed_recv(&mut server);
+        match msg {
+            FilemqMsg::Icanhaz { options, .. } => assert_eq!(text(&options, "RESYNC").as_deref(), Some("1")),
+            other => panic!("expected a new ICANHAZ, got {other:?}"),
+        }
+        server.send(&FilemqMsg::IcanhazOk {});
+        pauses.push(pause);
+    }
+    // 100 ms, doubling; the first marker came before the pause ended.
+    for (pause, least) in pauses.iter().zip([90, 190, 390, 790]) {
+        assert!(*pause >= Duration::from_millis(least), "pauses {pauses:?}");
+    }
+    let events = events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    let failed = Event::IntegrityFailed { path: "f".into() };
+    assert_eq!(
+        events,
+        [
+            Event::Connected,
+            failed.clone(),
+            failed.clone(),
+            failed.clone(),
+            failed.clone(),
+            failed,
+            Event::GaveUp { path: "f".into() },
+            Event::InSync { path: "/data".into() },
+        ]
+    );
+    // Given up on: no more ICANHAZ in this session.
+    while let Some(msg) = server.next(Duration::from_millis(500)) {
+        assert!(matches!(msg, FilemqMsg::Nom { .. }), "unexpected {msg:?}");
+    }
+    assert!(!inbox.join("f").exists());
+    assert!(partial_files(&inbox).is_empty());
+    // A good copy is still taken if the server sends one.
+    server.publish("/data/f", &data);
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert_eq!(events, [Event::Updated { path: "f".into(), size: 3000 }]);
+}
+
+#[test]
+fn a_new_version_at_the_old_offset_is_not_appended_to_the_old_one() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let old = content(3000);
+    let new: Vec<u8> = content(3500).iter().map(|b| b ^ 0x55).collect();
+    let (old_digest, new_digest) = (sha1_hex(&old), sha1_hex(&new));
+    // We hold the first 1000 bytes of the new version from an earlier run.
+    fs::create_dir_all(inbox.join(".filemq/partial")).unwrap();
+    fs::write(inbox.join(".filemq/partial").join(&new_digest), &new[..1000]).unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    let icanhaz = server.handshake(1);
+    assert_eq!(text(&icanhaz[0].1, "X-RESUME"), Some(format!("{new_digest} 1000\n")));
+
+    // The server sends the old version's first 1000 bytes, abandons it
+    // (it changed), and resumes the new one at 1000: same name, same
+    // offset, another digest.
+    let old_headers = hash(&[("X-SHA1", &old_digest), ("X-SIZE", "3000")]);
+    server.burger(CREATE, b"/data/f", 0, 0, old_headers, &old[..1000]);
+    server.file("/data/f", &new, 1000, 1000, Some((&new_digest, new.len() as u64)));
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. } | Event::IntegrityFailed { .. }));
+    assert_eq!(events, [Event::Connected, Event::Updated { path: "f".into(), size: 3500 }]);
+    assert!(fs::read(inbox.join("f")).unwrap() == new, "the new version, whole");
+    assert_eq!(partial_files(&inbox), [old_digest], "the old version's part is kept for a resume");
+    server.synced("/data");
+    events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    assert!(partial_files(&inbox).is_empty(), "and goes as stale once in sync");
+}
+
+#[test]
+fn a_file_abandoned_mid_transfer_is_set_aside() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    fs::create_dir_all(&inbox).unwrap();
+    fs::write(inbox.join("c"), b"old c").unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+    let a = content(3000);
+    let c = content(2000);
+    let (a_digest, c_digest) = (sha1_hex(&a), sha1_hex(&c));
+    let a_headers = || hash(&[("X-SHA1", &a_digest), ("X-SIZE", "3000")]);
+    // Part of A, then B from 0 without A's end.
+    server.burger(CREATE, b"/data/a", 0, 0, a_headers(), &a[..1000]);
+    server.publish("/data/b", b"bee");
+    // Part of a new C, then C is deleted (it went from the publisher while
+    // being sent), then B2.
+    server.burger(CREATE, b"/data/c", 0, 0, hash(&[("X-SHA1", &c_digest)]), &c[..500]);
+    server.delete("/data/c");
+    server.publish("/data/b2", b"bee two");
+    let events = events_until(&sub, |e| *e == Event::Updated { path: "b2".into(), size: 7 });
+    assert_eq!(
+        events,
+        [
+            Event::Connected,
+            Event::Updated { path: "b".into(), size: 3 },
+            Event::Deleted { path: "c".into() },
+            Event::Updated { path: "b2".into(), size: 7 },
+        ]
+    );
+    assert!(!inbox.join("a").exists() && !inbox.join("c").exists());
+    let mut parts = vec![a_digest.clone(), c_digest];
+    parts.sort();
+    assert_eq!(partial_files(&inbox), parts, "the parts are kept for a resume");
+    // A resumed where it was left.
+    server.file("/data/a", &a, 1000, 1000, Some((&a_digest, 3000)));
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert_eq!(events, [Event::Updated { path: "a".into(), size: 3000 }]);
+    assert!(fs::read(inbox.join("a")).unwrap() == a);
+    server.synced("/data");
+    events_until(&sub, |e| matches!(e, Event::InSync { .. }));
+    assert!(partial_files(&inbox).is_empty(), "C's part went as stale");
+}
+
+#[test]
+fn a_file_longer_than_announced_is_refused_at_once() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+    let data = content(4000);
+    let headers = || hash(&[("X-SHA1", "0123456789ABCDEF0123456789ABCDEF01234567"), ("X-SIZE", "1500")]);
+    server.burger(CREATE, b"/data/huge", 0, 0, headers(), &data[..1000]);
+    server.burger(CREATE, b"/data/huge", 1000, 0, headers(), &data[1000..2000]);
+    // No end yet: the overrun alone is enough.
+    let events = events_until(&sub, |e| matches!(e, Event::IntegrityFailed { .. }));
+    assert_eq!(events, [Event::Connected, Event::IntegrityFailed { path: "huge".into() }]);
+    assert!(partial_files(&inbox).is_empty(), "nothing of it is kept");
+    // The rest of it is ignored, not refused again.
+    server.burger(CREATE, b"/data/huge", 2000, 0, headers(), &data[2000..]);
+    server.burger(CREATE, b"/data/huge", 4000, 1, headers(), b"");
+    server.publish("/data/fine", b"fine");
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert_eq!(events, [Event::Updated { path: "fine".into(), size: 4 }]);
+    assert!(!inbox.join("huge").exists());
+    assert!(partial_files(&inbox).is_empty());
+}
+
+#[test]
+fn the_socket_neither_reconnects_nor_takes_huge_frames() {
+    let endpoint = unique_endpoint();
+    let server = FakeServer::bind(&endpoint);
+    let context = zmq::Context::new();
+    let control = context.socket(zmq::PAIR).unwrap();
+    let link = link::Link::connect(&context, &endpoint, &control, WAIT).ok().expect("a link");
+    assert_eq!(link.socket.get_reconnect_ivl().unwrap(), -1);
+    assert_eq!(link.socket.get_maxmsgsize().unwrap(), 64 << 20);
+    drop(link);
+    drop(server);
+    // Without reconnection, a failed attempt is still seen at once.
+    let started = Instant::now();
+    assert!(link::Link::connect(&context, &unique_endpoint(), &control, WAIT).is_err());
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+#[test]
+fn an_oversized_frame_drops_the_connection_and_a_new_one_is_made() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    server.handshake(1);
+    let first_peer = server.peer.clone();
+    server.send_raw(&vec![0u8; (64 << 20) + 1]);
+    let events = events_until(&sub, |e| matches!(e, Event::Disconnected { .. }));
+    assert_eq!(events.len(), 2, "{events:?}");
+    server.handshake(1);
+    assert_ne!(server.peer, first_peer, "a new connection");
+    server.publish("/data/f", b"f");
+    events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+}
+
+/// Makes a chain of directories under `base` whose full path is longer
+/// than PATH_MAX (so that no path-based call reaches its end, whoever we
+/// run as), with a file at the bottom.
+fn too_deep(base: &Path) {
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    let name = CString::new("d".repeat(200)).unwrap();
+    let base = CString::new(base.as_os_str().as_bytes()).unwrap();
+    // SAFETY: plain *at(2) calls on descriptors we open and close here.
+    unsafe {
+        let mut fd = libc::open(base.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+        assert!(fd >= 0);
+        for _ in 0..25 {
+            assert_eq!(libc::mkdirat(fd, name.as_ptr(), 0o755), 0);
+            let next = libc::openat(fd, name.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY);
+            assert!(next >= 0);
+            libc::close(fd);
+            fd = next;
+        }
+        let file = CString::new("deep.txt").unwrap();
+        let f = libc::openat(fd, file.as_ptr(), libc::O_CREAT | libc::O_WRONLY, 0o644);
+        assert!(f >= 0);
+        libc::close(f);
+        libc::close(fd);
+    }
+}
+
+#[test]
+fn an_unreadable_folder_is_left_out_not_fatal() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    fs::create_dir_all(inbox.join("deep")).unwrap();
+    too_deep(&inbox.join("deep"));
+    fs::write(inbox.join("a.txt"), b"abc").unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    let icanhaz = server.handshake(1);
+    let cache = &icanhaz[0].2;
+    assert_eq!(cache.len(), 1, "{cache:?}");
+    assert_eq!(text(cache, "a.txt"), Some(sha1_hex(b"abc")));
+    server.publish("/data/b", b"b");
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. } | Event::Failed { .. }));
+    assert_eq!(events, [Event::Connected, Event::Updated { path: "b".into(), size: 1 }]);
 }

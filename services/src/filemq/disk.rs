@@ -82,6 +82,7 @@ pub fn scan(
         cache: &cache,
         files: BTreeMap::new(),
         unstable: false,
+        unstable_files: Vec::new(),
         unknown: Vec::new(),
         buffer: Vec::new(),
     };
@@ -89,7 +90,7 @@ pub fn scan(
     walk.dir(top, "", &canonical_root, &mut ancestors);
     walk.keep_unknown();
 
-    let Walk { files, unstable, .. } = walk;
+    let Walk { files, unstable, unstable_files, .. } = walk;
     if let Some(path) = digest_cache {
         // What the cache file holds now: what we loaded, or (when we did not
         // load it) what the previous scan saw, since every scan that changes
@@ -102,7 +103,7 @@ pub fn scan(
         }
     }
     let changes = diff(&previous.files, &files);
-    Ok(Scanned { snapshot: Arc::new(Snapshot { files }), changes, unstable })
+    Ok(Scanned { snapshot: Arc::new(Snapshot { files }), changes, unstable, unstable_files })
 }
 
 /// What changed from `before` to `after`, sorted by path.
@@ -135,6 +136,7 @@ struct Walk<'a> {
     /// The new snapshot being built.
     files: BTreeMap<String, FileMeta>,
     unstable: bool,
+    unstable_files: Vec<String>,
     /// Keys (`"a/b"`) and key prefixes (`"a/"`, `""` for everything) that
     /// exist but could not be examined: their previous entries are kept.
     unknown: Vec<String>,
@@ -280,6 +282,7 @@ impl Walk<'_> {
     /// A file that is being written keeps the version clients have.
     fn keep_previous(&mut self, key: String) {
         self.unstable = true;
+        self.unstable_files.push(key.clone());
         if let Some(meta) = self.previous.files.get(&key) {
             self.files.insert(key, meta.clone());
         }
@@ -313,7 +316,7 @@ impl Walk<'_> {
     /// The SHA-1 of a file that should have `size` and `mtime_ns`, or
     /// `None` if it turns out not to (it is being written).
     fn hash(&mut self, path: &Path, size: u64, mtime_ns: u64) -> io::Result<Option<String>> {
-        let mut file = File::open(path)?;
+        let mut file = open_nonblocking(path)?;
         let unchanged =
             |meta: &Metadata| meta.is_file() && meta.len() == size && self::mtime_ns(meta) == mtime_ns;
         if !unchanged(&file.metadata()?) {
@@ -375,11 +378,24 @@ fn is_digest(text: &str) -> bool {
     text.len() == 40 && text.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
-/// Modification time in nanoseconds since the Unix epoch; 0 before it.
+/// When the file last changed, in nanoseconds since the Unix epoch (0
+/// before it): the later of its mtime and its ctime. The ctime cannot be
+/// set back, so content replaced with the same size and an mtime restored
+/// (`rsync -a`, `cp -p`, `tar x`) still counts as changed and is hashed
+/// again, and a file renamed into the tree settles like a new one.
 pub fn mtime_ns(meta: &Metadata) -> u64 {
-    let Ok(secs) = u64::try_from(meta.mtime()) else { return 0 };
-    let nanos = u64::try_from(meta.mtime_nsec()).unwrap_or(0);
-    secs.saturating_mul(1_000_000_000).saturating_add(nanos)
+    let nanos = |secs: i64, nsec: i64| {
+        let Ok(secs) = u64::try_from(secs) else { return 0 };
+        secs.saturating_mul(1_000_000_000).saturating_add(u64::try_from(nsec).unwrap_or(0))
+    };
+    nanos(meta.mtime(), meta.mtime_nsec()).max(nanos(meta.ctime(), meta.ctime_nsec()))
+}
+
+/// Opens a file for reading without blocking on a FIFO swapped in after it
+/// was examined (regular files ignore `O_NONBLOCK`).
+fn open_nonblocking(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)
 }
 
 fn nanos_since_epoch(time: SystemTime) -> u64 {
@@ -504,7 +520,7 @@ pub fn read(root: &Path, rel: &str, offset: u64, len: usize, expect: &FileMeta) 
     if !fs::metadata(&path).map_err(fail)?.is_file() {
         return Err(ReadError::Changed);
     }
-    let file = File::open(&path).map_err(fail)?;
+    let file = open_nonblocking(&path).map_err(fail)?;
     // Where the open file really is, symlinks resolved, without the race of
     // resolving the path separately from opening it.
     let real = fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd()))
@@ -590,6 +606,27 @@ mod tests {
 
     fn deleted(path: &str) -> Change {
         Change::Deleted(path.to_owned())
+    }
+
+    /// `rsync -a`, `cp -p` and `tar x` put back the old mtime: the ctime
+    /// still tells that the content changed.
+    #[test]
+    fn content_replaced_with_its_old_mtime_is_hashed_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_old(dir.path(), "f", b"aaaa");
+        let first = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, None);
+        let mtime = fs::metadata(dir.path().join("f")).expect("stat").modified().expect("mtime");
+        std::thread::sleep(Duration::from_millis(20));
+        write(dir.path(), "f", b"bbbb");
+        File::options()
+            .write(true)
+            .open(dir.path().join("f"))
+            .expect("open")
+            .set_modified(mtime)
+            .expect("mtime");
+        let second = scan_ok(dir.path(), &first.snapshot, Duration::ZERO, None);
+        assert_eq!(second.changes, [created("f")]);
+        assert_eq!(second.snapshot.files["f"].digest, sha1_hex(b"bbbb"));
     }
 
     #[test]

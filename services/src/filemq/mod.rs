@@ -35,7 +35,7 @@ mod tests;
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
 use sha1::{Digest as _, Sha1};
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -102,6 +102,12 @@ impl Default for Config {
 
 /// Longest subscription path accepted.
 const MAX_PATH: usize = 4096;
+/// Most partial files a client may announce for resume.
+const MAX_RESUME: usize = 10_000;
+/// Longest an in-sync marker waits for files that keep changing under its
+/// path: a log appended to for ever must not hold `filemq --once` for
+/// ever. After it, the marker says "everything stable has been sent".
+const MARKER_WAIT: Duration = Duration::from_secs(30);
 
 struct Mount {
     alias: String,
@@ -112,9 +118,12 @@ struct Mount {
     scanning: bool,
     /// A change was noticed while scanning: scan again when it ends.
     dirty: bool,
-    /// The last scan left out files still changing: the mount is not yet
-    /// what it will be, so no in-sync marker for paths it covers.
-    unstable: bool,
+    /// Files the last scan left out (or kept at their old version)
+    /// because they were still changing: no in-sync marker for a path
+    /// covering one of them, for a while (`MARKER_WAIT`).
+    unstable: BTreeSet<String>,
+    /// Bytes of all files in the snapshot, kept for the status.
+    total_bytes: u64,
     /// When the next scan is due (the armed rescan timer).
     next_scan: Option<Instant>,
     watching: bool,
@@ -163,7 +172,7 @@ struct Conn {
     pending_resync: Vec<String>,
     /// Subscriptions resynced whose in-sync markers (one per RESYNC) wait
     /// for files still changing under them to settle (and be queued).
-    awaiting_marker: HashMap<String, u32>,
+    awaiting_marker: HashMap<String, (u32, Instant)>,
     /// Markers owed per path when its queued `Entry::Synced` is reached.
     markers_owed: HashMap<String, u32>,
     queue: VecDeque<Entry>,
@@ -246,6 +255,7 @@ pub struct Filemq {
     bytes_sent: u64,
     files_sent: u64,
     deletes_sent: u64,
+    read_errors: u64,
     malformed: u64,
 }
 
@@ -326,6 +336,7 @@ impl Filemq {
             bytes_sent: 0,
             files_sent: 0,
             deletes_sent: 0,
+            read_errors: 0,
             malformed: 0,
         }
     }
@@ -372,7 +383,8 @@ impl Filemq {
                 scanned: false,
                 scanning: false,
                 dirty: false,
-                unstable: false,
+                unstable: BTreeSet::new(),
+                total_bytes: 0,
                 next_scan: None,
                 watching: true,
                 error: None,
@@ -442,7 +454,8 @@ impl Filemq {
                 let first = !mount.scanned;
                 mount.scanned = true;
                 mount.snapshot = scan.snapshot;
-                mount.unstable = scan.unstable;
+                mount.unstable = scan.unstable_files.into_iter().collect();
+                mount.total_bytes = mount.snapshot.files.values().map(|f| f.size).sum();
                 if scan.unstable {
                     next = next.min(now + self.config.stable_age);
                 }
@@ -457,8 +470,8 @@ impl Filemq {
             next = now + self.config.settle;
         }
         self.scan_at(id, next, out);
-        self.run_pending_resyncs();
-        self.release_markers();
+        self.run_pending_resyncs(now);
+        self.release_markers(now);
         self.pump_all(out);
     }
 
@@ -501,38 +514,76 @@ impl Filemq {
         Some((id, rel, meta))
     }
 
-    fn all_scanned(&self) -> bool {
-        self.mounts.values().all(|m| m.scanned || m.error.is_some())
+    /// The mounts whose files may lie under `path` (or that lie under it).
+    fn overlapping<'a>(&'a self, path: &'a str) -> impl Iterator<Item = &'a Mount> + 'a {
+        self.mounts.values().filter(move |m| covers(path, &m.alias) || covers(&m.alias, path))
     }
 
-    fn run_pending_resyncs(&mut self) {
-        if !self.all_scanned() {
-            return;
-        }
-        let ids: Vec<ConnId> =
-            self.conns.iter().filter(|(_, c)| !c.pending_resync.is_empty()).map(|(id, _)| *id).collect();
-        for id in ids {
-            let paths =
-                self.conns.get_mut(&id).map(|c| std::mem::take(&mut c.pending_resync)).unwrap_or_default();
-            for path in paths {
-                self.resync(id, &path);
+    /// Every mount that may hold files under `path` has been scanned once:
+    /// a RESYNC can tell what is published there (and what is not).
+    fn scanned_for(&self, path: &str) -> bool {
+        self.overlapping(path).all(|m| m.scanned || m.error.is_some())
+    }
+
+    fn run_pending_resyncs(&mut self, now: Instant) {
+        let mut ready = Vec::new();
+        for (id, conn) in &self.conns {
+            for path in &conn.pending_resync {
+                if self.scanned_for(path) {
+                    ready.push((*id, path.clone()));
+                }
             }
         }
+        for (id, path) in ready {
+            if let Some(conn) = self.conns.get_mut(&id) {
+                conn.pending_resync.retain(|p| *p != path);
+            }
+            self.resync(id, &path, now);
+        }
+    }
+
+    /// The published files under `path`, as (virtual path, digest), by a
+    /// range over each overlapping mount's sorted snapshot.
+    fn published_under(&self, path: &str) -> Vec<(String, String)> {
+        let mut found = Vec::new();
+        let nested = self.mounts.len() > 1;
+        for (id, mount) in &self.mounts {
+            let prefix = if covers(path, &mount.alias) {
+                String::new()
+            } else if covers(&mount.alias, path) {
+                let rest = if mount.alias == "/" { &path[1..] } else { &path[mount.alias.len()..] };
+                rest.trim_start_matches('/').to_string()
+            } else {
+                continue;
+            };
+            for (rel, meta) in mount.snapshot.files.range(prefix.clone()..) {
+                let under = prefix.is_empty()
+                    || rel == &prefix
+                    || (rel.starts_with(&prefix) && rel.as_bytes().get(prefix.len()) == Some(&b'/'));
+                if !under {
+                    // Keys sharing the prefix's characters ("a-b", "a0"
+                    // beside "a/x") sort among those under it.
+                    if rel.starts_with(&prefix) {
+                        continue;
+                    }
+                    break;
+                }
+                let vpath = join(&mount.alias, rel);
+                // With nested mounts, a file shadowed by a longer alias is
+                // not what that virtual path serves.
+                if nested && self.resolve(&vpath).map(|(m, _)| m) != Some(*id) {
+                    continue;
+                }
+                found.push((vpath, meta.digest.clone()));
+            }
+        }
+        found
     }
 
     /// Queues what the client lacks under `path`, deletes for what it
     /// holds that is no longer published, then the in-sync marker.
-    fn resync(&mut self, id: ConnId, path: &str) {
-        let mut creates = Vec::new();
-        for mount in self.mounts.values() {
-            for (rel, meta) in &mount.snapshot.files {
-                let vpath = join(&mount.alias, rel);
-                if covers(path, &vpath) && self.resolve(&vpath).map(|(m, _)| m) == self.mount_id(&mount.alias)
-                {
-                    creates.push((vpath, meta.digest.clone()));
-                }
-            }
-        }
+    fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
+        let creates = self.published_under(path);
         let Some(conn) = self.conns.get(&id) else { return };
         let stale: Vec<String> =
             conn.known.keys().filter(|v| covers(path, v) && self.published(v).is_none()).cloned().collect();
@@ -545,38 +596,34 @@ impl Filemq {
         for vpath in stale {
             conn.enqueue(&vpath, Op::Delete);
         }
-        let awaiting = conn.awaiting_marker.entry(path.to_string()).or_default();
-        *awaiting = awaiting.saturating_add(1);
-        self.release_markers();
+        let awaiting = conn.awaiting_marker.entry(path.to_string()).or_insert((0, now));
+        awaiting.0 = awaiting.0.saturating_add(1);
+        self.release_markers(now);
     }
 
     /// Queues the in-sync markers of subscriptions whose mounts hold no
     /// file still changing: what those mounts publish is all queued.
-    fn release_markers(&mut self) {
+    fn release_markers(&mut self, now: Instant) {
         let settled = |path: &str| {
-            self.mounts
-                .values()
-                .filter(|m| covers(path, &m.alias) || covers(&m.alias, path))
-                .all(|m| (m.scanned && !m.unstable) || m.error.is_some())
+            self.overlapping(path).all(|m| {
+                let changing = m.unstable.iter().any(|rel| covers(path, &join(&m.alias, rel)));
+                (m.scanned && !changing) || m.error.is_some()
+            })
         };
         let mut release = Vec::new();
         for (id, conn) in &self.conns {
-            for path in conn.awaiting_marker.keys() {
-                if settled(path) {
+            for (path, (_, since)) in &conn.awaiting_marker {
+                if now >= *since + MARKER_WAIT || settled(path) {
                     release.push((*id, path.clone()));
                 }
             }
         }
         for (id, path) in release {
             if let Some(conn) = self.conns.get_mut(&id) {
-                let count = conn.awaiting_marker.remove(&path).unwrap_or(1);
+                let count = conn.awaiting_marker.remove(&path).map_or(1, |(count, _)| count);
                 conn.enqueue_marker(&path, count);
             }
         }
-    }
-
-    fn mount_id(&self, alias: &str) -> Option<MountId> {
-        self.mounts.iter().find(|(_, m)| m.alias == alias).map(|(id, _)| *id)
     }
 
     fn pump_all(&mut self, out: &mut Vec<Action>) {
@@ -748,9 +795,18 @@ impl Filemq {
             }
             Err(error) => {
                 // The rescan announces the file's new state; the client
-                // discards the partial copy when that arrives.
+                // discards the partial copy when that arrives. A file that
+                // cannot be read is, to subscribers, not published.
                 let mount = transfer.mount;
-                tracing::debug!(conn = id.0, vpath = %transfer.vpath, %error, "filemq abandons a transfer");
+                match &error {
+                    ReadError::Changed => {
+                        tracing::debug!(conn = id.0, vpath = %transfer.vpath, "filemq abandons a changed file")
+                    }
+                    ReadError::Io(why) => {
+                        self.read_errors += 1;
+                        tracing::warn!(vpath = %transfer.vpath, "filemq cannot read a published file: {why}");
+                    }
+                }
                 conn.current = None;
                 if let Some(m) = self.mounts.get_mut(&mount) {
                     m.dirty = true;
@@ -767,7 +823,15 @@ impl Filemq {
         }
     }
 
-    fn subscribe(&mut self, id: ConnId, path: &LongStr, options: &Hash, cache: &Hash, out: &mut Vec<Action>) {
+    fn subscribe(
+        &mut self,
+        id: ConnId,
+        path: &LongStr,
+        options: &Hash,
+        cache: &Hash,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let refuse = |out: &mut Vec<Action>, why: &str| {
             tracing::debug!(conn = id.0, why, "filemq refuses a subscription");
             send(out, id, &FilemqMsg::Srsly { reason: ShortStr::lossy(why) });
@@ -776,7 +840,7 @@ impl Filemq {
             return refuse(out, "the path must start with / and have no empty, . or .. parts");
         };
         let max = self.config.max_subscriptions;
-        let ready_scans = self.all_scanned();
+        let ready_scans = self.scanned_for(&path);
         let Some(conn) = self.conns.get_mut(&id) else { return };
         if !conn.subscriptions.contains(&path) {
             if conn.subscriptions.len() >= max {
@@ -788,7 +852,15 @@ impl Filemq {
             conn.extended = true;
         }
         if let Some(value) = options.get(ext::RESUME) {
-            conn.resume.extend(parse_resume(value));
+            // The client lists every partial file it holds: this replaces
+            // any earlier list.
+            conn.resume = parse_resume(value).into_iter().take(MAX_RESUME).collect();
+        }
+        // The client re-subscribes when it lost or refused a file: the one
+        // in transfer under this path may be the one, so the cache below,
+        // not the end of that transfer, says whether it has it.
+        if conn.current.as_ref().is_some_and(|t| covers(&path, &t.vpath)) {
+            conn.current = None;
         }
         // The cache says what the client holds under this path now.
         conn.known.retain(|vpath, _| !covers(&path, vpath));
@@ -809,9 +881,11 @@ impl Filemq {
         let resync = options.get(ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
         if resync {
             if ready_scans {
-                self.resync(id, &path);
+                self.resync(id, &path, now);
             } else if let Some(conn) = self.conns.get_mut(&id) {
-                conn.pending_resync.push(path);
+                if !conn.pending_resync.contains(&path) {
+                    conn.pending_resync.push(path);
+                }
             }
         }
         self.pump(id, out);
@@ -842,7 +916,7 @@ impl Filemq {
                 self.terminate(id, out);
             }
             (State::Ready, FilemqMsg::Icanhaz { path, options, cache }) => {
-                self.subscribe(id, &path, &options, &cache, out);
+                self.subscribe(id, &path, &options, &cache, now, out);
             }
             (State::Ready, FilemqMsg::Nom { credit, .. }) => {
                 conn.credit = conn.credit.saturating_add(credit).min(self.config.max_credit);
@@ -982,7 +1056,7 @@ impl Service for Filemq {
                     "alias": m.alias,
                     "root": m.root.display().to_string(),
                     "files": m.snapshot.files.len(),
-                    "bytes": m.snapshot.files.values().map(|f| f.size).sum::<u64>(),
+                    "bytes": m.total_bytes,
                     "scanned": m.scanned,
                     "watching": m.watching,
                     "error": m.error,
@@ -1013,6 +1087,7 @@ impl Service for Filemq {
             "bytes_sent": self.bytes_sent,
             "files_sent": self.files_sent,
             "deletes_sent": self.deletes_sent,
+            "read_errors": self.read_errors,
             "malformed_frames": self.malformed,
             "expiry_ms": self.config.expiry.as_millis() as u64,
         })

@@ -520,6 +520,9 @@ enum Step {
     Disconnect(u64),
     Advance(u64),
     Touch(u8),
+    /// Let disk work pile up (so reads are in flight across other events),
+    /// or run what piled up.
+    HoldWork(bool),
 }
 
 fn step() -> impl Strategy<Value = Step> {
@@ -529,6 +532,7 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (0u64..4).prop_map(Step::Disconnect),
         1 => (0u64..2000).prop_map(Step::Advance),
         1 => any::<u8>().prop_map(Step::Touch),
+        1 => any::<bool>().prop_map(Step::HoldWork),
     ]
 }
 
@@ -560,6 +564,12 @@ proptest! {
                     write(dir.path(), &format!("a/t{}", n % 4), &vec![n; n as usize * 37]);
                     trigger_rescan(&mut sim);
                 }
+                Step::HoldWork(hold) => {
+                    sim.hold_work = hold;
+                    if !hold {
+                        sim.run_work();
+                    }
+                }
             }
             for c in 0..4 {
                 for msg in take(&mut sim, c) {
@@ -574,6 +584,8 @@ proptest! {
         for c in 0..4 {
             sim.disconnect(c);
         }
+        sim.hold_work = false;
+        sim.run_work();
         prop_assert!(sim.service.conns.is_empty());
         let only_watches = sim.service.work.values().all(|w| matches!(w, WorkFor::Watch { .. }));
         prop_assert!(only_watches, "work outlived its connection");
@@ -591,4 +603,47 @@ fn the_in_sync_marker_waits_for_files_still_changing() {
     let got = burgers(take(&mut sim, 1));
     let names: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.eof)).collect();
     assert_eq!(names, vec![("/fresh", 0), ("/fresh", 1), ("", 1)]);
+}
+
+fn marker_count(got: &[Burger]) -> usize {
+    got.iter().filter(|b| b.headers.first().is_some_and(|(k, _)| k == "X-SYNCED")).count()
+}
+
+#[test]
+fn a_file_changing_elsewhere_does_not_hold_a_marker_back_and_none_holds_it_for_ever() {
+    let config = Config { stable_age: Duration::from_secs(3600), ..Config::default() };
+    // Written now, so "changing" for the next hour of wall-clock time.
+    let (_dir, mut sim) = world_with(&[("b/log", b"growing")], config);
+    let got = burgers(subscribe(&mut sim, 1, "/a", &[("RESYNC", "1"), ("X-ZBROKER", "1")], 1000));
+    assert_eq!(marker_count(&got), 1, "/a has nothing changing under it: {got:?}");
+    let got = burgers(subscribe(&mut sim, 2, "/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], 1000));
+    assert_eq!(marker_count(&got), 0, "/ covers the changing file");
+    sim.advance(Duration::from_secs(20));
+    assert_eq!(marker_count(&burgers(take(&mut sim, 2))), 0);
+    sim.advance(Duration::from_secs(15));
+    assert_eq!(marker_count(&burgers(take(&mut sim, 2))), 1, "the marker waits at most MARKER_WAIT");
+}
+
+#[test]
+fn resync_of_a_deep_path_sends_only_what_lies_under_it() {
+    let (_dir, mut sim) =
+        world(&[("ab", b"1"), ("a-b/x", b"2"), ("a/x", b"3"), ("a/y/z", b"4"), ("a0", b"5")]);
+    let got = burgers(subscribe(&mut sim, 1, "/a", &[("RESYNC", "1")], 1000));
+    let names: std::collections::BTreeSet<_> = reassemble(&got).into_keys().collect();
+    assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["/a/x".to_string(), "/a/y/z".to_string()]);
+}
+
+/// The client re-subscribes when a file failed verification; the broker
+/// must not count the file it was sending as held by the client.
+#[test]
+fn a_resubscribe_during_a_transfer_resends_that_file() {
+    let (_dir, mut sim) = world(&[("f", &[9u8; 3000])]);
+    let got = burgers(subscribe(&mut sim, 1, "/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], 1000));
+    assert_eq!(got.len(), 1, "one chunk within the credit");
+    send(&mut sim, 1, icanhaz("/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &[]));
+    send(&mut sim, 1, nom(10_000));
+    let got = burgers(take(&mut sim, 1)[1..].to_vec());
+    assert_eq!(got[0].offset, 0, "the file starts over");
+    assert_eq!(reassemble(&got)["/f"], vec![9u8; 3000]);
+    assert_eq!(marker_count(&got), 2);
 }

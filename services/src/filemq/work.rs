@@ -18,7 +18,8 @@ pub type MountId = u32;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileMeta {
     pub size: u64,
-    /// Modification time, nanoseconds since the Unix epoch.
+    /// When the file last changed (the later of mtime and ctime),
+    /// nanoseconds since the Unix epoch (`disk::mtime_ns`).
     pub mtime_ns: u64,
     /// SHA-1 of the contents, 40 upper-case hex digits (CZMQ `zdigest`).
     pub digest: String,
@@ -97,6 +98,8 @@ pub struct Scanned {
     /// Some files were left out (or kept at their old version) because
     /// they changed within `stable_age`: scan again after it.
     pub unstable: bool,
+    /// Which files those are (relative paths).
+    pub unstable_files: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
