@@ -7,6 +7,7 @@
 //! expiry = 60000          # ms
 //! pipe_limit = "8MiB"     # or a number of bytes
 //! log = "info"
+//! max_connections = 10000
 //! publish = ["/srv/outbox", "/srv/photos=/photos"]   # DIR[=/alias]
 //! stable_age = 1000       # ms a file must stay unchanged before it is sent
 //! state_dir = "/var/lib/zbroker"   # digests kept between runs
@@ -27,6 +28,7 @@ pub struct FileConfig {
     pub expiry: Option<u64>,
     pub pipe_limit: Option<Size>,
     pub log: Option<String>,
+    pub max_connections: Option<usize>,
     pub publish: Option<Vec<String>>,
     pub stable_age: Option<u64>,
     pub state_dir: Option<std::path::PathBuf>,

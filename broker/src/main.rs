@@ -54,6 +54,9 @@ struct RunArgs {
     /// Most bytes queued for one pipe's reader, at least 1MiB [default: 8MiB]
     #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
     pipe_limit: Option<u64>,
+    /// Most clients served at once; more get their protocol's refusal [default: 10000]
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// Publish DIR to FILEMQ subscribers as virtual path /alias (repeatable) [default alias: /]
     #[arg(long, value_name = "DIR[=/alias]", value_parser = config::parse_publish)]
     publish: Vec<config::Publish>,
@@ -193,6 +196,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
     }
 
+    let max_connections = match args.max_connections.or(file.max_connections) {
+        Some(0) => bail!("--max-connections must be at least 1"),
+        Some(n) => n,
+        None => DEFAULT_MAX_CONNECTIONS,
+    };
+    raise_open_file_limit(max_connections);
     let upstream = args.upstream.or(file.upstream);
     let inbox = args.inbox.or(file.inbox);
     let mut paths =
@@ -221,6 +230,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // cache lists some hundreds of thousands of files.
         max_message_size: (pipe_limit as i64 + (1 << 20)).max(MAX_FILEMQ_MESSAGE),
         control_token,
+        max_connections,
     };
     let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes), Box::new(filemq)])?;
     // The FILEMQ service is the second one handed to the reactor.
@@ -289,6 +299,28 @@ impl Upstream {
     fn stop(self) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         let _ = self.thread.join();
+    }
+}
+
+const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+
+/// Each connection is a file descriptor in libzmq's I/O thread: raise the
+/// soft limit (often 1024) towards the hard one so the connection limit,
+/// not the descriptor limit, is what clients meet.
+fn raise_open_file_limit(connections: usize) {
+    let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit/setrlimit write and read the struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        let wanted = (connections as libc::rlim_t).saturating_add(256).min(limit.rlim_max);
+        if wanted > limit.rlim_cur {
+            limit.rlim_cur = wanted;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                tracing::warn!("cannot raise the open-file limit to {wanted}: clients may be refused by the system first");
+            }
+        }
     }
 }
 

@@ -61,6 +61,9 @@ pub struct Settings {
     /// Largest frame accepted on the front socket; a peer sending a larger
     /// one is disconnected by libzmq before the frame is buffered.
     pub max_message_size: i64,
+    /// Most peers served at once; a new one beyond it gets its protocol's
+    /// refusal to its first message and is not tracked.
+    pub max_connections: usize,
     /// Secret that control commands other than STATUS must carry (the
     /// `zbroker publish` of the same user reads it from the state
     /// directory); `None` refuses them all.
@@ -123,6 +126,8 @@ pub struct Reactor {
     /// Runs services' disk work off this thread; wakes `WORK_DONE`.
     worker: Worker,
     control_token: Option<String>,
+    max_connections: usize,
+    refused_connections: u64,
 }
 
 fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
@@ -238,6 +243,8 @@ impl Reactor {
             stop: false,
             worker,
             control_token: settings.control_token,
+            max_connections: settings.max_connections,
+            refused_connections: 0,
         })
     }
 
@@ -395,6 +402,10 @@ impl Reactor {
                 let mut extra = zmq::Message::new();
                 retry(|| self.front.recv(&mut extra, 0))?;
             }
+            if !self.peers.contains(&routing_id) && self.peers.len() >= self.max_connections {
+                self.refuse(routing_id, &body);
+                continue;
+            }
             let (conn, _) = if self.peers.contains(&routing_id) {
                 self.peers.lookup(&routing_id)
             } else {
@@ -422,6 +433,28 @@ impl Reactor {
             self.apply(service);
         }
         Ok(any)
+    }
+
+    /// Answers a peer beyond the connection limit with its protocol's
+    /// refusal, without tracking it.
+    fn refuse(&mut self, routing_id: zmq::Message, body: &zmq::Message) {
+        self.refused_connections += 1;
+        if self.refused_connections == 1 || self.refused_connections.is_power_of_two() {
+            tracing::warn!(
+                limit = self.max_connections,
+                refused = self.refused_connections,
+                "connection limit reached: refusing new peers"
+            );
+        }
+        let service = (body.len() >= 2)
+            .then(|| u16::from_be_bytes([body[0], body[1]]))
+            .and_then(|signature| self.routes.get(&signature).copied());
+        let reply = service.and_then(|s| self.services[s].refusal(body, "broker at its connection limit"));
+        if let Some(reply) = reply {
+            // Best effort: a refused peer that cannot take it loses nothing.
+            let _ = retry(|| self.front.send(&*routing_id, zmq::SNDMORE | zmq::DONTWAIT))
+                .and_then(|()| retry(|| self.front.send(reply.as_slice(), zmq::DONTWAIT)));
+        }
     }
 
     /// Carries out what a service asked for.
@@ -635,6 +668,8 @@ impl Reactor {
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "endpoints": self.endpoints,
             "peers": self.peers.len(),
+            "max_connections": self.max_connections,
+            "refused_connections": self.refused_connections,
             "timers": self.timers.len(),
             "parked_replies": self.parked.values().map(|p| p.frames.len()).sum::<usize>(),
             "parked_bytes": self.parked.values().map(|p| p.bytes).sum::<usize>(),

@@ -65,6 +65,13 @@ pub trait Service {
         let _ = (words, now, out);
         None
     }
+    /// The protocol's "no" to the first frame of a connection the broker
+    /// will not take (it is at its connection limit), if the protocol has
+    /// one; the connection is then not tracked.
+    fn refusal(&self, frame: &[u8], why: &str) -> Option<Vec<u8>> {
+        let _ = (frame, why);
+        None
+    }
     /// The peer behind `conn` has disconnected; forget it.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>);
     /// A snapshot for `zbroker status`.

@@ -395,6 +395,7 @@ impl Broker {
             max_message_size: 64 << 20,
             // STATUS needs no token; the bench sends nothing else.
             control_token: None,
+            max_connections: 100_000,
         };
         let (bound_tx, bound_rx) = mpsc::channel();
         let (stopped_tx, stopped) = mpsc::channel::<()>();

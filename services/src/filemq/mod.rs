@@ -1040,6 +1040,10 @@ impl Service for Filemq {
         }
     }
 
+    fn refusal(&self, _frame: &[u8], why: &str) -> Option<Vec<u8>> {
+        Some(FilemqMsg::Srsly { reason: ShortStr::lossy(why) }.encode())
+    }
+
     fn on_disconnect(&mut self, conn: ConnId, _now: Instant, out: &mut Vec<Action>) {
         if self.conns.contains_key(&conn) {
             tracing::debug!(conn = conn.0, "filemq peer disconnected");

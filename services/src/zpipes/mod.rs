@@ -549,6 +549,18 @@ impl Service for Zpipes {
         self.run_ready(now, out);
     }
 
+    fn refusal(&self, frame: &[u8], why: &str) -> Option<Vec<u8>> {
+        let reason = ShortStr::lossy(why);
+        let reply = match ZpipesMsg::decode(Bytes::copy_from_slice(frame)).ok()? {
+            ZpipesMsg::Input { .. } => ZpipesMsg::InputFailed { reason },
+            ZpipesMsg::Output { .. } => ZpipesMsg::OutputFailed { reason },
+            ZpipesMsg::Read { .. } => ZpipesMsg::ReadFailed { reason },
+            ZpipesMsg::Write { .. } => ZpipesMsg::WriteFailed { reason },
+            _ => ZpipesMsg::Invalid {},
+        };
+        Some(reply.encode())
+    }
+
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>) {
         if self.conns.contains_key(&conn) {
             tracing::debug!(conn = conn.0, "zpipes peer disconnected");
