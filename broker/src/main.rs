@@ -181,9 +181,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let mut filemq =
         Filemq::new(filemq::Config { expiry, stable_age, state_dir: state_dir.clone(), ..fdefaults.clone() });
+    let flags_publish = !args.publish.is_empty();
     let mut publish = args.publish;
-    if publish.is_empty() {
-        for text in file.publish.unwrap_or_default() {
+    if !flags_publish {
+        for text in file.publish.clone().unwrap_or_default() {
             publish.push(config::parse_publish(&text)?);
         }
     }
@@ -235,6 +236,22 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes), Box::new(filemq)])?;
     // The FILEMQ service is the second one handed to the reactor.
     reactor.start_work(1, startup_work);
+    // SIGHUP re-reads the config file: its mounts replace the running ones
+    // (unless --publish flags, which override the file, were given).
+    if let (Some(path), false) = (args.config.clone(), flags_publish) {
+        reactor.on_reload(Box::new(move || {
+            let file = config::load(&path)?;
+            let mut words = vec!["MOUNTS".to_string()];
+            for text in file.publish.unwrap_or_default() {
+                let config::Publish { dir, alias } = config::parse_publish(&text)?;
+                let root = publishable(&dir)?;
+                let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
+                words.push(format!("{root}={alias}"));
+            }
+            tracing::info!("SIGHUP: reloaded {}", path.display());
+            Ok(vec![words])
+        }));
+    }
     tracing::info!(
         "zbroker {name} ready at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
         reactor.endpoints().join(", "),

@@ -28,6 +28,7 @@ const MONITOR: Token = Token(1);
 const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
 const WORK_DONE: Token = Token(4);
+const RELOAD: Token = Token(5);
 
 /// Frames taken from the front socket before the other sockets get a turn.
 const RECV_BATCH: usize = 256;
@@ -46,8 +47,15 @@ const SEND_HWM: i32 = 4;
 const PASSES_PER_TURN: u64 = 64;
 /// Threads running disk work (scans, hashing, chunk reads).
 const WORKER_THREADS: usize = 3;
+/// How long a stopping broker waits for acknowledged data to be delivered
+/// before it gives up on it (then replies get `LINGER_MS` to leave).
+const DRAIN_TIME: Duration = Duration::from_secs(3);
 /// How long queued replies may take to leave at shutdown.
 const LINGER_MS: i32 = 1000;
+
+/// What SIGHUP runs: it returns control commands (words, no token) for
+/// the services, e.g. FILEMQ's `MOUNTS` from a re-read config file.
+pub type Reload = Box<dyn FnMut() -> anyhow::Result<Vec<Vec<String>>>>;
 
 /// What the operator asked for.
 pub struct Settings {
@@ -128,6 +136,13 @@ pub struct Reactor {
     control_token: Option<String>,
     max_connections: usize,
     refused_connections: u64,
+    /// Set at the first SIGINT/SIGTERM: the deadline for delivering what
+    /// was acknowledged. A second signal stops at once.
+    draining: Option<Instant>,
+    /// SIGHUP arrives here.
+    reload_signals: UnixStream,
+    /// What SIGHUP does: control commands (without token) for the services.
+    reload: Option<Reload>,
 }
 
 fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
@@ -204,6 +219,11 @@ impl Reactor {
                 .context("installing signal handlers")?;
         }
 
+        let (reload_signals, reload_writer) = UnixStream::pair()?;
+        reload_signals.set_nonblocking(true)?;
+        signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, reload_writer)
+            .context("installing the SIGHUP handler")?;
+
         let poll = Poll::new()?;
         let registry = poll.registry();
         registry.register(&mut SourceFd(&zmq_fd(&front)?), FRONT, Interest::READABLE)?;
@@ -212,6 +232,11 @@ impl Reactor {
         registry.register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&signals)),
             SIGNALS,
+            Interest::READABLE,
+        )?;
+        registry.register(
+            &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&reload_signals)),
+            RELOAD,
             Interest::READABLE,
         )?;
 
@@ -245,6 +270,9 @@ impl Reactor {
             control_token: settings.control_token,
             max_connections: settings.max_connections,
             refused_connections: 0,
+            draining: None,
+            reload_signals,
+            reload: None,
         })
     }
 
@@ -253,6 +281,12 @@ impl Reactor {
     pub fn start_work(&mut self, service: usize, actions: Vec<Action>) {
         self.actions.extend(actions);
         self.apply(service);
+    }
+
+    /// What SIGHUP does: produce control commands (such as the FILEMQ
+    /// `MOUNTS` list from a re-read config file) to hand to the services.
+    pub fn on_reload(&mut self, reload: Reload) {
+        self.reload = Some(reload);
     }
 
     /// The front endpoints as bound (wildcard ports resolved).
@@ -266,7 +300,11 @@ impl Reactor {
         self.drain_monitor()?;
         self.drain_control()?;
         while !self.stop {
-            let timeout = self.timers.next_deadline().map(|at| at.saturating_duration_since(Instant::now()));
+            let deadline = match (self.timers.next_deadline(), self.draining) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -275,6 +313,7 @@ impl Reactor {
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.check_signals(),
+                    RELOAD => self.check_reload(),
                     MONITOR => self.drain_monitor()?,
                     CONTROL => self.drain_control()?,
                     _ => {}
@@ -283,9 +322,68 @@ impl Reactor {
             // Whatever woke us, the front socket is drained: timers and
             // disconnects send on it, and a send may consume its edge.
             self.drain_front()?;
+            if let Some(deadline) = self.draining {
+                let drained = self.services.iter().all(|s| s.drained()) && self.parked.is_empty();
+                if drained || Instant::now() >= deadline {
+                    if !drained {
+                        tracing::warn!(
+                            "stopping with acknowledged data undelivered (its readers did not read it)"
+                        );
+                    }
+                    self.stop = true;
+                }
+            }
         }
         self.flush_at_shutdown();
         Ok(())
+    }
+
+    /// The first SIGINT/SIGTERM: stop accepting, let each service tell its
+    /// clients and deliver what it acknowledged, for at most `DRAIN_TIME`.
+    fn begin_drain(&mut self) {
+        tracing::info!("signal received: stopping (a second signal stops at once)");
+        let now = Instant::now();
+        self.draining = Some(now + DRAIN_TIME);
+        // New peers are refused from now on (`recv_front`). The endpoints
+        // stay bound: unbinding would also close the connections accepted
+        // through them, and with them what they are still owed.
+        for service in 0..self.services.len() {
+            self.services[service].shutdown(now, &mut self.actions);
+            self.apply(service);
+        }
+    }
+
+    fn check_reload(&mut self) {
+        let mut buf = [0u8; 64];
+        let mut any = false;
+        while matches!(self.reload_signals.read(&mut buf), Ok(n) if n > 0) {
+            any = true;
+        }
+        if !any {
+            return;
+        }
+        let Some(reload) = self.reload.as_mut() else {
+            tracing::info!("SIGHUP: no config file to reload");
+            return;
+        };
+        match reload() {
+            Err(e) => tracing::error!("SIGHUP: config not reloaded: {e:#}"),
+            Ok(commands) => {
+                let now = Instant::now();
+                for words in commands {
+                    for service in 0..self.services.len() {
+                        if let Some(result) = self.services[service].command(&words, now, &mut self.actions) {
+                            self.apply(service);
+                            match result {
+                                Ok(message) => tracing::info!("SIGHUP: {message}"),
+                                Err(error) => tracing::error!("SIGHUP: {error}"),
+                            }
+                            break;
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn check_signals(&mut self) {
@@ -294,9 +392,14 @@ impl Reactor {
         while matches!(self.signals.read(&mut buf), Ok(n) if n > 0) {
             any = true;
         }
-        if any {
-            tracing::info!("signal received: stopping");
+        if !any {
+            return;
+        }
+        if self.draining.is_some() {
+            tracing::info!("second signal: stopping now");
             self.stop = true;
+        } else {
+            self.begin_drain();
         }
     }
 
@@ -402,9 +505,15 @@ impl Reactor {
                 let mut extra = zmq::Message::new();
                 retry(|| self.front.recv(&mut extra, 0))?;
             }
-            if !self.peers.contains(&routing_id) && self.peers.len() >= self.max_connections {
-                self.refuse(routing_id, &body);
-                continue;
+            if !self.peers.contains(&routing_id) {
+                if self.draining.is_some() {
+                    self.refuse(routing_id, &body, "the broker is shutting down");
+                    continue;
+                }
+                if self.peers.len() >= self.max_connections {
+                    self.refuse(routing_id, &body, "broker at its connection limit");
+                    continue;
+                }
             }
             let (conn, _) = if self.peers.contains(&routing_id) {
                 self.peers.lookup(&routing_id)
@@ -437,9 +546,9 @@ impl Reactor {
 
     /// Answers a peer beyond the connection limit with its protocol's
     /// refusal, without tracking it.
-    fn refuse(&mut self, routing_id: zmq::Message, body: &zmq::Message) {
+    fn refuse(&mut self, routing_id: zmq::Message, body: &zmq::Message, why: &str) {
         self.refused_connections += 1;
-        if self.refused_connections == 1 || self.refused_connections.is_power_of_two() {
+        if self.draining.is_none() && self.refused_connections.is_power_of_two() {
             tracing::warn!(
                 limit = self.max_connections,
                 refused = self.refused_connections,
@@ -449,7 +558,7 @@ impl Reactor {
         let service = (body.len() >= 2)
             .then(|| u16::from_be_bytes([body[0], body[1]]))
             .and_then(|signature| self.routes.get(&signature).copied());
-        let reply = service.and_then(|s| self.services[s].refusal(body, "broker at its connection limit"));
+        let reply = service.and_then(|s| self.services[s].refusal(body, why));
         if let Some(reply) = reply {
             // Best effort: a refused peer that cannot take it loses nothing.
             let _ = retry(|| self.front.send(&*routing_id, zmq::SNDMORE | zmq::DONTWAIT))

@@ -72,6 +72,16 @@ pub trait Service {
         let _ = (frame, why);
         None
     }
+    /// The broker is stopping: refuse new work, tell clients what will not
+    /// be done, and let what was acknowledged be delivered.
+    fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let _ = (now, out);
+    }
+    /// Nothing acknowledged is still waiting to be delivered (checked while
+    /// the broker stops, until a deadline).
+    fn drained(&self) -> bool {
+        true
+    }
     /// The peer behind `conn` has disconnected; forget it.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>);
     /// A snapshot for `zbroker status`.

@@ -85,6 +85,13 @@ impl<S: Service> Sim<S> {
         self.hold_work = hold;
     }
 
+    /// Tells the service that the broker is stopping.
+    pub fn shutdown(&mut self) {
+        let mut out = Vec::new();
+        self.service.shutdown(self.now, &mut out);
+        self.apply(out);
+    }
+
     /// Sends a control command, as `zbroker publish` does.
     pub fn command(&mut self, words: &[&str]) -> Option<Result<String, String>> {
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();

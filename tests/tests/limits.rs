@@ -27,8 +27,7 @@ fn connections_beyond_the_limit_are_refused_cleanly() {
         other => panic!("expected INPUT_FAILED, got {other:?}"),
     }
     let refused_files = Raw::connect(&broker.filemq_endpoint());
-    refused_files
-        .send_bytes(&FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 }.encode());
+    refused_files.send_bytes(&FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 }.encode());
     let reply = FilemqMsg::decode(refused_files.recv_bytes(5000).expect("a refusal")).unwrap();
     assert!(matches!(reply, FilemqMsg::Srsly { .. }), "{reply:?}");
     let status = broker.status();

@@ -933,6 +933,79 @@ impl Filemq {
         }
     }
 
+    /// Stops publishing the mount at `alias`: its watch and scans end, and
+    /// subscribers get a delete for each of its files they were sent.
+    pub fn unpublish(&mut self, alias: &str, out: &mut Vec<Action>) -> Result<(), String> {
+        let Some(id) = self.mounts.iter().find(|(_, m)| m.alias == alias).map(|(id, _)| *id) else {
+            return Err(format!("nothing is published as {alias}"));
+        };
+        let Some(mount) = self.mounts.remove(&id) else { return Ok(()) };
+        tracing::info!(alias = %mount.alias, root = %mount.root.display(), "filemq no longer publishing");
+        out.push(Action::CancelTimer { key: scan_key(id) });
+        self.work(out, WorkFor::Watch { mount: id }, Job::Unwatch { mount: id });
+        self.work
+            .retain(|_, w| !matches!(w, WorkFor::Watch { mount } | WorkFor::Scan { mount } if *mount == id));
+        // Deletes for what the mount served (unless another mount now
+        // serves the same virtual path).
+        let gone: Vec<String> = mount
+            .snapshot
+            .files
+            .keys()
+            .map(|rel| join(&mount.alias, rel))
+            .filter(|vpath| self.published(vpath).is_none())
+            .collect();
+        for conn in self.conns.values_mut() {
+            if conn.state != State::Ready {
+                continue;
+            }
+            if conn.current.as_ref().is_some_and(|t| t.mount == id) {
+                conn.current = None;
+            }
+            for vpath in &gone {
+                if conn.wants(vpath) {
+                    conn.enqueue(vpath, Op::Delete);
+                }
+            }
+        }
+        self.pump_all(out);
+        Ok(())
+    }
+
+    /// The command `MOUNTS DIR=/alias...` (a reloaded config file): publish
+    /// what is new, unpublish what is no longer listed, keep the rest.
+    fn mounts_command(
+        &mut self,
+        words: &[String],
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<String, String> {
+        let mut wanted = Vec::new();
+        for word in &words[1..] {
+            let (root, alias) =
+                word.rsplit_once("=/").ok_or_else(|| format!("{word:?} is not DIR=/alias"))?;
+            let alias =
+                normalise_vpath(&format!("/{alias}")).ok_or_else(|| format!("bad alias in {word:?}"))?;
+            wanted.push((PathBuf::from(root), alias));
+        }
+        let stale: Vec<String> = self
+            .mounts
+            .values()
+            .filter(|m| !wanted.iter().any(|(root, alias)| *root == m.root && *alias == m.alias))
+            .map(|m| m.alias.clone())
+            .collect();
+        for alias in &stale {
+            self.unpublish(alias, out)?;
+        }
+        let mut added = 0;
+        for (root, alias) in wanted {
+            if !self.mounts.values().any(|m| m.root == root && m.alias == alias) {
+                self.publish(root, &alias, now, out)?;
+                added += 1;
+            }
+        }
+        Ok(format!("mounts: {added} published, {} unpublished, {} in all", stale.len(), self.mounts.len()))
+    }
+
     /// The command `PUBLISH ROOT ALIAS` from the control endpoint.
     fn publish_command(
         &mut self,
@@ -1036,7 +1109,18 @@ impl Service for Filemq {
     ) -> Option<Result<String, String>> {
         match words.first().map(String::as_str) {
             Some("PUBLISH") => Some(self.publish_command(words, now, out)),
+            Some("MOUNTS") => Some(self.mounts_command(words, now, out)),
             _ => None,
+        }
+    }
+
+    fn shutdown(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        // Nothing a subscriber was promised is lost: it resumes or resyncs
+        // with the next broker. Say goodbye (spec: KTHXBAI either way).
+        for (id, conn) in &self.conns {
+            if conn.state == State::Ready {
+                send(out, *id, &FilemqMsg::Kthxbai {});
+            }
         }
     }
 

@@ -647,3 +647,29 @@ fn a_resubscribe_during_a_transfer_resends_that_file() {
     assert_eq!(reassemble(&got)["/f"], vec![9u8; 3000]);
     assert_eq!(marker_count(&got), 2);
 }
+
+#[test]
+fn a_reloaded_mount_list_publishes_and_unpublishes() {
+    let (dir, mut sim) = world(&[("a", b"1")]);
+    let photos = tempfile::tempdir().unwrap();
+    write(photos.path(), "p", b"2");
+    let got = burgers(subscribe(&mut sim, 1, "/", &[("RESYNC", "1")], 1_000_000));
+    assert_eq!(reassemble(&got).len(), 1);
+    let root = dir.path().to_str().unwrap();
+    let photos_root = photos.path().to_str().unwrap();
+    let both = [format!("{root}=/"), format!("{photos_root}=/photos")];
+    let words: Vec<&str> = std::iter::once("MOUNTS").chain(both.iter().map(String::as_str)).collect();
+    assert!(matches!(sim.command(&words), Some(Ok(_))));
+    let got = burgers(take(&mut sim, 1));
+    assert_eq!(reassemble(&got)["/photos/p"], b"2");
+    // Dropping /photos from the list: its files are deleted downstream.
+    let only_root = format!("{root}=/");
+    assert!(matches!(sim.command(&["MOUNTS", &only_root]), Some(Ok(_))));
+    let got = burgers(take(&mut sim, 1));
+    assert_eq!(
+        got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
+        vec![("/photos/p", DELETE)]
+    );
+    assert_eq!(sim.service.status()["mounts"].as_array().unwrap().len(), 1);
+    assert_eq!(sim.watched.len(), 1, "the dropped mount is no longer watched");
+}

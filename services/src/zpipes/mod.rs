@@ -112,7 +112,13 @@ pub struct Zpipes {
     peak_queued_bytes: usize,
     bytes_moved: u64,
     malformed: u64,
+    /// The broker is stopping: no new pipe ends or writes; readers get
+    /// what was acknowledged, then READ_FAILED.
+    shutting_down: bool,
 }
+
+/// The reason given to requests refused or failed while the broker stops.
+const SHUTTING_DOWN: &str = "the broker is shutting down";
 
 // Each connection owns two timers: its expiry and its pending request.
 fn expiry_key(conn: ConnId) -> TimerKey {
@@ -138,6 +144,7 @@ impl Zpipes {
             peak_queued_bytes: 0,
             bytes_moved: 0,
             malformed: 0,
+            shutting_down: false,
         }
     }
 
@@ -205,6 +212,12 @@ impl Zpipes {
         tracing::debug!(conn = id.0, ?role, request = msg.name(), "zpipes request");
         match (role, msg) {
             (_, ZpipesMsg::Ping {}) => reply(out, id, ZpipesMsg::PingOk {}),
+            (Role::Idle, ZpipesMsg::Input { .. }) if self.shutting_down => {
+                reply(out, id, ZpipesMsg::InputFailed { reason: ShortStr::lossy(SHUTTING_DOWN) })
+            }
+            (Role::Idle, ZpipesMsg::Output { .. }) if self.shutting_down => {
+                reply(out, id, ZpipesMsg::OutputFailed { reason: ShortStr::lossy(SHUTTING_DOWN) })
+            }
             (Role::Idle, ZpipesMsg::Input { pipename }) => self.open(id, pipename, Role::Reader, out),
             (Role::Idle, ZpipesMsg::Output { pipename }) => self.open(id, pipename, Role::Writer, out),
             (Role::Reader, ZpipesMsg::Read { size, timeout }) => {
@@ -312,8 +325,22 @@ impl Zpipes {
         let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         match conn.pending {
             None => false,
+            // Stopping: what was acknowledged goes out (even short of the
+            // size asked for: no more is coming), then the reader is told.
+            Some(Pending::Read { .. }) if self.shutting_down && conn.queue.is_empty() => {
+                conn.pending = None;
+                reply(out, id, ZpipesMsg::ReadFailed { reason: ShortStr::lossy(SHUTTING_DOWN) });
+                self.cancel_request_timer(id, out);
+                true
+            }
+            Some(Pending::Write { .. }) if self.shutting_down => {
+                conn.pending = None;
+                reply(out, id, ZpipesMsg::WriteFailed { reason: ShortStr::lossy(SHUTTING_DOWN) });
+                self.cancel_request_timer(id, out);
+                true
+            }
             Some(Pending::Read { size }) => {
-                let detached = conn.pipe.is_none();
+                let detached = conn.pipe.is_none() || self.shutting_down;
                 if conn.queue.len() < size && !detached {
                     return false;
                 }
@@ -547,6 +574,20 @@ impl Service for Zpipes {
         }
         self.ready.push_back(id);
         self.run_ready(now, out);
+    }
+
+    fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.shutting_down = true;
+        // Every pending request is decided anew: writes fail, reads get
+        // what is queued or fail.
+        let pending: Vec<ConnId> =
+            self.conns.iter().filter(|(_, c)| c.pending.is_some()).map(|(id, _)| *id).collect();
+        self.ready.extend(pending);
+        self.run_ready(now, out);
+    }
+
+    fn drained(&self) -> bool {
+        self.queued_bytes == 0
     }
 
     fn refusal(&self, frame: &[u8], why: &str) -> Option<Vec<u8>> {

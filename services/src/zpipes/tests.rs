@@ -527,3 +527,36 @@ proptest! {
         prop_assert_eq!(got, sent);
     }
 }
+
+/// Stopping: acknowledged bytes still reach the reader, then it is told;
+/// a pending write and any new request fail with a reason.
+#[test]
+fn shutdown_delivers_what_was_acknowledged_then_fails() {
+    let mut w = World::with(Config { pipe_limit: 1 << 20, ..Config::default() });
+    w.open_pair();
+    assert_eq!(w.ask(W, write(b"acknowledged", 0)), [M::WriteOk {}]);
+    // Fills the queue; the rest waits for room.
+    let big = vec![7u8; 1 << 20];
+    assert!(w.ask(W, write(&big, 0)).is_empty());
+    assert!(!w.0.service.drained());
+    w.0.shutdown();
+    let failed = w.recv(W);
+    assert!(matches!(&failed[..], [M::WriteFailed { .. }]), "{failed:?}");
+    // The reader gets every queued byte (short of its size: no more is
+    // coming), then READ_FAILED.
+    let mut got = Vec::new();
+    loop {
+        match w.ask(R, read(1 << 20, 0)).pop() {
+            Some(M::ReadOk { chunk }) => got.extend_from_slice(&chunk.0),
+            Some(M::ReadFailed { reason }) => {
+                assert!(reason.to_string_lossy().contains("shutting down"));
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(got.starts_with(b"acknowledged"));
+    assert!(w.0.service.drained());
+    assert!(matches!(&w.ask(3, input("new"))[..], [M::InputFailed { .. }]));
+    assert!(matches!(&w.ask(W, write(b"more", 0))[..], [M::WriteFailed { .. }]));
+}
