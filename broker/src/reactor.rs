@@ -136,6 +136,8 @@ pub struct Reactor {
     control_token: Option<String>,
     max_connections: usize,
     refused_connections: u64,
+    /// Descriptors whose DISCONNECTED was applied and no ACCEPTED since.
+    closed_fds: HashSet<i32>,
     /// Set at the first SIGINT/SIGTERM: the deadline for delivering what
     /// was acknowledged. A second signal stops at once.
     draining: Option<Instant>,
@@ -271,6 +273,7 @@ impl Reactor {
             max_connections: settings.max_connections,
             refused_connections: 0,
             draining: None,
+            closed_fds: HashSet::new(),
             reload_signals,
             reload: None,
         })
@@ -458,6 +461,11 @@ impl Reactor {
             // that never lets up, they wait at most a turn.
             if disconnects && (!progress || passes.is_multiple_of(PASSES_PER_TURN)) {
                 for event in std::mem::take(&mut self.fd_events) {
+                    if event.accepted {
+                        self.closed_fds.remove(&event.fd);
+                    } else {
+                        self.closed_fds.insert(event.fd);
+                    }
                     self.forget_fd(event.fd);
                 }
                 self.forget_gone();
@@ -526,6 +534,13 @@ impl Reactor {
                 let (conn, new) = self.peers.lookup(&routing_id);
                 if let Some(fd) = fd {
                     self.peers.set_fd(conn, fd);
+                    // Frames that outlived their connection's DISCONNECTED
+                    // (applied after a turn of unbroken traffic): the peer
+                    // is a ghost. Serve its frames, then forget it: no
+                    // later event would.
+                    if self.closed_fds.contains(&fd) {
+                        self.gone.push(conn);
+                    }
                 }
                 (conn, new)
             };
@@ -704,6 +719,8 @@ impl Reactor {
         let Some(last_accept) = self.fd_events.iter().rposition(|e| e.accepted && e.fd == fd) else {
             return;
         };
+        // A fresh connection on this descriptor: it is open again.
+        self.closed_fds.remove(&fd);
         let mut index = 0;
         self.fd_events.retain(|e| {
             let keep = e.fd != fd || index > last_accept;
