@@ -673,3 +673,77 @@ fn a_reloaded_mount_list_publishes_and_unpublishes() {
     assert_eq!(sim.service.status()["mounts"].as_array().unwrap().len(), 1);
     assert_eq!(sim.watched.len(), 1, "the dropped mount is no longer watched");
 }
+
+/// A reference model of credit and chunking (spec §7–§8 with the §5.1
+/// fix): files go in path order; each is cut into chunks of
+/// `min(chunk, credit, left)` while there is credit, then an eof marker
+/// that costs none. Returns (file, offset, length, eof) as sent after
+/// each grant.
+fn model_stream(
+    files: &[(String, usize)],
+    chunk: usize,
+    grants: &[u64],
+) -> Vec<Vec<(String, u64, usize, u8)>> {
+    let mut out = Vec::new();
+    let mut credit = 0u64;
+    let mut file = 0;
+    let mut offset = 0usize;
+    let mut step = |credit: &mut u64, file: &mut usize, offset: &mut usize| {
+        let mut sent = Vec::new();
+        while let Some((name, size)) = files.get(*file) {
+            if *offset == *size {
+                sent.push((format!("/{name}"), *size as u64, 0, 1));
+                *file += 1;
+                *offset = 0;
+                continue;
+            }
+            if *credit == 0 {
+                break;
+            }
+            let len = (chunk as u64).min(*credit).min((*size - *offset) as u64) as usize;
+            sent.push((format!("/{name}"), *offset as u64, len, 0));
+            *credit -= len as u64;
+            *offset += len;
+        }
+        sent
+    };
+    // ICANHAZ-OK comes first; files that need no credit go at once.
+    out.push(step(&mut credit, &mut file, &mut offset));
+    for grant in grants {
+        credit += grant;
+        out.push(step(&mut credit, &mut file, &mut offset));
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// The service sends exactly what the model says, grant after grant.
+    #[test]
+    fn credit_and_chunking_follow_the_model(
+        sizes in proptest::collection::vec(0usize..5000, 1..6),
+        grants in proptest::collection::vec(0u64..4000, 0..20),
+    ) {
+        let files: Vec<(String, usize)> = sizes.iter().enumerate().map(|(i, s)| (format!("f{i}"), *s)).collect();
+        let data: Vec<(String, Vec<u8>)> =
+            files.iter().map(|(name, size)| (name.clone(), vec![b'x'; *size])).collect();
+        let refs: Vec<(&str, &[u8])> = data.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();
+        let config = Config { chunk_size: 1000, ..config() };
+        let (_dir, mut sim) = world_with(&refs, config);
+        let expected = model_stream(&files, 1000, &grants);
+        send(&mut sim, 1, ohai());
+        take(&mut sim, 1);
+        send(&mut sim, 1, icanhaz("/", &[("RESYNC", "1")], &[]));
+        let first = take(&mut sim, 1);
+        prop_assert_eq!(&first[0], &FilemqMsg::IcanhazOk {});
+        let summary = |msgs: Vec<FilemqMsg>| -> Vec<(String, u64, usize, u8)> {
+            burgers(msgs).into_iter().map(|b| (b.filename, b.offset, b.chunk.len(), b.eof)).collect()
+        };
+        prop_assert_eq!(summary(first[1..].to_vec()), expected[0].clone());
+        for (i, grant) in grants.iter().enumerate() {
+            send(&mut sim, 1, nom(*grant));
+            prop_assert_eq!(summary(take(&mut sim, 1)), expected[i + 1].clone(), "after grant {}", i);
+        }
+    }
+}
