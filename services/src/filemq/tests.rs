@@ -688,7 +688,7 @@ fn model_stream(
     let mut credit = 0u64;
     let mut file = 0;
     let mut offset = 0usize;
-    let mut step = |credit: &mut u64, file: &mut usize, offset: &mut usize| {
+    let step = |credit: &mut u64, file: &mut usize, offset: &mut usize| {
         let mut sent = Vec::new();
         while let Some((name, size)) = files.get(*file) {
             if *offset == *size {
