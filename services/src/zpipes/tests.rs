@@ -560,3 +560,201 @@ fn shutdown_delivers_what_was_acknowledged_then_fails() {
     assert!(matches!(&w.ask(3, input("new"))[..], [M::InputFailed { .. }]));
     assert!(matches!(&w.ask(W, write(b"more", 0))[..], [M::WriteFailed { .. }]));
 }
+
+/// A small reference model of one pipe (spec §4–§6 with the §12 fixes and
+/// the queue bound): what each request gets, and when.
+mod model {
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    pub enum Step {
+        Write(Vec<u8>, u32),
+        Read(u32, u32),
+        CloseWriter,
+        Advance(u64),
+    }
+
+    /// What the service should answer, per connection, as comparable text.
+    #[derive(Default)]
+    pub struct Pipe {
+        pub limit: usize,
+        pub now: u64,
+        queue: Vec<u8>,
+        writer_open: bool,
+        /// (data left to queue, deadline, partly queued)
+        write: Option<(Vec<u8>, Option<u64>, bool)>,
+        /// (size, deadline)
+        read: Option<(usize, Option<u64>)>,
+        pub to_writer: Vec<String>,
+        pub to_reader: Vec<String>,
+    }
+
+    impl Pipe {
+        pub fn new(limit: usize) -> Pipe {
+            Pipe { limit, writer_open: true, ..Pipe::default() }
+        }
+
+        /// Whether the writer (reader) may send now: one request at a time.
+        pub fn writer_idle(&self) -> bool {
+            self.write.is_none() && self.writer_open
+        }
+        pub fn reader_idle(&self) -> bool {
+            self.read.is_none()
+        }
+
+        pub fn apply(&mut self, step: &Step) {
+            match step {
+                Step::Write(data, timeout) => {
+                    let deadline = (*timeout > 0).then(|| self.now + *timeout as u64);
+                    self.write = Some((data.clone(), deadline, false));
+                }
+                Step::Read(size, timeout) => {
+                    if *size == 0 {
+                        self.to_reader.push("READ_END".into());
+                    } else if *size as usize > self.limit {
+                        self.to_reader.push("ReadFailed".into());
+                    } else {
+                        let deadline = (*timeout > 0).then(|| self.now + *timeout as u64);
+                        self.read = Some((*size as usize, deadline));
+                    }
+                }
+                Step::CloseWriter => {
+                    self.writer_open = false;
+                    self.to_writer.push("CLOSE_OK".into());
+                }
+                Step::Advance(ms) => {
+                    let end = self.now + ms;
+                    // Deadlines in order, settling after each.
+                    loop {
+                        self.settle();
+                        let next = [
+                            self.write.as_ref().and_then(|w| w.1.filter(|_| !w.2)),
+                            self.read.as_ref().and_then(|r| r.1),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .filter(|at| *at <= end)
+                        .min();
+                        let Some(at) = next else { break };
+                        self.now = at;
+                        if self.write.as_ref().is_some_and(|w| !w.2 && w.1 == Some(at)) {
+                            self.write = None;
+                            self.to_writer.push("WRITE_TIMEOUT".into());
+                        }
+                        if self.read.as_ref().is_some_and(|r| r.1 == Some(at)) {
+                            self.read = None;
+                            self.to_reader.push("READ_TIMEOUT".into());
+                        }
+                    }
+                    self.now = end;
+                    return;
+                }
+            }
+            self.settle();
+        }
+
+        /// Moves bytes and completes requests until nothing changes.
+        fn settle(&mut self) {
+            loop {
+                let mut changed = false;
+                if let Some((data, _, partly)) = self.write.as_mut() {
+                    let room = self.limit - self.queue.len();
+                    if data.len() <= room {
+                        self.queue.extend_from_slice(data);
+                        self.write = None;
+                        self.to_writer.push("WRITE_OK".into());
+                        changed = true;
+                    } else if room > 0 {
+                        self.queue.extend(data.drain(..room));
+                        *partly = true;
+                        changed = true;
+                    }
+                }
+                if let Some((size, _)) = self.read {
+                    if self.queue.len() >= size {
+                        let chunk: Vec<u8> = self.queue.drain(..size).collect();
+                        self.to_reader.push(format!("READ_OK {chunk:?}"));
+                        self.read = None;
+                        changed = true;
+                    } else if !self.writer_open {
+                        if self.queue.is_empty() {
+                            self.to_reader.push("READ_END".into());
+                        } else {
+                            let chunk: Vec<u8> = std::mem::take(&mut self.queue);
+                            self.to_reader.push(format!("READ_OK {chunk:?}"));
+                        }
+                        self.read = None;
+                        changed = true;
+                    }
+                }
+                if !changed {
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn describe(msg: &ZpipesMsg) -> String {
+        match msg {
+            M::ReadOk { chunk } => format!("READ_OK {:?}", chunk.0.to_vec()),
+            other => match other.name() {
+                "WriteOk" => "WRITE_OK",
+                "WriteTimeout" => "WRITE_TIMEOUT",
+                "ReadTimeout" => "READ_TIMEOUT",
+                "ReadEnd" => "READ_END",
+                "CloseOk" => "CLOSE_OK",
+                name => name,
+            }
+            .to_string(),
+        }
+    }
+}
+
+fn model_step() -> impl Strategy<Value = model::Step> {
+    use model::Step;
+    prop_oneof![
+        4 => (proptest::collection::vec(any::<u8>(), 1..40), prop_oneof![Just(0u32), 1u32..50])
+            .prop_map(|(d, t)| Step::Write(d, t)),
+        4 => (0u32..40, prop_oneof![Just(0u32), 1u32..50]).prop_map(|(s, t)| Step::Read(s, t)),
+        1 => Just(Step::CloseWriter),
+        3 => (0u64..60).prop_map(Step::Advance),
+    ]
+}
+
+proptest! {
+    /// Random interleavings of a writer and a reader with timeouts on a
+    /// simulated clock: the service answers each connection exactly as the
+    /// reference model does (pipe limit 32 bytes, so writes wait for room).
+    #[test]
+    fn one_pipe_matches_the_reference_model(steps in proptest::collection::vec(model_step(), 1..80)) {
+        use model::Step;
+        let limit = 32;
+        let mut w = World::with(Config { pipe_limit: limit, ..Config::default() });
+        w.open_pair();
+        let mut pipe = model::Pipe::new(limit);
+        let (mut to_writer, mut to_reader) = (Vec::new(), Vec::new());
+        for step in &steps {
+            // A client sends one request at a time; skip what it could not send.
+            let allowed = match step {
+                Step::Write(data, _) => pipe.writer_idle() && data.len() <= limit,
+                Step::CloseWriter => pipe.writer_idle(),
+                Step::Read(..) => pipe.reader_idle(),
+                Step::Advance(_) => true,
+            };
+            if !allowed {
+                continue;
+            }
+            match step {
+                Step::Write(data, timeout) => w.send(W, write(data, *timeout)),
+                Step::Read(size, timeout) => w.send(R, read(*size, *timeout)),
+                Step::CloseWriter => w.send(W, M::Close {}),
+                Step::Advance(ms) => w.ms(*ms),
+            }
+            pipe.apply(step);
+            to_writer.extend(w.recv(W).iter().map(model::describe));
+            to_reader.extend(w.recv(R).iter().map(model::describe));
+            prop_assert_eq!(&to_writer, &pipe.to_writer, "writer, after {:?}", step);
+            prop_assert_eq!(&to_reader, &pipe.to_reader, "reader, after {:?}", step);
+        }
+    }
+}
