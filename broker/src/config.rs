@@ -14,6 +14,9 @@
 //! upstream = "tcp://hub:5670"      # cascade: mirror this broker's files...
 //! subscribe = ["/"]                # ...under these paths...
 //! inbox = "/srv/outbox"            # ...into this directory
+//! curve_secret_key = "/etc/zbroker/server"     # CURVE on the TCP endpoints
+//! allow_client_key = ["/etc/zbroker/clients"]  # .pub files or directories of them
+//! curve_ipc = false                # CURVE on the local ipc:// endpoints too
 //! ```
 
 use anyhow::{bail, Context as _};
@@ -35,6 +38,9 @@ pub struct FileConfig {
     pub upstream: Option<String>,
     pub subscribe: Option<Vec<String>>,
     pub inbox: Option<std::path::PathBuf>,
+    pub curve_secret_key: Option<std::path::PathBuf>,
+    pub allow_client_key: Option<Vec<std::path::PathBuf>>,
+    pub curve_ipc: Option<bool>,
 }
 
 /// A `--publish DIR[=/alias]` argument.
@@ -129,6 +135,9 @@ mod tests {
             upstream = "tcp://hub:5670"
             subscribe = ["/"]
             inbox = "/srv/a"
+            curve_secret_key = "/etc/zbroker/server"
+            allow_client_key = ["/etc/zbroker/clients", "/etc/zbroker/ops.pub"]
+            curve_ipc = true
             "#,
         )
         .unwrap();
@@ -139,6 +148,9 @@ mod tests {
         assert!(toml::from_str::<FileConfig>("nmae = 'typo'").is_err());
         assert_eq!(config.publish.map(|p| p.len()), Some(2));
         assert_eq!(config.stable_age, Some(500));
+        assert_eq!(config.curve_secret_key.as_deref(), Some(Path::new("/etc/zbroker/server")));
+        assert_eq!(config.allow_client_key.map(|k| k.len()), Some(2));
+        assert_eq!(config.curve_ipc, Some(true));
     }
 
     #[test]

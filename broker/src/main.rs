@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use zbroker::{config, reactor};
+use zbroker_client::curve::KeyPair;
 use zbroker_client::endpoint;
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
@@ -24,14 +25,21 @@ use zbroker_services::zpipes::{self, Zpipes};
         and every later create, change and delete, reaches them. A second broker with the same \
         name refuses to start. SIGINT or SIGTERM stops it cleanly.\n\n\
         `zbroker status NAME` asks a running broker what it is doing; `zbroker publish NAME DIR \
-        /alias` publishes one more directory at run time.",
+        /alias` publishes one more directory at run time.\n\n\
+        CURVE: `zbroker keygen PATH` makes a key pair; --curve-secret-key PATH then requires \
+        CURVE on the TCP endpoints (clients need PATH.pub, and with --allow-client-key a key \
+        of their own that is listed; SIGHUP re-reads the list). The ipc:// endpoints stay \
+        open to local processes unless --curve-ipc.",
     args_conflicts_with_subcommands = true,
     after_help = "Examples:\n  zbroker                                  run the broker \"local\"\n  \
         zbroker hub --bind tcp://127.0.0.1:5670  also listen on TCP\n  \
         zbroker --publish ./outbox --bind tcp://*:5670   publish ./outbox as / over TCP\n  \
         zbroker relay --upstream tcp://hub:5670 --subscribe / --inbox ./mirror --publish ./mirror\n  \
                                                  cascade: mirror the hub and publish the mirror\n  \
-        zbroker status hub --json                machine-readable status"
+        zbroker status hub --json                machine-readable status\n  \
+        zbroker keygen /etc/zbroker/hub          CURVE key pair: hub (secret) and hub.pub\n  \
+        zbroker hub --bind tcp://*:5670 --curve-secret-key /etc/zbroker/hub --allow-client-key /etc/zbroker/clients\n  \
+                                                 TCP clients need hub.pub and an allowed key"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -73,9 +81,27 @@ struct RunArgs {
     /// Cascade: virtual path to mirror from --upstream (repeatable) [default: /]
     #[arg(long, value_name = "PATH", requires = "upstream")]
     subscribe: Vec<String>,
+    /// Cascade: the upstream broker's CURVE public key file (its .pub), when it requires CURVE
+    #[arg(long, value_name = "FILE", requires = "upstream")]
+    upstream_server_key: Option<PathBuf>,
+    /// Cascade: this broker's client secret key file for the upstream [default: a fresh key pair]
+    #[arg(long, value_name = "PATH", requires = "upstream_server_key")]
+    upstream_key: Option<PathBuf>,
     /// Cascade: directory the --upstream files go into (publish it too to relay them)
     #[arg(long, value_name = "DIR", requires = "upstream")]
     inbox: Option<PathBuf>,
+    /// CURVE: this broker's secret key file (`zbroker keygen PATH`); its TCP endpoints then
+    /// require CURVE clients that know the public key (PATH.pub)
+    #[arg(long, value_name = "PATH")]
+    curve_secret_key: Option<PathBuf>,
+    /// CURVE: allow only clients whose public key is in FILE, or in any file in DIR
+    /// (repeatable; re-read on SIGHUP) [default: any client that knows the server key]
+    #[arg(long, value_name = "FILE|DIR")]
+    allow_client_key: Vec<PathBuf>,
+    /// CURVE: require it on the local ipc:// endpoints too (otherwise they stay open to local
+    /// processes)
+    #[arg(long)]
+    curve_ipc: bool,
     /// Read settings from a TOML file; flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -97,6 +123,12 @@ enum Command {
         /// Give up after this many milliseconds without an answer
         #[arg(long, value_name = "MS", default_value_t = 2000)]
         timeout: u64,
+    },
+    /// Write a new CURVE key pair: PATH (the secret key, mode 0600) and PATH.pub (the public key)
+    Keygen {
+        /// Where the secret key goes; the public key goes to PATH.pub. Neither may exist.
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
     },
     /// Publish a directory to FILEMQ subscribers of a running broker
     Publish {
@@ -120,6 +152,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
         Some(Command::Publish { name, dir, alias, state_dir }) => publish(&name, &dir, &alias, state_dir),
+        Some(Command::Keygen { path }) => keygen(&path),
         None => run(cli.run),
     };
     match result {
@@ -211,11 +244,42 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         paths.push("/".to_string());
     }
     let cascade = match (upstream, inbox) {
-        (Some(upstream), Some(inbox)) => Some(Upstream::start(&upstream, paths, inbox)?),
+        (Some(upstream), Some(inbox)) => {
+            let curve = match &args.upstream_server_key {
+                Some(server_key) => Some(
+                    zbroker_client::curve::ClientKeys::from_files(server_key, args.upstream_key.as_deref())
+                        .map_err(|e| anyhow::anyhow!("--upstream-server-key: {e}"))?,
+                ),
+                None => None,
+            };
+            Some(Upstream::start(&upstream, paths, inbox, curve)?)
+        }
         (Some(_), None) => bail!("--upstream needs --inbox DIR (the directory to mirror into)"),
         (None, Some(_)) => bail!("--inbox is for --upstream ENDPOINT (the broker to mirror)"),
         (None, None) => None,
     };
+
+    let curve_ipc = args.curve_ipc || file.curve_ipc.unwrap_or(false);
+    let allow_flags = !args.allow_client_key.is_empty();
+    let allow_paths =
+        if allow_flags { args.allow_client_key } else { file.allow_client_key.unwrap_or_default() };
+    let curve = match args.curve_secret_key.or(file.curve_secret_key) {
+        Some(path) => {
+            let keys = KeyPair::read(&path)?;
+            warn_if_readable_by_others(&path);
+            Some(reactor::Curve {
+                secret_key: keys.secret,
+                allow: read_allow_list(&allow_paths)?,
+                ipc: curve_ipc,
+            })
+        }
+        None if !allow_paths.is_empty() => {
+            bail!("--allow-client-key needs --curve-secret-key (the broker's own key)")
+        }
+        None if curve_ipc => bail!("--curve-ipc needs --curve-secret-key (the broker's own key)"),
+        None => None,
+    };
+    let curve_on = curve.is_some();
 
     let mut endpoints = vec![endpoint::zpipes(&name), endpoint::filemq(&name)];
     endpoints.extend(if args.bind.is_empty() { file.bind.unwrap_or_default() } else { args.bind });
@@ -233,7 +297,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         control_token,
         max_connections,
     };
-    let mut reactor = reactor::Reactor::bind(settings, vec![Box::new(zpipes), Box::new(filemq)])?;
+    let allow_description = curve.as_ref().map(|c| c.allow.describe());
+    let mut reactor =
+        reactor::Reactor::bind_secure(settings, vec![Box::new(zpipes), Box::new(filemq)], curve)?;
     // The FILEMQ service is the second one handed to the reactor.
     reactor.start_work(1, startup_work);
     // SIGHUP re-reads the config file: its mounts replace the running ones
@@ -252,6 +318,25 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             Ok(vec![words])
         }));
     }
+    // SIGHUP re-reads the allowed client keys: the --allow-client-key
+    // files and directories, or the config file's list.
+    if curve_on {
+        let config_path = args.config.clone();
+        reactor.on_reload_allow(Box::new(move || {
+            let paths = match (&config_path, allow_flags) {
+                (Some(path), false) => config::load(path)?.allow_client_key.unwrap_or_default(),
+                _ => allow_paths.clone(),
+            };
+            read_allow_list(&paths)
+        }));
+    }
+    if let Some(allow) = allow_description {
+        tracing::info!(
+            "CURVE on {} ({allow}){}",
+            reactor.curve_endpoints().join(", "),
+            if curve_ipc { "" } else { "; ipc:// endpoints open to local processes" }
+        );
+    }
     tracing::info!(
         "zbroker {name} ready at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
         reactor.endpoints().join(", "),
@@ -265,6 +350,40 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The allow-list from key files and directories of them (none: anyone).
+fn read_allow_list(paths: &[PathBuf]) -> anyhow::Result<reactor::Allow> {
+    if paths.is_empty() {
+        return Ok(reactor::Allow::Anyone);
+    }
+    let mut keys = std::collections::HashSet::new();
+    for path in paths {
+        keys.extend(zbroker_client::curve::read_public_keys(path)?);
+    }
+    if keys.is_empty() {
+        tracing::warn!("--allow-client-key: no keys found: every CURVE client is refused");
+    }
+    Ok(reactor::Allow::Only(keys))
+}
+
+/// A secret key others can read is no secret: say so (but go on).
+fn warn_if_readable_by_others(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!("{} can be read by other users: chmod 600 it", path.display());
+        }
+    }
+}
+
+/// `zbroker keygen PATH`: a new key pair in PATH and PATH.pub.
+fn keygen(path: &std::path::Path) -> anyhow::Result<()> {
+    let pair = KeyPair::generate()?;
+    let public = pair.write(path)?;
+    println!("secret key: {} (keep it private)", path.display());
+    println!("public key: {} {}", public.display(), zbroker_client::curve::z85_encode(&pair.public));
+    Ok(())
+}
+
 /// The cascade: a FILEMQ subscription to an upstream broker, mirrored into
 /// a directory (which this broker usually publishes in turn), running on a
 /// thread of its own beside the event loop.
@@ -274,10 +393,16 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn start(endpoint: &str, paths: Vec<String>, inbox: PathBuf) -> anyhow::Result<Upstream> {
+    fn start(
+        endpoint: &str,
+        paths: Vec<String>,
+        inbox: PathBuf,
+        curve: Option<zbroker_client::curve::ClientKeys>,
+    ) -> anyhow::Result<Upstream> {
         use std::sync::atomic::Ordering;
         use zbroker_client::filemq::{Event, Options, Subscriber};
-        let subscriber = Subscriber::start(Options::endpoint(endpoint, paths.clone(), inbox.clone()))
+        let options = Options { curve, ..Options::endpoint(endpoint, paths.clone(), inbox.clone()) };
+        let subscriber = Subscriber::start(options)
             .with_context(|| format!("cannot mirror {endpoint} into {}", inbox.display()))?;
         tracing::info!("mirroring {} from {endpoint} into {}", paths.join(" "), inbox.display());
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));

@@ -9,6 +9,12 @@
 //!
 //! Every frame arriving on the front ROUTER is routed by its first two bytes
 //! (the protocol signature) to the service that declared it.
+//!
+//! With CURVE (`Reactor::bind_secure`), the endpoints that need it are bound
+//! after the front socket is made a CURVE server (libzmq takes a listener's
+//! security options when it binds), and the reactor answers libzmq's ZAP
+//! requests itself on `inproc://zeromq.zap.01`: a client key not in the
+//! allow-list fails its handshake and never reaches a service.
 
 use crate::peers::Peers;
 use crate::timers::Timers;
@@ -21,6 +27,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
+use zbroker_client::curve::{self, Key};
 use zbroker_services::{Action, ConnId, Service};
 
 const FRONT: Token = Token(0);
@@ -29,6 +36,16 @@ const CONTROL: Token = Token(2);
 const SIGNALS: Token = Token(3);
 const WORK_DONE: Token = Token(4);
 const RELOAD: Token = Token(5);
+const ZAP: Token = Token(6);
+
+/// Where libzmq sends ZAP requests (RFC 27), in the socket's context.
+const ZAP_ENDPOINT: &str = "inproc://zeromq.zap.01";
+/// The ZAP domain of the CURVE endpoints.
+const ZAP_DOMAIN: &str = "zbroker";
+/// A refused client key is logged at most once per this interval.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Keys whose last refusal log time is remembered, at most.
+const REFUSAL_LOG_KEYS: usize = 4096;
 
 /// Frames taken from the front socket before the other sockets get a turn.
 const RECV_BATCH: usize = 256;
@@ -56,6 +73,45 @@ const LINGER_MS: i32 = 1000;
 /// What SIGHUP runs: it returns control commands (words, no token) for
 /// the services, e.g. FILEMQ's `MOUNTS` from a re-read config file.
 pub type Reload = Box<dyn FnMut() -> anyhow::Result<Vec<Vec<String>>>>;
+/// What SIGHUP runs as well when CURVE is on: the new allow-list.
+pub type AllowReload = Box<dyn FnMut() -> anyhow::Result<Allow>>;
+
+/// Which CURVE clients may connect.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Allow {
+    /// Any client that knows the server's public key.
+    #[default]
+    Anyone,
+    /// Only clients with one of these public keys.
+    Only(HashSet<Key>),
+}
+
+impl Allow {
+    pub fn permits(&self, key: &Key) -> bool {
+        match self {
+            Allow::Anyone => true,
+            Allow::Only(keys) => keys.contains(key),
+        }
+    }
+
+    /// For the log: "any client" or "N client keys".
+    pub fn describe(&self) -> String {
+        match self {
+            Allow::Anyone => "any client that knows the server key".to_string(),
+            Allow::Only(keys) => format!("{} allowed client key(s)", keys.len()),
+        }
+    }
+}
+
+/// CURVE security for the front endpoints.
+pub struct Curve {
+    /// The broker's secret key.
+    pub secret_key: Key,
+    pub allow: Allow,
+    /// CURVE on the `ipc://` endpoints too (otherwise they stay open to
+    /// local processes, as without CURVE).
+    pub ipc: bool,
+}
 
 /// What the operator asked for.
 pub struct Settings {
@@ -107,6 +163,8 @@ pub struct Reactor {
     front: zmq::Socket,
     monitor: zmq::Socket,
     control: zmq::Socket,
+    /// The ZAP handler (with CURVE): a ROUTER at `ZAP_ENDPOINT`.
+    zap: Option<zmq::Socket>,
     signals: UnixStream,
     _context: zmq::Context,
     endpoints: Vec<String>,
@@ -145,6 +203,16 @@ pub struct Reactor {
     reload_signals: UnixStream,
     /// What SIGHUP does: control commands (without token) for the services.
     reload: Option<Reload>,
+    /// What SIGHUP does with CURVE: a new allow-list.
+    allow_reload: Option<AllowReload>,
+    /// Which CURVE clients the ZAP handler lets in.
+    allow: Allow,
+    /// The front endpoints that require CURVE.
+    curve_endpoints: Vec<String>,
+    /// CURVE handshakes refused by the ZAP handler.
+    curve_refused: u64,
+    /// When each refused key was last logged (rate limit).
+    refusals_logged: HashMap<Key, Instant>,
 }
 
 fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
@@ -171,6 +239,16 @@ impl Reactor {
     /// Binds every socket. Fails (before binding the front endpoints) if
     /// another broker already holds this name's control endpoint.
     pub fn bind(settings: Settings, services: Vec<Box<dyn Service>>) -> anyhow::Result<Self> {
+        Self::bind_secure(settings, services, None)
+    }
+
+    /// `bind`, with CURVE on the endpoints that need it (every one but
+    /// `ipc://` ones, and those too with `Curve::ipc`).
+    pub fn bind_secure(
+        settings: Settings,
+        services: Vec<Box<dyn Service>>,
+        curve: Option<Curve>,
+    ) -> anyhow::Result<Self> {
         let context = zmq::Context::new();
 
         // The control endpoint is bound first: abstract-namespace IPC refuses
@@ -199,19 +277,49 @@ impl Reactor {
         let monitor = context.socket(zmq::PAIR)?;
         monitor.connect(&monitor_endpoint)?;
 
-        let mut endpoints = Vec::new();
-        for endpoint in &settings.endpoints {
-            front.bind(endpoint).map_err(|e| match e {
-                zmq::Error::EADDRINUSE => {
-                    anyhow::anyhow!("cannot bind {endpoint}: address already in use")
+        // The ZAP handler must be there before the first CURVE client.
+        let zap = match &curve {
+            Some(_) => {
+                let zap = context.socket(zmq::ROUTER)?;
+                zap.set_linger(0)?;
+                zap.bind(ZAP_ENDPOINT).context("binding the ZAP handler")?;
+                Some(zap)
+            }
+            None => None,
+        };
+        let secure =
+            |endpoint: &str| curve.as_ref().is_some_and(|c| c.ipc || !endpoint.starts_with("ipc://"));
+        let mut endpoints = vec![String::new(); settings.endpoints.len()];
+        let mut curve_endpoints = Vec::new();
+        // libzmq takes a listener's security options when it binds: the open
+        // endpoints first, then the front socket becomes a CURVE server for
+        // the rest.
+        for with_curve in [false, true] {
+            if with_curve {
+                let Some(curve) = &curve else { break };
+                front.set_curve_server(true)?;
+                front.set_curve_secretkey(&curve.secret_key)?;
+                front.set_zap_domain(ZAP_DOMAIN)?;
+            }
+            for (i, endpoint) in settings.endpoints.iter().enumerate() {
+                if secure(endpoint) != with_curve {
+                    continue;
                 }
-                e => anyhow::anyhow!("cannot bind {endpoint}: {e}"),
-            })?;
-            // `tcp://host:*` binds a free port; record the real one.
-            let actual = front
-                .get_last_endpoint()?
-                .map_err(|raw| anyhow::anyhow!("endpoint name is not UTF-8: {raw:?}"))?;
-            endpoints.push(actual);
+                front.bind(endpoint).map_err(|e| match e {
+                    zmq::Error::EADDRINUSE => {
+                        anyhow::anyhow!("cannot bind {endpoint}: address already in use")
+                    }
+                    e => anyhow::anyhow!("cannot bind {endpoint}: {e}"),
+                })?;
+                // `tcp://host:*` binds a free port; record the real one.
+                let actual = front
+                    .get_last_endpoint()?
+                    .map_err(|raw| anyhow::anyhow!("endpoint name is not UTF-8: {raw:?}"))?;
+                if with_curve {
+                    curve_endpoints.push(actual.clone());
+                }
+                endpoints[i] = actual;
+            }
         }
 
         let (signals, signal_writer) = UnixStream::pair()?;
@@ -231,6 +339,9 @@ impl Reactor {
         registry.register(&mut SourceFd(&zmq_fd(&front)?), FRONT, Interest::READABLE)?;
         registry.register(&mut SourceFd(&zmq_fd(&monitor)?), MONITOR, Interest::READABLE)?;
         registry.register(&mut SourceFd(&zmq_fd(&control)?), CONTROL, Interest::READABLE)?;
+        if let Some(zap) = &zap {
+            registry.register(&mut SourceFd(&zmq_fd(zap)?), ZAP, Interest::READABLE)?;
+        }
         registry.register(
             &mut SourceFd(&std::os::fd::AsRawFd::as_raw_fd(&signals)),
             SIGNALS,
@@ -252,6 +363,7 @@ impl Reactor {
             front,
             monitor,
             control,
+            zap,
             signals,
             _context: context,
             endpoints,
@@ -276,6 +388,11 @@ impl Reactor {
             closed_fds: HashSet::new(),
             reload_signals,
             reload: None,
+            allow_reload: None,
+            allow: curve.map(|c| c.allow).unwrap_or_default(),
+            curve_endpoints,
+            curve_refused: 0,
+            refusals_logged: HashMap::new(),
         })
     }
 
@@ -292,6 +409,17 @@ impl Reactor {
         self.reload = Some(reload);
     }
 
+    /// What SIGHUP does with CURVE: produce the new allow-list (on an
+    /// error the old one stays).
+    pub fn on_reload_allow(&mut self, reload: AllowReload) {
+        self.allow_reload = Some(reload);
+    }
+
+    /// The endpoints that require CURVE.
+    pub fn curve_endpoints(&self) -> &[String] {
+        &self.curve_endpoints
+    }
+
     /// The front endpoints as bound (wildcard ports resolved).
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
@@ -302,6 +430,7 @@ impl Reactor {
         let mut events = Events::with_capacity(64);
         self.drain_monitor()?;
         self.drain_control()?;
+        self.drain_zap()?;
         while !self.stop {
             let deadline = match (self.timers.next_deadline(), self.draining) {
                 (Some(a), Some(b)) => Some(a.min(b)),
@@ -319,6 +448,7 @@ impl Reactor {
                     RELOAD => self.check_reload(),
                     MONITOR => self.drain_monitor()?,
                     CONTROL => self.drain_control()?,
+                    ZAP => self.drain_zap()?,
                     _ => {}
                 }
             }
@@ -365,8 +495,19 @@ impl Reactor {
         if !any {
             return;
         }
+        if let Some(reload) = self.allow_reload.as_mut() {
+            match reload() {
+                Ok(allow) => {
+                    tracing::info!("SIGHUP: CURVE: {}", allow.describe());
+                    self.allow = allow;
+                }
+                Err(e) => tracing::error!("SIGHUP: client keys not reloaded (the old ones stay): {e:#}"),
+            }
+        }
         let Some(reload) = self.reload.as_mut() else {
-            tracing::info!("SIGHUP: no config file to reload");
+            if self.allow_reload.is_none() {
+                tracing::info!("SIGHUP: no config file to reload");
+            }
             return;
         };
         match reload() {
@@ -443,6 +584,7 @@ impl Reactor {
                 self.check_signals();
                 self.drain_monitor()?;
                 self.drain_control()?;
+                self.drain_zap()?;
             }
             if self.stop {
                 return Ok(());
@@ -489,6 +631,94 @@ impl Reactor {
             self.recv_control()?;
         }
         Ok(())
+    }
+
+    /// Answers every ZAP request waiting (there are none without CURVE).
+    fn drain_zap(&mut self) -> anyhow::Result<()> {
+        loop {
+            let Some(zap) = self.zap.as_ref() else {
+                return Ok(());
+            };
+            if !events(zap)?.contains(zmq::POLLIN) {
+                return Ok(());
+            }
+            let frames = match retry(|| zap.recv_multipart(zmq::DONTWAIT)) {
+                Ok(frames) => frames,
+                Err(zmq::Error::EAGAIN) => return Ok(()),
+                Err(e) => return Err(e).context("receiving on the ZAP socket"),
+            };
+            let Some(reply) = self.zap_reply(frames) else { continue };
+            if let Some(zap) = self.zap.as_ref() {
+                // libzmq's own request socket always takes its reply; one
+                // that cannot (its connection gone) needs none.
+                let _ = retry(|| zap.send_multipart(&reply, zmq::DONTWAIT));
+            }
+        }
+    }
+
+    /// The reply to one ZAP request (RFC 27), envelope included:
+    /// `[routing id, …, "", version, request id, domain, address, identity,
+    /// mechanism, credentials…]` → `[envelope, version, request id, status
+    /// code, status text, user id, metadata]`.
+    fn zap_reply(&mut self, frames: Vec<Vec<u8>>) -> Option<Vec<Vec<u8>>> {
+        let delimiter = frames.iter().skip(1).position(|f| f.is_empty())? + 1;
+        let (envelope, request) = frames.split_at(delimiter + 1);
+        let [version, request_id, _domain, address, _identity, mechanism, credentials @ ..] = request else {
+            tracing::debug!(frames = request.len(), "ignoring a malformed ZAP request");
+            return None;
+        };
+        let (code, text, user_id): (&str, &str, String) = if version.as_slice() != b"1.0" {
+            ("500", "ZAP version not supported", String::new())
+        } else {
+            match mechanism.as_slice() {
+                b"NULL" => ("200", "OK", String::new()),
+                b"CURVE" => {
+                    let key: Option<Key> = credentials.first().and_then(|c| c.as_slice().try_into().ok());
+                    match key {
+                        Some(key) if self.allow.permits(&key) => ("200", "OK", curve::z85_encode(&key)),
+                        Some(key) => {
+                            self.refused_key(&key, &String::from_utf8_lossy(address));
+                            ("400", "not allowed", String::new())
+                        }
+                        None => ("400", "no client key", String::new()),
+                    }
+                }
+                other => {
+                    tracing::warn!("refused a client using the {} mechanism", String::from_utf8_lossy(other));
+                    ("400", "mechanism not supported", String::new())
+                }
+            }
+        };
+        let mut reply = envelope.to_vec();
+        reply.extend([
+            version.clone(),
+            request_id.clone(),
+            code.as_bytes().to_vec(),
+            text.as_bytes().to_vec(),
+            user_id.into_bytes(),
+            Vec::new(),
+        ]);
+        Some(reply)
+    }
+
+    /// Counts a refused CURVE client and logs it (each key at most once per
+    /// `REFUSAL_LOG_INTERVAL`: a refused client retries ten times a second).
+    fn refused_key(&mut self, key: &Key, address: &str) {
+        self.curve_refused += 1;
+        let now = Instant::now();
+        let due =
+            self.refusals_logged.get(key).is_none_or(|t| now.duration_since(*t) >= REFUSAL_LOG_INTERVAL);
+        if due {
+            if self.refusals_logged.len() >= REFUSAL_LOG_KEYS {
+                self.refusals_logged.clear();
+            }
+            self.refusals_logged.insert(*key, now);
+            tracing::warn!(
+                "CURVE: refused client key {} from {address}: not in the allow-list ({} refused so far)",
+                curve::z85_encode(key),
+                self.curve_refused
+            );
+        }
     }
 
     /// Receives up to a batch of frames from the front socket.
@@ -800,6 +1030,13 @@ impl Reactor {
             "parked_replies": self.parked.values().map(|p| p.frames.len()).sum::<usize>(),
             "parked_bytes": self.parked.values().map(|p| p.bytes).sum::<usize>(),
             "dropped_frames": self.dropped_frames,
+            "curve_endpoints": self.curve_endpoints,
+            "curve_allowed_keys": match &self.allow {
+                _ if self.zap.is_none() => serde_json::Value::Null,
+                Allow::Anyone => serde_json::json!("any"),
+                Allow::Only(keys) => serde_json::json!(keys.len()),
+            },
+            "curve_refused": self.curve_refused,
             "work_in_flight": self.worker.in_flight(),
             "services": services,
         })

@@ -8,9 +8,11 @@
 //! - [`zpipes`]: named-pipe reader and writer clients.
 //! - [`filemq`]: a FILEMQ subscriber mirroring published files into an inbox.
 //! - [`endpoint`]: broker names and their well-known endpoints.
+//! - [`curve`]: CURVE keys, key files and client socket security.
 
 pub mod byte_queue;
 pub mod codec;
+pub mod curve;
 pub mod endpoint;
 pub mod filemq;
 pub mod filemq_msg;

@@ -38,6 +38,11 @@ use std::time::{Duration, Instant};
 pub enum Error {
     #[error("no broker answers at {0}")]
     NoBroker(String),
+    /// A broker is there but the handshake failed or never completed: with
+    /// CURVE, a wrong server key or a client key the broker does not allow;
+    /// without, a broker that requires CURVE.
+    #[error("no broker answered at {endpoint}: {hint}")]
+    Handshake { endpoint: String, hint: &'static str },
     #[error("lost the broker at {endpoint}: {why}")]
     BrokerGone { endpoint: String, why: &'static str },
     #[error("pipe {pipe:?} already has a {end}")]
@@ -59,7 +64,7 @@ pub enum Error {
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
         let kind = match e {
-            Error::NoBroker(_) => io::ErrorKind::NotFound,
+            Error::NoBroker(_) | Error::Handshake { .. } => io::ErrorKind::NotFound,
             Error::BrokerGone { .. } => io::ErrorKind::ConnectionAborted,
             Error::Failed(_) => io::ErrorKind::BrokenPipe,
             _ => io::ErrorKind::Other,
@@ -115,6 +120,9 @@ pub struct Options {
     /// After a read without a timeout, ask for the next chunk of the same
     /// size at once (see [`Reader`]).
     pub read_ahead: bool,
+    /// Speak CURVE to the broker with these keys (needed for a broker's
+    /// `--curve-secret-key` endpoints); `None`: no security (local IPC).
+    pub curve: Option<crate::curve::ClientKeys>,
 }
 
 impl Options {
@@ -136,6 +144,7 @@ impl Options {
             max_read: 1 << 20,
             window: 4,
             read_ahead: false,
+            curve: None,
         }
     }
 }
@@ -146,7 +155,10 @@ impl Default for Options {
     }
 }
 
-use zmq::SocketEvent::{CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_SUCCEEDED};
+use zmq::SocketEvent::{
+    CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_FAILED_AUTH, HANDSHAKE_FAILED_NO_DETAIL,
+    HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,
+};
 
 /// WRITE bytes kept in flight at most: below the 4 MiB the broker always
 /// lets wait behind a pending request.
@@ -209,11 +221,22 @@ impl Link {
             std::process::id(),
             MONITORS.fetch_add(1, Ordering::Relaxed)
         );
-        let events = [CONNECTED, CONNECT_RETRIED, HANDSHAKE_SUCCEEDED, DISCONNECTED];
+        let events = [
+            CONNECTED,
+            CONNECT_RETRIED,
+            HANDSHAKE_SUCCEEDED,
+            HANDSHAKE_FAILED_NO_DETAIL,
+            HANDSHAKE_FAILED_PROTOCOL,
+            HANDSHAKE_FAILED_AUTH,
+            DISCONNECTED,
+        ];
         socket.monitor(&monitor_endpoint, events.iter().fold(0, |all, e| all | e.to_raw()) as i32)?;
         let monitor = context().socket(zmq::PAIR)?;
         monitor.set_linger(0)?;
         monitor.connect(&monitor_endpoint)?;
+        if let Some(keys) = &opts.curve {
+            keys.apply(&socket)?;
+        }
         socket.connect(&opts.endpoint)?;
         let mut link = Link {
             socket,
@@ -249,20 +272,46 @@ impl Link {
 
     /// Waits for the connection's ZMTP handshake. A refused connection
     /// (nothing listens there) is "no broker" at once; a connection that is
-    /// up but slow to greet (a busy machine) gets `dead_after` to finish.
+    /// up but slow to greet (a busy machine) gets `dead_after` to finish. A
+    /// handshake that fails (CURVE keys not accepted, or a broker that
+    /// requires CURVE from a client without keys) ends the wait at once,
+    /// with a hint: libzmq would retry it for ever.
     fn await_handshake(&mut self) -> Result<()> {
         let endpoint = self.opts.endpoint.clone();
-        let no_broker = || Error::NoBroker(endpoint.clone());
+        let curve = self.opts.curve.is_some();
+        let no_broker = || match curve {
+            true => Error::Handshake { endpoint: endpoint.clone(), hint: crate::curve::HINT },
+            false => Error::NoBroker(endpoint.clone()),
+        };
+        let failed = || Error::Handshake {
+            endpoint: endpoint.clone(),
+            hint: if curve { crate::curve::HINT } else { crate::curve::HINT_NO_KEYS },
+        };
         let mut deadline = Instant::now() + self.opts.connect_timeout;
+        let mut connected = false;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.monitor.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
                 return Err(no_broker());
             }
             match self.monitor_event()? {
-                Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => return Ok(()),
+                Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => {
+                    self.dropped = false;
+                    return Ok(());
+                }
                 Some(e) if e == CONNECT_RETRIED.to_raw() => return Err(no_broker()),
-                Some(e) if e == CONNECTED.to_raw() => deadline = Instant::now() + self.opts.dead_after,
+                Some(e) if e == CONNECTED.to_raw() && !connected => {
+                    connected = true;
+                    deadline = Instant::now() + self.opts.dead_after;
+                }
+                Some(e)
+                    if e == HANDSHAKE_FAILED_NO_DETAIL.to_raw()
+                        || e == HANDSHAKE_FAILED_PROTOCOL.to_raw()
+                        || e == HANDSHAKE_FAILED_AUTH.to_raw()
+                        || e == DISCONNECTED.to_raw() =>
+                {
+                    return Err(failed());
+                }
                 _ => {}
             }
         }

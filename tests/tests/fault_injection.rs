@@ -17,7 +17,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use zbroker_tests::{
-    bin, pseudo_random, put, sha1_hex, signal, tree_digests, unique_name, wait_converged, wait_timeout, Broker,
+    bin, pseudo_random, put, sha1_hex, signal, tree_digests, unique_name, wait_converged, wait_timeout,
+    Broker,
 };
 
 struct Rng(u64);
@@ -108,8 +109,14 @@ fn random_kills_never_tear_lose_or_duplicate() {
     }
 
     let name = unique_name("faults");
-    let broker_args =
-        ["--publish", path_arg(publisher.path()), "--state-dir", path_arg(state.path()), "--stable-age", "200"];
+    let broker_args = [
+        "--publish",
+        path_arg(publisher.path()),
+        "--state-dir",
+        path_arg(state.path()),
+        "--stable-age",
+        "200",
+    ];
     let mut broker = Broker::start_named(&name, &broker_args);
     let mut sub = subscriber(&name, inbox.path());
     let input: PathBuf = scratch.path().join("input");
@@ -169,7 +176,10 @@ fn random_kills_never_tear_lose_or_duplicate() {
             }
         }
         let got = std::fs::read(&output).unwrap();
-        assert!(data.starts_with(&got), "round {round}: the reader got bytes that are not a prefix of the stream");
+        assert!(
+            data.starts_with(&got),
+            "round {round}: the reader got bytes that are not a prefix of the stream"
+        );
         if victim == Victim::Subscriber {
             assert_eq!(got.len(), data.len(), "round {round}: the pipe was cut though neither end died");
         }

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use zbroker_client::endpoint;
 use zbroker_client::filemq::{self, Event, Options, Subscriber};
+use zbroker_client::{curve, endpoint};
 
 /// The exit statuses, as `--help` shows them (see `mod status`).
 macro_rules! exit_status_help {
@@ -39,7 +39,8 @@ macro_rules! exit_status_help {
     after_help = concat!(
         "Examples:\n  filemq subscribe /photos --inbox ~/photos\n  \
         filemq subscribe /logs /etc-backup --inbox /srv/mirror --endpoint tcp://hub:5670\n  \
-        filemq subscribe /data --inbox data --once --timeout 60000 && make\n\n",
+        filemq subscribe /data --inbox data --once --timeout 60000 && make\n  \
+        filemq subscribe / --inbox m --endpoint tcp://hub:5670 --server-key hub.pub --key ~/.zbroker/me\n\n",
         exit_status_help!()
     )
 )]
@@ -77,6 +78,12 @@ struct SubscribeArgs {
     /// Reach the broker at this ZeroMQ endpoint instead (e.g. tcp://host:5670)
     #[arg(long, value_name = "EP", conflicts_with = "broker")]
     endpoint: Option<String>,
+    /// Speak CURVE: FILE is the broker's public key (its `zbroker keygen` .pub file)
+    #[arg(long, value_name = "FILE")]
+    server_key: Option<PathBuf>,
+    /// This client's secret key file (`zbroker keygen PATH`) [default: a fresh key pair]
+    #[arg(long, value_name = "PATH", requires = "server_key")]
+    key: Option<PathBuf>,
     /// Exit as soon as the inbox matches the publisher
     #[arg(long)]
     once: bool,
@@ -147,8 +154,12 @@ fn init_logging(level: Option<&str>) -> Result<(), Failure> {
     let filter = match level {
         Some(level) => EnvFilter::try_new(level)
             .map_err(|e| Failure::new(status::USAGE, format!("bad --log filter {level:?}: {e}")))?,
-        // Errors reach the user as our own one-line message; the rest on demand.
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error")),
+        // Errors reach the user as our own one-line message; the rest on
+        // demand, but for a handshake refused again and again (wrong CURVE
+        // keys), which would otherwise look like a silent hang.
+        None => {
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error,filemq::curve=warn"))
+        }
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -251,6 +262,11 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     };
     let mut opts = Options::endpoint(&endpoint, args.paths, args.inbox);
     opts.window = args.window;
+    if let Some(server_key) = &args.server_key {
+        let keys = curve::ClientKeys::from_files(server_key, args.key.as_deref())
+            .map_err(|e| Failure::new(status::USAGE, e.to_string()))?;
+        opts.curve = Some(keys);
+    }
     let subscriber = Subscriber::start(opts).map_err(|e| {
         let code = match e {
             filemq::Error::BadPath { .. } | filemq::Error::BadOption(_) => status::USAGE,

@@ -2,11 +2,12 @@
 
 use clap::{Parser, Subcommand};
 use std::io::{self, Read, Write};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Error, Options, ReadOutcome, Reader, Writer};
+use zbroker_client::{curve, endpoint};
 
 #[derive(Parser)]
 #[command(
@@ -19,7 +20,8 @@ use zbroker_client::zpipes::{Error, Options, ReadOutcome, Reader, Writer};
         the pipe and closes it at end of input; `zpipes read NAME` copies the pipe to its \
         standard output until the writer closes. Either side may start first.",
     after_help = "Examples:\n  tar c photos | zpipes write backup\n  zpipes read backup | tar x -C /restore\n  \
-        zpipes --endpoint tcp://hub:5670 read logs\n\n\
+        zpipes --endpoint tcp://hub:5670 read logs\n  \
+        zpipes --endpoint tcp://hub:5670 --server-key hub.pub --key ~/.zbroker/me read logs\n\n\
         Exit status:\n  0  the copy completed\n  1  reading standard input or writing standard output failed\n  \
         2  bad command line\n  3  timed out (--timeout)\n  4  no broker answered\n  \
         5  the pipe already has a reader (or writer)\n  6  the pipe failed: the other end, or the broker, went away"
@@ -36,6 +38,12 @@ struct Cli {
     /// Give up after MS milliseconds: the writer waiting for a reader, or the reader waiting for data
     #[arg(long, global = true, value_name = "MS")]
     timeout: Option<u64>,
+    /// Speak CURVE: FILE is the broker's public key (its `zbroker keygen` .pub file)
+    #[arg(long, global = true, value_name = "FILE")]
+    server_key: Option<PathBuf>,
+    /// This client's secret key file (`zbroker keygen PATH`) [default: a fresh key pair]
+    #[arg(long, global = true, value_name = "PATH", requires = "server_key")]
+    key: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -74,7 +82,7 @@ struct Failure {
 impl From<Error> for Failure {
     fn from(e: Error) -> Failure {
         let code = match e {
-            Error::NoBroker(_) => status::NO_BROKER,
+            Error::NoBroker(_) | Error::Handshake { .. } => status::NO_BROKER,
             Error::Busy { .. } => status::BUSY,
             Error::BadName(_) => 2,
             _ => status::FAILED,
@@ -112,6 +120,15 @@ fn main() -> ExitCode {
             Options::broker(&cli.broker)
         }
     };
+    if let Some(server_key) = &cli.server_key {
+        match curve::ClientKeys::from_files(server_key, cli.key.as_deref()) {
+            Ok(keys) => opts.curve = Some(keys),
+            Err(e) => {
+                eprintln!("zpipes: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    }
     let timeout = cli.timeout.map(Duration::from_millis);
     if let Some(t) = timeout {
         opts.connect_timeout = opts.connect_timeout.min(t.max(Duration::from_millis(100)));

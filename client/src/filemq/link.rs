@@ -8,7 +8,10 @@ use crate::FilemqMsg;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use zmq::SocketEvent::{CLOSED, CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_SUCCEEDED};
+use zmq::SocketEvent::{
+    CLOSED, CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_FAILED_AUTH, HANDSHAKE_FAILED_NO_DETAIL,
+    HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,
+};
 
 /// The largest frame we accept. Our server's chunks are at most 1,000,000
 /// bytes; a bigger frame drops the connection (libzmq refuses it before
@@ -21,6 +24,9 @@ pub(crate) enum NoLink {
     Stop,
     /// No server, or a local ZeroMQ failure; try again later.
     Failed(String),
+    /// A server is there but the handshake failed (CURVE keys not
+    /// accepted, or keys required); try again later, and say so.
+    Handshake(String),
 }
 
 /// A received frame, shared as `Bytes` without a copy.
@@ -60,9 +66,21 @@ pub(crate) fn poll(items: &mut [zmq::PollItem], timeout: Duration) -> zmq::Resul
 impl Link {
     /// Connects and waits for the ZMTP handshake, at most `patience`; a
     /// message on `control` (stop) ends the wait.
+    #[cfg(test)]
     pub fn connect(
         context: &zmq::Context,
         endpoint: &str,
+        control: &zmq::Socket,
+        patience: Duration,
+    ) -> Result<Link, NoLink> {
+        Self::connect_with(context, endpoint, None, control, patience)
+    }
+
+    /// [`Link::connect`], speaking CURVE with `curve`'s keys if given.
+    pub fn connect_with(
+        context: &zmq::Context,
+        endpoint: &str,
+        curve: Option<&crate::curve::ClientKeys>,
         control: &zmq::Socket,
         patience: Duration,
     ) -> Result<Link, NoLink> {
@@ -86,7 +104,16 @@ impl Link {
         socket
             .monitor(
                 &monitor_endpoint,
-                event_mask(&[CONNECTED, CONNECT_RETRIED, CLOSED, HANDSHAKE_SUCCEEDED, DISCONNECTED]),
+                event_mask(&[
+                    CONNECTED,
+                    CONNECT_RETRIED,
+                    CLOSED,
+                    HANDSHAKE_SUCCEEDED,
+                    HANDSHAKE_FAILED_NO_DETAIL,
+                    HANDSHAKE_FAILED_PROTOCOL,
+                    HANDSHAKE_FAILED_AUTH,
+                    DISCONNECTED,
+                ]),
             )
             .map_err(zmq_failed)?;
         let monitor = context.socket(zmq::PAIR).map_err(zmq_failed)?;
@@ -101,6 +128,13 @@ impl Link {
             dropped: false,
             leaving: false,
         };
+        if let Some(keys) = curve {
+            keys.apply(&link.socket).map_err(zmq_failed)?;
+        }
+        let hint = match curve {
+            Some(_) => crate::curve::HINT,
+            None => crate::curve::HINT_NO_KEYS,
+        };
         link.socket
             .connect(endpoint)
             .map_err(|e| NoLink::Failed(format!("cannot connect to {endpoint}: {e}")))?;
@@ -108,7 +142,10 @@ impl Link {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(NoLink::Failed(format!("no server answered at {endpoint}")));
+                return Err(match curve {
+                    Some(_) => NoLink::Handshake(format!("no server answered at {endpoint}: {hint}")),
+                    None => NoLink::Failed(format!("no server answered at {endpoint}")),
+                });
             }
             let mut items = [link.monitor.as_poll_item(zmq::POLLIN), control.as_poll_item(zmq::POLLIN)];
             poll(&mut items, left).map_err(zmq_failed)?;
@@ -126,8 +163,18 @@ impl Link {
                 // Connected but not yet greeted: a busy peer gets the full
                 // patience for the handshake.
                 Some(e) if e == CONNECTED.to_raw() => deadline = Instant::now() + patience,
+                Some(e)
+                    if e == HANDSHAKE_FAILED_NO_DETAIL.to_raw()
+                        || e == HANDSHAKE_FAILED_PROTOCOL.to_raw()
+                        || e == HANDSHAKE_FAILED_AUTH.to_raw() =>
+                {
+                    return Err(NoLink::Handshake(format!("no server answered at {endpoint}: {hint}")));
+                }
                 Some(e) if e == DISCONNECTED.to_raw() => {
-                    return Err(NoLink::Failed(format!("{endpoint} closed the connection")));
+                    return Err(match curve {
+                        Some(_) => NoLink::Handshake(format!("{endpoint} closed the connection: {hint}")),
+                        None => NoLink::Failed(format!("{endpoint} closed the connection")),
+                    });
                 }
                 _ => {}
             }

@@ -127,6 +127,11 @@ pub struct Options {
     /// Pause before a file that failed verification is asked for again;
     /// it doubles with each failure of that file (up to 60 s).
     pub refetch_delay: Duration,
+    /// Speak CURVE to the server with these keys (needed for a broker's
+    /// `--curve-secret-key` endpoints); `None`: no security (local IPC).
+    /// A handshake the server refuses is retried like a missing server,
+    /// with a warning (tracing target `filemq::curve`).
+    pub curve: Option<crate::curve::ClientKeys>,
 }
 
 impl Options {
@@ -146,6 +151,7 @@ impl Options {
             dead_after: Duration::from_secs(5),
             event_capacity: 1024,
             refetch_delay: Duration::from_secs(1),
+            curve: None,
         }
     }
 }

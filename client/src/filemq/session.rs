@@ -90,7 +90,13 @@ pub(crate) fn run(mut shared: Shared) {
     let mut failed_attempts = 0u32;
     loop {
         let patience = shared.opts.dead_after;
-        let end = match Link::connect(&shared.context, &shared.opts.endpoint, &shared.control, patience) {
+        let end = match Link::connect_with(
+            &shared.context,
+            &shared.opts.endpoint,
+            shared.opts.curve.as_ref(),
+            &shared.control,
+            patience,
+        ) {
             Ok(link) => {
                 failed_attempts = 0;
                 let mut session = Session::new(&mut shared, link);
@@ -113,6 +119,13 @@ pub(crate) fn run(mut shared: Shared) {
                 end
             }
             Err(NoLink::Stop) => End::Stop,
+            Err(NoLink::Handshake(why)) => {
+                // Keys that do not fit never start to: say so every time
+                // (the backoff keeps it to one line every few seconds).
+                tracing::warn!(target: "filemq::curve", "{why} (retrying)");
+                failed_attempts += 1;
+                End::Lost(why)
+            }
             Err(NoLink::Failed(why)) => {
                 if failed_attempts == 0 {
                     tracing::warn!("{why}; retrying");
