@@ -722,18 +722,32 @@ fn model_step() -> impl Strategy<Value = model::Step> {
 }
 
 proptest! {
-    /// Random interleavings of a writer and a reader with timeouts on a
-    /// simulated clock: the service answers each connection exactly as the
-    /// reference model does (pipe limit 32 bytes, so writes wait for room).
+    /// Random interleavings of one or two pipes (two to four connections)
+    /// with timeouts on a simulated clock: the service answers each
+    /// connection exactly as the reference model of its pipe does (pipe
+    /// limit 32 bytes, so writes wait for room).
     #[test]
-    fn one_pipe_matches_the_reference_model(steps in proptest::collection::vec(model_step(), 1..80)) {
+    fn pipes_match_the_reference_model(
+        pipes in 1usize..=2,
+        steps in proptest::collection::vec((0usize..2, model_step()), 1..100),
+    ) {
         use model::Step;
         let limit = 32;
         let mut w = World::with(Config { pipe_limit: limit, ..Config::default() });
-        w.open_pair();
-        let mut pipe = model::Pipe::new(limit);
-        let (mut to_writer, mut to_reader) = (Vec::new(), Vec::new());
-        for step in &steps {
+        // Pipe i: writer 2i+2, reader 2i+1.
+        let ends = |i: usize| (2 * i as u64 + 2, 2 * i as u64 + 1);
+        let mut models = Vec::new();
+        for i in 0..pipes {
+            let (writer, reader) = ends(i);
+            let name = format!("pipe {i}");
+            prop_assert_eq!(w.ask(writer, output(&name)), [M::OutputOk {}]);
+            prop_assert_eq!(w.ask(reader, input(&name)), [M::InputOk {}]);
+            models.push((model::Pipe::new(limit), Vec::new(), Vec::new()));
+        }
+        for (which, step) in &steps {
+            let i = which % pipes;
+            let (writer, reader) = ends(i);
+            let pipe = &models[i].0;
             // A client sends one request at a time; skip what it could not send.
             let allowed = match step {
                 Step::Write(data, _) => pipe.writer_idle() && data.len() <= limit,
@@ -745,16 +759,22 @@ proptest! {
                 continue;
             }
             match step {
-                Step::Write(data, timeout) => w.send(W, write(data, *timeout)),
-                Step::Read(size, timeout) => w.send(R, read(*size, *timeout)),
-                Step::CloseWriter => w.send(W, M::Close {}),
+                Step::Write(data, timeout) => w.send(writer, write(data, *timeout)),
+                Step::Read(size, timeout) => w.send(reader, read(*size, *timeout)),
+                Step::CloseWriter => w.send(writer, M::Close {}),
                 Step::Advance(ms) => w.ms(*ms),
             }
-            pipe.apply(step);
-            to_writer.extend(w.recv(W).iter().map(model::describe));
-            to_reader.extend(w.recv(R).iter().map(model::describe));
-            prop_assert_eq!(&to_writer, &pipe.to_writer, "writer, after {:?}", step);
-            prop_assert_eq!(&to_reader, &pipe.to_reader, "reader, after {:?}", step);
+            for (j, (pipe, to_writer, to_reader)) in models.iter_mut().enumerate() {
+                // The clock moves for every pipe; a request only for its own.
+                if j == i || matches!(step, Step::Advance(_)) {
+                    pipe.apply(step);
+                }
+                let (writer, reader) = ends(j);
+                to_writer.extend(w.recv(writer).iter().map(model::describe));
+                to_reader.extend(w.recv(reader).iter().map(model::describe));
+                prop_assert_eq!(&*to_writer, &pipe.to_writer, "pipe {} writer, after {:?}", j, step);
+                prop_assert_eq!(&*to_reader, &pipe.to_reader, "pipe {} reader, after {:?}", j, step);
+            }
         }
     }
 }
