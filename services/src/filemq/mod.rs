@@ -1023,6 +1023,27 @@ impl Filemq {
         self.publish(root.clone(), alias, now, out)?;
         Ok(format!("publishing {} as {}", root.display(), normalise_vpath(alias).unwrap_or_default()))
     }
+
+    /// Connections with state (for leak checks).
+    pub fn connections(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Per connection: (connection, queued patches, subscriptions, credit),
+    /// for the fuzzers' bounds on memory.
+    pub fn queue_lengths(&self) -> Vec<(ConnId, usize, usize, u64)> {
+        self.conns.iter().map(|(id, c)| (*id, c.queue.len(), c.subscriptions.len(), c.credit)).collect()
+    }
+
+    /// Chunk reads asked for and not yet answered (for leak checks).
+    pub fn reads_in_flight(&self) -> usize {
+        self.work.values().filter(|w| matches!(w, WorkFor::Read { .. })).count()
+    }
+
+    /// Mounts published now.
+    pub fn mount_count(&self) -> usize {
+        self.mounts.len()
+    }
 }
 
 impl Service for Filemq {

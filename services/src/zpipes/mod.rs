@@ -528,6 +528,17 @@ impl Zpipes {
         self.ready.push_back(id);
         self.run_ready(now, out);
     }
+
+    /// Connections open as readers (each may hold up to `pipe_limit`
+    /// queued bytes): the bound on `queued_bytes` checked by the fuzzers.
+    pub fn readers(&self) -> usize {
+        self.conns.values().filter(|c| c.role == Role::Reader).count()
+    }
+
+    /// The pipe limit in force.
+    pub fn pipe_limit(&self) -> usize {
+        self.config.pipe_limit
+    }
 }
 
 impl Service for Zpipes {
