@@ -747,3 +747,126 @@ proptest! {
         }
     }
 }
+
+/// What the patch model is told happens, in order.
+#[derive(Debug, Clone)]
+enum PatchStep {
+    /// Write file `n` (new content of `size` bytes), then rescan.
+    Put(u8, usize),
+    /// Delete file `n` if it exists, then rescan.
+    Remove(u8),
+    Nom(u64),
+}
+
+fn patch_step() -> impl Strategy<Value = PatchStep> {
+    prop_oneof![
+        3 => (0u8..4, 0usize..3000).prop_map(|(n, s)| PatchStep::Put(n, s)),
+        1 => (0u8..4).prop_map(PatchStep::Remove),
+        3 => (0u64..2500).prop_map(PatchStep::Nom),
+    ]
+}
+
+/// A reference model of patches (spec §9–§10, §14 with our fixes) on top
+/// of credit and chunking: one queue entry per file (a newer change
+/// replaces the queued one in place), a change to the file in transfer
+/// abandons it, deletes and eof markers are free.
+#[derive(Default)]
+struct PatchModel {
+    files: BTreeMap<String, usize>,
+    queue: VecDeque<String>,
+    ops: HashMap<String, bool>,
+    /// (name, size, offset)
+    current: Option<(String, usize, usize)>,
+    credit: u64,
+    sent: Vec<(String, u8, u64, usize, u8)>,
+}
+
+impl PatchModel {
+    fn change(&mut self, name: &str, create: bool) {
+        if self.current.as_ref().is_some_and(|(n, _, _)| n == name) {
+            self.current = None;
+        }
+        if self.ops.insert(name.to_string(), create).is_none() {
+            self.queue.push_back(name.to_string());
+        }
+    }
+
+    fn pump(&mut self) {
+        loop {
+            if let Some((name, size, offset)) = self.current.clone() {
+                if offset == size {
+                    self.sent.push((name, CREATE, size as u64, 0, 1));
+                    self.current = None;
+                    continue;
+                }
+                if self.credit == 0 {
+                    return;
+                }
+                let len = 1000u64.min(self.credit).min((size - offset) as u64) as usize;
+                self.sent.push((name.clone(), CREATE, offset as u64, len, 0));
+                self.credit -= len as u64;
+                self.current = Some((name, size, offset + len));
+                continue;
+            }
+            let Some(name) = self.queue.pop_front() else { return };
+            let Some(create) = self.ops.remove(&name) else { continue };
+            if !create {
+                self.sent.push((name, DELETE, 0, 0, 0));
+            } else if let Some(size) = self.files.get(&name) {
+                self.current = Some((name, *size, 0));
+            }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    /// Files created, rewritten and deleted while credit comes and goes: a
+    /// plain subscriber gets exactly the stream the patch model predicts.
+    #[test]
+    fn patches_follow_the_model(steps in proptest::collection::vec(patch_step(), 1..40)) {
+        let config = Config { chunk_size: 1000, ..config() };
+        let (dir, mut sim) = world_with(&[], config);
+        send(&mut sim, 1, ohai());
+        send(&mut sim, 1, icanhaz("/", &[], &[]));
+        take(&mut sim, 1);
+        let mut model = PatchModel::default();
+        let mut version = 0u8;
+        for step in &steps {
+            match step {
+                PatchStep::Put(n, size) => {
+                    let name = format!("/f{n}");
+                    version = version.wrapping_add(1);
+                    // Content unique to this version: never the one the client holds.
+                    let mut data = vec![version; *size];
+                    data.extend_from_slice(&[version, *n, 0xAB]);
+                    write(dir.path(), &name[1..], &data);
+                    trigger_rescan(&mut sim);
+                    model.files.insert(name.clone(), data.len());
+                    model.change(&name, true);
+                }
+                PatchStep::Remove(n) => {
+                    let name = format!("/f{n}");
+                    if model.files.remove(&name).is_none() {
+                        continue;
+                    }
+                    fs::remove_file(dir.path().join(&name[1..])).unwrap();
+                    trigger_rescan(&mut sim);
+                    model.change(&name, false);
+                }
+                PatchStep::Nom(grant) => {
+                    send(&mut sim, 1, nom(*grant));
+                    model.credit += grant;
+                }
+            }
+            model.pump();
+            let got: Vec<_> = burgers(take(&mut sim, 1))
+                .into_iter()
+                .map(|b| (b.filename, b.operation, b.offset, b.chunk.len(), b.eof))
+                .collect();
+            let want = std::mem::take(&mut model.sent);
+            prop_assert_eq!(got, want, "after {:?}", step);
+        }
+    }
+}
