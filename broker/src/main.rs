@@ -205,8 +205,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let fdefaults = filemq::Config::default();
     let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
     let state_dir = args.state_dir.or(file.state_dir).or_else(|| default_state_dir(&name));
-    let control_token = match &state_dir {
+    // Written aside now, put in place only once this broker holds its name
+    // (binding the control endpoint): a second broker refused for the same
+    // name must not replace the running one's token.
+    let token_file = match &state_dir {
         Some(dir) => Some(write_control_token(dir)?),
+        None => None,
+    };
+    let control_token = match &token_file {
+        Some((token, _)) => Some(token.clone()),
         None => {
             tracing::warn!("no state directory (no HOME, no --state-dir): `zbroker publish` is refused");
             None
@@ -298,8 +305,17 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_connections,
     };
     let allow_description = curve.as_ref().map(|c| c.allow.describe());
-    let mut reactor =
-        reactor::Reactor::bind_secure(settings, vec![Box::new(zpipes), Box::new(filemq)], curve)?;
+    let bound = reactor::Reactor::bind_secure(settings, vec![Box::new(zpipes), Box::new(filemq)], curve);
+    if let Some((_, aside)) = &token_file {
+        let result = match &bound {
+            Ok(_) => std::fs::rename(aside, aside.with_file_name(CONTROL_TOKEN_FILE)),
+            Err(_) => std::fs::remove_file(aside),
+        };
+        if let Err(e) = result {
+            tracing::warn!("control token {}: {e}", aside.display());
+        }
+    }
+    let mut reactor = bound?;
     // The FILEMQ service is the second one handed to the reactor.
     reactor.start_work(1, startup_work);
     // SIGHUP re-reads the config file: its mounts replace the running ones
@@ -471,8 +487,9 @@ const MAX_FILEMQ_MESSAGE: i64 = 64 << 20;
 /// The file in the state directory holding the control token.
 const CONTROL_TOKEN_FILE: &str = "control-token";
 
-/// Makes a fresh random control token, readable by this user only.
-fn write_control_token(dir: &std::path::Path) -> anyhow::Result<String> {
+/// Makes a fresh random control token, readable by this user only, in a
+/// file beside the real one (renamed over it once the broker is up).
+fn write_control_token(dir: &std::path::Path) -> anyhow::Result<(String, PathBuf)> {
     use std::io::{Read as _, Write as _};
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir)
@@ -482,7 +499,7 @@ fn write_control_token(dir: &std::path::Path) -> anyhow::Result<String> {
         .and_then(|mut f| f.read_exact(&mut random))
         .context("reading /dev/urandom")?;
     let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let path = dir.join(CONTROL_TOKEN_FILE);
+    let path = dir.join(format!(".{CONTROL_TOKEN_FILE}.{}", std::process::id()));
     let _ = std::fs::remove_file(&path);
     std::fs::OpenOptions::new()
         .write(true)
@@ -491,7 +508,7 @@ fn write_control_token(dir: &std::path::Path) -> anyhow::Result<String> {
         .open(&path)
         .and_then(|mut f| f.write_all(token.as_bytes()))
         .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(token)
+    Ok((token, path))
 }
 
 /// Where digests are kept between runs when `--state-dir` is not given.

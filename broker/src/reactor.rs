@@ -194,6 +194,9 @@ pub struct Reactor {
     control_token: Option<String>,
     max_connections: usize,
     refused_connections: u64,
+    /// SIGHUPs handled, and how many of their parts failed.
+    reloads: u64,
+    reload_errors: u64,
     /// Descriptors whose DISCONNECTED was applied and no ACCEPTED since.
     closed_fds: HashSet<i32>,
     /// Set at the first SIGINT/SIGTERM: the deadline for delivering what
@@ -386,6 +389,8 @@ impl Reactor {
             refused_connections: 0,
             draining: None,
             closed_fds: HashSet::new(),
+            reloads: 0,
+            reload_errors: 0,
             reload_signals,
             reload: None,
             allow_reload: None,
@@ -455,20 +460,22 @@ impl Reactor {
             // Whatever woke us, the front socket is drained: timers and
             // disconnects send on it, and a send may consume its edge.
             self.drain_front()?;
-            if let Some(deadline) = self.draining {
-                let drained = self.services.iter().all(|s| s.drained()) && self.parked.is_empty();
-                if drained || Instant::now() >= deadline {
-                    if !drained {
-                        tracing::warn!(
-                            "stopping with acknowledged data undelivered (its readers did not read it)"
-                        );
-                    }
-                    self.stop = true;
-                }
-            }
+            self.check_drain();
         }
         self.flush_at_shutdown();
         Ok(())
+    }
+
+    /// While stopping: stop once nothing is owed, or at the deadline.
+    fn check_drain(&mut self) {
+        let Some(deadline) = self.draining else { return };
+        let drained = self.services.iter().all(|s| s.drained()) && self.parked.is_empty();
+        if drained || Instant::now() >= deadline {
+            if !drained {
+                tracing::warn!("stopping with acknowledged data undelivered (its readers did not read it)");
+            }
+            self.stop = true;
+        }
     }
 
     /// The first SIGINT/SIGTERM: stop accepting, let each service tell its
@@ -495,13 +502,17 @@ impl Reactor {
         if !any {
             return;
         }
+        self.reloads += 1;
         if let Some(reload) = self.allow_reload.as_mut() {
             match reload() {
                 Ok(allow) => {
                     tracing::info!("SIGHUP: CURVE: {}", allow.describe());
                     self.allow = allow;
                 }
-                Err(e) => tracing::error!("SIGHUP: client keys not reloaded (the old ones stay): {e:#}"),
+                Err(e) => {
+                    self.reload_errors += 1;
+                    tracing::error!("SIGHUP: client keys not reloaded (the old ones stay): {e:#}")
+                }
             }
         }
         let Some(reload) = self.reload.as_mut() else {
@@ -511,7 +522,10 @@ impl Reactor {
             return;
         };
         match reload() {
-            Err(e) => tracing::error!("SIGHUP: config not reloaded: {e:#}"),
+            Err(e) => {
+                self.reload_errors += 1;
+                tracing::error!("SIGHUP: config not reloaded: {e:#}")
+            }
             Ok(commands) => {
                 let now = Instant::now();
                 for words in commands {
@@ -520,7 +534,10 @@ impl Reactor {
                             self.apply(service);
                             match result {
                                 Ok(message) => tracing::info!("SIGHUP: {message}"),
-                                Err(error) => tracing::error!("SIGHUP: {error}"),
+                                Err(error) => {
+                                    self.reload_errors += 1;
+                                    tracing::error!("SIGHUP: {error}")
+                                }
                             }
                             break;
                         }
@@ -586,6 +603,9 @@ impl Reactor {
                 self.drain_control()?;
                 self.drain_zap()?;
             }
+            // Checked on every pass too: traffic that never lets up must not
+            // hold a stopping broker past its deadline.
+            self.check_drain();
             if self.stop {
                 return Ok(());
             }
@@ -1026,6 +1046,9 @@ impl Reactor {
             "peers": self.peers.len(),
             "max_connections": self.max_connections,
             "refused_connections": self.refused_connections,
+            "reloads": self.reloads,
+            "reload_errors": self.reload_errors,
+            "stopping": self.draining.is_some(),
             "timers": self.timers.len(),
             "parked_replies": self.parked.values().map(|p| p.frames.len()).sum::<usize>(),
             "parked_bytes": self.parked.values().map(|p| p.bytes).sum::<usize>(),

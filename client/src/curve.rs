@@ -231,8 +231,16 @@ impl KeyPair {
                     }
                 })?;
             // The umask may only have taken bits away; make it exact.
-            file.set_permissions(std::fs::Permissions::from_mode(mode)).map_err(write_error)?;
-            file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).map_err(write_error)
+            let written = file
+                .set_permissions(std::fs::Permissions::from_mode(mode))
+                .and_then(|()| file.write_all(text.as_bytes()))
+                .and_then(|()| file.sync_all());
+            if let Err(e) = written {
+                // A truncated key file would block the next keygen.
+                let _ = std::fs::remove_file(p);
+                return Err(write_error(e));
+            }
+            Ok(())
         };
         create(path, 0o600, self.secret_file_text())?;
         if let Err(e) = create(&public_path, 0o644, self.public_file_text()) {

@@ -292,12 +292,17 @@ impl Link {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() || self.monitor.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
-                return Err(no_broker());
+                // Nothing ever answered: the broker is not there, whatever
+                // the keys. Answered but never finished the handshake: keys.
+                return Err(if connected { no_broker() } else { Error::NoBroker(endpoint.clone()) });
             }
             match self.monitor_event()? {
                 Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => {
                     self.dropped = false;
                     return Ok(());
+                }
+                Some(e) if e == CONNECT_RETRIED.to_raw() && !connected => {
+                    return Err(Error::NoBroker(endpoint.clone()))
                 }
                 Some(e) if e == CONNECT_RETRIED.to_raw() => return Err(no_broker()),
                 Some(e) if e == CONNECTED.to_raw() && !connected => {

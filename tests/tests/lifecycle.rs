@@ -122,10 +122,11 @@ fn sighup_reloads_mounts_and_keeps_connections() {
     write_config(&[b_mount]);
     signal(&broker.child, libc::SIGHUP);
     assert!(wait_until(Duration::from_secs(5), || aliases() == vec!["/b"]), "{:?}", aliases());
-    // A broken file changes nothing.
+    // A broken file changes nothing (and the failed reload is counted).
     std::fs::write(&config, "publish = [").unwrap();
     signal(&broker.child, libc::SIGHUP);
-    std::thread::sleep(Duration::from_millis(300));
+    assert!(wait_until(Duration::from_secs(5), || broker.status()["reload_errors"] == 1));
+    assert_eq!(broker.status()["reloads"], 3);
     assert_eq!(aliases(), vec!["/b"]);
     peer.send_bytes(&FilemqMsg::Hugz {}.encode());
     assert_eq!(FilemqMsg::decode(peer.recv_bytes(5000).unwrap()).unwrap(), FilemqMsg::HugzOk {});
@@ -142,7 +143,7 @@ fn a_stopping_broker_refuses_newcomers() {
     // Acknowledged but unread: the broker waits for the reader.
     assert_eq!(writer.ask(M::Write { chunk: Chunk(vec![5u8; 10].into()), timeout: 0 }), M::WriteOk {});
     signal(&broker.child, libc::SIGTERM);
-    std::thread::sleep(Duration::from_millis(200));
+    assert!(wait_until(Duration::from_secs(5), || broker.status()["stopping"] == true));
     let late = Raw::connect(&broker.endpoint());
     match late.ask(M::Input { pipename: pipe("s") }) {
         M::InputFailed { reason } => assert!(reason.to_string_lossy().contains("shutting down")),
