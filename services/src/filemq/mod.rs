@@ -346,6 +346,13 @@ impl Filemq {
         self.bytes_sent
     }
 
+    /// Work whose outcome nobody waits for (an unwatch).
+    fn untracked_work(&mut self, out: &mut Vec<Action>, job: Job) {
+        let key = self.next_work;
+        self.next_work += 1;
+        out.push(Action::Work { key, job });
+    }
+
     fn work(&mut self, out: &mut Vec<Action>, what: WorkFor, job: Job) -> u64 {
         let key = self.next_work;
         self.next_work += 1;
@@ -942,7 +949,7 @@ impl Filemq {
         let Some(mount) = self.mounts.remove(&id) else { return Ok(()) };
         tracing::info!(alias = %mount.alias, root = %mount.root.display(), "filemq no longer publishing");
         out.push(Action::CancelTimer { key: scan_key(id) });
-        self.work(out, WorkFor::Watch { mount: id }, Job::Unwatch { mount: id });
+        self.untracked_work(out, Job::Unwatch { mount: id });
         self.work
             .retain(|_, w| !matches!(w, WorkFor::Watch { mount } | WorkFor::Scan { mount } if *mount == id));
         // Deletes for what the mount served (unless another mount now
@@ -971,6 +978,33 @@ impl Filemq {
         Ok(())
     }
 
+    /// Serves the mount `id` from another directory: watch the new one and
+    /// scan it against the snapshot subscribers were sent from.
+    fn reroot(&mut self, id: MountId, root: PathBuf, now: Instant, out: &mut Vec<Action>) {
+        let Some(mount) = self.mounts.get_mut(&id) else { return };
+        tracing::info!(alias = %mount.alias, from = %mount.root.display(), to = %root.display(), "filemq mount moved");
+        mount.root = root.clone();
+        mount.error = None;
+        let scanning = mount.scanning;
+        if scanning {
+            // The scan of the old directory must not be the last word.
+            mount.dirty = true;
+        }
+        for conn in self.conns.values_mut() {
+            if conn.current.as_ref().is_some_and(|t| t.mount == id) {
+                if let Some(t) = conn.current.take() {
+                    conn.enqueue(&t.vpath, Op::Create);
+                }
+            }
+        }
+        self.work.retain(|_, w| !matches!(w, WorkFor::Watch { mount } if *mount == id));
+        self.untracked_work(out, Job::Unwatch { mount: id });
+        self.work(out, WorkFor::Watch { mount: id }, Job::Watch { mount: id, root });
+        if !scanning {
+            self.start_scan(id, now, out);
+        }
+    }
+
     /// The command `MOUNTS DIR=/alias...` (a reloaded config file): publish
     /// what is new, unpublish what is no longer listed, keep the rest.
     fn mounts_command(
@@ -986,6 +1020,19 @@ impl Filemq {
             let alias =
                 normalise_vpath(&format!("/{alias}")).ok_or_else(|| format!("bad alias in {word:?}"))?;
             wanted.push((PathBuf::from(root), alias));
+        }
+        // An alias that stays but moves to another directory keeps its
+        // mount: the next scan's diff says what changed, and subscribers
+        // are not sent a delete for every file first.
+        let mut moved = 0;
+        for (root, alias) in &wanted {
+            let Some(id) =
+                self.mounts.iter().find(|(_, m)| m.alias == *alias && m.root != *root).map(|(id, _)| *id)
+            else {
+                continue;
+            };
+            self.reroot(id, root.clone(), now, out);
+            moved += 1;
         }
         let stale: Vec<String> = self
             .mounts
@@ -1003,7 +1050,11 @@ impl Filemq {
                 added += 1;
             }
         }
-        Ok(format!("mounts: {added} published, {} unpublished, {} in all", stale.len(), self.mounts.len()))
+        Ok(format!(
+            "mounts: {added} published, {moved} moved, {} unpublished, {} in all",
+            stale.len(),
+            self.mounts.len()
+        ))
     }
 
     /// The command `PUBLISH ROOT ALIAS` from the control endpoint.

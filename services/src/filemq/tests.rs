@@ -870,3 +870,23 @@ proptest! {
         }
     }
 }
+
+/// Moving an alias to another directory (a reloaded config) sends only
+/// what differs: no delete for every file first.
+#[test]
+fn a_mount_moved_to_another_directory_sends_only_the_difference() {
+    let (dir, mut sim) = world(&[("same", b"kept"), ("old-only", b"x")]);
+    let got = burgers(subscribe(&mut sim, 1, "/", &[("RESYNC", "1")], 1_000_000));
+    assert_eq!(reassemble(&got).len(), 2);
+    let other = tempfile::tempdir().unwrap();
+    write(other.path(), "same", b"kept");
+    write(other.path(), "new-only", b"y");
+    let _ = dir;
+    let word = format!("{}=/", other.path().to_str().unwrap());
+    let reply = sim.command(&["MOUNTS", &word]);
+    assert!(matches!(&reply, Some(Ok(m)) if m.contains("1 moved")), "{reply:?}");
+    let got = burgers(take(&mut sim, 1));
+    let ops: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
+    assert_eq!(ops, vec![("/new-only", CREATE, 0), ("/new-only", CREATE, 1), ("/old-only", DELETE, 0)]);
+    assert_eq!(sim.watched.len(), 1);
+}
