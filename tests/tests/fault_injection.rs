@@ -18,21 +18,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 use zbroker_tests::{
     bin, pseudo_random, put, sha1_hex, signal, tree_digests, unique_name, wait_converged, wait_timeout,
-    Broker,
+    Broker, Rng,
 };
-
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Victim {
@@ -90,7 +77,7 @@ fn random_kills_never_tear_lose_or_duplicate() {
     let rounds = env_u64("ZBROKER_FAULT_ROUNDS", 6);
     let seed = env_u64("ZBROKER_FAULT_SEED", 0x5EED_F00D);
     eprintln!("fault injection: {rounds} rounds, seed {seed} (ZBROKER_FAULT_SEED to replay)");
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     let mut order = VICTIMS;
     for i in (1..order.len()).rev() {
         order.swap(i, rng.below(i as u64 + 1) as usize);

@@ -6,7 +6,7 @@ use bytes::Bytes;
 use zbroker_client::codec::{Hash, LongStr, ShortStr};
 use zbroker_client::filemq_msg::{FilemqMsg, DELETE};
 use zbroker_client::ZpipesMsg;
-use zbroker_tests::{pseudo_random, put, Broker, Raw};
+use zbroker_tests::{hex, pseudo_random, put, Broker, Raw};
 
 fn recv(raw: &Raw, ms: i64) -> Option<FilemqMsg> {
     raw.recv_bytes(ms).map(|f| FilemqMsg::decode(f).expect("the broker sends well-formed FILEMQ frames"))
@@ -54,30 +54,26 @@ fn spec_vectors_against_the_real_broker() {
     let broker = Broker::start(&["--publish", &root]);
     let raw = Raw::connect(&broker.filemq_endpoint());
     // §21 vector 1 → OHAI-OK (vector 8).
-    raw.send_bytes(&zbroker_tests_hex("AA A3 01 06 46 49 4C 45 4D 51 00 02"));
-    assert_eq!(raw.recv_bytes(5000).unwrap(), zbroker_tests_hex("AA A3 04"));
-    raw.send_bytes(&zbroker_tests_hex("AA A3 09"));
-    assert_eq!(raw.recv_bytes(5000).unwrap(), zbroker_tests_hex("AA A3 0A"));
+    raw.send_bytes(&hex("AA A3 01 06 46 49 4C 45 4D 51 00 02"));
+    assert_eq!(raw.recv_bytes(5000).unwrap(), hex("AA A3 04"));
+    raw.send_bytes(&hex("AA A3 09"));
+    assert_eq!(raw.recv_bytes(5000).unwrap(), hex("AA A3 0A"));
     // §21 vector 2 → ICANHAZ-OK.
-    raw.send_bytes(&zbroker_tests_hex("AA A3 05 00 00 00 01 2F 00 00 00 00 00 00 00 00"));
-    assert_eq!(raw.recv_bytes(5000).unwrap(), zbroker_tests_hex("AA A3 06"));
+    raw.send_bytes(&hex("AA A3 05 00 00 00 01 2F 00 00 00 00 00 00 00 00"));
+    assert_eq!(raw.recv_bytes(5000).unwrap(), hex("AA A3 06"));
     // v1 and v2-interim OHAI get RTFM, never a crash (spec §0).
     let old = Raw::connect(&broker.filemq_endpoint());
-    old.send_bytes(&zbroker_tests_hex("AA A3 01 06 46 49 4C 45 4D 51 01"));
+    old.send_bytes(&hex("AA A3 01 06 46 49 4C 45 4D 51 01"));
     assert!(matches!(recv(&old, 5000), Some(FilemqMsg::Rtfm { .. })));
     // Garbage is dropped; the broker and the session carry on.
     raw.send_bytes(b"garbage");
-    raw.send_bytes(&zbroker_tests_hex("AA A3 08 00 00"));
+    raw.send_bytes(&hex("AA A3 08 00 00"));
     send(&raw, FilemqMsg::Hugz {});
     assert_eq!(recv(&raw, 5000), Some(FilemqMsg::HugzOk {}));
     // "garbage" has no service's signature: the reactor drops it; the
     // truncated CHEEZBURGER reaches FILEMQ, which drops it.
     assert_eq!(broker.filemq()["malformed_frames"], 1);
     assert_eq!(broker.status()["dropped_frames"], 1);
-}
-
-fn zbroker_tests_hex(text: &str) -> Vec<u8> {
-    text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
 }
 
 /// Spec §5.1's case: credit 5,000,000, a 300-byte file and a 10 MB file.
@@ -140,14 +136,14 @@ fn a_plain_subscriber_gets_changes_with_clean_deletes() {
     // Byte for byte the spec's vectors 5 and 6: no extension headers.
     assert_eq!(
         got[0].encode(),
-        zbroker_tests_hex(
+        hex(
             "AA A3 08 00 00 00 00 00 00 00 00 01 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 00 \
              00 00 00 00 00 00 00 00 05 48 65 6C 6C 6F"
         )
     );
     assert_eq!(
         got[1].encode(),
-        zbroker_tests_hex(
+        hex(
             "AA A3 08 00 00 00 00 00 00 00 01 01 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 05 \
              01 00 00 00 00 00 00 00 00"
         )
@@ -157,7 +153,7 @@ fn a_plain_subscriber_gets_changes_with_clean_deletes() {
     // Vector 7: the clean form of a delete.
     assert_eq!(
         delete.encode(),
-        zbroker_tests_hex(
+        hex(
             "AA A3 08 00 00 00 00 00 00 00 02 02 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 00 \
              00 00 00 00 00 00 00 00 00"
         )

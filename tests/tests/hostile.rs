@@ -7,7 +7,7 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::time::Duration;
 use zbroker_client::zpipes::{Options, Reader, Writer};
-use zbroker_tests::{assert_same_tree, bin, pseudo_random, put, wait_timeout, wait_until, Broker};
+use zbroker_tests::{assert_same_tree, bin, hex, pseudo_random, put, wait_timeout, wait_until, Broker, Rng};
 
 /// Frames the spec pins for both protocols: the seeds of the mutations.
 const SEEDS: &[&str] = &[
@@ -25,47 +25,29 @@ const SEEDS: &[&str] = &[
     "AA A3 01 06 46 49 4C 45 4D 51 01",
 ];
 
-fn hex(text: &str) -> Vec<u8> {
-    text.split_whitespace().map(|b| u8::from_str_radix(b, 16).expect("hex")).collect()
-}
-
-/// xorshift: reproducible from the seed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-}
-
 /// A random frame, or a spec vector mutated: bytes flipped, cut short,
 /// lengthened, or with a lying length field.
 fn hostile_frame(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
-    let mut frame = seeds[rng.below(seeds.len())].clone();
-    match rng.below(6) {
-        0 => frame = (0..rng.below(64)).map(|_| rng.next() as u8).collect(),
+    let mut frame = seeds[rng.index(seeds.len())].clone();
+    match rng.index(6) {
+        0 => frame = (0..rng.index(64)).map(|_| rng.next() as u8).collect(),
         1 => {
-            for _ in 0..=rng.below(4) {
-                let at = rng.below(frame.len());
+            for _ in 0..=rng.index(4) {
+                let at = rng.index(frame.len());
                 frame[at] = rng.next() as u8;
             }
         }
-        2 => frame.truncate(rng.below(frame.len() + 1)),
-        3 => frame.extend((0..rng.below(200)).map(|_| rng.next() as u8)),
+        2 => frame.truncate(rng.index(frame.len() + 1)),
+        3 => frame.extend((0..rng.index(200)).map(|_| rng.next() as u8)),
         4 if frame.len() > 7 => {
             // A length field claiming far more than the frame holds.
-            let at = 3 + rng.below(frame.len() - 6);
+            let at = 3 + rng.index(frame.len() - 6);
             frame[at..at + 4].copy_from_slice(&[0xFF, 0xFF, 0xFF, 0xF0]);
         }
         _ => {
             // Keep the signature, random message id and body.
             frame.truncate(2);
-            frame.extend((0..rng.below(40)).map(|_| rng.next() as u8));
+            frame.extend((0..rng.index(40)).map(|_| rng.next() as u8));
         }
     }
     frame
@@ -79,7 +61,7 @@ fn flood(endpoint: String, seed: u64, frames: usize) {
     socket.set_rcvhwm(1).expect("rcvhwm");
     socket.connect(&endpoint).expect("connect");
     let seeds: Vec<Vec<u8>> = SEEDS.iter().map(|s| hex(s)).collect();
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed);
     for _ in 0..frames {
         let frame = hostile_frame(&mut rng, &seeds);
         if socket.send(frame, 0).is_err() {
