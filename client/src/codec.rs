@@ -21,6 +21,40 @@ pub enum DecodeError {
     UnknownId(u8),
     #[error("field `{field}` of {message} runs past the end of the frame")]
     Truncated { message: &'static str, field: &'static str },
+    /// A field holds more than the protocol declares it may (see
+    /// [`Ceiling`]): refused before its entries cost memory.
+    #[error("field `{field}` of {message} exceeds its declared ceiling")]
+    OverCeiling { message: &'static str, field: &'static str },
+}
+
+/// How large a variable-sized field may be, declared with the protocol
+/// (`field: Hash [max ENTRIES, BYTES]`) and enforced while decoding, so that
+/// a frame from an untrusted peer cannot make us build millions of entries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ceiling {
+    /// Most entries (of a `hash`).
+    pub entries: usize,
+    /// Most bytes the field takes on the wire.
+    pub bytes: usize,
+}
+
+impl Ceiling {
+    /// No ceiling beyond the frame's own size.
+    pub const NONE: Ceiling = Ceiling { entries: usize::MAX, bytes: usize::MAX };
+
+    /// A ceiling of `entries` entries and `bytes` wire bytes.
+    pub const fn with(self, entries: usize, bytes: usize) -> Ceiling {
+        Ceiling { entries, bytes }
+    }
+}
+
+/// Why one field could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldError {
+    /// The frame ends too early.
+    Truncated,
+    /// The field is larger than its [`Ceiling`].
+    OverCeiling,
 }
 
 /// Why a value cannot be put on the wire.
@@ -53,6 +87,16 @@ pub trait Field: Sized {
     fn put(&self, out: &mut Vec<u8>);
     /// Reads one value; `None` when the frame ends too early.
     fn get(r: &mut Reader) -> Option<Self>;
+    /// Reads one value within `ceiling`. Fixed-size fields have no use for
+    /// one; variable-sized ones check it before they allocate.
+    fn get_within(r: &mut Reader, ceiling: Ceiling) -> Result<Self, FieldError> {
+        let before = r.buf.remaining();
+        let value = Self::get(r).ok_or(FieldError::Truncated)?;
+        if before - r.buf.remaining() > ceiling.bytes {
+            return Err(FieldError::OverCeiling);
+        }
+        Ok(value)
+    }
 }
 
 macro_rules! number_field {
@@ -246,14 +290,27 @@ impl Field for Hash {
         }
     }
     fn get(r: &mut Reader) -> Option<Self> {
-        let count = u32::get(r)? as usize;
+        Self::get_within(r, Ceiling::NONE).ok()
+    }
+    fn get_within(r: &mut Reader, ceiling: Ceiling) -> Result<Self, FieldError> {
+        let before = r.buf.remaining();
+        let count = u32::get(r).ok_or(FieldError::Truncated)? as usize;
+        if count > ceiling.entries {
+            return Err(FieldError::OverCeiling);
+        }
         // Each entry takes at least 5 bytes: a lying count cannot make us
         // reserve more than the frame could hold.
         let mut entries = Vec::with_capacity(count.min(r.buf.remaining() / 5));
         for _ in 0..count {
-            entries.push((ShortStr::get(r)?, LongStr::get(r)?));
+            entries.push((
+                ShortStr::get(r).ok_or(FieldError::Truncated)?,
+                LongStr::get(r).ok_or(FieldError::Truncated)?,
+            ));
+            if before - r.buf.remaining() > ceiling.bytes {
+                return Err(FieldError::OverCeiling);
+            }
         }
-        Some(Hash(entries))
+        Ok(Hash(entries))
     }
 }
 
@@ -340,7 +397,9 @@ macro_rules! protocol {
         pub enum $name:ident, signature $sig:literal {
             $(
                 $(#[$vmeta:meta])*
-                $variant:ident = $id:literal { $( $field:ident : $fty:ty ),* $(,)? }
+                $variant:ident = $id:literal {
+                    $( $field:ident : $fty:ty $( [max $entries:expr, $bytes:expr] )? ),* $(,)?
+                }
             ),* $(,)?
         }
     ) => {
@@ -394,7 +453,7 @@ macro_rules! protocol {
             /// in the original codec.
             #[allow(unused_mut, unused_variables)]
             pub fn decode(frame: impl Into<bytes::Bytes>) -> Result<Self, $crate::codec::DecodeError> {
-                use $crate::codec::{DecodeError, Field};
+                use $crate::codec::{Ceiling, DecodeError, Field, FieldError};
                 let frame: bytes::Bytes = frame.into();
                 if frame.len() < 3 {
                     return Err(DecodeError::NoHeader(frame.len()));
@@ -407,9 +466,18 @@ macro_rules! protocol {
                 let mut r = $crate::codec::Reader::new(frame.slice(3..));
                 match id {
                     $( $id => Ok($name::$variant { $(
-                        $field: <$fty as Field>::get(&mut r).ok_or(DecodeError::Truncated {
-                            message: stringify!($variant),
-                            field: stringify!($field),
+                        $field: <$fty as Field>::get_within(
+                            &mut r,
+                            Ceiling::NONE $( .with($entries, $bytes) )?,
+                        ).map_err(|e| match e {
+                            FieldError::Truncated => DecodeError::Truncated {
+                                message: stringify!($variant),
+                                field: stringify!($field),
+                            },
+                            FieldError::OverCeiling => DecodeError::OverCeiling {
+                                message: stringify!($variant),
+                                field: stringify!($field),
+                            },
                         })?
                     ),* }), )*
                     other => Err(DecodeError::UnknownId(other)),

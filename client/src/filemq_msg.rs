@@ -3,6 +3,24 @@
 
 use crate::codec::{Chunk, Hash, LongStr, ShortStr};
 
+/// Ceilings of the `hash` fields, declared with the protocol below and
+/// enforced by the decoder on both sides: a frame over one is malformed.
+/// They leave room for every legitimate use (a few options, a few headers,
+/// the digests of a million held files) and nothing like the millions of
+/// empty entries a 60 MB frame can hold.
+pub mod ceiling {
+    /// ICANHAZ options: RESYNC, our X-* keys, an X-RESUME list of up to
+    /// 10,000 partial files (60 bytes a line).
+    pub const OPTIONS_ENTRIES: usize = 64;
+    pub const OPTIONS_BYTES: usize = 1 << 20;
+    /// ICANHAZ cache: one entry per file the client holds.
+    pub const CACHE_ENTRIES: usize = 1 << 20;
+    pub const CACHE_BYTES: usize = 256 << 20;
+    /// CHEEZBURGER headers: X-SHA1, X-SIZE, X-SYNCED and what may follow.
+    pub const HEADERS_ENTRIES: usize = 64;
+    pub const HEADERS_BYTES: usize = 64 << 10;
+}
+
 crate::protocol! {
     /// One FILEMQ message (the wire of `zeromq/filemq` since Dec 2014).
     pub enum FilemqMsg, signature 0xAAA3 {
@@ -11,7 +29,11 @@ crate::protocol! {
         OhaiOk = 4 {},
         /// Subscribe to a virtual path; `cache` maps files the client holds
         /// to their SHA-1 digests.
-        Icanhaz = 5 { path: LongStr, options: Hash, cache: Hash },
+        Icanhaz = 5 {
+            path: LongStr,
+            options: Hash [max ceiling::OPTIONS_ENTRIES, ceiling::OPTIONS_BYTES],
+            cache: Hash [max ceiling::CACHE_ENTRIES, ceiling::CACHE_BYTES],
+        },
         IcanhazOk = 6 {},
         /// Grants `credit` more bytes; `sequence` is ignored by servers.
         Nom = 7 { credit: u64, sequence: u64 },
@@ -24,7 +46,7 @@ crate::protocol! {
             filename: LongStr,
             offset: u64,
             eof: u8,
-            headers: Hash,
+            headers: Hash [max ceiling::HEADERS_ENTRIES, ceiling::HEADERS_BYTES],
             chunk: Chunk,
         },
         Hugz = 9 {},
@@ -192,6 +214,55 @@ mod tests {
     fn a_lying_hash_count_is_truncation_not_a_huge_allocation() {
         let frame = hex("AA A3 05 00 00 00 00 FF FF FF FF 01 61");
         assert!(FilemqMsg::decode(frame).is_err());
+    }
+
+    fn burger_with_headers(headers: Hash) -> Vec<u8> {
+        let mut msg = burger(0, CREATE, 0, 0, "x");
+        if let FilemqMsg::Cheezburger { headers: h, .. } = &mut msg {
+            *h = headers;
+        }
+        msg.encode()
+    }
+
+    #[test]
+    fn hashes_over_their_declared_ceiling_are_refused_before_they_are_built() {
+        use crate::codec::DecodeError;
+        let mut full = Hash::default();
+        for i in 0..ceiling::HEADERS_ENTRIES {
+            full.insert(&format!("k{i}"), "v").unwrap();
+        }
+        assert!(FilemqMsg::decode(burger_with_headers(full.clone())).is_ok(), "at the ceiling");
+        full.insert("one-more", "v").unwrap();
+        let over = FilemqMsg::decode(burger_with_headers(full));
+        assert_eq!(over, Err(DecodeError::OverCeiling { message: "Cheezburger", field: "headers" }));
+
+        let mut fat = Hash::default();
+        fat.insert("X-BIG", vec![b'x'; ceiling::HEADERS_BYTES]).unwrap();
+        assert!(matches!(
+            FilemqMsg::decode(burger_with_headers(fat)),
+            Err(DecodeError::OverCeiling { field: "headers", .. })
+        ));
+
+        // The attack of a 60 MB frame of 12,000,000 empty entries: the count
+        // alone refuses it, in no time and no memory.
+        let mut frame = burger_with_headers(Hash::default());
+        let at = frame.len() - 4 - 1 - 4; // headers count, then the chunk
+        frame[at..at + 4].copy_from_slice(&12_000_000u32.to_be_bytes());
+        frame.extend(std::iter::repeat_n(0u8, 1 << 20));
+        let started = std::time::Instant::now();
+        assert!(matches!(FilemqMsg::decode(frame), Err(DecodeError::OverCeiling { .. })));
+        assert!(started.elapsed() < std::time::Duration::from_millis(50));
+    }
+
+    #[test]
+    fn a_cache_of_a_million_files_fits_its_ceiling() {
+        let mut cache = Hash::default();
+        let digest = "A9993E364706816ABA3E25717850C26C9CD0D89D";
+        for i in 0..ceiling::CACHE_ENTRIES {
+            cache.insert(&format!("dir{}/file-{i}.dat", i % 1000), digest).unwrap();
+        }
+        let msg = FilemqMsg::Icanhaz { path: "/".into(), options: Hash::default(), cache };
+        assert_eq!(FilemqMsg::decode(msg.encode()).unwrap(), msg);
     }
 
     proptest::proptest! {
