@@ -8,12 +8,14 @@
 //! - [`zpipes`]: named-pipe reader and writer clients.
 //! - [`filemq`]: a FILEMQ subscriber mirroring published files into an inbox.
 //! - [`endpoint`]: broker names and their well-known endpoints.
+//! - [`escape`]: how names chosen by a peer are shown and stored.
 //! - [`curve`]: CURVE keys, key files and client socket security.
 
 pub mod byte_queue;
 pub mod codec;
 pub mod curve;
 pub mod endpoint;
+pub mod escape;
 pub mod filemq;
 pub mod filemq_msg;
 pub mod zpipes;

@@ -2,13 +2,15 @@
 
 use clap::{Args, Parser, Subcommand};
 use indicatif::{HumanBytes, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
+use zbroker_client::escape::escape;
+use zbroker_client::filemq::Kept;
 use zbroker_client::filemq::{self, Event, Options, Subscriber};
 use zbroker_client::{curve, endpoint};
 
@@ -18,9 +20,12 @@ macro_rules! exit_status_help {
         "Exit status:\n  0  stopped by SIGINT/SIGTERM, or in sync (--once)\n  \
         1  local I/O error (e.g. the inbox is not writable)\n  2  bad command line\n  \
         3  not in sync in time (--once --timeout)\n  \
-        4  the broker refused us (RTFM/SRSLY to our greeting, or SRSLY to a PATH)\n  \
+        4  the broker refused us (RTFM/SRSLY to our greeting, or SRSLY to a PATH),\n     \
+        or (--once) no broker answered within 2 s\n  \
         5  in sync (--once), but some files could not be fetched (they failed\n     \
-        verification again and again) or were refused for safety"
+        verification again and again), were refused for safety, or were kept\n     \
+        because a local file we did not write is in the way (see --overwrite)\n  \
+        6  (--once) nothing at all is published under a PATH (a misspelling?)"
     };
 }
 
@@ -32,8 +37,9 @@ macro_rules! exit_status_help {
     long_about = "Mirror files published through a zbroker into a local directory.\n\n\
         A zbroker publishes directories under virtual paths (FILEMQ). `filemq subscribe` \
         mirrors one or more of those paths into an inbox directory: it fetches what is \
-        missing or different, removes what the publisher no longer has, then keeps \
-        following changes until interrupted. Files appear whole (they are received aside, \
+        missing or different, removes the files it delivered that the publisher no longer \
+        has, then keeps following changes until interrupted. Files of the inbox that it \
+        did not write are never deleted or replaced unless --delete or --overwrite says so. Files appear whole (they are received aside, \
         verified, then renamed into place); a transfer cut short resumes where it stopped; \
         a lost broker is reconnected to.",
     after_help = concat!(
@@ -58,7 +64,12 @@ enum Command {
         With several, they keep their full path: /data/a/b.txt -> INBOX/data/a/b.txt.\n  \
         INBOX/.filemq/ holds partial files and a digest cache; hidden files are left alone.\n\n\
         Output (when standard output is not a terminal), one line per change:\n  \
-        updated PATH\n  deleted PATH\n(PATH relative to the inbox). On a terminal, a progress bar.\n\n",
+        updated PATH\n  deleted PATH\n\
+        (PATH relative to the inbox, escaped: \\n, \\r, \\t, \\\\, \\xNN, \\u{XXXX} stand for\n\
+        control characters, backslashes, bytes that are not UTF-8 and bidi controls,\n\
+        so one line is always one change). On a terminal, a progress bar.\n\
+        With --json, one JSON object per line for every event (see README).\n\
+        Warnings and the summary go to standard error.\n\n",
         exit_status_help!()
     ))]
     Subscribe(SubscribeArgs),
@@ -93,6 +104,16 @@ struct SubscribeArgs {
     /// Credit window: bytes the broker may send ahead (e.g. 8MiB, 500k, 8000000)
     #[arg(long, value_name = "SIZE", default_value = "8000000", value_parser = parse_size)]
     window: u64,
+    /// Delete files the publisher does not have even if filemq did not write them
+    /// (like rsync --delete); without it, only files filemq delivered are deleted
+    #[arg(long)]
+    delete: bool,
+    /// Replace files filemq did not write when the publisher has another version
+    #[arg(long)]
+    overwrite: bool,
+    /// Print one JSON object per event on standard output, for programs
+    #[arg(long)]
+    json: bool,
     /// Print nothing but errors
     #[arg(long, short)]
     quiet: bool,
@@ -108,11 +129,15 @@ mod status {
     pub const TIMEOUT: u8 = 3;
     pub const REFUSED: u8 = 4;
     pub const INCOMPLETE: u8 = 5;
+    pub const NOTHING_PUBLISHED: u8 = 6;
 }
 
 /// At most this many names of files that did not make it are listed when
 /// `--once` exits 5.
 const NAMES_LISTED: usize = 5;
+/// At most this many files given up on are remembered (to forget them
+/// again if a new version arrives); past it they are only counted.
+const GAVE_UP_KEPT: usize = 10_000;
 
 struct Failure {
     code: u8,
@@ -189,11 +214,15 @@ fn main() -> ExitCode {
 enum Output {
     Quiet,
     Lines(io::Stdout),
+    Json(io::Stdout),
     Bar { bar: ProgressBar, file: String, done: u64 },
 }
 
 impl Output {
-    fn new(quiet: bool) -> Output {
+    fn new(quiet: bool, json: bool) -> Output {
+        if json {
+            return Output::Json(io::stdout());
+        }
         if quiet {
             return Output::Quiet;
         }
@@ -210,10 +239,34 @@ impl Output {
         Output::Bar { bar, file: String::new(), done: 0 }
     }
 
-    /// One `updated …`/`deleted …` line. False if standard output is gone.
+    /// One `updated …`/`deleted …` line (`what`, then the escaped path),
+    /// or its JSON form `{"event": what, "path": path, ...}`. False if
+    /// standard output is gone.
+    fn change(&mut self, what: &str, path: &str, size: Option<u64>) -> bool {
+        let mut object = serde_json::json!({ "event": what, "path": path });
+        if let Some(size) = size {
+            object["size"] = size.into();
+        }
+        match self {
+            Output::Json(_) => self.json(object),
+            _ => self.line(&format!("{what} {}", escape(path.as_bytes()))),
+        }
+    }
+
+    /// One JSON object, on its own line (only with `--json`).
+    fn json(&mut self, object: serde_json::Value) -> bool {
+        match self {
+            Output::Json(out) => {
+                let mut out = out.lock();
+                writeln!(out, "{object}").and_then(|()| out.flush()).is_ok()
+            }
+            _ => true,
+        }
+    }
+
     fn line(&mut self, line: &str) -> bool {
         match self {
-            Output::Quiet => true,
+            Output::Quiet | Output::Json(_) => true,
             Output::Lines(out) => {
                 let mut out = out.lock();
                 writeln!(out, "{line}").and_then(|()| out.flush()).is_ok()
@@ -240,7 +293,7 @@ impl Output {
             bar.inc(offset.saturating_sub(*done));
             *done = offset;
             let of = size.map(|s| format!(" of {}", HumanBytes(s))).unwrap_or_default();
-            bar.set_message(format!("{file}: {}{of}", HumanBytes(offset)));
+            bar.set_message(format!("{}: {}{of}", escape(file.as_bytes()), HumanBytes(offset)));
         }
     }
 
@@ -248,6 +301,90 @@ impl Output {
         if let Output::Bar { bar, .. } = self {
             bar.finish_and_clear();
         }
+    }
+
+    /// A warning for the user: standard error (above the bar on a
+    /// terminal), and an event object with `--json`.
+    fn warn(&mut self, quiet: bool, message: &str, object: serde_json::Value) -> bool {
+        if !quiet {
+            match self {
+                Output::Bar { bar, .. } => bar.suspend(|| eprintln!("filemq: {message}")),
+                _ => eprintln!("filemq: {message}"),
+            }
+        }
+        self.json(object)
+    }
+}
+
+/// What happened in this run, for the summary and `--once`'s exit status.
+#[derive(Default)]
+struct Tally {
+    updated: u64,
+    deleted: u64,
+    /// Local files kept that the publisher does not have.
+    kept_unpublished: u64,
+    /// Local files kept where the publisher has another version.
+    kept_differing: BTreeSet<String>,
+    /// Names refused for safety: how many, and the first few (escaped).
+    refused: u64,
+    refused_names: Vec<String>,
+    /// Files given up on (bounded); `gave_up_more` counts the rest.
+    gave_up: BTreeSet<String>,
+    gave_up_more: u64,
+    /// Subscription paths under which nothing is published.
+    unpublished_paths: BTreeSet<String>,
+}
+
+impl Tally {
+    /// A file arrived or went: it no longer counts as missing.
+    fn settled(&mut self, path: &str) {
+        self.gave_up.remove(path);
+        self.kept_differing.remove(path);
+    }
+
+    fn missing(&self) -> u64 {
+        self.refused + self.gave_up.len() as u64 + self.gave_up_more + self.kept_differing.len() as u64
+    }
+
+    /// The names that did not make it, first few, escaped.
+    fn missing_names(&self) -> String {
+        let mut names: Vec<String> = self.refused_names.clone();
+        names.extend(self.gave_up.iter().chain(&self.kept_differing).map(|p| escape(p.as_bytes())));
+        let mut shown = names.iter().take(NAMES_LISTED).cloned().collect::<Vec<_>>().join(", ");
+        if self.missing() > NAMES_LISTED as u64 {
+            shown.push_str(", …");
+        }
+        shown
+    }
+
+    /// One line: what changed, and what was kept.
+    fn summary(&self) -> String {
+        let mut line = format!("{} updated, {} deleted", self.updated, self.deleted);
+        if self.kept_unpublished > 0 {
+            line.push_str(&format!(
+                "; kept {} local file(s) the publisher does not have (--delete removes them)",
+                self.kept_unpublished
+            ));
+        }
+        if !self.kept_differing.is_empty() {
+            line.push_str(&format!(
+                "; kept {} local file(s) the publisher has another version of (--overwrite replaces them)",
+                self.kept_differing.len()
+            ));
+        }
+        line
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "event": "summary",
+            "updated": self.updated,
+            "deleted": self.deleted,
+            "kept_unpublished": self.kept_unpublished,
+            "kept_differing": self.kept_differing.len(),
+            "refused": self.refused,
+            "gave_up": self.gave_up.len() as u64 + self.gave_up_more,
+        })
     }
 }
 
@@ -262,6 +399,8 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     };
     let mut opts = Options::endpoint(&endpoint, args.paths, args.inbox);
     opts.window = args.window;
+    opts.delete = args.delete;
+    opts.overwrite = args.overwrite;
     if let Some(server_key) = &args.server_key {
         let keys = curve::ClientKeys::from_files(server_key, args.key.as_deref())
             .map_err(|e| Failure::new(status::USAGE, e.to_string()))?;
@@ -286,9 +425,9 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
 
     let deadline = args.timeout.map(|ms| Instant::now() + Duration::from_millis(ms));
     let mut pending: HashSet<String> = subscriber.subscriptions().iter().cloned().collect();
-    // Files refused for safety or given up on: `--once` then exits 5.
-    let mut missing: Vec<String> = Vec::new();
-    let mut output = Output::new(args.quiet);
+    let mut tally = Tally::default();
+    let quiet = args.quiet;
+    let mut output = Output::new(quiet, args.json);
     output.status(format!("connecting to {endpoint}"));
     let result = loop {
         if interrupted.load(Ordering::Relaxed) {
@@ -313,60 +452,84 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
             }
         };
         let written = match event {
-            Event::Updated { path, .. } => {
-                // A file given up on may still come (a new version).
-                missing.retain(|m| *m != path);
-                output.line(&format!("updated {path}"))
+            Event::Updated { path, size } => {
+                tally.updated += 1;
+                tally.settled(&path);
+                output.change("updated", &path, Some(size))
             }
             Event::Deleted { path } => {
-                missing.retain(|m| *m != path);
-                output.line(&format!("deleted {path}"))
+                tally.deleted += 1;
+                tally.settled(&path);
+                output.change("deleted", &path, None)
+            }
+            Event::Kept { path, reason } => {
+                let reason = match reason {
+                    Kept::NotPublished => {
+                        tally.kept_unpublished += 1;
+                        "not-published"
+                    }
+                    Kept::Differs => {
+                        if tally.kept_differing.len() < GAVE_UP_KEPT {
+                            tally.kept_differing.insert(path.clone());
+                        }
+                        "differs"
+                    }
+                };
+                output.json(serde_json::json!({ "event": "kept", "path": path, "reason": reason }))
             }
             Event::Progress { path, offset, size } => {
                 output.progress(path, offset, size);
                 true
             }
-            Event::InSync { path } => {
+            Event::InSync { path, published } => {
                 pending.remove(&path);
-                if args.once && pending.is_empty() {
-                    if missing.is_empty() {
-                        break Ok(());
-                    }
-                    let mut names = missing.iter().take(NAMES_LISTED).cloned().collect::<Vec<_>>().join(", ");
-                    if missing.len() > NAMES_LISTED {
-                        names.push_str(", …");
-                    }
-                    break Err(Failure::new(
-                        status::INCOMPLETE,
-                        format!(
-                            "in sync, but {} file(s) could not be fetched or were refused for safety \
-                             (--log warn says why): {names}",
-                            missing.len()
-                        ),
-                    ));
+                let mut written = output
+                    .json(serde_json::json!({ "event": "in-sync", "path": path, "published": published }));
+                if !published && tally.unpublished_paths.insert(path.clone()) && !args.once {
+                    let message = format!("nothing is published under {} (yet?)", escape(path.as_bytes()));
+                    written &= output.warn(quiet, &message, serde_json::Value::Null);
                 }
-                output.status(format!("{path} in sync"));
-                true
+                if args.once && pending.is_empty() {
+                    break finish_once(&tally);
+                }
+                output.status(format!("{} in sync", escape(path.as_bytes())));
+                written
             }
             Event::Connected => {
                 output.status(format!("connected to {endpoint}"));
-                true
+                output.json(serde_json::json!({ "event": "connected" }))
             }
             Event::Disconnected { why } => {
                 output.status(format!("{why}; reconnecting"));
-                true
+                output.json(serde_json::json!({ "event": "disconnected", "why": why }))
+            }
+            Event::Unreachable { why } => {
+                if args.once {
+                    break Err(Failure::new(status::REFUSED, format!("no broker answers: {why}")));
+                }
+                let object = serde_json::json!({ "event": "unreachable", "why": why });
+                output.warn(quiet, &format!("no broker answers yet: {why} (still trying)"), object)
             }
             // Logged by the library (--log warn); nothing was written.
-            Event::Rejected { name, .. } => {
-                missing.push(name);
-                true
+            Event::Rejected { name, why } => {
+                tally.refused += 1;
+                if tally.refused_names.len() < NAMES_LISTED {
+                    tally.refused_names.push(name.clone());
+                }
+                output.json(serde_json::json!({ "event": "refused", "name": name, "why": why }))
             }
             Event::GaveUp { path } => {
-                missing.push(path);
-                true
+                if tally.gave_up.len() < GAVE_UP_KEPT {
+                    tally.gave_up.insert(path.clone());
+                } else {
+                    tally.gave_up_more += 1;
+                }
+                output.json(serde_json::json!({ "event": "gave-up", "path": path }))
             }
             // Fetched again; a file given up on is reported as GaveUp.
-            Event::IntegrityFailed { .. } => true,
+            Event::IntegrityFailed { path } => {
+                output.json(serde_json::json!({ "event": "integrity-failed", "path": path }))
+            }
             Event::Refused { why } => {
                 break Err(Failure::new(status::REFUSED, format!("the broker refused us: {why}")))
             }
@@ -379,7 +542,38 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     };
     output.finish();
     subscriber.stop();
+    if args.json {
+        let _ = output.json(tally.json());
+    } else if !quiet && (args.once || tally.updated + tally.deleted + tally.kept_unpublished > 0) {
+        eprintln!("filemq: {}", tally.summary());
+    }
     result
+}
+
+/// How `--once` ends once every subscription is in sync.
+fn finish_once(tally: &Tally) -> Result<(), Failure> {
+    if !tally.unpublished_paths.is_empty() {
+        let paths: Vec<String> = tally.unpublished_paths.iter().map(|p| escape(p.as_bytes())).collect();
+        return Err(Failure::new(
+            status::NOTHING_PUBLISHED,
+            format!(
+                "nothing is published under {} (check the path; nothing was changed there)",
+                paths.join(", ")
+            ),
+        ));
+    }
+    if tally.missing() == 0 {
+        return Ok(());
+    }
+    Err(Failure::new(
+        status::INCOMPLETE,
+        format!(
+            "in sync, but {} file(s) could not be fetched, were refused for safety, or were kept \
+             because a local file is in the way (--log warn says why): {}",
+            tally.missing(),
+            tally.missing_names()
+        ),
+    ))
 }
 
 #[cfg(test)]

@@ -1,41 +1,56 @@
 //! The inbox on disk: atomic delivery through temporary files, resumable
 //! partial files, deletes, and the digests of what it holds.
 //!
-//! Layout of our private area (hidden, so never published nor mirrored):
+//! Layout of our private area (hidden, so never published nor mirrored;
+//! mode 0700, owned by us, checked at start):
 //!
 //! ```text
 //! <inbox>/.filemq/lock           held (flock) while a subscriber uses the inbox
-//! <inbox>/.filemq/digests        SIZE MTIME_NS DIGEST PATH per line
+//! <inbox>/.filemq/digests        the digest cache (see `digests`)
 //! <inbox>/.filemq/partial/DIGEST a file being received, named by its SHA-1
 //! <inbox>/.filemq/partial/tmp-…  one whose digest the server did not say
 //! ```
 //!
 //! Every path handed in here has passed `layout::place`; this module adds
-//! the checks only the disk can answer: no existing component on the way is
-//! a symlink (one could lead out of the inbox), and nothing is in the way.
+//! the checks only the disk can answer, and does all its work through
+//! directory handles that never follow a symlink (`dirfd`): a symlink
+//! anywhere on the way (planted before or during our work) makes the
+//! operation fail, never lead it out of the inbox. A path is checked whole
+//! (length included) before anything is created for it, and directories
+//! made for a delivery that then fails are removed again.
 
+use super::digests::DigestCache;
+use super::dirfd::{self, Dir, Kind};
 use sha1::{Digest, Sha1};
-use std::collections::{HashMap, HashSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Our private directory inside the inbox.
 pub(crate) const PRIVATE_DIR: &str = ".filemq";
+const PARTIAL_DIR: &str = "partial";
+const LOCK_FILE: &str = "lock";
 /// Prefix of partial files that cannot be resumed (no digest known).
 const UNNAMED_PREFIX: &str = "tmp-";
 /// Read size when hashing.
 const HASH_BLOCK: usize = 1 << 20;
+/// Most partial files kept for a resume: past it, the oldest go.
+pub(crate) const MAX_PARTIALS: usize = 16;
+/// Longest path (the inbox's own included) we create a file at: the
+/// system's `PATH_MAX` less its NUL, so every tool can open what we write.
+pub(crate) const MAX_PATH: usize = libc::PATH_MAX as usize - 1;
 
 /// Why one file could not be placed or removed; the subscriber goes on.
 #[derive(Debug)]
 pub(crate) enum FileError {
     /// The disk layout makes it unsafe or impossible (a symlink or a file
-    /// in the way): the name is refused.
+    /// in the way, a path too long): the name is refused.
     Refused(String),
+    /// A file we did not write is in the way, and the user did not allow
+    /// replacing it: it is kept.
+    NotOurs,
     /// The bytes received are not the file announced.
     Integrity(String),
     /// An I/O error.
@@ -96,15 +111,8 @@ fn hash_reader(mut reader: impl Read, limit: u64) -> io::Result<(Sha1, u64)> {
 }
 
 fn mtime_ns(meta: &fs::Metadata) -> i128 {
+    use std::os::unix::fs::MetadataExt;
     meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
-}
-
-/// A digest known for a file of a given size and modification time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct KnownDigest {
-    size: u64,
-    mtime_ns: i128,
-    digest: String,
 }
 
 /// A file being received into the private area.
@@ -122,6 +130,9 @@ pub(crate) struct Incoming {
     pub expected_digest: Option<String>,
     /// Bytes held so far (resumed ones included).
     pub written: u64,
+    /// Its name in `.filemq/partial/`.
+    temp_name: String,
+    #[cfg(test)]
     temp: PathBuf,
     file: File,
     hasher: Sha1,
@@ -136,95 +147,226 @@ impl Incoming {
         Ok(())
     }
 
-    /// The temporary file, for tests and for "in use" checks.
+    /// The temporary file.
+    #[cfg(test)]
     pub fn temp(&self) -> &Path {
         &self.temp
     }
 }
 
+/// What a delete did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Deleted {
+    Removed,
+    /// There was no file.
+    Absent,
+    /// The file is not one we delivered, and the user did not ask for
+    /// deletes of every file: it is kept.
+    Kept,
+}
+
+/// The directories from the inbox root down to a path's parent, opened
+/// without following links.
+struct Walk<'a> {
+    components: Vec<&'a str>,
+    /// The handle of each directory on the way, below the root.
+    chain: Vec<Dir>,
+    /// How many of the last directories of `chain` we created.
+    created: usize,
+}
+
+impl Walk<'_> {
+    fn leaf(&self) -> &str {
+        self.components[self.components.len() - 1]
+    }
+}
+
 /// The inbox a subscriber mirrors into.
 pub(crate) struct Inbox {
-    root: PathBuf,
-    partial_dir: PathBuf,
-    digests_path: PathBuf,
-    digests: HashMap<String, KnownDigest>,
-    /// Keys of `digests` met since the census started.
-    seen: HashSet<String>,
-    dirty: bool,
+    /// The inbox as the user named it, for messages.
+    root_path: PathBuf,
+    /// Its length once made absolute, for the path length rule.
+    root_len: usize,
+    root: Dir,
+    private: Dir,
+    partial: Dir,
+    #[cfg(test)]
+    partial_path: PathBuf,
+    digests: DigestCache,
     /// Held open for its `flock`: one subscriber per inbox.
     _lock: File,
 }
 
-impl Inbox {
-    /// Creates (if needed) and locks the inbox, clears partial files that
-    /// can never be resumed, and loads the digest cache.
-    pub fn open(root: &Path) -> io::Result<Inbox> {
-        fs::create_dir_all(root)?;
-        let private = root.join(PRIVATE_DIR);
-        let partial_dir = private.join("partial");
-        for dir in [&private, &partial_dir] {
-            real_dir(dir)?;
+/// Creates (mode 0700) or opens one of our private directories, refusing a
+/// symlink, a non-directory or one another user owns; tightens its mode.
+fn private_dir(parent: &Dir, name: &str, shown: &Path) -> io::Result<Dir> {
+    parent.make_dir(name, 0o700)?;
+    let dir = parent.open_dir(name).map_err(|e| {
+        if dirfd::is_symlink_error(&e) {
+            io::Error::other(format!("{} is a symlink; it must be our own directory", shown.display()))
+        } else {
+            io::Error::new(e.kind(), format!("{}: {e}", shown.display()))
         }
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).open(private.join("lock"))?;
-        // SAFETY: flock on a descriptor we own; no memory is involved.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
+    })?;
+    let entry = dir.stat()?;
+    if entry.uid != dirfd::euid() {
+        return Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!("{} belongs to another user (uid {})", shown.display(), entry.uid),
+        ));
+    }
+    if entry.mode & 0o077 != 0 {
+        dir.set_mode(0o700)?;
+    }
+    Ok(dir)
+}
+
+impl Inbox {
+    /// Creates (if needed) and locks the inbox, checks our private area,
+    /// clears partial files that can never be resumed, and loads the
+    /// digest cache.
+    pub fn open(root_path: &Path) -> io::Result<Inbox> {
+        fs::create_dir_all(root_path)?;
+        let root_len = fs::canonicalize(root_path)?.as_os_str().len();
+        let root = Dir::open(root_path)?;
+        let private_path = root_path.join(PRIVATE_DIR);
+        let private = private_dir(&root, PRIVATE_DIR, &private_path)?;
+        let partial_path = private_path.join(PARTIAL_DIR);
+        let partial = private_dir(&private, PARTIAL_DIR, &partial_path)?;
+        let lock = private.open_file(LOCK_FILE, libc::O_WRONLY | libc::O_CREAT, 0o600)?;
+        if let Err(e) = Dir::lock_file(&lock) {
             return Err(if e.kind() == io::ErrorKind::WouldBlock {
                 io::Error::new(io::ErrorKind::WouldBlock, "another subscriber is using this inbox")
             } else {
                 e
             });
         }
-        let mut inbox = Inbox {
-            root: root.to_path_buf(),
-            digests_path: private.join("digests"),
-            partial_dir,
-            digests: HashMap::new(),
-            seen: HashSet::new(),
-            dirty: false,
+        let digests = DigestCache::load(&private);
+        let inbox = Inbox {
+            root_path: root_path.to_path_buf(),
+            root_len,
+            root,
+            private,
+            partial,
+            #[cfg(test)]
+            partial_path,
+            digests,
             _lock: lock,
         };
-        for entry in fs::read_dir(&inbox.partial_dir)? {
-            let entry = entry?;
-            if parse_digest(entry.file_name().as_encoded_bytes()).is_none() {
-                let _ = fs::remove_file(entry.path());
+        for name in inbox.partial_names()? {
+            if parse_digest(name.as_bytes()).is_none() {
+                let _ = inbox.partial.remove_file(&name);
             }
         }
-        inbox.load_digests();
         Ok(inbox)
     }
 
-    /// Refuses `rel` if any part of it that exists under the inbox is a
-    /// symlink. Reading the disk is the only way to know, and it must be
-    /// known before we create, write or delete there.
-    pub fn check_no_symlink(&self, rel: &str) -> Result<(), FileError> {
-        let mut path = self.root.clone();
-        for component in rel.split('/') {
-            path.push(component);
-            match fs::symlink_metadata(&path) {
-                Ok(meta) if meta.file_type().is_symlink() => {
-                    return Err(FileError::Refused(format!("{} is a symlink", path.display())));
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::NotADirectory => {
-                    return Err(FileError::Refused(format!("a file is in the way of {rel}")));
-                }
-                Err(e) => return Err(below_root(rel, e.into())),
+    /// The names in `.filemq/partial/`, read through our handle.
+    fn partial_names(&self) -> io::Result<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(self.partial.proc_path())? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                names.push(name);
             }
         }
-        Ok(())
+        Ok(names)
+    }
+
+    /// Opens the directories above `rel`, creating missing ones if
+    /// `create`. `None` if one is missing and `create` is false.
+    fn walk<'a>(&self, rel: &'a str, create: bool) -> Result<Option<Walk<'a>>, FileError> {
+        let mut walk = Walk { components: rel.split('/').collect(), chain: Vec::new(), created: 0 };
+        for i in 0..walk.components.len() - 1 {
+            let name = walk.components[i];
+            let parent = walk.chain.last().unwrap_or(&self.root);
+            let opened = match parent.open_dir(name) {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    if parent.make_dir(name, 0o777)? {
+                        walk.created += 1;
+                    }
+                    parent.open_dir(name)
+                }
+                other => other,
+            };
+            let dir = match opened {
+                Ok(dir) => dir,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.undo(walk);
+                    return Ok(None);
+                }
+                Err(e) => {
+                    let shown = walk.components[..=i].join("/");
+                    self.undo(walk);
+                    return Err(if dirfd::is_symlink_error(&e) {
+                        FileError::Refused(format!("{shown} is a symlink"))
+                    } else if e.raw_os_error() == Some(libc::ENOTDIR) {
+                        FileError::Refused(format!("a file is in the way of {rel}"))
+                    } else {
+                        e.into()
+                    });
+                }
+            };
+            walk.chain.push(dir);
+        }
+        Ok(Some(walk))
+    }
+
+    /// Removes the directories a walk created (deepest first).
+    fn undo(&self, mut walk: Walk<'_>) {
+        while walk.created > 0 {
+            let Some(dir) = walk.chain.pop() else { return };
+            drop(dir);
+            walk.created -= 1;
+            let depth = walk.chain.len();
+            let parent = walk.chain.last().unwrap_or(&self.root);
+            let _ = parent.remove_dir(walk.components[depth]);
+        }
+    }
+
+    fn parent<'a>(&'a self, walk: &'a Walk<'_>) -> &'a Dir {
+        walk.chain.last().unwrap_or(&self.root)
+    }
+
+    /// Checks, before anything is received or created for it, that a file
+    /// may land at `rel`: the whole path fits the system's limit, no
+    /// existing part of it is a symlink or a file in the way, and a file
+    /// already there is ours or may be replaced (`replace_any`).
+    pub fn check_target(&self, rel: &str, replace_any: bool) -> Result<(), FileError> {
+        self.check_target_inner(rel, replace_any).map_err(|e| below_root(rel, e))
+    }
+
+    fn check_target_inner(&self, rel: &str, replace_any: bool) -> Result<(), FileError> {
+        let length = self.root_len + 1 + rel.len();
+        if length > MAX_PATH {
+            return Err(FileError::Refused(format!(
+                "its path in the inbox would be {length} bytes long, more than the system's {MAX_PATH}"
+            )));
+        }
+        let Some(walk) = self.walk(rel, false)? else { return Ok(()) };
+        self.check_leaf(&walk, rel, replace_any)
+    }
+
+    fn check_leaf(&self, walk: &Walk<'_>, rel: &str, replace_any: bool) -> Result<(), FileError> {
+        match self.parent(walk).entry(walk.leaf())? {
+            None => Ok(()),
+            Some(e) => match e.kind {
+                Kind::Symlink => Err(FileError::Refused(format!("{rel} is a symlink"))),
+                Kind::Other => Err(FileError::Refused(format!("{rel} is not a regular file"))),
+                Kind::File if !replace_any && !self.digests.is_ours(rel) => Err(FileError::NotOurs),
+                Kind::File | Kind::Dir => Ok(()),
+            },
+        }
     }
 
     /// Partial files that can be resumed: `(digest, bytes held)`.
     pub fn resumable(&self) -> io::Result<Vec<(String, u64)>> {
         let mut found = Vec::new();
-        for entry in fs::read_dir(&self.partial_dir)? {
-            let entry = entry?;
-            let Some(digest) = parse_digest(entry.file_name().as_encoded_bytes()) else { continue };
-            let meta = entry.metadata()?;
-            if meta.is_file() && meta.len() > 0 {
-                found.push((digest, meta.len()));
+        for name in self.partial_names()? {
+            let Some(digest) = parse_digest(name.as_bytes()) else { continue };
+            if let Some(entry) = self.partial.entry(&name)? {
+                if entry.kind == Kind::File && entry.size > 0 {
+                    found.push((digest, entry.size));
+                }
             }
         }
         found.sort();
@@ -233,13 +375,31 @@ impl Inbox {
 
     /// Removes every partial file but `in_use`: called once the server has
     /// sent all it had, when no offered resume can still come.
-    pub fn remove_stale_partials(&self, in_use: Option<&Path>) {
-        let Ok(entries) = fs::read_dir(&self.partial_dir) else { return };
-        for entry in entries.flatten() {
-            if Some(entry.path().as_path()) != in_use {
-                tracing::debug!("removing stale partial file {}", entry.path().display());
-                let _ = fs::remove_file(entry.path());
+    pub fn remove_stale_partials(&self, in_use: Option<&Incoming>) {
+        let Ok(names) = self.partial_names() else { return };
+        for name in names {
+            if in_use.is_none_or(|i| i.temp_name != name) {
+                tracing::debug!("removing stale partial file {name}");
+                let _ = self.partial.remove_file(&name);
             }
+        }
+    }
+
+    /// Keeps at most [`MAX_PARTIALS`] partial files, removing the oldest.
+    fn prune_partials(&self) {
+        let Ok(names) = self.partial_names() else { return };
+        if names.len() <= MAX_PARTIALS {
+            return;
+        }
+        let mut aged: Vec<(i128, String)> = names
+            .into_iter()
+            .filter_map(|name| Some((self.partial.entry(&name).ok()??.mtime_ns, name)))
+            .collect();
+        aged.sort();
+        let excess = aged.len().saturating_sub(MAX_PARTIALS);
+        for (_, name) in aged.into_iter().take(excess) {
+            tracing::debug!("removing partial file {name}: more than {MAX_PARTIALS} are kept");
+            let _ = self.partial.remove_file(&name);
         }
     }
 
@@ -255,22 +415,22 @@ impl Inbox {
         offset: u64,
     ) -> Result<Incoming, FileError> {
         static UNNAMED: AtomicU64 = AtomicU64::new(0);
-        let temp = match &expected_digest {
-            Some(digest) => self.partial_dir.join(digest),
-            None => self.partial_dir.join(format!(
-                "{UNNAMED_PREFIX}{}-{}",
-                std::process::id(),
-                UNNAMED.fetch_add(1, Ordering::Relaxed)
-            )),
+        let temp_name = match &expected_digest {
+            Some(digest) => digest.clone(),
+            None => {
+                format!("{UNNAMED_PREFIX}{}-{}", std::process::id(), UNNAMED.fetch_add(1, Ordering::Relaxed))
+            }
         };
         let (file, hasher) = if offset == 0 {
-            let file = OpenOptions::new().create(true).truncate(true).write(true).open(&temp)?;
-            (file, Sha1::new())
+            // Whatever had that name goes; the new file must be new, so
+            // nothing planted there can be written through.
+            self.partial.remove_file(&temp_name)?;
+            (self.partial.create_new(&temp_name, 0o600)?, Sha1::new())
         } else {
             if expected_digest.is_none() {
                 return Err(FileError::Integrity(format!("starts at offset {offset} without an X-SHA1")));
             }
-            let mut file = match OpenOptions::new().read(true).write(true).open(&temp) {
+            let mut file = match self.partial.open_file(&temp_name, libc::O_RDWR, 0) {
                 Ok(file) => file,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     return Err(FileError::Integrity(format!("resumes at {offset}, but we hold no part")));
@@ -298,28 +458,35 @@ impl Inbox {
             expected_size,
             expected_digest,
             written: offset,
-            temp,
+            #[cfg(test)]
+            temp: self.partial_path.join(&temp_name),
+            temp_name,
             file,
             hasher,
         })
     }
 
     /// Drops a transfer that will not complete. A temporary file named by
-    /// its digest is kept for a resume unless `keep_part` is false.
+    /// its digest is kept for a resume if `keep_part` (a transfer cut by a
+    /// disconnect), within [`MAX_PARTIALS`]; one the server abandoned
+    /// (deleted, or replaced by a new version) goes.
     pub fn abandon(&self, incoming: Incoming, keep_part: bool) {
         let named = incoming.expected_digest.is_some();
         drop(incoming.file);
-        if !(keep_part && named) {
-            let _ = fs::remove_file(&incoming.temp);
+        if keep_part && named {
+            self.prune_partials();
+        } else {
+            let _ = self.partial.remove_file(&incoming.temp_name);
         }
     }
 
     /// Verifies a complete file against what the server announced and
     /// moves it over its final path in one rename, so that a reader of the
-    /// inbox sees the old file or the new one, never a torn one. Returns
-    /// the size.
-    pub fn deliver(&mut self, incoming: Incoming) -> Result<u64, FileError> {
-        let Incoming { rel, expected_size, expected_digest, written, temp, file, hasher, .. } = incoming;
+    /// inbox sees the old file or the new one, never a torn one. A file
+    /// already there must be ours unless `replace_any`. Returns the size.
+    pub fn deliver(&mut self, incoming: Incoming, replace_any: bool) -> Result<u64, FileError> {
+        let Incoming { rel, expected_size, expected_digest, written, temp_name, file, hasher, .. } = incoming;
+        let meta = file.metadata();
         drop(file);
         let digest = hex_upper(&hasher.finalize());
         let mismatch = match (expected_size, &expected_digest) {
@@ -330,83 +497,75 @@ impl Inbox {
             _ => None,
         };
         if let Some(why) = mismatch {
-            let _ = fs::remove_file(&temp);
+            let _ = self.partial.remove_file(&temp_name);
             return Err(FileError::Integrity(why));
         }
-        let result = self.check_no_symlink(&rel).and_then(|()| self.make_parents(&rel)).and_then(|()| {
-            let target = self.root.join(&rel);
-            if fs::symlink_metadata(&target).is_ok_and(|m| m.is_dir()) {
-                // A directory where the publisher now has a file: only an
-                // empty one may go (its files' deletes come separately).
-                fs::remove_dir(&target)
-                    .map_err(|_| FileError::Refused(format!("a directory is in the way of {rel}")))?;
-            }
-            fs::rename(&temp, &target)?;
-            Ok(target)
-        });
-        let result = result.map_err(|e| below_root(&rel, e));
-        match result {
-            Ok(target) => {
-                if let Ok(meta) = fs::metadata(&target) {
-                    self.remember(&rel, &meta, digest);
+        match self.place(&rel, &temp_name, replace_any).map_err(|e| below_root(&rel, e)) {
+            Ok(()) => {
+                if let Ok(meta) = meta {
+                    self.digests.remember(&rel, meta.len(), mtime_ns(&meta), digest, true);
                 }
                 Ok(written)
             }
             Err(e) => {
-                let _ = fs::remove_file(&temp);
+                let _ = self.partial.remove_file(&temp_name);
                 Err(e)
             }
         }
     }
 
-    /// Creates the directories above `rel`, one at a time, never through a
-    /// symlink (`create_dir_all` would follow one made in the meantime).
-    fn make_parents(&self, rel: &str) -> Result<(), FileError> {
-        let mut path = self.root.clone();
-        let components: Vec<&str> = rel.split('/').collect();
-        for component in &components[..components.len() - 1] {
-            path.push(component);
-            match fs::create_dir(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let meta = fs::symlink_metadata(&path)?;
-                    if !meta.is_dir() {
-                        return Err(FileError::Refused(format!("a file is in the way of {rel}")));
-                    }
-                }
-                Err(e) => return Err(e.into()),
+    /// Renames partial file `temp_name` to `rel`, making its parents.
+    fn place(&self, rel: &str, temp_name: &str, replace_any: bool) -> Result<(), FileError> {
+        self.check_target_inner(rel, replace_any)?;
+        let Some(walk) = self.walk(rel, true)? else {
+            return Err(FileError::Refused(format!("a directory above {rel} vanished")));
+        };
+        let result = self.check_leaf(&walk, rel, replace_any).and_then(|()| {
+            let (parent, leaf) = (self.parent(&walk), walk.leaf());
+            if parent.entry(leaf)?.is_some_and(|e| e.kind == Kind::Dir) {
+                // A directory where the publisher now has a file: only an
+                // empty one may go (its files' deletes come separately).
+                parent
+                    .remove_dir(leaf)
+                    .map_err(|_| FileError::Refused(format!("a directory is in the way of {rel}")))?;
             }
+            Ok(self.partial.rename(temp_name, parent, leaf)?)
+        });
+        if result.is_err() {
+            self.undo(walk);
         }
-        Ok(())
+        result
     }
 
-    /// Removes the file `rel` and the directories its removal left empty,
-    /// up to but not including the inbox root. False if there was no file.
-    pub fn delete(&mut self, rel: &str) -> Result<bool, FileError> {
-        self.delete_file(rel).map_err(|e| below_root(rel, e))
+    /// Removes the file `rel` if we delivered it (or `any`), and the
+    /// directories its removal left empty, up to but not including the
+    /// inbox root.
+    pub fn delete(&mut self, rel: &str, any: bool) -> Result<Deleted, FileError> {
+        self.delete_file(rel, any).map_err(|e| below_root(rel, e))
     }
 
-    fn delete_file(&mut self, rel: &str) -> Result<bool, FileError> {
-        self.check_no_symlink(rel)?;
-        let target = self.root.join(rel);
-        match fs::symlink_metadata(&target) {
-            Ok(meta) if meta.is_file() => {}
-            Ok(_) => return Err(FileError::Refused(format!("{rel} is not a file"))),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(e) => return Err(e.into()),
+    fn delete_file(&mut self, rel: &str, any: bool) -> Result<Deleted, FileError> {
+        let Some(mut walk) = self.walk(rel, false)? else { return Ok(Deleted::Absent) };
+        let parent = self.parent(&walk);
+        match parent.entry(walk.leaf())? {
+            None => return Ok(Deleted::Absent),
+            Some(e) if e.kind == Kind::File => {}
+            Some(_) => return Err(FileError::Refused(format!("{rel} is not a file"))),
         }
-        fs::remove_file(&target)?;
-        if self.digests.remove(rel).is_some() {
-            self.dirty = true;
+        if !any && !self.digests.is_ours(rel) {
+            return Ok(Deleted::Kept);
         }
-        let mut dir = target.parent();
-        while let Some(d) = dir {
-            if d == self.root || !d.starts_with(&self.root) || fs::remove_dir(d).is_err() {
+        parent.remove_file(walk.leaf())?;
+        self.digests.forget(rel);
+        while let Some(dir) = walk.chain.pop() {
+            drop(dir);
+            let depth = walk.chain.len();
+            let parent = walk.chain.last().unwrap_or(&self.root);
+            if parent.remove_dir(walk.components[depth]).is_err() {
                 break;
             }
-            dir = d.parent();
         }
-        Ok(true)
+        Ok(Deleted::Removed)
     }
 
     /// The files held under inbox-relative directory `dir` (empty: the
@@ -418,7 +577,7 @@ impl Inbox {
     /// told. Only an unreadable inbox root is an error.
     pub fn holdings(&mut self, dir: &str) -> io::Result<Vec<(String, String)>> {
         let mut found = Vec::new();
-        let start = if dir.is_empty() { self.root.clone() } else { self.root.join(dir) };
+        let start = if dir.is_empty() { self.root_path.clone() } else { self.root_path.join(dir) };
         match fs::symlink_metadata(&start) {
             Ok(meta) if meta.is_file() => {
                 match self.digest_of(dir, &meta) {
@@ -488,81 +647,40 @@ impl Inbox {
 
     fn digest_of(&mut self, rel: &str, meta: &fs::Metadata) -> io::Result<String> {
         let mtime = mtime_ns(meta);
-        if let Some(known) = self.digests.get(rel) {
-            if known.size == meta.len() && known.mtime_ns == mtime {
-                self.seen.insert(rel.to_string());
-                return Ok(known.digest.clone());
-            }
+        if let Some(digest) = self.digests.lookup(rel, meta.len(), mtime) {
+            return Ok(digest);
         }
-        let (hasher, _) = hash_reader(File::open(self.root.join(rel))?, u64::MAX)?;
+        // Never through a symlink swapped in since we looked; never stuck
+        // on a FIFO.
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(self.root_path.join(rel))?;
+        let (hasher, _) = hash_reader(file, u64::MAX)?;
         let digest = hex_upper(&hasher.finalize());
-        self.remember(rel, meta, digest.clone());
+        self.digests.remember(rel, meta.len(), mtime, digest.clone(), false);
         Ok(digest)
-    }
-
-    fn remember(&mut self, rel: &str, meta: &fs::Metadata, digest: String) {
-        self.digests
-            .insert(rel.to_string(), KnownDigest { size: meta.len(), mtime_ns: mtime_ns(meta), digest });
-        self.seen.insert(rel.to_string());
-        self.dirty = true;
-    }
-
-    fn load_digests(&mut self) {
-        let Ok(text) = fs::read_to_string(&self.digests_path) else { return };
-        for line in text.lines() {
-            let mut fields = line.splitn(4, ' ');
-            let (Some(size), Some(mtime), Some(digest), Some(rel)) =
-                (fields.next(), fields.next(), fields.next(), fields.next())
-            else {
-                continue;
-            };
-            let (Ok(size), Ok(mtime_ns), Some(digest)) =
-                (size.parse(), mtime.parse(), parse_digest(digest.as_bytes()))
-            else {
-                continue;
-            };
-            self.digests.insert(rel.to_string(), KnownDigest { size, mtime_ns, digest });
-        }
     }
 
     /// Starts a census: the digests of files that [`Inbox::holdings`] (or a
     /// delivery) meets from now on are the ones a pruning save keeps.
     pub fn start_census(&mut self) {
-        self.seen.clear();
+        self.digests.start_census();
     }
 
     /// Writes the digest cache if it changed. With `prune`, entries not
     /// met since [`Inbox::start_census`] (files no longer there) go.
     pub fn save_digests(&mut self, prune: bool) -> io::Result<()> {
-        if prune {
-            let before = self.digests.len();
-            let seen = &self.seen;
-            self.digests.retain(|rel, _| seen.contains(rel));
-            self.dirty |= self.digests.len() != before;
-        }
-        if !self.dirty {
-            return Ok(());
-        }
-        let mut text = String::new();
-        let mut entries: Vec<_> = self.digests.iter().collect();
-        entries.sort_by(|a, b| a.0.cmp(b.0));
-        for (rel, known) in entries {
-            // A name with a newline cannot be a line: it is rehashed instead.
-            if !rel.contains('\n') {
-                text.push_str(&format!("{} {} {} {rel}\n", known.size, known.mtime_ns, known.digest));
-            }
-        }
-        let temp = self.digests_path.with_extension("new");
-        fs::write(&temp, text)?;
-        fs::rename(&temp, &self.digests_path)?;
-        self.dirty = false;
-        Ok(())
+        self.digests.save(&self.private, prune)
     }
 }
 
 /// Notes an inbox entry left out of the holdings.
 fn unreadable(path: &Path, e: &io::Error) {
-    tracing::warn!("skipping {}, which cannot be read: {e}", path.display());
+    tracing::warn!(
+        "skipping {}, which cannot be read: {e}",
+        crate::escape::escape(path.as_os_str().as_encoded_bytes())
+    );
 }
 
 /// A permission refused below the inbox root concerns that directory, not
@@ -575,21 +693,6 @@ fn below_root(rel: &str, e: FileError) -> FileError {
             None => FileError::Io(e),
         },
         e => e,
-    }
-}
-
-/// Creates `dir` if missing; refuses it if it is anything but a real
-/// directory (a symlink there would lead our private files out).
-fn real_dir(dir: &Path) -> io::Result<()> {
-    match fs::create_dir(dir) {
-        Ok(()) => return Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    if fs::symlink_metadata(dir)?.is_dir() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!("{} is not a directory", dir.display())))
     }
 }
 
@@ -624,7 +727,7 @@ mod tests {
         assert_eq!(inc.temp(), dir.path().join(".filemq/partial").join(&digest));
         inc.write(b"hello ").unwrap();
         inc.write(b"world").unwrap();
-        assert_eq!(inbox.deliver(inc).unwrap(), 11);
+        assert_eq!(inbox.deliver(inc, false).unwrap(), 11);
         assert_eq!(fs::read(dir.path().join("a/b/c.txt")).unwrap(), b"hello world");
         assert!(inbox.resumable().unwrap().is_empty());
         assert_eq!(inbox.holdings("").unwrap(), vec![("a/b/c.txt".to_string(), digest)]);
@@ -632,7 +735,7 @@ mod tests {
         let mut bad =
             inbox.begin(b"/x".to_vec(), placed("d.txt"), None, Some(sha1_hex(b"other")), 0).unwrap();
         bad.write(b"not it").unwrap();
-        assert!(matches!(inbox.deliver(bad), Err(FileError::Integrity(_))));
+        assert!(matches!(inbox.deliver(bad, false), Err(FileError::Integrity(_))));
         assert!(!dir.path().join("d.txt").exists());
         assert!(fs::read_dir(dir.path().join(".filemq/partial")).unwrap().next().is_none());
     }
@@ -647,7 +750,7 @@ mod tests {
         let mut inbox = inbox;
         let mut inc = inbox.begin(b"/f".to_vec(), placed("f"), Some(10), Some(digest.clone()), 7).unwrap();
         inc.write(b"789").unwrap();
-        inbox.deliver(inc).unwrap();
+        inbox.deliver(inc, false).unwrap();
         assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"0123456789");
         assert!(matches!(
             inbox.begin(b"/f".to_vec(), placed("f"), None, Some(digest), 3),
@@ -666,11 +769,12 @@ mod tests {
         fs::create_dir_all(dir.path().join("a/b")).unwrap();
         fs::write(dir.path().join("a/b/f"), b"x").unwrap();
         fs::write(dir.path().join("top"), b"x").unwrap();
-        assert!(inbox.delete("a/b/f").unwrap());
+        assert_eq!(inbox.delete("a/b/f", false).unwrap(), Deleted::Kept, "not ours");
+        assert_eq!(inbox.delete("a/b/f", true).unwrap(), Deleted::Removed);
         assert!(!dir.path().join("a").exists());
-        assert!(inbox.delete("top").unwrap());
+        assert_eq!(inbox.delete("top", true).unwrap(), Deleted::Removed);
         assert!(dir.path().exists());
-        assert!(!inbox.delete("never").unwrap());
+        assert_eq!(inbox.delete("never", true).unwrap(), Deleted::Absent);
     }
 
     #[test]
@@ -681,12 +785,13 @@ mod tests {
         let mut inbox = Inbox::open(dir.path()).unwrap();
         std::os::unix::fs::symlink(outside.path(), dir.path().join("link")).unwrap();
         std::os::unix::fs::symlink(outside.path().join("victim"), dir.path().join("file")).unwrap();
-        assert!(matches!(inbox.check_no_symlink("link/victim"), Err(FileError::Refused(_))));
-        assert!(matches!(inbox.delete("link/victim"), Err(FileError::Refused(_))));
-        assert!(matches!(inbox.delete("file"), Err(FileError::Refused(_))));
+        assert!(matches!(inbox.check_target("link/victim", true), Err(FileError::Refused(_))));
+        assert!(matches!(inbox.check_target("file", true), Err(FileError::Refused(_))));
+        assert!(matches!(inbox.delete("link/victim", true), Err(FileError::Refused(_))));
+        assert!(matches!(inbox.delete("file", true), Err(FileError::Refused(_))));
         let mut inc = inbox.begin(b"/x".to_vec(), placed("link/new"), None, None, 0).unwrap();
         inc.write(b"evil").unwrap();
-        assert!(matches!(inbox.deliver(inc), Err(FileError::Refused(_))));
+        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Refused(_))));
         assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
         assert!(!outside.path().join("new").exists());
         assert!(inbox.holdings("").unwrap().is_empty(), "symlinks are not holdings");
@@ -703,7 +808,7 @@ mod tests {
             inbox.save_digests(true).unwrap();
         }
         let saved = fs::read_to_string(dir.path().join(".filemq/digests")).unwrap();
-        assert!(saved.ends_with(&format!(" {} a\n", sha1_hex(b"abc"))), "{saved}");
+        assert!(saved.ends_with(&format!(" {} - a\n", sha1_hex(b"abc"))), "{saved}");
         // A cached digest is believed while size and mtime hold: plant a
         // wrong one to see that it is used.
         let planted = saved.replace(&sha1_hex(b"abc"), &sha1_hex(b"xyz"));
@@ -714,7 +819,7 @@ mod tests {
         inbox.start_census();
         assert!(inbox.holdings("").unwrap().is_empty());
         inbox.save_digests(true).unwrap();
-        assert_eq!(fs::read_to_string(dir.path().join(".filemq/digests")).unwrap(), "");
+        assert_eq!(fs::read_to_string(dir.path().join(".filemq/digests")).unwrap(), "filemq-digests 2\n");
     }
 
     #[test]
@@ -735,5 +840,120 @@ mod tests {
         let inbox = Inbox::open(dir.path()).unwrap();
         assert!(!partial.join("tmp-1-2").exists());
         assert_eq!(inbox.resumable().unwrap(), vec![(sha1_hex(b"x"), 1)]);
+    }
+
+    #[test]
+    fn a_file_we_did_not_write_is_neither_replaced_nor_deleted_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("thesis.txt"), b"mine").unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        assert!(matches!(inbox.check_target("thesis.txt", false), Err(FileError::NotOurs)));
+        let mut inc = inbox.begin(b"/t".to_vec(), placed("thesis.txt"), None, None, 0).unwrap();
+        inc.write(b"theirs").unwrap();
+        assert!(matches!(inbox.deliver(inc, false), Err(FileError::NotOurs)));
+        assert_eq!(fs::read(dir.path().join("thesis.txt")).unwrap(), b"mine");
+        assert_eq!(inbox.delete("thesis.txt", false).unwrap(), Deleted::Kept);
+        assert!(inbox.resumable().unwrap().is_empty(), "the refused part is gone");
+
+        // What we deliver is ours: replaced and deleted without a flag.
+        let mut inc = inbox.begin(b"/n".to_vec(), placed("new.txt"), None, None, 0).unwrap();
+        inc.write(b"v1").unwrap();
+        inbox.deliver(inc, false).unwrap();
+        inbox.check_target("new.txt", false).unwrap();
+        let mut inc = inbox.begin(b"/n".to_vec(), placed("new.txt"), None, None, 0).unwrap();
+        inc.write(b"v2").unwrap();
+        inbox.deliver(inc, false).unwrap();
+        assert_eq!(fs::read(dir.path().join("new.txt")).unwrap(), b"v2");
+        inbox.save_digests(false).unwrap();
+        drop(inbox);
+        // The mark lasts across a restart.
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        assert_eq!(inbox.delete("new.txt", false).unwrap(), Deleted::Removed);
+        // With the user's word, theirs goes too.
+        let mut inc = inbox.begin(b"/t".to_vec(), placed("thesis.txt"), None, None, 0).unwrap();
+        inc.write(b"theirs").unwrap();
+        inbox.deliver(inc, true).unwrap();
+        assert_eq!(fs::read(dir.path().join("thesis.txt")).unwrap(), b"theirs");
+    }
+
+    #[test]
+    fn a_path_too_long_is_refused_before_any_directory_is_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        let deep = format!("{}z", "a/".repeat(2600));
+        assert!(matches!(inbox.check_target(&deep, false), Err(FileError::Refused(_))));
+        assert!(!dir.path().join("a").exists());
+    }
+
+    #[test]
+    fn directories_made_for_a_failed_delivery_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        fs::create_dir(dir.path().join("keep")).unwrap();
+        // A non-empty directory where the file should go: refused, and the
+        // parents made for it are gone again.
+        fs::create_dir_all(dir.path().join("keep/new/deeper/f/x")).unwrap();
+        let mut inc = inbox.begin(b"/f".to_vec(), placed("keep/new/deeper/f"), None, None, 0).unwrap();
+        inc.write(b"x").unwrap();
+        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Refused(_))));
+        fs::remove_dir_all(dir.path().join("keep/new")).unwrap();
+        let mut inc = inbox.begin(b"/f".to_vec(), placed("keep/made/for/it"), None, None, 0).unwrap();
+        inc.write(b"x").unwrap();
+        // A symlink planted after the check, where a directory will be made.
+        fs::create_dir_all(dir.path().join("keep/made")).unwrap();
+        std::os::unix::fs::symlink("/tmp", dir.path().join("keep/made/for")).unwrap();
+        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Refused(_))));
+        assert!(dir.path().join("keep").is_dir(), "a directory we did not make stays");
+    }
+
+    #[test]
+    fn our_private_area_is_ours_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join(".filemq")).unwrap();
+        let refused = Inbox::open(dir.path()).err().unwrap();
+        assert!(refused.to_string().contains("symlink"), "{refused}");
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join(".filemq")).unwrap();
+        fs::set_permissions(dir.path().join(".filemq"), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let victim = outside.path().join("victim");
+        fs::write(&victim, b"keep").unwrap();
+        fs::create_dir(dir.path().join(".filemq/partial")).unwrap();
+        let digest = sha1_hex(b"evil");
+        std::os::unix::fs::symlink(&victim, dir.path().join(".filemq/partial").join(&digest)).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join(".filemq/digests.new")).unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(fs::metadata(dir.path().join(".filemq")).unwrap().permissions().mode() & 0o777, 0o700);
+        // A planted partial is neither written through nor resumed from.
+        assert!(inbox.resumable().unwrap().is_empty());
+        assert!(inbox.begin(b"/e".to_vec(), placed("e"), Some(4), Some(digest.clone()), 3).is_err());
+        let mut inc = inbox.begin(b"/e".to_vec(), placed("e"), Some(4), Some(digest), 0).unwrap();
+        inc.write(b"evil").unwrap();
+        inbox.deliver(inc, false).unwrap();
+        assert!(fs::symlink_metadata(dir.path().join("e")).unwrap().is_file());
+        // The cache is written as a new file, not through the planted link.
+        inbox.save_digests(false).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    }
+
+    #[test]
+    fn partial_files_kept_for_resume_are_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let inbox = Inbox::open(dir.path()).unwrap();
+        for i in 0..MAX_PARTIALS + 5 {
+            let digest = sha1_hex(format!("file {i}").as_bytes());
+            let mut inc = inbox.begin(b"/p".to_vec(), placed("p"), None, Some(digest), 0).unwrap();
+            inc.write(b"part").unwrap();
+            inbox.abandon(inc, true);
+        }
+        assert_eq!(inbox.resumable().unwrap().len(), MAX_PARTIALS);
+        let digest = sha1_hex(b"dropped");
+        let inc = inbox.begin(b"/p".to_vec(), placed("p"), None, Some(digest), 0).unwrap();
+        inbox.abandon(inc, false);
+        assert_eq!(inbox.resumable().unwrap().len(), MAX_PARTIALS);
     }
 }

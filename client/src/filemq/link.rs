@@ -13,11 +13,6 @@ use zmq::SocketEvent::{
     HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,
 };
 
-/// The largest frame we accept. Our server's chunks are at most 1,000,000
-/// bytes; a bigger frame drops the connection (libzmq refuses it before
-/// buffering it) and the session layer makes a new one.
-pub(crate) const MAX_FRAME: i64 = 64 << 20;
-
 /// How an attempt to connect ended without a link.
 pub(crate) enum NoLink {
     /// Asked to stop while connecting.
@@ -73,16 +68,18 @@ impl Link {
         control: &zmq::Socket,
         patience: Duration,
     ) -> Result<Link, NoLink> {
-        Self::connect_with(context, endpoint, None, control, patience)
+        Self::connect_with(context, endpoint, None, control, patience, super::session::intake(8_000_000))
     }
 
-    /// [`Link::connect`], speaking CURVE with `curve`'s keys if given.
+    /// [`Link::connect`], speaking CURVE with `curve`'s keys if given, with
+    /// the intake bounds `(largest frame, frames queued)`.
     pub fn connect_with(
         context: &zmq::Context,
         endpoint: &str,
         curve: Option<&crate::curve::ClientKeys>,
         control: &zmq::Socket,
         patience: Duration,
+        (max_frame, queued): (i64, i32),
     ) -> Result<Link, NoLink> {
         static MONITORS: AtomicU64 = AtomicU64::new(0);
         let zmq_failed = |e: zmq::Error| NoLink::Failed(format!("ZeroMQ: {e}"));
@@ -95,7 +92,12 @@ impl Link {
         // new socket: libzmq must not reconnect this one underneath us (the
         // server would see a stranger speak in the middle of a session).
         socket.set_reconnect_ivl(-1).map_err(zmq_failed)?;
-        socket.set_maxmsgsize(MAX_FRAME).map_err(zmq_failed)?;
+        // What a server can make us hold: at most `queued` frames of at most
+        // `max_frame` bytes (see `session::intake`). A bigger frame drops
+        // the connection (libzmq refuses it before buffering it) and the
+        // session layer makes a new one; a full queue holds the server back.
+        socket.set_maxmsgsize(max_frame).map_err(zmq_failed)?;
+        socket.set_rcvhwm(queued).map_err(zmq_failed)?;
         let monitor_endpoint = format!(
             "inproc://filemq-monitor-{}-{}",
             std::process::id(),

@@ -37,8 +37,17 @@
 //!
 //! - Nothing is written or deleted outside the inbox, whatever the server
 //!   sends: names that do not fall under a subscription, or that hold
-//!   `..`, `.`, empty or hidden components or NUL, are refused
-//!   ([`Event::Rejected`]), and so is any path through an existing symlink.
+//!   `..`, `.`, empty or hidden components or NUL, or whose path would be
+//!   longer than the system's limit, are refused ([`Event::Rejected`]) and
+//!   nothing is created for them; every file is created, renamed and
+//!   removed through directory handles that never follow a symlink.
+//! - Only files this subscriber delivered are deleted or replaced, unless
+//!   [`Options::delete`] / [`Options::overwrite`] say otherwise: the
+//!   user's own files in the inbox are kept ([`Event::Kept`]).
+//! - What a server can make us hold is bounded: a frame is at most the
+//!   credit window plus 69 KiB, libzmq queues at most 32 MiB of them (at
+//!   least 2), a chunk beyond the credit granted ends the session, and
+//!   every header hash is decoded within its declared ceiling.
 //! - A file appears whole or not at all: it is received into
 //!   `.filemq/partial/`, checked against the server's `X-SIZE` and `X-SHA1`
 //!   and renamed into place. A file that fails the check is discarded and
@@ -64,6 +73,8 @@
 //! is then made anew): read them. [`Event::Progress`] alone is dropped
 //! rather than waited for.
 
+mod digests;
+mod dirfd;
 mod inbox;
 mod layout;
 mod link;
@@ -132,6 +143,12 @@ pub struct Options {
     /// A handshake the server refuses is retried like a missing server,
     /// with a warning (tracing target `filemq::curve`).
     pub curve: Option<crate::curve::ClientKeys>,
+    /// Apply the publisher's deletes to every file of the inbox, not only
+    /// to those this subscriber delivered (rsync's `--delete`).
+    pub delete: bool,
+    /// Replace a file of the inbox that this subscriber did not write when
+    /// the publisher has another version of it.
+    pub overwrite: bool,
 }
 
 impl Options {
@@ -152,6 +169,8 @@ impl Options {
             event_capacity: 1024,
             refetch_delay: Duration::from_secs(1),
             curve: None,
+            delete: false,
+            overwrite: false,
         }
     }
 }
@@ -170,13 +189,23 @@ pub enum Event {
     /// A file was removed from the inbox.
     Deleted { path: String },
     /// Everything published under this subscription path when we
-    /// (re)subscribed has arrived: the inbox mirrors it. Comes again after
-    /// every reconnection.
-    InSync { path: String },
+    /// (re)subscribed has arrived: every published file is in the inbox
+    /// (files of the inbox that are not published may be there too, see
+    /// [`Event::Kept`]). Comes again after every reconnection. `published`
+    /// is false when the server says nothing at all is published under the
+    /// path (a misspelled path, say); an empty published directory, or a
+    /// server that does not say, gives true.
+    InSync { path: String, published: bool },
+    /// A file of the inbox that this subscriber did not write was left
+    /// alone (see [`Kept`]).
+    Kept { path: String, reason: Kept },
     /// A name the server sent was refused for safety (see the module
-    /// documentation); nothing was written. `name` is the server's, lossily
-    /// decoded.
+    /// documentation); nothing was written. `name` is the server's, shown
+    /// with [`crate::escape::escape`] and cut to 200 characters.
     Rejected { name: String, why: String },
+    /// No server has answered for 2 s since the subscriber started (sent
+    /// once, before any session); it goes on trying.
+    Unreachable { why: String },
     /// A received file did not match its announced size or digest; it was
     /// discarded and is asked for again after a pause (see
     /// [`Options::refetch_delay`]), unless [`Event::GaveUp`] follows.
@@ -197,6 +226,18 @@ pub enum Event {
     /// The inbox became unusable (not writable, disk full, …). The
     /// subscriber has stopped.
     Failed { why: String },
+}
+
+/// Why a file of the inbox was kept: files this subscriber did not write
+/// are deleted or replaced only if [`Options::delete`] or
+/// [`Options::overwrite`] says so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// The publisher does not have it (it sent a delete).
+    NotPublished,
+    /// The publisher has another version; the inbox does not mirror that
+    /// file until it is removed or `overwrite` is set.
+    Differs,
 }
 
 /// A running subscription. Dropping it is [`Subscriber::stop`].

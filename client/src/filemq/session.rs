@@ -2,11 +2,12 @@
 //! subscription, NOM credit, CHEEZBURGERs into the inbox, HUGZ while the
 //! server is quiet), and reconnection with backoff when a session ends.
 
-use super::inbox::{self, FileError, Inbox, Incoming};
+use super::inbox::{self, Deleted, FileError, Inbox, Incoming};
 use super::layout::{Layout, Placed};
 use super::link::{self, Link, NoLink};
-use super::{Event, Options};
+use super::{Event, Kept, Options};
 use crate::codec::{Hash, ShortStr};
+use crate::escape::{escape, escape_truncated};
 use crate::filemq_msg::{CREATE, DELETE};
 use crate::FilemqMsg;
 use bytes::Bytes;
@@ -31,6 +32,32 @@ const MAX_REFETCH_DELAY: Duration = Duration::from_secs(60);
 const MAX_FAILURES: u32 = 5;
 /// Frames handled per wake-up before the timers are looked at again.
 const BATCH: usize = 256;
+/// Before a first session, this long without one is reported
+/// ([`Event::Unreachable`]); we go on trying.
+const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
+/// A frame may hold this much beside its chunk: the filename (names longer
+/// than a path are refused anyway) and the headers (within their declared
+/// ceiling).
+const HEADER_ROOM: u64 = 4096 + crate::filemq_msg::ceiling::HEADERS_BYTES as u64 + 1024;
+/// What libzmq may hold for us in received, unread frames: the receive
+/// queue is cut to fit it (at least 2 frames).
+const INTAKE_BUDGET: u64 = 32 << 20;
+/// Header of our in-sync marker: `0` when nothing at all is published
+/// under the path (no mount covers it, and no file lies under it).
+const PUBLISHED: &str = "X-PUBLISHED";
+/// Malformed frames logged as warnings per session; the rest at debug.
+const MALFORMED_WARNINGS: u32 = 3;
+/// Longest name shown in an event or a log line, in characters.
+const NAME_SHOWN: usize = 200;
+
+/// The largest frame a server may send us (no honest chunk exceeds the
+/// credit, which never exceeds the window) and how many libzmq queues:
+/// together they bound what a server can make us hold.
+pub(crate) fn intake(window: u64) -> (i64, i32) {
+    let max_frame = window.saturating_add(HEADER_ROOM).min(i64::MAX as u64);
+    let queued = (INTAKE_BUDGET / max_frame).clamp(2, 1000);
+    (max_frame as i64, queued as i32)
+}
 
 /// What lives across sessions.
 pub(crate) struct Shared {
@@ -88,20 +115,32 @@ enum End {
 pub(crate) fn run(mut shared: Shared) {
     let mut backoff = FIRST_BACKOFF;
     let mut failed_attempts = 0u32;
+    let started = Instant::now();
+    // A session has existed: from then on, reconnect quietly for ever.
+    let mut ever_greeted = false;
+    let mut told_unreachable = false;
     loop {
-        let patience = shared.opts.dead_after;
+        // Until the first session, an attempt waits no longer than it takes
+        // to say that nobody answers.
+        let patience = if ever_greeted || told_unreachable {
+            shared.opts.dead_after
+        } else {
+            shared.opts.dead_after.min(UNREACHABLE_AFTER)
+        };
         let end = match Link::connect_with(
             &shared.context,
             &shared.opts.endpoint,
             shared.opts.curve.as_ref(),
             &shared.control,
             patience,
+            intake(shared.opts.window),
         ) {
             Ok(link) => {
                 failed_attempts = 0;
                 let mut session = Session::new(&mut shared, link);
                 let end = session.run();
                 let greeted = session.greeted_at.is_some();
+                ever_greeted |= greeted;
                 let good =
                     session.delivered || session.greeted_at.is_some_and(|t| t.elapsed() >= STEADY_SESSION);
                 session.close(&end);
@@ -148,7 +187,14 @@ pub(crate) fn run(mut shared: Shared) {
                 let _ = shared.events.send(Event::Failed { why });
                 break;
             }
-            End::Lost(_) => {}
+            End::Lost(why) => {
+                if !ever_greeted && !told_unreachable && started.elapsed() >= UNREACHABLE_AFTER {
+                    told_unreachable = true;
+                    if shared.events.send(Event::Unreachable { why }).is_err() {
+                        break;
+                    }
+                }
+            }
         }
         if shared.stop_within(backoff) {
             break;
@@ -196,6 +242,11 @@ struct Session<'a> {
     failures: HashMap<String, u32>,
     /// Leftover partial files have been cleared this session.
     partials_cleared: bool,
+    /// Malformed frames and other oddities this session (only the first
+    /// few are warned of).
+    malformed: u32,
+    /// When the server last sent a valid message: garbage is no sign of
+    /// life.
     last_heard: Instant,
     last_hugz: Instant,
 }
@@ -218,6 +269,7 @@ impl<'a> Session<'a> {
             resubscribe_at: vec![None; subscriptions],
             failures: HashMap::new(),
             partials_cleared: false,
+            malformed: 0,
             last_heard: now,
             last_hugz: now,
         }
@@ -239,8 +291,9 @@ impl<'a> Session<'a> {
             for _ in 0..BATCH {
                 match self.link.try_recv().map_err(End::Lost)? {
                     Some(frame) => {
-                        self.last_heard = Instant::now();
-                        self.on_frame(frame)?;
+                        if self.on_frame(frame)? {
+                            self.last_heard = Instant::now();
+                        }
                     }
                     None => {
                         read_dry = true;
@@ -318,22 +371,39 @@ impl<'a> Session<'a> {
         self.shared.events.send(event).map_err(|_| End::Stop)
     }
 
-    fn on_frame(&mut self, frame: Bytes) -> Result<(), End> {
+    /// Logs something odd the server did: the first few of a session as
+    /// warnings, the rest at debug, so a hostile server cannot fill the log.
+    fn oddity(&mut self, what: std::fmt::Arguments<'_>) {
+        self.malformed += 1;
+        if self.malformed <= MALFORMED_WARNINGS {
+            tracing::warn!("{what}");
+        } else {
+            tracing::debug!("{what}");
+        }
+    }
+
+    /// Handles one frame; true if it was a valid message for this point of
+    /// the session (progress, which keeps the session alive).
+    fn on_frame(&mut self, frame: Bytes) -> Result<bool, End> {
         let msg = match FilemqMsg::decode(frame) {
             Ok(msg) => msg,
             Err(e) => {
-                tracing::warn!("ignoring a malformed frame from the server: {e}");
-                return Ok(());
+                self.oddity(format_args!("ignoring a malformed frame from the server: {e}"));
+                return Ok(false);
             }
         };
         tracing::trace!("received {}", msg.name());
+        self.on_message(msg)
+    }
+
+    fn on_message(&mut self, msg: FilemqMsg) -> Result<bool, End> {
         match msg {
             FilemqMsg::OhaiOk {} if self.phase == Phase::Greeting => {
                 self.greeted_at = Some(Instant::now());
                 self.emit(Event::Connected)?;
-                self.subscribe_all()
+                self.subscribe_all()?;
             }
-            FilemqMsg::IcanhazOk {} => {
+            FilemqMsg::IcanhazOk {} if matches!(self.phase, Phase::Subscribing { .. }) => {
                 if let Phase::Subscribing { oks_due } = self.phase {
                     self.phase = match oks_due.saturating_sub(1) {
                         0 => Phase::Subscribed,
@@ -341,32 +411,32 @@ impl<'a> Session<'a> {
                     };
                     self.top_up()?;
                 }
-                Ok(())
             }
             FilemqMsg::Cheezburger { sequence, operation, filename, offset, eof, headers, chunk }
                 if self.greeted_at.is_some() =>
             {
-                self.on_cheezburger(sequence, operation, filename.as_bytes(), offset, eof, &headers, chunk.0)
+                self.on_cheezburger(sequence, operation, filename.as_bytes(), offset, eof, &headers, chunk.0)?
             }
-            FilemqMsg::HugzOk {} => Ok(()),
-            FilemqMsg::Hugz {} => self.send(&FilemqMsg::HugzOk {}),
+            FilemqMsg::HugzOk {} if self.greeted_at.is_some() => {}
+            FilemqMsg::Hugz {} if self.greeted_at.is_some() => self.send(&FilemqMsg::HugzOk {})?,
             // Before the greeting, RTFM and SRSLY answer our OHAI: the
             // server will not serve us, now or later. After it, SRSLY
             // answers an ICANHAZ (a subscription path refused, which no new
             // session changes), but RTFM ("OHAI first") means the server has
             // forgotten our session (expiry, a restart, or it dropped us):
             // a new session puts that right.
-            FilemqMsg::Srsly { reason } => Err(End::Refused(why_or(&reason, "SRSLY"))),
+            FilemqMsg::Srsly { reason } => return Err(End::Refused(why_or(&reason, "SRSLY"))),
             FilemqMsg::Rtfm { reason } if self.greeted_at.is_some() => {
-                Err(End::Lost(why_or(&reason, "the server lost our session (RTFM)")))
+                return Err(End::Lost(why_or(&reason, "the server lost our session (RTFM)")))
             }
-            FilemqMsg::Rtfm { reason } => Err(End::Refused(why_or(&reason, "RTFM"))),
-            FilemqMsg::Kthxbai {} => Err(End::Lost("the server said goodbye".into())),
+            FilemqMsg::Rtfm { reason } => return Err(End::Refused(why_or(&reason, "RTFM"))),
+            FilemqMsg::Kthxbai {} => return Err(End::Lost("the server said goodbye".into())),
             other => {
-                tracing::warn!("ignoring an unexpected {} from the server", other.name());
-                Ok(())
+                self.oddity(format_args!("ignoring an unexpected {} from the server", other.name()));
+                return Ok(false);
             }
         }
+        Ok(true)
     }
 
     /// ICANHAZ for every subscription; the digest cache is saved (and
@@ -452,16 +522,26 @@ impl<'a> Session<'a> {
             }
         }
         self.last_sequence = Some(sequence);
+        // No honest server sends beyond the credit we granted (the original
+        // only sends a chunk that fits): one that does would make us hold
+        // whatever it likes.
+        if chunk.len() as u64 > self.credit {
+            return Err(End::Lost(format!(
+                "the server sent a {}-byte chunk with only {} bytes of credit granted",
+                chunk.len(),
+                self.credit
+            )));
+        }
         // The server spent credit on every payload byte it sent, whatever we
         // make of them: counting only what we keep would drift (spec §7).
-        self.credit = self.credit.saturating_sub(chunk.len() as u64);
+        self.credit -= chunk.len() as u64;
         match operation {
             CREATE if name.is_empty() => self.on_marker(headers)?,
             // The original server marks the end with an empty chunk only.
             CREATE => self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?,
             // Offset and chunk of a delete may be stale (spec §14).
             DELETE => self.on_delete(name)?,
-            other => tracing::warn!("ignoring a CHEEZBURGER with operation {other}"),
+            other => self.oddity(format_args!("ignoring a CHEEZBURGER with operation {other}")),
         }
         self.top_up()
     }
@@ -470,15 +550,21 @@ impl<'a> Session<'a> {
     /// for has come.
     fn on_marker(&mut self, headers: &Hash) -> Result<(), End> {
         let Some(synced) = headers.get("X-SYNCED") else {
-            tracing::warn!("ignoring a CHEEZBURGER without a filename");
+            self.oddity(format_args!("ignoring a CHEEZBURGER without a filename"));
             return Ok(());
         };
         let subs = self.shared.layout.subscriptions();
         let Some(sub) = subs.iter().position(|s| s.as_bytes() == synced.as_bytes()) else {
-            tracing::warn!("ignoring an in-sync marker for {synced:?}, which we did not subscribe to");
+            let synced = escape_truncated(synced.as_bytes(), NAME_SHOWN);
+            self.oddity(format_args!(
+                "ignoring an in-sync marker for {synced}, which we did not subscribe to"
+            ));
             return Ok(());
         };
         let path = subs[sub].clone();
+        // Our server says whether anything is published there at all; a
+        // server that does not say is taken to publish the path.
+        let published = headers.get(PUBLISHED).is_none_or(|v| v.as_bytes() != b"0");
         self.markers_due[sub] = self.markers_due[sub].saturating_sub(1);
         if self.markers_due[sub] > 0 || self.resubscribe_at[sub].is_some() {
             // A later RESYNC (a file being fetched again) was sent, or is
@@ -490,10 +576,14 @@ impl<'a> Session<'a> {
         if !self.partials_cleared && settled {
             // Every offered resume had its chance: what is left is stale.
             self.partials_cleared = true;
-            self.shared.inbox.remove_stale_partials(self.incoming.as_ref().map(Incoming::temp));
+            self.shared.inbox.remove_stale_partials(self.incoming.as_ref());
         }
-        tracing::info!("{path} is in sync");
-        self.emit(Event::InSync { path })
+        if published {
+            tracing::info!("{path} is in sync");
+        } else {
+            tracing::info!("{path} is in sync, but nothing is published there");
+        }
+        self.emit(Event::InSync { path, published })
     }
 
     fn on_chunk(
@@ -527,9 +617,10 @@ impl<'a> Session<'a> {
         if !continues {
             if let Some(previous) = self.incoming.take() {
                 // The server moved on without finishing it (it changed while
-                // being sent): what we hold may still be resumed later.
-                tracing::debug!("{} was left unfinished", previous.rel);
-                self.shared.inbox.abandon(previous, true);
+                // being sent, and a new version follows): its part is of no
+                // more use.
+                tracing::debug!("{} was left unfinished", shown(&previous.rel));
+                self.shared.inbox.abandon(previous, false);
             }
             match self.begin(name, offset, headers)? {
                 Some(incoming) => self.incoming = Some(incoming),
@@ -568,9 +659,9 @@ impl<'a> Session<'a> {
         if end {
             let Some(incoming) = self.incoming.take() else { return Ok(()) };
             let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
-            match self.shared.inbox.deliver(incoming) {
+            match self.shared.inbox.deliver(incoming, self.shared.opts.overwrite) {
                 Ok(size) => {
-                    tracing::info!("updated {}", placed.rel);
+                    tracing::info!("updated {}", shown(&placed.rel));
                     self.delivered = true;
                     self.failures.remove(&placed.rel);
                     self.emit(Event::Updated { path: placed.rel, size })?;
@@ -610,7 +701,7 @@ impl<'a> Session<'a> {
                 None => return self.reject(name, "has a malformed X-SIZE header").map(|()| None),
             },
         };
-        if let Err(e) = self.shared.inbox.check_no_symlink(&placed.rel) {
+        if let Err(e) = self.shared.inbox.check_target(&placed.rel, self.shared.opts.overwrite) {
             return self.file_error(name, placed, e).map(|()| None);
         }
         match self.shared.inbox.begin(name.to_vec(), placed.clone(), size, digest, offset) {
@@ -621,11 +712,10 @@ impl<'a> Session<'a> {
 
     fn on_delete(&mut self, name: &[u8]) -> Result<(), End> {
         if self.incoming.as_ref().is_some_and(|i| i.name == name) {
-            // The server gave up sending it: what we hold may be resumed
-            // if it comes back (or goes as stale once we are in sync).
+            // The server gave up sending it: its part is of no more use.
             if let Some(incoming) = self.incoming.take() {
-                tracing::debug!("{} was deleted while being received", incoming.rel);
-                self.shared.inbox.abandon(incoming, true);
+                tracing::debug!("{} was deleted while being received", shown(&incoming.rel));
+                self.shared.inbox.abandon(incoming, false);
             }
         }
         if self.skipping.as_ref().is_some_and(|s| s.name == name) {
@@ -635,15 +725,19 @@ impl<'a> Session<'a> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why),
         };
-        match self.shared.inbox.delete(&placed.rel) {
-            Ok(true) => {
-                tracing::info!("deleted {}", placed.rel);
+        match self.shared.inbox.delete(&placed.rel, self.shared.opts.delete) {
+            Ok(Deleted::Removed) => {
+                tracing::info!("deleted {}", shown(&placed.rel));
                 self.delivered = true;
                 self.emit(Event::Deleted { path: placed.rel })
             }
-            Ok(false) => {
-                tracing::debug!("nothing to delete at {}", placed.rel);
+            Ok(Deleted::Absent) => {
+                tracing::debug!("nothing to delete at {}", shown(&placed.rel));
                 Ok(())
+            }
+            Ok(Deleted::Kept) => {
+                tracing::info!("kept {}: not published, and not written by us", shown(&placed.rel));
+                self.emit(Event::Kept { path: placed.rel, reason: Kept::NotPublished })
             }
             Err(e) => self.file_error(name, placed, e),
         }
@@ -654,8 +748,17 @@ impl<'a> Session<'a> {
     fn file_error(&mut self, name: &[u8], placed: Placed, e: FileError) -> Result<(), End> {
         match e {
             FileError::Refused(why) => self.reject(name, &why),
+            FileError::NotOurs => {
+                tracing::info!(
+                    "kept {}: the publisher has another version, and we did not write this one",
+                    shown(&placed.rel)
+                );
+                self.emit(Event::Kept { path: placed.rel, reason: Kept::Differs })
+            }
             FileError::Integrity(why) => self.integrity_failed(placed, &why),
-            FileError::Io(e) if inbox::is_fatal(&e) => Err(End::Failed(format!("{}: {e}", placed.rel))),
+            FileError::Io(e) if inbox::is_fatal(&e) => {
+                Err(End::Failed(format!("{}: {e}", shown(&placed.rel))))
+            }
             FileError::Io(e) => self.reject(name, &e.to_string()),
         }
     }
@@ -684,7 +787,7 @@ impl<'a> Session<'a> {
             .refetch_delay
             .saturating_mul(1 << (failures - 1))
             .min(MAX_REFETCH_DELAY.max(self.shared.opts.refetch_delay));
-        tracing::warn!("{}: {why}; fetching it again in {delay:?}", placed.rel);
+        tracing::warn!("{}: {why}; fetching it again in {delay:?}", shown(&placed.rel));
         self.emit(Event::IntegrityFailed { path: placed.rel })?;
         let at = Instant::now() + delay;
         let due = &mut self.resubscribe_at[placed.subscription];
@@ -694,9 +797,11 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Reports a refused name, escaped and cut short: a server may send
+    /// names of megabytes, and control characters in them.
     fn reject(&mut self, name: &[u8], why: &str) -> Result<(), End> {
-        let name = String::from_utf8_lossy(name).into_owned();
-        tracing::warn!("refusing {name:?} from the server: {why}");
+        let name = escape_truncated(name, NAME_SHOWN);
+        tracing::warn!("refusing {name} from the server: {why}");
         self.emit(Event::Rejected { name, why: why.to_string() })
     }
 }
@@ -722,8 +827,13 @@ fn said_digest(headers: &Hash) -> Option<Option<String>> {
     headers.get("X-SHA1").map(|text| inbox::parse_digest(text.as_bytes()))
 }
 
+/// An inbox path as a log line shows it.
+fn shown(rel: &str) -> String {
+    escape(rel.as_bytes())
+}
+
 fn why_or(reason: &ShortStr, default: &str) -> String {
-    let reason = reason.to_string_lossy();
+    let reason = escape(reason.as_bytes());
     if reason.is_empty() {
         default.to_string()
     } else {

@@ -57,6 +57,10 @@ pub mod ext {
     pub const SIZE: &str = "X-SIZE";
     /// CHEEZBURGER header of the in-sync marker: the subscription path.
     pub const SYNCED: &str = "X-SYNCED";
+    /// CHEEZBURGER header of the in-sync marker: `1` if anything is
+    /// published under the path (a mount at or below it, even empty, or a
+    /// file under it), `0` if nothing is (a misspelled path).
+    pub const PUBLISHED: &str = "X-PUBLISHED";
 }
 
 /// Settings of the FILEMQ service.
@@ -283,6 +287,12 @@ pub fn covers(path: &str, vpath: &str) -> bool {
 }
 
 /// The virtual path of `rel` under the mount `alias`.
+/// `vpath` relative to mount `alias`, which covers it.
+fn path_in(alias: &str, vpath: &str) -> String {
+    let rest = if alias == "/" { &vpath[1..] } else { vpath.get(alias.len()..).unwrap_or("") };
+    rest.trim_start_matches('/').to_string()
+}
+
 fn join(alias: &str, rel: &str) -> String {
     if alias == "/" {
         format!("/{rel}")
@@ -683,8 +693,14 @@ impl Filemq {
                 Entry::Synced(path) => {
                     let count = conn.markers_owed.remove(&path).unwrap_or(1);
                     if conn.extended {
+                        let published = self.mounts.values().any(|m| {
+                            covers(&path, &m.alias)
+                                || (covers(&m.alias, &path)
+                                    && m.snapshot.has_under(&path_in(&m.alias, &path)))
+                        });
                         let mut headers = Hash::default();
                         let _ = headers.insert(ext::SYNCED, Bytes::from(path.into_bytes()));
+                        let _ = headers.insert(ext::PUBLISHED, if published { "1" } else { "0" });
                         for _ in 0..count {
                             let msg = FilemqMsg::Cheezburger {
                                 sequence: conn.next_sequence(),

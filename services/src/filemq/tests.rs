@@ -363,10 +363,28 @@ fn extended_clients_get_digests_sizes_and_an_in_sync_marker() {
             filename: String::new(),
             offset: 0,
             eof: 1,
-            headers: vec![("X-SYNCED".into(), "/".into())],
+            headers: vec![("X-SYNCED".into(), "/".into()), ("X-PUBLISHED".into(), "1".into())],
             chunk: vec![]
         }
     );
+}
+
+#[test]
+fn the_in_sync_marker_says_whether_anything_is_published_there() {
+    let (_dir, mut sim) = world(&[("a", b"abc"), ("sub/b", b"b"), ("sub-c", b"c")]);
+    let extended = [("RESYNC", "1"), ("X-ZBROKER", "1")];
+    let published = |sim: &mut Sim<Filemq>, conn, path: &str| {
+        let got = burgers(subscribe(sim, conn, path, &extended, 1_000_000));
+        let marker = got.last().unwrap().clone();
+        assert_eq!(marker.headers[0], ("X-SYNCED".into(), path.into()));
+        marker.headers[1].1.clone()
+    };
+    assert_eq!(published(&mut sim, 1, "/"), "1");
+    assert_eq!(published(&mut sim, 2, "/sub"), "1");
+    assert_eq!(published(&mut sim, 3, "/a"), "1", "a file is published there");
+    assert_eq!(published(&mut sim, 4, "/typo"), "0");
+    assert_eq!(published(&mut sim, 5, "/su"), "0", "components, not characters");
+    assert_eq!(published(&mut sim, 6, "/sub/b/c"), "0");
 }
 
 #[test]

@@ -34,6 +34,21 @@ pub struct Snapshot {
     pub files: BTreeMap<String, FileMeta>,
 }
 
+impl Snapshot {
+    /// True if a file is at relative path `rel` or below it.
+    pub fn has_under(&self, rel: &str) -> bool {
+        if rel.is_empty() {
+            return !self.files.is_empty();
+        }
+        // Keys sharing `rel`'s characters ("a-b" beside "a/x") sort among
+        // those under it: look at the file itself, then at the range of
+        // `rel/`.
+        let dir = format!("{rel}/");
+        self.files.contains_key(rel)
+            || self.files.range(dir.clone()..).next().is_some_and(|(k, _)| k.starts_with(&dir))
+    }
+}
+
 /// What changed between two snapshots, by relative path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
