@@ -178,40 +178,133 @@ fn header(key: &str, value: &str) -> Hash {
     h
 }
 
+/// Runs `filemq subscribe /data --once` against `endpoint` with `extra`
+/// arguments.
+fn once_at(endpoint: &str, inbox: &std::path::Path, extra: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_filemq"))
+        .args(["subscribe", "/data", "--inbox", inbox.to_str().unwrap(), "--endpoint", endpoint, "--once"])
+        .args(["--timeout", "10000"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// hello.txt, then a delete of stale.txt, then the in-sync marker.
+fn hello_and_a_delete(send: &mut dyn FnMut(FilemqMsg)) {
+    let digest: String = Sha1::digest(b"hello").iter().map(|b| format!("{b:02X}")).collect();
+    let mut headers = header("X-SHA1", &digest);
+    headers.insert("X-SIZE", "5").unwrap();
+    send(burger(0, CREATE, "/data/a/hello.txt", 0, 0, headers.clone(), b"hello"));
+    send(burger(1, CREATE, "/data/a/hello.txt", 5, 1, headers, b""));
+    send(burger(2, DELETE, "/data/stale.txt", 0, 0, Hash::default(), b""));
+    send(burger(3, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+}
+
 #[test]
 fn once_mirrors_prints_one_line_per_file_and_says_goodbye() {
     let endpoint = unique_endpoint();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("stale.txt"), b"old").unwrap();
-    let server = fake_server(&endpoint, |send| {
-        let digest: String = Sha1::digest(b"hello").iter().map(|b| format!("{b:02X}")).collect();
-        let mut headers = header("X-SHA1", &digest);
-        headers.insert("X-SIZE", "5").unwrap();
-        send(burger(0, CREATE, "/data/a/hello.txt", 0, 0, headers.clone(), b"hello"));
-        send(burger(1, CREATE, "/data/a/hello.txt", 5, 1, headers, b""));
-        send(burger(2, DELETE, "/data/stale.txt", 0, 0, Hash::default(), b""));
-        send(burger(3, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
-    });
-    let out = Command::new(env!("CARGO_BIN_EXE_filemq"))
-        .args([
-            "subscribe",
-            "/data",
-            "--inbox",
-            dir.path().to_str().unwrap(),
-            "--endpoint",
-            &endpoint,
-            "--once",
-        ])
-        .args(["--timeout", "10000"])
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let server = fake_server(&endpoint, hello_and_a_delete);
+    let out = once_at(&endpoint, dir.path(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "updated a/hello.txt\ndeleted stale.txt\n");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "updated a/hello.txt\n");
     assert_eq!(std::fs::read(dir.path().join("a/hello.txt")).unwrap(), b"hello");
-    assert!(!dir.path().join("stale.txt").exists());
+    // Not ours: kept, and said so.
+    assert_eq!(std::fs::read(dir.path().join("stale.txt")).unwrap(), b"old");
+    assert_eq!(
+        stderr(&out),
+        "filemq: 1 updated, 0 deleted; kept 1 local file(s) the publisher does not have \
+         (--delete removes them)\n"
+    );
     let after = server.join().unwrap();
     assert!(matches!(after.last(), Some(FilemqMsg::Kthxbai {})), "{after:?}");
+
+    // With --delete, the publisher's word goes for every file.
+    let server = fake_server(&endpoint, hello_and_a_delete);
+    let out = once_at(&endpoint, dir.path(), &["--delete"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "updated a/hello.txt\ndeleted stale.txt\n");
+    assert!(!dir.path().join("stale.txt").exists());
+    server.join().unwrap();
+}
+
+#[test]
+fn json_lines_and_escaped_names_cannot_be_forged() {
+    let endpoint = unique_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    let forged = "/data/x\ndeleted important.txt\x1b]0;TITLE\x07";
+    let server = fake_server(&endpoint, move |send| {
+        send(burger(0, CREATE, forged, 0, 1, Hash::default(), b"x"));
+        send(burger(1, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+    });
+    let out = once_at(&endpoint, dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "updated x\\ndeleted important.txt\\x1b]0;TITLE\\x07\n");
+    server.join().unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let server = fake_server(&endpoint, move |send| {
+        send(burger(0, CREATE, forged, 0, 1, Hash::default(), b"x"));
+        send(burger(1, CREATE, "/data/../up", 0, 1, Hash::default(), b"x"));
+        send(burger(2, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+    });
+    let out = once_at(&endpoint, dir.path(), &["--json"]);
+    assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
+    let events: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    assert_eq!(kinds, ["connected", "updated", "refused", "in-sync", "summary"]);
+    assert_eq!(events[1]["path"], "x\ndeleted important.txt\x1b]0;TITLE\x07");
+    assert_eq!(events[1]["size"], 1);
+    assert_eq!(events[2]["name"], "/data/../up");
+    assert_eq!(events[3]["published"], true);
+    assert_eq!(events[4]["refused"], 1);
+    server.join().unwrap();
+}
+
+#[test]
+fn once_says_when_nothing_is_published_under_a_path() {
+    let endpoint = unique_endpoint();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("thesis.txt"), b"mine").unwrap();
+    let server = fake_server(&endpoint, |send| {
+        send(burger(0, DELETE, "/data/thesis.txt", 0, 0, Hash::default(), b""));
+        let mut marker = header("X-SYNCED", "/data");
+        marker.insert("X-PUBLISHED", "0").unwrap();
+        send(burger(1, CREATE, "", 0, 1, marker, b""));
+    });
+    let out = once_at(&endpoint, dir.path(), &[]);
+    assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "filemq: nothing is published under /data (check the path; nothing was changed there)\n"
+    );
+    assert_eq!(std::fs::read(dir.path().join("thesis.txt")).unwrap(), b"mine");
+    server.join().unwrap();
+}
+
+#[test]
+fn once_without_any_broker_says_so_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = filemq(&[
+        "subscribe",
+        "/a",
+        "--inbox",
+        dir.path().to_str().unwrap(),
+        "--endpoint",
+        &unique_endpoint(),
+        "--once",
+    ]);
+    assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
+    let took = started.elapsed();
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "took {took:?}");
+    let err = stderr(&out);
+    assert!(err.starts_with("filemq: no broker answers: nothing listens at ipc://") && err.lines().count() == 1, "{err}");
 }
 
 #[test]

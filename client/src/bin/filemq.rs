@@ -544,7 +544,8 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     subscriber.stop();
     if args.json {
         let _ = output.json(tally.json());
-    } else if !quiet && (args.once || tally.updated + tally.deleted + tally.kept_unpublished > 0) {
+    } else if !quiet && result.is_ok() && (args.once || tally.updated + tally.deleted + tally.kept_unpublished > 0) {
+        // A failure says it all in its one line.
         eprintln!("filemq: {}", tally.summary());
     }
     result
@@ -565,14 +566,21 @@ fn finish_once(tally: &Tally) -> Result<(), Failure> {
     if tally.missing() == 0 {
         return Ok(());
     }
+    let failed = tally.missing() - tally.kept_differing.len() as u64;
+    let mut what = Vec::new();
+    if failed > 0 {
+        what.push(format!("{failed} file(s) could not be fetched or were refused for safety (--log warn says why)"));
+    }
+    if !tally.kept_differing.is_empty() {
+        what.push(format!(
+            "{} local file(s) that filemq did not write differ from the publisher's and were kept \
+             (--overwrite replaces them)",
+            tally.kept_differing.len()
+        ));
+    }
     Err(Failure::new(
         status::INCOMPLETE,
-        format!(
-            "in sync, but {} file(s) could not be fetched, were refused for safety, or were kept \
-             because a local file is in the way (--log warn says why): {}",
-            tally.missing(),
-            tally.missing_names()
-        ),
+        format!("in sync, but {}: {}", what.join("; "), tally.missing_names()),
     ))
 }
 
