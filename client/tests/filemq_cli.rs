@@ -304,7 +304,10 @@ fn once_without_any_broker_says_so_within_seconds() {
     let took = started.elapsed();
     assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "took {took:?}");
     let err = stderr(&out);
-    assert!(err.starts_with("filemq: no broker answers: nothing listens at ipc://") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.starts_with("filemq: no broker answers: nothing listens at ipc://") && err.lines().count() == 1,
+        "{err}"
+    );
 }
 
 #[test]

@@ -544,7 +544,10 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     subscriber.stop();
     if args.json {
         let _ = output.json(tally.json());
-    } else if !quiet && result.is_ok() && (args.once || tally.updated + tally.deleted + tally.kept_unpublished > 0) {
+    } else if !quiet
+        && result.is_ok()
+        && (args.once || tally.updated + tally.deleted + tally.kept_unpublished > 0)
+    {
         // A failure says it all in its one line.
         eprintln!("filemq: {}", tally.summary());
     }
@@ -569,7 +572,9 @@ fn finish_once(tally: &Tally) -> Result<(), Failure> {
     let failed = tally.missing() - tally.kept_differing.len() as u64;
     let mut what = Vec::new();
     if failed > 0 {
-        what.push(format!("{failed} file(s) could not be fetched or were refused for safety (--log warn says why)"));
+        what.push(format!(
+            "{failed} file(s) could not be fetched or were refused for safety (--log warn says why)"
+        ));
     }
     if !tally.kept_differing.is_empty() {
         what.push(format!(

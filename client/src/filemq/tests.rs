@@ -656,6 +656,55 @@ fn a_silent_server_is_given_up_on_and_reconnected() {
 }
 
 #[test]
+fn garbage_is_no_sign_of_life() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
+    server.handshake(1);
+    server.answer_hugz = false;
+    let started = Instant::now();
+    // Garbage every 50 ms, HUGZ unanswered: the session still ends after
+    // dead_after (1.5 s) and a new one starts.
+    loop {
+        server.send_raw(b"\xAA\xA3\x08garbage");
+        server.send_raw(b"not even a header");
+        match server.next(Duration::from_millis(50)) {
+            Some(FilemqMsg::Ohai { .. }) => break,
+            _ => assert!(started.elapsed() < Duration::from_secs(5), "garbage kept the session alive"),
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1200), "gave up after {:?}", started.elapsed());
+    let events = events_until(&sub, |e| matches!(e, Event::Disconnected { .. }));
+    assert_eq!(events.len(), 2, "{events:?}");
+}
+
+#[test]
+fn files_started_and_never_finished_leave_no_parts_behind() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    server.handshake(1);
+    for i in 0..300 {
+        let data = format!("part of file {i}");
+        let digest = sha1_hex(format!("whole file {i}").as_bytes());
+        let name = format!("/data/f{i}");
+        server.burger(CREATE, name.as_bytes(), 0, 0, hash(&[("X-SHA1", &digest)]), data.as_bytes());
+    }
+    server.publish("/data/last", b"last");
+    events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert!(partial_files(&inbox).is_empty(), "{} parts left", partial_files(&inbox).len());
+    // One cut by a disconnect is kept for a resume.
+    let digest = sha1_hex(b"whole");
+    server.burger(CREATE, b"/data/cut", 0, 0, hash(&[("X-SHA1", &digest)]), b"who");
+    std::thread::sleep(Duration::from_millis(200));
+    sub.stop();
+    assert_eq!(partial_files(&inbox), [digest]);
+}
+
+#[test]
 fn a_gap_in_the_sequence_starts_a_new_session() {
     let endpoint = unique_endpoint();
     let mut server = FakeServer::bind(&endpoint);
