@@ -416,6 +416,7 @@ impl Upstream {
         curve: Option<zbroker_client::curve::ClientKeys>,
     ) -> anyhow::Result<Upstream> {
         use std::sync::atomic::Ordering;
+        use zbroker_client::escape::escape;
         use zbroker_client::filemq::{Event, Options, Subscriber};
         let options = Options { curve, ..Options::endpoint(endpoint, paths.clone(), inbox.clone()) };
         let subscriber = Subscriber::start(options)
@@ -428,19 +429,35 @@ impl Upstream {
             while !stopping.load(Ordering::Relaxed) {
                 match subscriber.recv_timeout(Duration::from_millis(200)) {
                     Ok(Event::Updated { path, size }) => {
-                        tracing::debug!(%path, size, "upstream file updated")
+                        tracing::debug!(path = %escape(path.as_bytes()), size, "upstream file updated")
                     }
-                    Ok(Event::Deleted { path }) => tracing::debug!(%path, "upstream file deleted"),
-                    Ok(Event::InSync { path }) => tracing::info!(%path, "in sync with {endpoint}"),
+                    Ok(Event::Deleted { path }) => {
+                        tracing::debug!(path = %escape(path.as_bytes()), "upstream file deleted")
+                    }
+                    Ok(Event::InSync { path, published: true }) => {
+                        tracing::info!(path = %escape(path.as_bytes()), "in sync with {endpoint}")
+                    }
+                    Ok(Event::InSync { path, published: false }) => tracing::warn!(
+                        path = %escape(path.as_bytes()),
+                        "in sync with {endpoint}, which publishes nothing there"
+                    ),
+                    Ok(Event::Kept { path, reason }) => tracing::info!(
+                        path = %escape(path.as_bytes()),
+                        "kept a file of the inbox the relay did not write ({reason:?})"
+                    ),
+                    Ok(Event::Unreachable { why }) => {
+                        tracing::warn!("upstream {endpoint}: {why}; still trying")
+                    }
                     Ok(Event::Disconnected { why }) => {
                         tracing::warn!("upstream {endpoint}: {why}; reconnecting")
                     }
                     Ok(Event::Rejected { name, why }) => {
-                        tracing::warn!("upstream sent {name:?}: refused ({why})")
+                        tracing::warn!("upstream sent {name}: refused ({why})")
                     }
-                    Ok(Event::IntegrityFailed { path }) => {
-                        tracing::warn!(%path, "upstream file failed verification; fetching again")
-                    }
+                    Ok(Event::IntegrityFailed { path }) => tracing::warn!(
+                        path = %escape(path.as_bytes()),
+                        "upstream file failed verification; fetching again"
+                    ),
                     Ok(Event::Refused { why }) | Ok(Event::Failed { why }) => {
                         tracing::error!("upstream {endpoint}: {why}; mirroring stopped");
                         return;

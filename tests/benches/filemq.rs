@@ -532,7 +532,7 @@ fn wait_in_sync(subscriber: &Subscriber, what: &str) -> Seen {
     let path = subscriber.subscriptions().first().expect("one subscription").clone();
     loop {
         match subscriber.recv() {
-            Some(Event::InSync { path: synced }) if synced == path => return seen,
+            Some(Event::InSync { path: synced, .. }) if synced == path => return seen,
             Some(Event::Updated { .. }) => seen.updated += 1,
             Some(Event::Disconnected { why }) => {
                 eprintln!("  {what}: disconnected ({why}); reconnecting");

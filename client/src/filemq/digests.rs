@@ -8,7 +8,10 @@
 //! ```
 //!
 //! `MARK` is `d` for a file we delivered, `-` for one we only found in the
-//! inbox. `PATH` is inbox-relative and written with [`crate::escape`], so
+//! inbox. Each delivery is also appended at once to `.filemq/digests.log`
+//! (lines of the same form), which the next load replays and the next save
+//! empties: a subscriber killed between two saves still knows which files
+//! it wrote. `PATH` is inbox-relative and written with [`crate::escape`], so
 //! that no name (a newline, a carriage return, a backslash in it) can
 //! break, forge or shadow a line: a line that does not read back exactly
 //! is dropped, and that file is simply hashed again. A cache in the first
@@ -24,6 +27,7 @@ use std::io::{self, Read, Write};
 const HEADER: &str = "filemq-digests 2";
 const FILE: &str = "digests";
 const NEW_FILE: &str = "digests.new";
+const JOURNAL: &str = "digests.log";
 
 /// A digest known for a file of a given size and modification time.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +46,8 @@ pub(crate) struct DigestCache {
     /// Paths met since the census started.
     seen: HashSet<String>,
     dirty: bool,
+    /// `digests.log`, open for appending once a delivery is recorded.
+    journal: Option<std::fs::File>,
 }
 
 impl DigestCache {
@@ -55,7 +61,39 @@ impl DigestCache {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!("ignoring the digest cache: {e}"),
         }
-        DigestCache { entries: parse(&text), ..DigestCache::default() }
+        let mut entries = parse(&text);
+        let mut journal = Vec::new();
+        if let Ok(mut file) = private.open_file(JOURNAL, libc::O_RDONLY, 0) {
+            let _ = file.read_to_end(&mut journal);
+        }
+        // A torn last line (a kill mid-write) simply does not parse.
+        let replayed = journal.split(|&b| b == b'\n').filter_map(parse_line).count();
+        for (rel, known) in journal.split(|&b| b == b'\n').filter_map(parse_line) {
+            entries.insert(rel, known);
+        }
+        DigestCache { entries, dirty: replayed > 0, ..DigestCache::default() }
+    }
+
+    /// Records a file we delivered, durably: the journal line is written
+    /// before this returns.
+    pub fn delivered(
+        &mut self,
+        private: &Dir,
+        rel: &str,
+        size: u64,
+        mtime_ns: i128,
+        digest: String,
+    ) -> io::Result<()> {
+        let line = line(rel, &Known { size, mtime_ns, digest: digest.clone(), ours: true });
+        self.remember(rel, size, mtime_ns, digest, true);
+        if self.journal.is_none() {
+            self.journal =
+                Some(private.open_file(JOURNAL, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, 0o600)?);
+        }
+        if let Some(journal) = &mut self.journal {
+            journal.write_all(line.as_bytes())?;
+        }
+        Ok(())
     }
 
     /// The digest of `rel` if the cache knows it for this size and mtime;
@@ -113,6 +151,9 @@ impl DigestCache {
         drop(file);
         private.rename(NEW_FILE, private, FILE)?;
         self.dirty = false;
+        // Everything the journal said is in the cache now.
+        self.journal = None;
+        private.remove_file(JOURNAL)?;
         Ok(())
     }
 }
@@ -122,10 +163,15 @@ fn render(entries: &HashMap<String, Known>) -> String {
     sorted.sort_by(|a, b| a.0.cmp(b.0));
     let mut text = format!("{HEADER}\n");
     for (rel, k) in sorted {
-        let mark = if k.ours { 'd' } else { '-' };
-        text.push_str(&format!("{} {} {} {mark} {}\n", k.size, k.mtime_ns, k.digest, escape(rel.as_bytes())));
+        text.push_str(&line(rel, k));
     }
     text
+}
+
+/// One entry as a line of the cache or the journal.
+fn line(rel: &str, k: &Known) -> String {
+    let mark = if k.ours { 'd' } else { '-' };
+    format!("{} {} {} {mark} {}\n", k.size, k.mtime_ns, k.digest, escape(rel.as_bytes()))
 }
 
 fn parse(text: &[u8]) -> HashMap<String, Known> {

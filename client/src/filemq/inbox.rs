@@ -7,6 +7,7 @@
 //! ```text
 //! <inbox>/.filemq/lock           held (flock) while a subscriber uses the inbox
 //! <inbox>/.filemq/digests        the digest cache (see `digests`)
+//! <inbox>/.filemq/digests.log    deliveries since it was last written
 //! <inbox>/.filemq/partial/DIGEST a file being received, named by its SHA-1
 //! <inbox>/.filemq/partial/tmp-…  one whose digest the server did not say
 //! ```
@@ -502,9 +503,8 @@ impl Inbox {
         }
         match self.place(&rel, &temp_name, replace_any).map_err(|e| below_root(&rel, e)) {
             Ok(()) => {
-                if let Ok(meta) = meta {
-                    self.digests.remember(&rel, meta.len(), mtime_ns(&meta), digest, true);
-                }
+                let meta = meta?;
+                self.digests.delivered(&self.private, &rel, meta.len(), mtime_ns(&meta), digest)?;
                 Ok(written)
             }
             Err(e) => {
@@ -874,6 +874,23 @@ mod tests {
         inc.write(b"theirs").unwrap();
         inbox.deliver(inc, true).unwrap();
         assert_eq!(fs::read(dir.path().join("thesis.txt")).unwrap(), b"theirs");
+    }
+
+    #[test]
+    fn a_kill_between_saves_does_not_lose_which_files_are_ours() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        let mut inc = inbox.begin(b"/f".to_vec(), placed("f"), None, None, 0).unwrap();
+        inc.write(b"v1").unwrap();
+        inbox.deliver(inc, false).unwrap();
+        drop(inbox); // as SIGKILL would: no save
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        inbox.check_target("f", false).unwrap();
+        inbox.save_digests(false).unwrap();
+        assert!(!dir.path().join(".filemq/digests.log").exists(), "the journal is emptied by a save");
+        drop(inbox);
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        assert_eq!(inbox.delete("f", false).unwrap(), Deleted::Removed);
     }
 
     #[test]

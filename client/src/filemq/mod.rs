@@ -79,6 +79,9 @@ mod inbox;
 mod layout;
 mod link;
 mod session;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub use session::fuzzing;
 #[cfg(test)]
 mod tests;
 

@@ -216,9 +216,22 @@ enum Phase {
     Subscribed,
 }
 
-struct Session<'a> {
+/// Where a session's messages go: the connection, or (fuzzing) nowhere.
+pub(crate) trait Wire {
+    fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), String>;
+}
+
+impl Wire for Link {
+    fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), String> {
+        Link::send(self, msg, patience)
+    }
+}
+
+/// One session: the protocol's state and what it does with each message
+/// (any [`Wire`]), driven by the I/O loop of `Session<Link>`.
+struct Session<'a, W: Wire = Link> {
     shared: &'a mut Shared,
-    link: Link,
+    link: W,
     phase: Phase,
     /// When OHAI-OK came: this session counts as connected.
     greeted_at: Option<Instant>,
@@ -251,8 +264,8 @@ struct Session<'a> {
     last_hugz: Instant,
 }
 
-impl<'a> Session<'a> {
-    fn new(shared: &'a mut Shared, link: Link) -> Session<'a> {
+impl<'a, W: Wire> Session<'a, W> {
+    fn new(shared: &'a mut Shared, link: W) -> Session<'a, W> {
         let subscriptions = shared.layout.subscriptions().len();
         let now = Instant::now();
         Session {
@@ -275,6 +288,14 @@ impl<'a> Session<'a> {
         }
     }
 
+    fn send(&mut self, msg: &FilemqMsg) -> Result<(), End> {
+        tracing::trace!("sending {}", msg.name());
+        let patience = self.shared.opts.dead_after;
+        self.link.send(msg, patience).map_err(End::Lost)
+    }
+}
+
+impl Session<'_, Link> {
     fn run(&mut self) -> End {
         match self.session() {
             Ok(()) => End::Stop,
@@ -349,23 +370,24 @@ impl<'a> Session<'a> {
     /// Ends the session: a file being received stays for a resume; a
     /// stopping subscriber says goodbye.
     fn close(&mut self, end: &End) {
-        if let Some(incoming) = self.incoming.take() {
-            self.shared.inbox.abandon(incoming, true);
-        }
         if matches!(end, End::Stop) {
             self.link.goodbye();
+        }
+        self.leave();
+    }
+}
+
+impl<W: Wire> Session<'_, W> {
+    /// Saves what the session leaves: a file being received stays for a
+    /// resume, and the digest cache is written.
+    fn leave(&mut self) {
+        if let Some(incoming) = self.incoming.take() {
+            self.shared.inbox.abandon(incoming, true);
         }
         if let Err(e) = self.shared.inbox.save_digests(false) {
             tracing::warn!("cannot save the digest cache: {e}");
         }
     }
-
-    fn send(&mut self, msg: &FilemqMsg) -> Result<(), End> {
-        tracing::trace!("sending {}", msg.name());
-        let patience = self.shared.opts.dead_after;
-        self.link.send(msg, patience).map_err(End::Lost)
-    }
-
     fn emit(&self, event: Event) -> Result<(), End> {
         tracing::debug!("event {event:?}");
         self.shared.events.send(event).map_err(|_| End::Stop)
@@ -838,5 +860,56 @@ fn why_or(reason: &ShortStr, default: &str) -> String {
         default.to_string()
     } else {
         format!("{default}: {reason}")
+    }
+}
+
+/// Drives one session's protocol handling with frames chosen by a fuzzer,
+/// as if a server sent them, into `inbox`: no socket, no clock but the
+/// real one, every effect on disk real.
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing {
+    use super::*;
+
+    struct Nowhere;
+    impl Wire for Nowhere {
+        fn send(&mut self, _: &FilemqMsg, _: Duration) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    /// Greets, subscribes to `paths` with credit `window`, then hands each
+    /// frame to the session until it ends (as a real one would); then the
+    /// session is left as on a disconnect. Returns the events it emitted.
+    pub fn session(inbox: &std::path::Path, paths: &[&str], window: u64, frames: &[Vec<u8>]) -> Vec<Event> {
+        use std::sync::OnceLock;
+        static CONTEXT: OnceLock<zmq::Context> = OnceLock::new();
+        let context = CONTEXT.get_or_init(zmq::Context::new).clone();
+        let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
+        let mut opts = Options::endpoint("inproc://nowhere", paths.clone(), inbox.to_path_buf());
+        opts.window = window.max(1);
+        let Ok(layout) = Layout::new(&paths) else { return Vec::new() };
+        let inbox = Inbox::open(inbox).expect("a usable inbox");
+        let (tx, rx) = std::sync::mpsc::sync_channel(4096);
+        let control = context.socket(zmq::PAIR).expect("a socket");
+        let mut shared = Shared::new(opts, layout, inbox, tx, control, context);
+        let subscriptions = shared.layout.subscriptions().len();
+        let mut events = Vec::new();
+        let mut session = Session::new(&mut shared, Nowhere);
+        let mut result = session.on_message(FilemqMsg::OhaiOk {});
+        for _ in 0..subscriptions {
+            result = result.and_then(|_| session.on_message(FilemqMsg::IcanhazOk {}));
+        }
+        events.extend(rx.try_iter());
+        if result.is_ok() {
+            for frame in frames {
+                let handled = session.on_frame(Bytes::copy_from_slice(frame));
+                events.extend(rx.try_iter());
+                if handled.is_err() {
+                    break;
+                }
+            }
+        }
+        session.leave();
+        events
     }
 }
