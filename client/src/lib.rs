@@ -9,6 +9,8 @@
 //! - [`filemq`]: a FILEMQ subscriber mirroring published files into an inbox.
 //! - [`endpoint`]: broker names and their well-known endpoints.
 //! - [`curve`]: CURVE keys, key files and client socket security.
+//! - [`size`]: sizes with units (`8MB`, `8MiB`), one parser for every program.
+//! - [`log`]: the `--log LEVEL` filter every program shares.
 
 pub mod byte_queue;
 pub mod codec;
@@ -16,6 +18,8 @@ pub mod curve;
 pub mod endpoint;
 pub mod filemq;
 pub mod filemq_msg;
+pub mod log;
+pub mod size;
 pub mod zpipes;
 pub mod zpipes_msg;
 
