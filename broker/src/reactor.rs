@@ -225,8 +225,8 @@ pub struct Reactor {
     /// A handshake failure seen by the monitor, waiting for the
     /// DISCONNECTED (same engine, next event) that names its descriptor.
     handshake_failed: Option<String>,
-    /// When each address whose handshake failed was last logged.
-    handshake_failures_logged: HashMap<String, Instant>,
+    /// When each (host, reason) of a failed handshake was last logged.
+    handshake_failures_logged: HashMap<(String, String), Instant>,
 }
 
 /// The remote address of a TCP socket libzmq accepted (`None` if it is
@@ -1021,13 +1021,21 @@ impl Reactor {
         } else if disconnected {
             let address = self.accepted_addresses.remove(&fd);
             if let Some(why) = self.handshake_failed.take() {
-                self.failed_handshake(address.as_deref().unwrap_or("an unknown address"), &why);
+                // The peer may have gone before its ACCEPTED was read: then
+                // only the endpoint it came to is known.
+                let address = address.unwrap_or_else(|| {
+                    format!("a peer already gone (on {})", local.as_deref().unwrap_or("?"))
+                });
+                self.failed_handshake(&address, &why);
             }
         } else if secure && kind == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL.to_raw() {
             self.handshake_failed = Some(handshake_protocol_error(value));
         } else if secure && kind == zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL.to_raw() {
             let error = std::io::Error::from_raw_os_error(value as i32);
-            self.handshake_failed = Some(format!("the connection ended during the handshake ({error})"));
+            self.handshake_failed = Some(format!(
+                "the connection ended during the handshake ({error}): a client without CURVE or with the \
+                 wrong server key?"
+            ));
         }
         Ok(())
     }
@@ -1035,23 +1043,25 @@ impl Reactor {
     /// Counts a CURVE handshake that failed before any client key was
     /// known (a wrong server key, a client without CURVE, a broken
     /// handshake) and logs it, each address (its host) at most once per
-    /// `REFUSAL_LOG_INTERVAL`.
+    /// `REFUSAL_LOG_INTERVAL` for each reason (a refused client retries
+    /// ten times a second, from a new port each time).
     fn failed_handshake(&mut self, address: &str, why: &str) {
         self.curve_refused += 1;
         let host = match address.rsplit_once(':') {
             Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
             _ => address,
         };
+        let key = (host.to_string(), why.to_string());
         let now = Instant::now();
         let due = self
             .handshake_failures_logged
-            .get(host)
+            .get(&key)
             .is_none_or(|t| now.duration_since(*t) >= REFUSAL_LOG_INTERVAL);
         if due {
             if self.handshake_failures_logged.len() >= REFUSAL_LOG_KEYS {
                 self.handshake_failures_logged.clear();
             }
-            self.handshake_failures_logged.insert(host.to_string(), now);
+            self.handshake_failures_logged.insert(key, now);
             tracing::warn!(
                 "CURVE: handshake from {address} failed: {why} ({} refused so far)",
                 self.curve_refused
