@@ -249,3 +249,24 @@ fn config_file_sets_everything_and_flags_override_it() {
     assert!(child.wait().unwrap().success());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_readme_config_example_parses_and_names_every_key() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let start = readme.find("```toml\n").expect("a TOML example in the README") + 8;
+    let text = &readme[start..start + readme[start..].find("```").unwrap()];
+    // Commented-out keys are examples too.
+    let uncommented: String = text
+        .lines()
+        .map(|l| l.strip_prefix("# ").filter(|rest| rest.contains(" = ")).unwrap_or(l))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let config = zbroker::config::parse(&uncommented).unwrap_or_else(|e| panic!("{e}\n{uncommented}"));
+    assert_eq!(config.pipe_limit, Some(8 << 20));
+    for key in zbroker::config::KEYS {
+        assert!(
+            uncommented.lines().any(|l| l.starts_with(&format!("{key} = "))),
+            "the README example lacks {key}"
+        );
+    }
+}
