@@ -5,7 +5,7 @@
 //! name = "local"
 //! bind = ["tcp://127.0.0.1:5670"]
 //! expiry = 60000          # ms
-//! pipe_limit = "8MiB"     # or a number of bytes
+//! pipe_limit = "8MiB"     # or "8MB" (10^6), or a number of bytes
 //! log = "info"
 //! max_connections = 10000
 //! publish = ["/srv/outbox", "/srv/photos=/photos"]   # DIR[=/alias]
@@ -17,93 +17,163 @@
 //! curve_secret_key = "/etc/zbroker/server"     # CURVE on the TCP endpoints
 //! allow_client_key = ["/etc/zbroker/clients"]  # .pub files or directories of them
 //! curve_ipc = false                # CURVE on the local ipc:// endpoints too
+//! upstream_server_key = "/etc/zbroker/hub.pub"  # cascade from a CURVE hub: its public key...
+//! upstream_key = "/etc/zbroker/relay"          # ...and this relay's secret key
 //! ```
+//!
+//! Errors are one line naming the file, the key and what is accepted.
 
-use anyhow::{bail, Context as _};
 use serde::Deserialize;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use zbroker_client::size;
 
-#[derive(Debug, Default, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
+/// Why the command line or the config file cannot be used: the program
+/// exits with status 2 (see `crate::exit`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+macro_rules! invalid {
+    ($($arg:tt)*) => { Invalid(format!($($arg)*)) };
+}
+
+#[derive(Debug, Default, PartialEq)]
 pub struct FileConfig {
     pub name: Option<String>,
     pub bind: Option<Vec<String>>,
     pub expiry: Option<u64>,
-    pub pipe_limit: Option<Size>,
+    pub pipe_limit: Option<u64>,
     pub log: Option<String>,
     pub max_connections: Option<usize>,
     pub publish: Option<Vec<String>>,
     pub stable_age: Option<u64>,
-    pub state_dir: Option<std::path::PathBuf>,
+    pub state_dir: Option<PathBuf>,
     pub upstream: Option<String>,
     pub subscribe: Option<Vec<String>>,
-    pub inbox: Option<std::path::PathBuf>,
-    pub curve_secret_key: Option<std::path::PathBuf>,
-    pub allow_client_key: Option<Vec<std::path::PathBuf>>,
+    pub inbox: Option<PathBuf>,
+    pub upstream_server_key: Option<PathBuf>,
+    pub upstream_key: Option<PathBuf>,
+    pub curve_secret_key: Option<PathBuf>,
+    pub allow_client_key: Option<Vec<PathBuf>>,
     pub curve_ipc: Option<bool>,
 }
+
+/// Every key of the file, in the order the documentation lists them.
+pub const KEYS: &[&str] = &[
+    "name",
+    "bind",
+    "expiry",
+    "pipe_limit",
+    "log",
+    "max_connections",
+    "publish",
+    "stable_age",
+    "state_dir",
+    "upstream",
+    "subscribe",
+    "inbox",
+    "upstream_server_key",
+    "upstream_key",
+    "curve_secret_key",
+    "allow_client_key",
+    "curve_ipc",
+];
 
 /// A `--publish DIR[=/alias]` argument.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Publish {
-    pub dir: std::path::PathBuf,
+    pub dir: PathBuf,
     pub alias: String,
 }
 
-/// Parses `DIR` (published as `/`) or `DIR=/alias`.
-pub fn parse_publish(text: &str) -> anyhow::Result<Publish> {
-    let (dir, alias) = match text.rsplit_once("=/") {
-        Some((dir, rest)) => (dir, format!("/{rest}")),
-        None => (text, "/".to_string()),
+/// Parses `DIR` (published as `/`) or `DIR=/alias`. An alias must start
+/// with `/`; `DIR=photos` is refused, unless a directory of that very
+/// name exists.
+pub fn parse_publish(text: &str) -> Result<Publish, Invalid> {
+    let (dir, alias) = match text.rsplit_once('=') {
+        Some((dir, alias)) if alias.starts_with('/') => (dir, alias.to_string()),
+        Some((_, alias)) if !Path::new(text).is_dir() => {
+            return Err(invalid!(
+                "{text:?}: the alias {alias:?} must start with '/' (use DIR or DIR=/alias, e.g. ./outbox=/photos)"
+            ))
+        }
+        _ => (text, "/".to_string()),
     };
     if dir.is_empty() {
-        bail!("--publish {text:?}: no directory (use DIR or DIR=/alias)");
+        return Err(invalid!("{text:?}: no directory (use DIR or DIR=/alias, e.g. ./outbox=/photos)"));
     }
     Ok(Publish { dir: dir.into(), alias })
 }
 
-/// A byte count written as a number or as text with a unit ("8MiB").
-#[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum Size {
-    Bytes(u64),
-    Text(#[serde(deserialize_with = "de_size")] u64),
+/// Reads the config file. Every error is one line naming the file, the
+/// key and what the key accepts.
+pub fn load(path: &Path) -> Result<FileConfig, Invalid> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| invalid!("cannot read config file {}: {e}", path.display()))?;
+    parse(&text).map_err(|why| invalid!("config file {}: {why}", path.display()))
 }
 
-impl Size {
-    pub fn bytes(self) -> u64 {
-        match self {
-            Size::Bytes(n) | Size::Text(n) => n,
+/// Parses the config file's text; the error is one line, without the file.
+pub fn parse(text: &str) -> Result<FileConfig, String> {
+    let table: toml::Table = toml::from_str(text).map_err(|e| {
+        let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
+        let message = e.message().lines().next().unwrap_or("").trim().trim_end_matches('.');
+        match line {
+            Some(line) => format!("line {line}: {message} (not valid TOML)"),
+            None => format!("{message} (not valid TOML)"),
+        }
+    })?;
+    let mut config = FileConfig::default();
+    for (key, value) in table {
+        let kind = value.type_str();
+        fn get<T: for<'de> Deserialize<'de>>(
+            key: &str,
+            value: toml::Value,
+            kind: &str,
+            expected: &str,
+        ) -> Result<T, String> {
+            value.try_into().map_err(|_| format!("{key} = {kind}: expected {expected}"))
+        }
+        const MS: &str = "a whole number of milliseconds";
+        const STRINGS: &str = "a list of strings, e.g. [\"a\", \"b\"]";
+        match key.as_str() {
+            "name" => config.name = Some(get(&key, value, kind, "a broker name in quotes")?),
+            "bind" => config.bind = Some(get(&key, value, kind, STRINGS)?),
+            "expiry" => config.expiry = Some(get(&key, value, kind, MS)?),
+            "pipe_limit" => {
+                config.pipe_limit = Some(match value {
+                    toml::Value::Integer(n) if n >= 0 => n as u64,
+                    toml::Value::String(s) => size::parse(&s).map_err(|e| format!("pipe_limit: {e}"))?,
+                    _ => return Err(format!("pipe_limit = {kind}: expected {}", size::ACCEPTED)),
+                })
+            }
+            "log" => config.log = Some(get(&key, value, kind, "a log level in quotes, e.g. \"info\"")?),
+            "max_connections" => {
+                config.max_connections = Some(get(&key, value, kind, "a whole number of connections")?)
+            }
+            "publish" => {
+                config.publish = Some(get(&key, value, kind, "a list of \"DIR\" or \"DIR=/alias\"")?)
+            }
+            "stable_age" => config.stable_age = Some(get(&key, value, kind, MS)?),
+            "state_dir" => config.state_dir = Some(get(&key, value, kind, "a directory in quotes")?),
+            "upstream" => config.upstream = Some(get(&key, value, kind, "an endpoint in quotes")?),
+            "subscribe" => config.subscribe = Some(get(&key, value, kind, STRINGS)?),
+            "inbox" => config.inbox = Some(get(&key, value, kind, "a directory in quotes")?),
+            "upstream_server_key" => {
+                config.upstream_server_key = Some(get(&key, value, kind, "a .pub file in quotes")?)
+            }
+            "upstream_key" => {
+                config.upstream_key = Some(get(&key, value, kind, "a secret key file in quotes")?)
+            }
+            "curve_secret_key" => {
+                config.curve_secret_key = Some(get(&key, value, kind, "a secret key file in quotes")?)
+            }
+            "allow_client_key" => config.allow_client_key = Some(get(&key, value, kind, STRINGS)?),
+            "curve_ipc" => config.curve_ipc = Some(get(&key, value, kind, "true or false")?),
+            _ => return Err(format!("unknown key {key:?} (the keys are {})", KEYS.join(", "))),
         }
     }
-}
-
-fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
-    let text = String::deserialize(d)?;
-    parse_size(&text).map_err(serde::de::Error::custom)
-}
-
-/// Parses `4096`, `64k`, `64KiB`, `8M`, `8MiB`, `1G` (binary units).
-pub fn parse_size(text: &str) -> anyhow::Result<u64> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let n: u64 =
-        digits.parse().with_context(|| format!("{text:?} is not a size (try 4096, 64KiB or 8MiB)"))?;
-    let shift = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 0,
-        "k" | "kb" | "kib" => 10,
-        "m" | "mb" | "mib" => 20,
-        "g" | "gb" | "gib" => 30,
-        other => bail!("unknown size unit {other:?} in {text:?} (use KiB, MiB or GiB)"),
-    };
-    n.checked_mul(1 << shift).with_context(|| format!("size {text:?} is too large"))
-}
-
-pub fn load(path: &Path) -> anyhow::Result<FileConfig> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
-    toml::from_str(&text).with_context(|| format!("bad config file {}", path.display()))
+    Ok(config)
 }
 
 #[cfg(test)]
@@ -111,18 +181,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_units() {
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("64KiB").unwrap(), 64 << 10);
-        assert_eq!(parse_size("8M").unwrap(), 8 << 20);
-        assert_eq!(parse_size("1g").unwrap(), 1 << 30);
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("8 parsecs").is_err());
+    fn file_errors_are_one_line_naming_the_key() {
+        let e = parse("pipe_limit = \"8 furlongs\"").unwrap_err();
+        assert!(e.starts_with("pipe_limit: ") && e.contains("MiB") && !e.contains('\n'), "{e}");
+        let e = parse("expiry = \"soon\"").unwrap_err();
+        assert_eq!(e, "expiry = string: expected a whole number of milliseconds");
+        let e = parse("nmae = 'typo'").unwrap_err();
+        assert!(e.starts_with("unknown key \"nmae\"") && e.contains("upstream_server_key"), "{e}");
+        let e = parse("name = \"hub\"\nbind = [\"tcp://x:1\"\n").unwrap_err();
+        assert!(e.starts_with("line ") && !e.contains('\n'), "{e}");
+        let e = load(Path::new("/nonexistent/zbroker.toml")).unwrap_err().to_string();
+        assert!(e.starts_with("cannot read config file /nonexistent/zbroker.toml"), "{e}");
     }
 
     #[test]
     fn every_key_parses() {
-        let config: FileConfig = toml::from_str(
+        let config: FileConfig = parse(
             r#"
             name = "hub"
             bind = ["tcp://127.0.0.1:5670"]
@@ -138,14 +212,20 @@ mod tests {
             curve_secret_key = "/etc/zbroker/server"
             allow_client_key = ["/etc/zbroker/clients", "/etc/zbroker/ops.pub"]
             curve_ipc = true
+            upstream_server_key = "/etc/zbroker/hub.pub"
+            upstream_key = "/etc/zbroker/relay"
+            max_connections = 10
             "#,
         )
         .unwrap();
         assert_eq!(config.name.as_deref(), Some("hub"));
-        assert_eq!(config.pipe_limit.map(Size::bytes), Some(1 << 20));
-        let numeric: FileConfig = toml::from_str("pipe_limit = 1024").unwrap();
-        assert_eq!(numeric.pipe_limit.map(Size::bytes), Some(1024));
-        assert!(toml::from_str::<FileConfig>("nmae = 'typo'").is_err());
+        assert_eq!(config.pipe_limit, Some(1 << 20));
+        let numeric: FileConfig = parse("pipe_limit = 1024").unwrap();
+        assert_eq!(numeric.pipe_limit, Some(1024));
+        assert!(parse("nmae = 'typo'").is_err());
+        assert_eq!(config.upstream_server_key.as_deref(), Some(Path::new("/etc/zbroker/hub.pub")));
+        assert_eq!(config.upstream_key.as_deref(), Some(Path::new("/etc/zbroker/relay")));
+        assert_eq!(config.max_connections, Some(10));
         assert_eq!(config.publish.map(|p| p.len()), Some(2));
         assert_eq!(config.stable_age, Some(500));
         assert_eq!(config.curve_secret_key.as_deref(), Some(Path::new("/etc/zbroker/server")));
@@ -158,5 +238,7 @@ mod tests {
         assert_eq!(parse_publish("./out").unwrap(), Publish { dir: "./out".into(), alias: "/".into() });
         assert_eq!(parse_publish("a=b=/x/y").unwrap(), Publish { dir: "a=b".into(), alias: "/x/y".into() });
         assert!(parse_publish("=/x").is_err());
+        let e = parse_publish("./outbox=photos").unwrap_err().to_string();
+        assert!(e.contains("must start with '/'"), "{e}");
     }
 }

@@ -5,11 +5,32 @@ use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use zbroker::{config, reactor};
+use zbroker::config::Invalid;
+use zbroker::{config, exit, reactor};
 use zbroker_client::curve::KeyPair;
 use zbroker_client::endpoint;
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
+
+/// Examples (each comment line says what the command under it does) and
+/// the exit statuses.
+const EXAMPLES: &str = "Examples:\n  \
+    # run the broker \"local\"\n  \
+    zbroker\n  \
+    # also listen on TCP\n  \
+    zbroker hub --bind tcp://127.0.0.1:5670\n  \
+    # publish ./outbox as / over TCP\n  \
+    zbroker --publish ./outbox --bind 'tcp://*:5670'\n  \
+    # cascade: mirror the hub into ./mirror and publish the mirror\n  \
+    zbroker relay --upstream tcp://hub:5670 --subscribe / \\\n      \
+    --inbox ./mirror --publish ./mirror\n  \
+    # machine-readable status\n  \
+    zbroker status hub --json\n  \
+    # CURVE key pair: hub (secret) and hub.pub\n  \
+    zbroker keygen /etc/zbroker/hub\n  \
+    # TCP clients then need hub.pub and an allowed key\n  \
+    zbroker hub --bind 'tcp://*:5670' --curve-secret-key /etc/zbroker/hub \\\n      \
+    --allow-client-key /etc/zbroker/clients\n";
 
 #[derive(Parser)]
 #[command(
@@ -30,16 +51,7 @@ use zbroker_services::zpipes::{self, Zpipes};
         CURVE on the TCP endpoints (clients need PATH.pub, and with --allow-client-key a key \
         of their own that is listed; SIGHUP re-reads the list). The ipc:// endpoints stay \
         open to local processes unless --curve-ipc.",
-    args_conflicts_with_subcommands = true,
-    after_help = "Examples:\n  zbroker                                  run the broker \"local\"\n  \
-        zbroker hub --bind tcp://127.0.0.1:5670  also listen on TCP\n  \
-        zbroker --publish ./outbox --bind tcp://*:5670   publish ./outbox as / over TCP\n  \
-        zbroker relay --upstream tcp://hub:5670 --subscribe / --inbox ./mirror --publish ./mirror\n  \
-                                                 cascade: mirror the hub and publish the mirror\n  \
-        zbroker status hub --json                machine-readable status\n  \
-        zbroker keygen /etc/zbroker/hub          CURVE key pair: hub (secret) and hub.pub\n  \
-        zbroker hub --bind tcp://*:5670 --curve-secret-key /etc/zbroker/hub --allow-client-key /etc/zbroker/clients\n  \
-                                                 TCP clients need hub.pub and an allowed key"
+    args_conflicts_with_subcommands = true
 )]
 struct Cli {
     #[command(subcommand)]
@@ -59,15 +71,16 @@ struct RunArgs {
     /// Forget a client silent for this many milliseconds [default: 60000]
     #[arg(long, value_name = "MS")]
     expiry: Option<u64>,
-    /// Most bytes queued for one pipe's reader, at least 1MiB [default: 8MiB]
-    #[arg(long, value_name = "SIZE", value_parser = config::parse_size)]
-    pipe_limit: Option<u64>,
+    /// Most bytes queued for one pipe's reader, at least 1MiB (MB = 10^6 bytes, MiB = 2^20)
+    /// [default: 8MiB]
+    #[arg(long, value_name = "SIZE")]
+    pipe_limit: Option<String>,
     /// Most clients served at once; more get their protocol's refusal [default: 10000]
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
     /// Publish DIR to FILEMQ subscribers as virtual path /alias (repeatable) [default alias: /]
-    #[arg(long, value_name = "DIR[=/alias]", value_parser = config::parse_publish)]
-    publish: Vec<config::Publish>,
+    #[arg(long, value_name = "DIR[=/alias]")]
+    publish: Vec<String>,
     /// A file is sent once unchanged for this many milliseconds [default: 1000]
     #[arg(long, value_name = "MS")]
     stable_age: Option<u64>,
@@ -105,7 +118,8 @@ struct RunArgs {
     /// Read settings from a TOML file; flags override it
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-    /// Log filter: error, warn, info, debug, trace [default: info, or RUST_LOG]
+    /// Log level: error, warn, info, debug, trace or off, or a filter such as info,zbroker=debug
+    /// [default: info, or RUST_LOG]
     #[arg(long, value_name = "LEVEL")]
     log: Option<String>,
 }
@@ -148,7 +162,9 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    use clap::{CommandFactory as _, FromArgMatches as _};
+    let matches = Cli::command().after_help(format!("{EXAMPLES}\n{}", exit::TABLE)).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
         Some(Command::Publish { name, dir, alias, state_dir }) => publish(&name, &dir, &alias, state_dir),
@@ -158,9 +174,35 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("zbroker: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("zbroker: {}", one_line(&e));
+            ExitCode::from(exit::code(&e))
         }
+    }
+}
+
+/// The error and its causes on one line, each said once: a cause whose
+/// text its context already quotes (`cannot write key file x: No such
+/// file…` over `No such file…`) is not repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line.replace('\n', " ")
+}
+
+/// Where a setting came from, for messages: the flag, or the file's key.
+fn origin(flag: &str, from_flag: bool, config: Option<&std::path::Path>, key: &str) -> String {
+    match (from_flag, config) {
+        (false, Some(path)) => format!("config file {}: {key}", path.display()),
+        _ => flag.to_string(),
     }
 }
 
@@ -169,25 +211,44 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(path) => config::load(path)?,
         None => config::FileConfig::default(),
     };
+    let cfg = args.config.as_deref();
     let name = args.name.or(file.name).unwrap_or_else(|| endpoint::DEFAULT_BROKER.to_string());
     endpoint::check_name(&name)?;
+    let log_from_flag = args.log.is_some();
     let log = args.log.or(file.log);
-    init_logging(log.as_deref())?;
+    init_logging(log.as_deref(), &origin("--log", log_from_flag, cfg, "log"))?;
 
     let defaults = zpipes::Config::default();
-    let pipe_limit = args.pipe_limit.or(file.pipe_limit.map(config::Size::bytes));
-    let pipe_limit = match pipe_limit {
+    let limit_origin = origin("--pipe-limit", args.pipe_limit.is_some(), cfg, "pipe_limit");
+    let flag_limit = match &args.pipe_limit {
+        Some(text) => {
+            Some(zbroker_client::size::parse(text).map_err(|e| Invalid(format!("--pipe-limit {e}")))?)
+        }
+        None => None,
+    };
+    let pipe_limit = match flag_limit.or(file.pipe_limit) {
         None => defaults.pipe_limit,
         // Clients send and ask for chunks of up to 1 MiB.
-        Some(n) if n < 1 << 20 => bail!("--pipe-limit must be at least 1MiB"),
+        Some(n) if n < 1 << 20 => {
+            return Err(Invalid(format!(
+                "{limit_origin} must be at least 1MiB, not {}",
+                zbroker_client::size::format(n)
+            ))
+            .into())
+        }
         Some(n) if n > u32::MAX as u64 => {
-            bail!("--pipe-limit can be at most 4GiB (a READ's size is 32 bits)")
+            return Err(
+                Invalid(format!("{limit_origin} can be at most 4GiB (a READ's size is 32 bits)")).into()
+            )
         }
         Some(n) => n as usize,
     };
     let expiry = match args.expiry.or(file.expiry) {
         None => defaults.expiry,
-        Some(0) => bail!("--expiry must be at least 1 ms"),
+        Some(0) => {
+            let origin = origin("--expiry", args.expiry.is_some(), cfg, "expiry");
+            return Err(Invalid(format!("{origin} must be at least 1 ms")).into());
+        }
         Some(ms) => Duration::from_millis(ms),
     };
     // Pipelined writes may hold as much again as the pipe, and at least
@@ -222,11 +283,40 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut filemq =
         Filemq::new(filemq::Config { expiry, stable_age, state_dir: state_dir.clone(), ..fdefaults.clone() });
     let flags_publish = !args.publish.is_empty();
-    let mut publish = args.publish;
-    if !flags_publish {
-        for text in file.publish.clone().unwrap_or_default() {
-            publish.push(config::parse_publish(&text)?);
-        }
+    let publish_texts = if flags_publish { args.publish } else { file.publish.clone().unwrap_or_default() };
+    let mut publish = Vec::new();
+    for text in publish_texts {
+        publish.push(
+            config::parse_publish(&text).map_err(|e| {
+                Invalid(format!("{} {e}", origin("--publish", flags_publish, cfg, "publish")))
+            })?,
+        );
+    }
+    // Check every endpoint before anything is created or bound.
+    let bind_from_flags = !args.bind.is_empty();
+    let binds = if bind_from_flags { args.bind } else { file.bind.unwrap_or_default() };
+    for bind in &binds {
+        endpoint::validate_bind(bind)
+            .map_err(|e| Invalid(format!("{} {e}", origin("--bind", bind_from_flags, cfg, "bind"))))?;
+    }
+    let upstream_from_flag = args.upstream.is_some();
+    let upstream = args.upstream.or(file.upstream);
+    if let Some(upstream) = &upstream {
+        endpoint::validate(upstream).map_err(|e| {
+            Invalid(format!("{} {e}", origin("--upstream", upstream_from_flag, cfg, "upstream")))
+        })?;
+    }
+    let inbox_from_flag = args.inbox.is_some();
+    let inbox = args.inbox.or(file.inbox);
+    // A relay publishes its inbox: it must exist before it is published.
+    if let (Some(_), Some(inbox)) = (&upstream, &inbox) {
+        std::fs::create_dir_all(inbox).with_context(|| {
+            format!(
+                "{} {}: cannot create it",
+                origin("--inbox", inbox_from_flag, cfg, "inbox"),
+                inbox.display()
+            )
+        })?;
     }
     let now = std::time::Instant::now();
     let mut startup_work = Vec::new();
@@ -238,13 +328,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
 
     let max_connections = match args.max_connections.or(file.max_connections) {
-        Some(0) => bail!("--max-connections must be at least 1"),
+        Some(0) => {
+            let origin = origin("--max-connections", args.max_connections.is_some(), cfg, "max_connections");
+            return Err(Invalid(format!("{origin} must be at least 1")).into());
+        }
         Some(n) => n,
         None => DEFAULT_MAX_CONNECTIONS,
     };
     raise_open_file_limit(max_connections);
-    let upstream = args.upstream.or(file.upstream);
-    let inbox = args.inbox.or(file.inbox);
     let mut paths =
         if args.subscribe.is_empty() { file.subscribe.unwrap_or_default() } else { args.subscribe };
     if paths.is_empty() {
@@ -252,17 +343,33 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     let cascade = match (upstream, inbox) {
         (Some(upstream), Some(inbox)) => {
-            let curve = match &args.upstream_server_key {
+            let keys_from_flags = args.upstream_server_key.is_some();
+            let upstream_key = args.upstream_key.or(file.upstream_key);
+            let curve = match args.upstream_server_key.or(file.upstream_server_key) {
                 Some(server_key) => Some(
-                    zbroker_client::curve::ClientKeys::from_files(server_key, args.upstream_key.as_deref())
-                        .map_err(|e| anyhow::anyhow!("--upstream-server-key: {e}"))?,
+                    zbroker_client::curve::ClientKeys::from_files(&server_key, upstream_key.as_deref())
+                        .map_err(|e| {
+                            let origin =
+                                origin("--upstream-server-key", keys_from_flags, cfg, "upstream_server_key");
+                            Invalid(format!("{origin}: {e}"))
+                        })?,
                 ),
+                None if upstream_key.is_some() => {
+                    return Err(Invalid(
+                        "upstream_key needs upstream_server_key (the upstream broker's .pub)".into(),
+                    )
+                    .into())
+                }
                 None => None,
             };
             Some(Upstream::start(&upstream, paths, inbox, curve)?)
         }
-        (Some(_), None) => bail!("--upstream needs --inbox DIR (the directory to mirror into)"),
-        (None, Some(_)) => bail!("--inbox is for --upstream ENDPOINT (the broker to mirror)"),
+        (Some(_), None) => {
+            return Err(Invalid("--upstream needs --inbox DIR (the directory to mirror into)".into()).into())
+        }
+        (None, Some(_)) => {
+            return Err(Invalid("--inbox is for --upstream ENDPOINT (the broker to mirror)".into()).into())
+        }
         (None, None) => None,
     };
 
@@ -281,15 +388,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             })
         }
         None if !allow_paths.is_empty() => {
-            bail!("--allow-client-key needs --curve-secret-key (the broker's own key)")
+            return Err(
+                Invalid("--allow-client-key needs --curve-secret-key (the broker's own key)".into()).into()
+            )
         }
-        None if curve_ipc => bail!("--curve-ipc needs --curve-secret-key (the broker's own key)"),
+        None if curve_ipc => {
+            return Err(Invalid("--curve-ipc needs --curve-secret-key (the broker's own key)".into()).into())
+        }
         None => None,
     };
     let curve_on = curve.is_some();
 
     let mut endpoints = vec![endpoint::zpipes(&name), endpoint::filemq(&name)];
-    endpoints.extend(if args.bind.is_empty() { file.bind.unwrap_or_default() } else { args.bind });
+    endpoints.extend(binds);
     let settings = reactor::Settings {
         control_endpoint: endpoint::control(&name),
         name: name.clone(),
@@ -566,7 +677,7 @@ fn publish(name: &str, dir: &std::path::Path, alias: &str, state_dir: Option<Pat
             println!("{ok}");
             Ok(())
         }
-        (_, Some(error)) => bail!("{error}"),
+        (_, Some(error)) => Err(exit::Refused(error.to_string()).into()),
         _ => bail!("unexpected reply from the broker: {reply}"),
     }
 }
@@ -579,18 +690,17 @@ fn control_request(name: &str, words: &[&str], timeout: Duration) -> anyhow::Res
     socket.connect(&endpoint::control(name))?;
     socket.send_multipart(words.iter().map(|w| w.as_bytes()), 0)?;
     if socket.poll(zmq::POLLIN, timeout.as_millis() as i64)? == 0 {
-        bail!("no broker named {name:?} answers at {}", endpoint::control(name));
+        return Err(exit::NoBroker { name: name.to_string(), endpoint: endpoint::control(name) }.into());
     }
     let reply = socket.recv_bytes(0)?;
     serde_json::from_slice(&reply).context("the broker's reply is not JSON")
 }
 
-fn init_logging(level: Option<&str>) -> anyhow::Result<()> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(level) => EnvFilter::try_new(level).with_context(|| format!("bad --log filter {level:?}"))?,
-        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-    };
+fn init_logging(level: Option<&str>, origin: &str) -> anyhow::Result<()> {
+    let filter = zbroker_client::log::filter(level, "info").map_err(|e| match e.strip_prefix("--log ") {
+        Some(rest) if origin != "--log" => Invalid(format!("{origin} {rest}")),
+        _ => Invalid(e),
+    })?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -216,6 +216,42 @@ pub struct Reactor {
     curve_refused: u64,
     /// When each refused key was last logged (rate limit).
     refusals_logged: HashMap<Key, Instant>,
+    /// With CURVE: whether the ipc:// endpoints require it too (`None`:
+    /// no CURVE, no handshake is watched).
+    curve_ipc: Option<bool>,
+    /// With CURVE: the peer address of each descriptor accepted on a CURVE
+    /// endpoint, until it disconnects (for logging failed handshakes).
+    accepted_addresses: HashMap<i32, String>,
+    /// A handshake failure seen by the monitor, waiting for the
+    /// DISCONNECTED (same engine, next event) that names its descriptor.
+    handshake_failed: Option<String>,
+    /// When each (host, reason) of a failed handshake was last logged.
+    handshake_failures_logged: HashMap<(String, String), Instant>,
+}
+
+/// The remote address of a TCP socket libzmq accepted (`None` if it is
+/// not one, or already closed).
+fn peer_address(fd: i32) -> Option<String> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: the descriptor is libzmq's; ManuallyDrop never closes it,
+    // and getpeername(2) only reads it (on a reused or closed descriptor
+    // it fails or names another peer, which only affects a log line).
+    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    stream.peer_addr().ok().map(|a| a.to_string())
+}
+
+/// A `HANDSHAKE_FAILED_PROTOCOL` event's value, in words.
+fn handshake_protocol_error(code: u32) -> String {
+    // libzmq's ZMQ_PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC and _MECHANISM_MISMATCH.
+    const CRYPTOGRAPHIC: u32 = 0x1100_0001;
+    const MECHANISM_MISMATCH: u32 = 0x1100_0002;
+    match code {
+        CRYPTOGRAPHIC => {
+            "its HELLO could not be decrypted: the client has the wrong server key (--server-key)".into()
+        }
+        MECHANISM_MISMATCH => "the client does not speak CURVE (no --server-key?)".into(),
+        code => format!("ZMTP protocol error 0x{code:x}"),
+    }
 }
 
 fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
@@ -260,11 +296,11 @@ impl Reactor {
         control.set_linger(0)?;
         if let Err(e) = control.bind(&settings.control_endpoint) {
             if e == zmq::Error::EADDRINUSE {
-                bail!(
-                    "a broker named {:?} is already running ({} is taken)",
-                    settings.name,
-                    settings.control_endpoint
-                );
+                return Err(crate::exit::NameTaken {
+                    name: settings.name.clone(),
+                    endpoint: settings.control_endpoint.clone(),
+                }
+                .into());
             }
             bail!("cannot bind {}: {e}", settings.control_endpoint);
         }
@@ -275,7 +311,13 @@ impl Reactor {
         front.set_linger(LINGER_MS)?;
         front.set_maxmsgsize(settings.max_message_size)?;
         let monitor_endpoint = format!("inproc://zbroker-monitor-{}", settings.name);
-        let events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
+        // With CURVE, failed handshakes too: a client with the wrong server
+        // key, or none, never reaches the ZAP handler.
+        let mut events = zmq::SocketEvent::ACCEPTED.to_raw() | zmq::SocketEvent::DISCONNECTED.to_raw();
+        if curve.is_some() {
+            events |= zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL.to_raw()
+                | zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL.to_raw();
+        }
         front.monitor(&monitor_endpoint, events as i32)?;
         let monitor = context.socket(zmq::PAIR)?;
         monitor.connect(&monitor_endpoint)?;
@@ -394,10 +436,14 @@ impl Reactor {
             reload_signals,
             reload: None,
             allow_reload: None,
+            curve_ipc: curve.as_ref().map(|c| c.ipc),
             allow: curve.map(|c| c.allow).unwrap_or_default(),
             curve_endpoints,
             curve_refused: 0,
             refusals_logged: HashMap::new(),
+            accepted_addresses: HashMap::new(),
+            handshake_failed: None,
+            handshake_failures_logged: HashMap::new(),
         })
     }
 
@@ -700,7 +746,10 @@ impl Reactor {
                             self.refused_key(&key, &String::from_utf8_lossy(address));
                             ("400", "not allowed", String::new())
                         }
-                        None => ("400", "no client key", String::new()),
+                        None => {
+                            self.curve_refused += 1;
+                            ("400", "no client key", String::new())
+                        }
                     }
                 }
                 other => {
@@ -943,22 +992,81 @@ impl Reactor {
 
     fn recv_monitor_event(&mut self) -> anyhow::Result<()> {
         let event = retry(|| self.monitor.recv_msg(0))?;
+        // The second frame: the endpoint (for a bound one, its local address).
+        let mut local = None;
         while self.monitor.get_rcvmore()? {
-            retry(|| self.monitor.recv_msg(0))?;
+            let frame = retry(|| self.monitor.recv_msg(0))?;
+            local.get_or_insert_with(|| String::from_utf8_lossy(&frame).into_owned());
         }
         if event.len() < 6 {
             return Ok(());
         }
         let kind = u16::from_le_bytes([event[0], event[1]]);
-        let fd = i32::from_le_bytes([event[2], event[3], event[4], event[5]]);
+        let value = u32::from_le_bytes([event[2], event[3], event[4], event[5]]);
+        let fd = value as i32;
         // A closed peer's fd, or a new peer on a reused fd: either way the
         // connections last seen on it are gone.
-        tracing::trace!(kind, fd, "monitor event");
+        tracing::trace!(kind, value, "monitor event");
         let accepted = kind == zmq::SocketEvent::ACCEPTED.to_raw();
-        if accepted || kind == zmq::SocketEvent::DISCONNECTED.to_raw() {
+        let disconnected = kind == zmq::SocketEvent::DISCONNECTED.to_raw();
+        if accepted || disconnected {
             self.fd_events.push(FdEvent { accepted, fd });
         }
+        let Some(curve_ipc) = self.curve_ipc else { return Ok(()) };
+        let secure = local.as_deref().is_some_and(|l| curve_ipc || !l.starts_with("ipc://"));
+        if accepted && secure {
+            if let Some(address) = peer_address(fd) {
+                self.accepted_addresses.insert(fd, address);
+            }
+        } else if disconnected {
+            let address = self.accepted_addresses.remove(&fd);
+            if let Some(why) = self.handshake_failed.take() {
+                // The peer may have gone before its ACCEPTED was read: then
+                // only the endpoint it came to is known.
+                let address = address.unwrap_or_else(|| {
+                    format!("a peer already gone (on {})", local.as_deref().unwrap_or("?"))
+                });
+                self.failed_handshake(&address, &why);
+            }
+        } else if secure && kind == zmq::SocketEvent::HANDSHAKE_FAILED_PROTOCOL.to_raw() {
+            self.handshake_failed = Some(handshake_protocol_error(value));
+        } else if secure && kind == zmq::SocketEvent::HANDSHAKE_FAILED_NO_DETAIL.to_raw() {
+            let error = std::io::Error::from_raw_os_error(value as i32);
+            self.handshake_failed = Some(format!(
+                "the connection ended during the handshake ({error}): a client without CURVE or with the \
+                 wrong server key?"
+            ));
+        }
         Ok(())
+    }
+
+    /// Counts a CURVE handshake that failed before any client key was
+    /// known (a wrong server key, a client without CURVE, a broken
+    /// handshake) and logs it, each address (its host) at most once per
+    /// `REFUSAL_LOG_INTERVAL` for each reason (a refused client retries
+    /// ten times a second, from a new port each time).
+    fn failed_handshake(&mut self, address: &str, why: &str) {
+        self.curve_refused += 1;
+        let host = match address.rsplit_once(':') {
+            Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host,
+            _ => address,
+        };
+        let key = (host.to_string(), why.to_string());
+        let now = Instant::now();
+        let due = self
+            .handshake_failures_logged
+            .get(&key)
+            .is_none_or(|t| now.duration_since(*t) >= REFUSAL_LOG_INTERVAL);
+        if due {
+            if self.handshake_failures_logged.len() >= REFUSAL_LOG_KEYS {
+                self.handshake_failures_logged.clear();
+            }
+            self.handshake_failures_logged.insert(key, now);
+            tracing::warn!(
+                "CURVE: handshake from {address} failed: {why} ({} refused so far)",
+                self.curve_refused
+            );
+        }
     }
 
     /// A new peer speaks on `fd`. Its own connection is the last ACCEPTED on

@@ -110,15 +110,33 @@ fn bad(path: &Path, why: impl Into<String>) -> KeyError {
     KeyError::Bad { path: path.to_path_buf(), why: why.into() }
 }
 
+/// What is said when a secret key file is given where a public key is
+/// wanted (its last line is the secret key, which would parse).
+pub const SECRET_NOT_PUBLIC: &str = "that is a secret key file; pass the broker's .pub file";
+
+/// The key in a public key file's text; a secret key file is refused.
+pub fn parse_public_key_text(text: &str) -> Result<Key, String> {
+    let secret = text.lines().any(|l| {
+        let first = l.split_whitespace().next().unwrap_or("");
+        first == "secret-key" || first.starts_with("secret-key=")
+    });
+    if secret {
+        return Err(SECRET_NOT_PUBLIC.to_string());
+    }
+    parse_key_text(text)
+}
+
 /// The key in a public key file (a `.pub` certificate, or any file whose
-/// last token is the key).
+/// last token is the key). A secret key file is refused with
+/// [`SECRET_NOT_PUBLIC`].
 pub fn read_public_key(path: &Path) -> Result<Key, KeyError> {
-    parse_key_text(&read_text(path)?).map_err(|why| bad(path, why))
+    parse_public_key_text(&read_text(path)?).map_err(|why| bad(path, why))
 }
 
 /// Every public key named by `path`: the file's key, or if it is a
-/// directory, the key of every file in it (hidden files and
-/// subdirectories are skipped).
+/// directory, the key of every file in it. Hidden files and
+/// subdirectories are skipped, and so are files that are not public key
+/// files (a `README`, a secret key), each with a warning naming it.
 pub fn read_public_keys(path: &Path) -> Result<Vec<Key>, KeyError> {
     let read_error = |source| KeyError::Read { path: path.to_path_buf(), source };
     let meta = std::fs::metadata(path).map_err(read_error)?;
@@ -135,7 +153,17 @@ pub fn read_public_keys(path: &Path) -> Result<Vec<Key>, KeyError> {
         }
     }
     files.sort();
-    files.iter().map(|file| read_public_key(file)).collect()
+    let mut keys = Vec::with_capacity(files.len());
+    for file in &files {
+        match read_public_key(file) {
+            Ok(key) => keys.push(key),
+            Err(KeyError::Bad { path, why }) => {
+                tracing::warn!("{}: not a public key file ({why}): skipped", path.display())
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(keys)
 }
 
 /// A CURVE key pair.
@@ -316,6 +344,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_secret_key_file_is_no_public_key() {
+        let pair = KeyPair::generate().unwrap();
+        assert_eq!(parse_public_key_text(&pair.public_file_text()), Ok(pair.public));
+        assert_eq!(parse_public_key_text(&pair.secret_file_text()), Err(SECRET_NOT_PUBLIC.to_string()));
+        let dir = tempfile::tempdir().unwrap();
+        pair.write(&dir.path().join("server")).unwrap();
+        let e = ClientKeys::from_files(&dir.path().join("server"), None).unwrap_err().to_string();
+        assert!(e.contains("that is a secret key file; pass the broker's .pub file"), "{e}");
+    }
+
+    #[test]
+    fn files_in_a_key_directory_that_hold_no_key_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let pair = KeyPair::generate().unwrap();
+        std::fs::write(dir.path().join("alice.pub"), pair.public_file_text()).unwrap();
+        std::fs::write(dir.path().join("README"), "Put the clients' .pub files here.\n").unwrap();
+        std::fs::write(dir.path().join("empty"), "").unwrap();
+        assert_eq!(read_public_keys(dir.path()).unwrap(), vec![pair.public]);
+        // Named on its own, a file that is not a key is an error.
+        assert!(read_public_keys(&dir.path().join("README")).is_err());
+    }
+
+    #[test]
     fn z85_round_trips_and_matches_libzmq() {
         for _ in 0..20 {
             let pair = KeyPair::generate().unwrap();
@@ -393,7 +444,9 @@ mod tests {
         let mut want = vec![pair.public, other.public];
         want.sort();
         assert_eq!(found, want);
+        // A file that is no key is skipped (with a warning), not fatal.
         std::fs::write(keys.join("c"), "junk").unwrap();
-        assert!(read_public_keys(&keys).unwrap_err().to_string().contains("keys/c"));
+        assert_eq!(read_public_keys(&keys).unwrap().len(), 2);
+        assert!(read_public_keys(&keys.join("c")).unwrap_err().to_string().contains("keys/c"));
     }
 }

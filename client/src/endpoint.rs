@@ -35,6 +35,84 @@ pub fn check_name(name: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// The endpoint forms a client (or `--upstream`) may connect to.
+pub const CONNECT_FORMS: &str = "tcp://HOST:PORT (port 1-65535), ipc://PATH, ipc://@NAME or inproc://NAME";
+/// The endpoint forms a broker may bind.
+pub const BIND_FORMS: &str =
+    "tcp://HOST:PORT (port 1-65535; * for any interface or any free port, as in tcp://*:5670 or tcp://*:*), \
+     ipc://PATH, ipc://@NAME or inproc://NAME";
+
+/// Why a text is not an endpoint. Its `Display` is one line naming the
+/// accepted forms.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EndpointError {
+    /// No `tcp://`, `ipc://` or `inproc://` in front (`127.0.0.1:5670`, `http://…`).
+    #[error("{endpoint:?} is not an endpoint: use {forms}")]
+    Form { endpoint: String, forms: &'static str },
+    /// `tcp://` without a host, or with a `*` host where one connects.
+    #[error("{endpoint:?} has no usable host: use {forms}")]
+    Host { endpoint: String, forms: &'static str },
+    /// A port that is missing, not a number, 0 or over 65535.
+    #[error("{endpoint:?}: the port must be 1-65535: use {forms}")]
+    Port { endpoint: String, forms: &'static str },
+    /// `ipc://` or `inproc://` with nothing after it.
+    #[error("{endpoint:?} names no socket: use {forms}")]
+    Empty { endpoint: String, forms: &'static str },
+}
+
+/// Checks an endpoint to connect to: `tcp://HOST:PORT` (port 1-65535),
+/// `ipc://PATH`, `ipc://@NAME` or `inproc://NAME`.
+///
+/// ```
+/// use zbroker_client::endpoint::validate;
+/// assert!(validate("tcp://hub:5670").is_ok());
+/// assert!(validate("127.0.0.1:5670").is_err());
+/// assert!(validate("tcp://hub:99999").is_err());
+/// ```
+pub fn validate(endpoint: &str) -> Result<(), EndpointError> {
+    check(endpoint, false)
+}
+
+/// Checks an endpoint to bind: as [`validate`], and `*` may stand for the
+/// host (every interface) or the port (any free one): `tcp://*:5670`,
+/// `tcp://127.0.0.1:*`, `tcp://*:*`.
+pub fn validate_bind(endpoint: &str) -> Result<(), EndpointError> {
+    check(endpoint, true)
+}
+
+fn check(endpoint: &str, bind: bool) -> Result<(), EndpointError> {
+    let forms = if bind { BIND_FORMS } else { CONNECT_FORMS };
+    let e = endpoint.to_string();
+    if let Some(rest) = endpoint.strip_prefix("tcp://") {
+        let Some((host, port)) = rest.rsplit_once(':') else {
+            return Err(EndpointError::Port { endpoint: e, forms });
+        };
+        // libzmq's `tcp://SOURCE;HOST:PORT`: the host is what follows `;`.
+        let host = host.rsplit_once(';').map_or(host, |(_, h)| h);
+        let host_ok = !host.is_empty()
+            && !host.contains(['/', ' '])
+            && (host != "*" || bind)
+            && (!host.starts_with('[') || host.ends_with(']'));
+        if !host_ok {
+            return Err(EndpointError::Host { endpoint: e, forms });
+        }
+        let port_ok = (port == "*" && bind) || port.parse::<u16>().is_ok_and(|p| p > 0);
+        if !port_ok {
+            return Err(EndpointError::Port { endpoint: e, forms });
+        }
+        return Ok(());
+    }
+    for scheme in ["ipc://", "inproc://"] {
+        if let Some(rest) = endpoint.strip_prefix(scheme) {
+            if rest.is_empty() || rest == "@" {
+                return Err(EndpointError::Empty { endpoint: e, forms });
+            }
+            return Ok(());
+        }
+    }
+    Err(EndpointError::Form { endpoint: e, forms })
+}
+
 /// The ZPIPES endpoint of the broker called `name`.
 pub fn zpipes(name: &str) -> String {
     format!("ipc://@/zpipes/{name}")
@@ -59,6 +137,47 @@ mod tests {
         assert_eq!(zpipes("local"), "ipc://@/zpipes/local");
         assert_eq!(control("x"), "ipc://@/zbroker/x");
         assert_eq!(filemq("local"), "ipc://@/filemq/local");
+    }
+
+    #[test]
+    fn endpoints_are_checked_before_use() {
+        for ok in [
+            "tcp://127.0.0.1:5670",
+            "tcp://hub:1",
+            "tcp://hub:65535",
+            "tcp://[::1]:5670",
+            "ipc:///tmp/x",
+            "ipc://@/zpipes/local",
+            "inproc://x",
+            "tcp://eth0;hub:5670",
+        ] {
+            assert_eq!(validate(ok), Ok(()), "{ok}");
+            assert_eq!(validate_bind(ok), Ok(()), "{ok}");
+        }
+        for bind_only in ["tcp://*:5670", "tcp://127.0.0.1:*", "tcp://*:*"] {
+            assert!(validate(bind_only).is_err(), "{bind_only}");
+            assert_eq!(validate_bind(bind_only), Ok(()), "{bind_only}");
+        }
+        for bad in [
+            "127.0.0.1:25670",
+            "http://hub:5670",
+            "tcp://hub:99999",
+            "tcp://hub:0",
+            "tcp://hub",
+            "tcp://:5670",
+            "tcp://hub:port",
+            "ipc://",
+            "inproc://",
+            "",
+            "hub",
+        ] {
+            let e = validate(bad).unwrap_err().to_string();
+            assert!(e.contains("tcp://HOST:PORT") && e.contains("ipc://") && !e.contains('\n'), "{bad}: {e}");
+            let e = validate_bind(bad).unwrap_err().to_string();
+            assert!(e.contains("tcp://*:*"), "{bad}: {e}");
+        }
+        assert!(matches!(validate("tcp://hub:99999"), Err(EndpointError::Port { .. })));
+        assert!(matches!(validate("http://hub"), Err(EndpointError::Form { .. })));
     }
 
     #[test]

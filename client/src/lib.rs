@@ -10,6 +10,8 @@
 //! - [`endpoint`]: broker names and their well-known endpoints.
 //! - [`escape`]: how names chosen by a peer are shown and stored.
 //! - [`curve`]: CURVE keys, key files and client socket security.
+//! - [`size`]: sizes with units (`8MB`, `8MiB`), one parser for every program.
+//! - [`log`]: the `--log LEVEL` filter every program shares.
 
 pub mod byte_queue;
 pub mod codec;
@@ -18,6 +20,8 @@ pub mod endpoint;
 pub mod escape;
 pub mod filemq;
 pub mod filemq_msg;
+pub mod log;
+pub mod size;
 pub mod zpipes;
 pub mod zpipes_msg;
 

@@ -37,3 +37,43 @@ fn no_broker_exits_4_with_one_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(err.trim(), format!("zpipes: no broker answers at ipc://@/zpipes/{name}"));
 }
+
+#[test]
+fn malformed_endpoints_exit_2_naming_the_accepted_forms() {
+    for bad in ["127.0.0.1:25670", "http://127.0.0.1:25670", "tcp://127.0.0.1:99999", "tcp://*:5670"] {
+        let out = zpipes(&["--endpoint", bad, "--timeout", "300", "read", "p"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains("tcp://HOST:PORT") && err.contains("ipc://"), "{err}");
+    }
+}
+
+#[test]
+fn broker_and_endpoint_together_are_refused() {
+    let out = zpipes(&["--broker", "a", "--endpoint", "tcp://127.0.0.1:1", "read", "p"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used with"));
+}
+
+#[test]
+fn an_empty_pipe_name_is_refused() {
+    for command in ["read", "write"] {
+        let out = zpipes(&["--timeout", "300", command, ""]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(err.contains("pipe name is empty"), "{err}");
+    }
+}
+
+#[test]
+fn a_secret_key_as_server_key_gets_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("hub");
+    zbroker_client::curve::KeyPair::generate().unwrap().write(&secret).unwrap();
+    let out =
+        zpipes(&["--endpoint", "tcp://127.0.0.1:1", "--server-key", secret.to_str().unwrap(), "read", "p"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("that is a secret key file; pass the broker's .pub file"), "{err}");
+}

@@ -86,7 +86,7 @@ impl Args {
     fn from_env() -> anyhow::Result<Args> {
         let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
         let size = |name, default| -> anyhow::Result<u64> {
-            var(name).map_or(Ok(default), |v| zbroker::config::parse_size(&v).context(name))
+            var(name).map_or(Ok(default), |v| zbroker_client::size::parse(&v).context(name))
         };
         let number = |name, default| -> anyhow::Result<u64> {
             var(name).map_or(Ok(default), |v| v.parse().with_context(|| format!("{name}={v:?}")))

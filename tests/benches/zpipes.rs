@@ -61,7 +61,7 @@ impl Args {
     fn from_env() -> anyhow::Result<Args> {
         let var = |name| std::env::var(name).ok().filter(|v: &String| !v.is_empty());
         let bytes = match var("ZPIPES_BENCH_BYTES") {
-            Some(v) => zbroker::config::parse_size(&v).context("ZPIPES_BENCH_BYTES")?,
+            Some(v) => zbroker_client::size::parse(&v).context("ZPIPES_BENCH_BYTES")?,
             None => 1 << 30,
         };
         // Whole writes only, so both sides of the stream move the same bytes.

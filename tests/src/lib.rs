@@ -66,6 +66,12 @@ impl Broker {
     }
 
     pub fn start_named(name: &str, args: &[&str]) -> Broker {
+        Self::start_with(name, args, |_| {})
+    }
+
+    /// `start_named`, with `configure` applied to the command last (to
+    /// capture its standard error, say).
+    pub fn start_with(name: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Broker {
         let mut command = Command::new(bin("zbroker"));
         command.arg(name).args(args);
         let state = if args.contains(&"--state-dir") {
@@ -75,12 +81,12 @@ impl Broker {
             command.arg("--state-dir").arg(dir.path());
             Some(dir)
         };
-        let child = command
+        command
             // ZBROKER_TEST_LOG=debug shows the broker's side of a test.
             .env("RUST_LOG", std::env::var("ZBROKER_TEST_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start zbroker");
+            .stdin(Stdio::null());
+        configure(&mut command);
+        let child = command.spawn().expect("start zbroker");
         let mut broker = Broker { name: name.to_string(), child, _state: state };
         let up = wait_until(Duration::from_secs(10), || {
             broker.try_status().is_some() || broker.child.try_wait().ok().flatten().is_some()

@@ -312,3 +312,87 @@ fn a_relay_cascades_from_a_curve_hub() {
     );
     drop(leaf);
 }
+
+/// The broker's standard error so far.
+fn log_of(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// `curve_refused` in the broker's status.
+fn refused_count(broker: &Broker) -> u64 {
+    broker.status()["curve_refused"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn every_failed_handshake_is_counted_and_logged_and_a_readme_among_the_keys_is_skipped() {
+    let keys = tempfile::tempdir().unwrap();
+    let server = keygen(keys.path(), "server");
+    let client = keygen(keys.path(), "client");
+    let stranger = keygen(keys.path(), "stranger");
+    let allowed = keys.path().join("clients");
+    std::fs::create_dir(&allowed).unwrap();
+    std::fs::copy(public(&client), allowed.join("client.pub")).unwrap();
+    // Not a key file: skipped with a warning, at start and at every reload.
+    std::fs::write(allowed.join("README"), "Put the clients' .pub files here.\n").unwrap();
+    let log = keys.path().join("broker.log");
+    let log_file = std::fs::File::create(&log).unwrap();
+    let broker = Broker::start_with(
+        &zbroker_tests::unique_name("handshakes"),
+        &[
+            "--bind",
+            "tcp://127.0.0.1:*",
+            "--curve-secret-key",
+            path_arg(&server),
+            "--allow-client-key",
+            path_arg(&allowed),
+        ],
+        |command| {
+            command.stderr(log_file).env("RUST_LOG", "warn");
+        },
+    );
+    assert_eq!(broker.status()["curve_allowed_keys"], 1);
+    assert!(log_of(&log).contains("README: not a public key file"), "{}", log_of(&log));
+    let tcp = broker.tcp_endpoint();
+    let server_pub = public(&server);
+    assert_eq!(through(&tcp_args(&tcp, &server_pub, Some(&client)), "ok", b"allowed"), b"allowed");
+    assert_eq!(refused_count(&broker), 0);
+
+    // Each kind of failure raises the count and is logged with the address.
+    let mut seen = 0;
+    let stranger_pub = public(&stranger);
+    // A client without keys fails on the broker's side as a mechanism
+    // mismatch or, if the client hangs up first, a connection ended.
+    let cases: [(Vec<&str>, &[&str]); 3] = [
+        (vec!["--endpoint", &tcp], &["does not speak CURVE", "ended during the handshake"]),
+        (tcp_args(&tcp, &stranger_pub, Some(&client)), &["wrong server key"]),
+        (tcp_args(&tcp, &server_pub, Some(&stranger)), &["not in the allow-list"]),
+    ];
+    for (args, words) in cases {
+        assert_refused(&broker, &args, "refused");
+        assert!(
+            wait_until(Duration::from_secs(5), || refused_count(&broker) > seen),
+            "{words:?}: not counted"
+        );
+        seen = refused_count(&broker);
+        assert!(
+            wait_until(Duration::from_secs(5), || log_of(&log)
+                .lines()
+                .any(|l| words.iter().any(|w| l.contains(w)) && l.contains("127.0.0.1"))),
+            "{words:?}: not logged with the address: {}",
+            log_of(&log)
+        );
+    }
+    // Logged at most once per address and reason every 10 s, whatever the
+    // retries (each refused client above retried for 3 s).
+    let lines = log_of(&log).lines().filter(|l| l.contains("handshake from")).count();
+    assert!(lines <= 4, "{}", log_of(&log));
+
+    // SIGHUP with the README still there reloads fine.
+    std::fs::copy(public(&stranger), allowed.join("stranger.pub")).unwrap();
+    signal(&broker.child, libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || broker.status()["curve_allowed_keys"] == 2),
+        "SIGHUP did not reload the allow-list: {}",
+        log_of(&log)
+    );
+}

@@ -30,7 +30,8 @@ struct Cli {
     #[command(subcommand)]
     command: Command,
     /// Name of the broker on this machine
-    #[arg(long, global = true, value_name = "NAME", default_value = endpoint::DEFAULT_BROKER)]
+    #[arg(long, global = true, value_name = "NAME", default_value = endpoint::DEFAULT_BROKER,
+          conflicts_with = "endpoint")]
     broker: String,
     /// Reach the broker at this ZeroMQ endpoint instead (e.g. tcp://host:5670)
     #[arg(long, global = true, value_name = "EP")]
@@ -110,8 +111,19 @@ fn io_failure(what: &str, e: io::Error) -> Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let (Command::Read { name, .. } | Command::Write { name }) = &cli.command;
+    if name.is_empty() {
+        eprintln!("zpipes: the pipe name is empty: give the pipe a name, e.g. `zpipes write backup`");
+        return ExitCode::from(2);
+    }
     let mut opts = match &cli.endpoint {
-        Some(ep) => Options::endpoint(ep),
+        Some(ep) => {
+            if let Err(e) = endpoint::validate(ep) {
+                eprintln!("zpipes: --endpoint {e}");
+                return ExitCode::from(2);
+            }
+            Options::endpoint(ep)
+        }
         None => {
             if let Err(e) = endpoint::check_name(&cli.broker) {
                 eprintln!("zpipes: {e}");
@@ -135,7 +147,16 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Read { name, block_size } => read(&name, &opts, timeout, block_size as usize),
-        Command::Write { name } => write(&name, &opts, timeout),
+        Command::Write { name } => write(&name, &opts, timeout).map_err(|mut f| {
+            // The reader went (WRITE_FAILED): what it had not read is lost.
+            if f.code == status::FAILED && f.message.starts_with("pipe failed:") {
+                f.message = format!(
+                    "{}: start a reader (`zpipes read {name}`) and write the whole stream again",
+                    f.message
+                );
+            }
+            f
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -365,7 +365,7 @@ impl Zpipes {
             Some(Pending::Write { ref chunk, .. }) => {
                 let Some(name) = &conn.pipe else {
                     conn.pending = None;
-                    let reason = ShortStr::lossy("the reader has gone: close and open the pipe again");
+                    let reason = ShortStr::lossy("the reader has gone before reading everything");
                     reply(out, id, ZpipesMsg::WriteFailed { reason });
                     self.cancel_request_timer(id, out);
                     return true;
