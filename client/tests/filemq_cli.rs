@@ -68,6 +68,10 @@ fn usage_errors_exit_2_with_one_line() {
         &["subscribe", "relative", "--inbox", inbox][..],
         &["subscribe", "/a/../b", "--inbox", inbox],
         &["subscribe", "/a", "--inbox", inbox, "--broker", "no/slash"],
+        &["subscribe", "/a", "--inbox", inbox, "--log", "verbose"],
+        &["subscribe", "/a", "--inbox", inbox, "--endpoint", "127.0.0.1:25670"],
+        &["subscribe", "/a", "--inbox", inbox, "--endpoint", "http://hub:5670"],
+        &["subscribe", "/a", "--inbox", inbox, "--endpoint", "tcp://127.0.0.1:99999"],
     ] {
         let out = filemq(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}");

@@ -102,7 +102,7 @@ struct SubscribeArgs {
     #[arg(long, value_name = "MS", requires = "once")]
     timeout: Option<u64>,
     /// Credit window: bytes the broker may send ahead (e.g. 8MiB, 500k, 8000000)
-    #[arg(long, value_name = "SIZE", default_value = "8000000", value_parser = parse_size)]
+    #[arg(long, value_name = "SIZE", default_value = "8000000", value_parser = parse_window)]
     window: u64,
     /// Delete files the publisher does not have even if filemq did not write them
     /// (like rsync --delete); without it, only files filemq delivered are deleted
@@ -150,42 +150,21 @@ impl Failure {
     }
 }
 
-/// `8000000`, `500k`, `8MB`, `8MiB`, `1g`: decimal or binary multiples.
-fn parse_size(text: &str) -> Result<u64, String> {
-    let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (digits, unit) = text.split_at(split);
-    let number: u64 =
-        digits.parse().map_err(|_| format!("{text:?} is not a size (e.g. 8MiB, 500k, 8000000)"))?;
-    let multiplier: u64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" => 1_000,
-        "kib" => 1 << 10,
-        "m" | "mb" => 1_000_000,
-        "mib" => 1 << 20,
-        "g" | "gb" => 1_000_000_000,
-        "gib" => 1 << 30,
-        other => return Err(format!("unknown size unit {other:?} (use k, M, G, KiB, MiB or GiB)")),
-    };
-    match number.checked_mul(multiplier) {
-        Some(0) => Err("the window must be at least 1 byte".into()),
-        Some(size) => Ok(size),
-        None => Err(format!("{text:?} is too large")),
+/// `--window`: a size (`8000000`, `500k`, `8MB`, `8MiB`), at least 1 byte.
+fn parse_window(text: &str) -> Result<u64, String> {
+    match zbroker_client::size::parse(text) {
+        Ok(0) => Err("the window must be at least 1 byte".into()),
+        Ok(size) => Ok(size),
+        Err(e) => Err(e.to_string()),
     }
 }
 
 fn init_logging(level: Option<&str>) -> Result<(), Failure> {
-    use tracing_subscriber::EnvFilter;
-    let filter = match level {
-        Some(level) => EnvFilter::try_new(level)
-            .map_err(|e| Failure::new(status::USAGE, format!("bad --log filter {level:?}: {e}")))?,
-        // Errors reach the user as our own one-line message; the rest on
-        // demand, but for a handshake refused again and again (wrong CURVE
-        // keys), which would otherwise look like a silent hang.
-        None => {
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("error,filemq::curve=warn"))
-        }
-    };
+    // Errors reach the user as our own one-line message; the rest on
+    // demand, but for a handshake refused again and again (wrong CURVE
+    // keys), which would otherwise look like a silent hang.
+    let filter = zbroker_client::log::filter(level, "error,filemq::curve=warn")
+        .map_err(|e| Failure::new(status::USAGE, e))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)
@@ -391,7 +370,10 @@ impl Tally {
 fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     init_logging(args.log.as_deref())?;
     let endpoint = match &args.endpoint {
-        Some(ep) => ep.clone(),
+        Some(ep) => {
+            endpoint::validate(ep).map_err(|e| Failure::new(status::USAGE, format!("--endpoint {e}")))?;
+            ep.clone()
+        }
         None => {
             endpoint::check_name(&args.broker).map_err(|e| Failure::new(status::USAGE, e.to_string()))?;
             endpoint::filemq(&args.broker)
@@ -591,18 +573,15 @@ fn finish_once(tally: &Tally) -> Result<(), Failure> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_size;
+    use super::parse_window;
 
     #[test]
-    fn sizes_take_decimal_and_binary_units() {
-        assert_eq!(parse_size("8000000"), Ok(8_000_000));
-        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
-        assert_eq!(parse_size("8M"), Ok(8_000_000));
-        assert_eq!(parse_size("500k"), Ok(500_000));
-        assert_eq!(parse_size("2 GiB"), Ok(2 << 30));
-        assert!(parse_size("0").is_err());
-        assert!(parse_size("MiB").is_err());
-        assert!(parse_size("8 parsecs").is_err());
-        assert!(parse_size("99999999999999999999").is_err());
+    fn the_window_takes_the_shared_size_units() {
+        assert_eq!(parse_window("8000000"), Ok(8_000_000));
+        assert_eq!(parse_window("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_window("8MB"), Ok(8_000_000));
+        assert_eq!(parse_window("500k"), Ok(500_000));
+        assert!(parse_window("0").is_err());
+        assert!(parse_window("8 parsecs").is_err());
     }
 }
