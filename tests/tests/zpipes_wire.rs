@@ -126,7 +126,7 @@ fn a_second_broker_with_the_same_name_refuses_to_start() {
     let broker = Broker::start(&[]);
     let second =
         std::process::Command::new(zbroker_tests::bin("zbroker")).arg(&broker.name).output().unwrap();
-    assert_eq!(second.status.code(), Some(1));
+    assert_eq!(second.status.code(), Some(3), "exit 3: the name is taken");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert!(stderr.contains("already running"), "{stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
