@@ -528,7 +528,7 @@ impl Upstream {
     ) -> anyhow::Result<Upstream> {
         use std::sync::atomic::Ordering;
         use zbroker_client::escape::escape;
-        use zbroker_client::filemq::{Event, Options, Subscriber};
+        use zbroker_client::filemq::{Event, Kept, Options, Subscriber};
         let options = Options { curve, ..Options::endpoint(endpoint, paths.clone(), inbox.clone()) };
         let subscriber = Subscriber::start(options)
             .with_context(|| format!("cannot mirror {endpoint} into {}", inbox.display()))?;
@@ -554,7 +554,11 @@ impl Upstream {
                     ),
                     Ok(Event::Kept { path, reason }) => tracing::info!(
                         path = %escape(path.as_bytes()),
-                        "kept a file of the inbox the relay did not write ({reason:?})"
+                        "kept a file of the inbox the relay did not write ({})",
+                        match reason {
+                            Kept::NotPublished => "upstream does not have it",
+                            Kept::Differs => "upstream has another version",
+                        }
                     ),
                     Ok(Event::Unreachable { why }) => {
                         tracing::warn!("upstream {endpoint}: {why}; still trying")
