@@ -306,7 +306,7 @@ fn once_without_any_broker_says_so_within_seconds() {
     ]);
     assert_eq!(out.status.code(), Some(4), "{}", stderr(&out));
     let took = started.elapsed();
-    assert!(took >= Duration::from_secs(2) && took < Duration::from_secs(4), "took {took:?}");
+    assert!(took >= Duration::from_secs(2) && took < Duration::from_millis(2800), "took {took:?}");
     let err = stderr(&out);
     assert!(
         err.starts_with("filemq: no broker answers: nothing listens at ipc://") && err.lines().count() == 1,

@@ -196,7 +196,16 @@ pub(crate) fn run(mut shared: Shared) {
                 }
             }
         }
-        if shared.stop_within(backoff) {
+        // Before a first session, the pause never carries us past the
+        // moment to say that nobody answers.
+        let mut pause = backoff;
+        if !ever_greeted && !told_unreachable {
+            let left = UNREACHABLE_AFTER.saturating_sub(started.elapsed());
+            if !left.is_zero() {
+                pause = pause.min(left);
+            }
+        }
+        if shared.stop_within(pause) {
             break;
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
