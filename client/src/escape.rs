@@ -6,8 +6,9 @@
 //! - `\` becomes `\\`; newline, carriage return and tab become `\n`, `\r`,
 //!   `\t`;
 //! - other C0 controls, DEL, and bytes that are not UTF-8 become `\xNN`;
-//! - C1 controls and the Unicode format characters that reorder or hide
-//!   text (bidi overrides and isolates, zero-width characters) become
+//! - C1 controls and the Unicode characters that reorder, hide or break
+//!   text (bidi marks, overrides and isolates, zero-width and invisible
+//!   characters, soft hyphen, line and paragraph separators, tags) become
 //!   `\u{XXXX}`;
 //! - everything else, spaces and non-ASCII letters included, stays as is.
 //!
@@ -20,10 +21,15 @@ use std::fmt::Write as _;
 fn is_deceptive(c: char) -> bool {
     matches!(c,
         '\u{80}'..='\u{9f}'
+        | '\u{ad}'
+        | '\u{61c}'
+        | '\u{180e}'
         | '\u{200b}'..='\u{200f}'
-        | '\u{202a}'..='\u{202e}'
-        | '\u{2060}'..='\u{2069}'
+        | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{206f}'
         | '\u{feff}'
+        | '\u{fff9}'..='\u{fffb}'
+        | '\u{e0000}'..='\u{e007f}'
     )
 }
 
@@ -156,6 +162,7 @@ mod tests {
         assert_eq!(escape(b"a\\nb"), "a\\\\nb", "a real backslash is doubled");
         assert_eq!(escape(b"\xff\xfe"), "\\xff\\xfe");
         assert_eq!(escape("évil\u{202e}txt.exe".as_bytes()), "évil\\u{202e}txt.exe");
+        assert_eq!(escape("a\u{2028}b\u{61c}c\u{e0041}".as_bytes()), "a\\u{2028}b\\u{61c}c\\u{e0041}");
         assert_eq!(escape("photos/été 2024.jpg".as_bytes()), "photos/été 2024.jpg");
     }
 

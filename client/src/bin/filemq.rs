@@ -540,12 +540,10 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
 fn finish_once(tally: &Tally) -> Result<(), Failure> {
     if !tally.unpublished_paths.is_empty() {
         let paths: Vec<String> = tally.unpublished_paths.iter().map(|p| escape(p.as_bytes())).collect();
+        let changed = if tally.deleted + tally.updated == 0 { "; nothing was changed there" } else { "" };
         return Err(Failure::new(
             status::NOTHING_PUBLISHED,
-            format!(
-                "nothing is published under {} (check the path; nothing was changed there)",
-                paths.join(", ")
-            ),
+            format!("nothing is published under {} (check the path{changed})", paths.join(", ")),
         ));
     }
     if tally.missing() == 0 {

@@ -1,22 +1,26 @@
 //! The inbox's digest cache, `.filemq/digests`: what each file held is
 //! known to contain (so a restart does not rehash the tree) and whether
-//! this subscriber wrote it (so that deletes touch only our own files).
+//! this subscriber wrote it (so that deletes and replacements touch only
+//! our own files).
 //!
 //! ```text
 //! filemq-digests 2
-//! SIZE MTIME_NS DIGEST MARK PATH
+//! SIZE MTIME_NS INODE DIGEST MARK PATH
 //! ```
 //!
 //! `MARK` is `d` for a file we delivered, `-` for one we only found in the
-//! inbox. Each delivery is also appended at once to `.filemq/digests.log`
-//! (lines of the same form), which the next load replays and the next save
-//! empties: a subscriber killed between two saves still knows which files
-//! it wrote. `PATH` is inbox-relative and written with [`crate::escape`], so
-//! that no name (a newline, a carriage return, a backslash in it) can
-//! break, forge or shadow a line: a line that does not read back exactly
-//! is dropped, and that file is simply hashed again. A cache in the first
-//! format (no header line) is dropped whole: it did not say which files
-//! were ours, and it could be confused by names ending in CR.
+//! inbox. A mark belongs to the file, not the path: a file put at that
+//! path since (a new inode: the user saved their own, or an editor
+//! replaced it) is the user's. Each delivery is also appended at once to
+//! `.filemq/digests.log` (lines of the same form), which the next load
+//! replays and the next save empties: a subscriber killed between two
+//! saves still knows which files it wrote. `PATH` is inbox-relative and
+//! written with [`crate::escape`], so that no name (a newline, a carriage
+//! return, a backslash in it) can break, forge or shadow a line: a line
+//! that does not read back exactly is dropped, and that file is simply
+//! hashed again. A cache in the first format (no header line) is dropped
+//! whole: it did not say which files were ours, and it could be confused
+//! by names ending in CR.
 
 use super::dirfd::Dir;
 use super::inbox::parse_digest;
@@ -29,25 +33,57 @@ const FILE: &str = "digests";
 const NEW_FILE: &str = "digests.new";
 const JOURNAL: &str = "digests.log";
 
-/// A digest known for a file of a given size and modification time.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Known {
+/// What identifies a file's version on disk: a digest is believed while
+/// all three hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Stamp {
     pub size: u64,
     pub mtime_ns: i128,
+    pub inode: u64,
+}
+
+impl Stamp {
+    pub fn of(meta: &std::fs::Metadata) -> Stamp {
+        use std::os::unix::fs::MetadataExt;
+        Stamp {
+            size: meta.len(),
+            mtime_ns: meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128,
+            inode: meta.ino(),
+        }
+    }
+}
+
+/// A digest known for a file of a given stamp.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Known {
+    pub stamp: Stamp,
     /// Upper-case hex SHA-1.
     pub digest: String,
-    /// This subscriber delivered the file at this path.
+    /// This subscriber delivered the file (the one with `stamp.inode`).
     pub ours: bool,
 }
 
 #[derive(Debug, Default)]
 pub(crate) struct DigestCache {
     entries: HashMap<String, Known>,
-    /// Paths met since the census started.
-    seen: HashSet<String>,
+    census: Census,
     dirty: bool,
     /// `digests.log`, open for appending once a delivery is recorded.
     journal: Option<std::fs::File>,
+}
+
+/// What a census of the inbox met: a pruning save drops only entries under
+/// a directory it walked that it neither met nor failed to read.
+#[derive(Debug, Default)]
+struct Census {
+    seen: HashSet<String>,
+    walked: Vec<String>,
+    unreadable: Vec<String>,
+}
+
+/// True if inbox-relative `rel` is `dir` or below it (`""` is the inbox).
+fn under(dir: &str, rel: &str) -> bool {
+    dir.is_empty() || rel == dir || (rel.starts_with(dir) && rel.as_bytes().get(dir.len()) == Some(&b'/'))
 }
 
 impl DigestCache {
@@ -66,26 +102,22 @@ impl DigestCache {
         if let Ok(mut file) = private.open_file(JOURNAL, libc::O_RDONLY, 0) {
             let _ = file.read_to_end(&mut journal);
         }
-        // A torn last line (a kill mid-write) simply does not parse.
-        let replayed = journal.split(|&b| b == b'\n').filter_map(parse_line).count();
-        for (rel, known) in journal.split(|&b| b == b'\n').filter_map(parse_line) {
+        // Only whole lines: a line cut by a kill mid-write could otherwise
+        // read as a shorter path.
+        let whole = journal.iter().rposition(|&b| b == b'\n').map_or(&journal[..0], |end| &journal[..end]);
+        let mut replayed = false;
+        for (rel, known) in whole.split(|&b| b == b'\n').filter_map(parse_line) {
             entries.insert(rel, known);
+            replayed = true;
         }
-        DigestCache { entries, dirty: replayed > 0, ..DigestCache::default() }
+        DigestCache { entries, dirty: replayed, ..DigestCache::default() }
     }
 
     /// Records a file we delivered, durably: the journal line is written
     /// before this returns.
-    pub fn delivered(
-        &mut self,
-        private: &Dir,
-        rel: &str,
-        size: u64,
-        mtime_ns: i128,
-        digest: String,
-    ) -> io::Result<()> {
-        let line = line(rel, &Known { size, mtime_ns, digest: digest.clone(), ours: true });
-        self.remember(rel, size, mtime_ns, digest, true);
+    pub fn delivered(&mut self, private: &Dir, rel: &str, stamp: Stamp, digest: String) -> io::Result<()> {
+        let line = line(rel, &Known { stamp, digest: digest.clone(), ours: true });
+        self.remember(rel, stamp, digest, true);
         if self.journal.is_none() {
             self.journal =
                 Some(private.open_file(JOURNAL, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, 0o600)?);
@@ -96,27 +128,29 @@ impl DigestCache {
         Ok(())
     }
 
-    /// The digest of `rel` if the cache knows it for this size and mtime;
-    /// counts `rel` as met by the census.
-    pub fn lookup(&mut self, rel: &str, size: u64, mtime_ns: i128) -> Option<String> {
-        let known = self.entries.get(rel).filter(|k| k.size == size && k.mtime_ns == mtime_ns)?;
-        self.seen.insert(rel.to_string());
+    /// The digest of `rel` if the cache knows it for this stamp; counts
+    /// `rel` as met by the census.
+    pub fn lookup(&mut self, rel: &str, stamp: Stamp) -> Option<String> {
+        let known = self.entries.get(rel).filter(|k| k.stamp == stamp)?;
+        self.census.seen.insert(rel.to_string());
         Some(known.digest.clone())
     }
 
     /// Records what `rel` holds. `ours` marks a delivery; a file found in
-    /// the inbox keeps the mark it had (a mirrored file edited in place is
-    /// still the mirror's).
-    pub fn remember(&mut self, rel: &str, size: u64, mtime_ns: i128, digest: String, ours: bool) {
-        let ours = ours || self.is_ours(rel);
-        self.entries.insert(rel.to_string(), Known { size, mtime_ns, digest, ours });
-        self.seen.insert(rel.to_string());
+    /// the inbox keeps the mark it had if it is the same file (a mirrored
+    /// file edited in place is still the mirror's; one saved anew at that
+    /// path is not).
+    pub fn remember(&mut self, rel: &str, stamp: Stamp, digest: String, ours: bool) {
+        let ours = ours || self.is_ours(rel, stamp.inode);
+        self.entries.insert(rel.to_string(), Known { stamp, digest, ours });
+        self.census.seen.insert(rel.to_string());
         self.dirty = true;
     }
 
-    /// True if this subscriber delivered the file at `rel`.
-    pub fn is_ours(&self, rel: &str) -> bool {
-        self.entries.get(rel).is_some_and(|k| k.ours)
+    /// True if this subscriber delivered the file now at `rel` (inode
+    /// `inode`).
+    pub fn is_ours(&self, rel: &str, inode: u64) -> bool {
+        self.entries.get(rel).is_some_and(|k| k.ours && k.stamp.inode == inode)
     }
 
     pub fn forget(&mut self, rel: &str) {
@@ -125,21 +159,35 @@ impl DigestCache {
         }
     }
 
-    /// Starts a census: entries that [`DigestCache::lookup`] or
-    /// [`DigestCache::remember`] meet from now on are the ones a pruning
-    /// save keeps.
+    /// Starts a census: see [`DigestCache::walked`] and
+    /// [`DigestCache::unreadable`].
     pub fn start_census(&mut self) {
-        self.seen.clear();
+        self.census = Census::default();
+    }
+
+    /// The census walked inbox-relative directory `dir` (`""`: the inbox):
+    /// entries under it that it did not meet are files no longer there.
+    pub fn walked(&mut self, dir: &str) {
+        self.census.walked.push(dir.to_string());
+    }
+
+    /// The census could not read `rel`: entries under it are kept.
+    pub fn unreadable(&mut self, rel: &str) {
+        self.census.unreadable.push(rel.to_string());
     }
 
     /// Writes the cache if it changed (a new file, then a rename over the
-    /// old one; neither follows a symlink). With `prune`, entries not met
-    /// since the census started (files no longer there) go.
+    /// old one; neither follows a symlink). With `prune`, entries the
+    /// census shows gone are dropped.
     pub fn save(&mut self, private: &Dir, prune: bool) -> io::Result<()> {
         if prune {
             let before = self.entries.len();
-            let seen = &self.seen;
-            self.entries.retain(|rel, _| seen.contains(rel));
+            let census = &self.census;
+            self.entries.retain(|rel, _| {
+                census.seen.contains(rel)
+                    || !census.walked.iter().any(|dir| under(dir, rel))
+                    || census.unreadable.iter().any(|dir| under(dir, rel))
+            });
             self.dirty |= self.entries.len() != before;
         }
         if !self.dirty {
@@ -171,7 +219,8 @@ fn render(entries: &HashMap<String, Known>) -> String {
 /// One entry as a line of the cache or the journal.
 fn line(rel: &str, k: &Known) -> String {
     let mark = if k.ours { 'd' } else { '-' };
-    format!("{} {} {} {mark} {}\n", k.size, k.mtime_ns, k.digest, escape(rel.as_bytes()))
+    let Stamp { size, mtime_ns, inode } = k.stamp;
+    format!("{size} {mtime_ns} {inode} {} {mark} {}\n", k.digest, escape(rel.as_bytes()))
 }
 
 fn parse(text: &[u8]) -> HashMap<String, Known> {
@@ -190,9 +239,10 @@ fn parse(text: &[u8]) -> HashMap<String, Known> {
 
 fn parse_line(line: &[u8]) -> Option<(String, Known)> {
     let line = std::str::from_utf8(line).ok()?;
-    let mut fields = line.splitn(5, ' ');
+    let mut fields = line.splitn(6, ' ');
     let size = fields.next()?.parse().ok()?;
     let mtime_ns = fields.next()?.parse().ok()?;
+    let inode = fields.next()?.parse().ok()?;
     let digest = parse_digest(fields.next()?.as_bytes())?;
     let ours = match fields.next()? {
         "d" => true,
@@ -200,7 +250,8 @@ fn parse_line(line: &[u8]) -> Option<(String, Known)> {
         _ => return None,
     };
     let rel = String::from_utf8(unescape(fields.next()?)?).ok()?;
-    (!rel.is_empty()).then_some((rel, Known { size, mtime_ns, digest, ours }))
+    let stamp = Stamp { size, mtime_ns, inode };
+    (!rel.is_empty()).then_some((rel, Known { stamp, digest, ours }))
 }
 
 #[cfg(test)]
@@ -210,8 +261,12 @@ mod tests {
     const X: &str = "0123456789ABCDEF0123456789ABCDEF01234567";
     const Y: &str = "89ABCDEF0123456789ABCDEF0123456789ABCDEF";
 
+    fn stamp(n: u64) -> Stamp {
+        Stamp { size: 64, mtime_ns: n as i128, inode: n }
+    }
+
     fn known(digest: &str, ours: bool) -> Known {
-        Known { size: 64, mtime_ns: 1, digest: digest.into(), ours }
+        Known { stamp: stamp(1), digest: digest.into(), ours }
     }
 
     #[test]
@@ -219,8 +274,10 @@ mod tests {
         let mut entries = HashMap::new();
         entries.insert("dup".to_string(), known(X, true));
         entries.insert("dup\r".to_string(), known(Y, false));
-        entries
-            .insert("x\n1 1 89ABCDEF0123456789ABCDEF0123456789ABCDEF d forged".to_string(), known(Y, false));
+        entries.insert(
+            "x\n1 1 1 89ABCDEF0123456789ABCDEF0123456789ABCDEF d forged".to_string(),
+            known(Y, false),
+        );
         entries.insert("back\\slash and space".to_string(), known(X, false));
         let text = render(&entries);
         assert_eq!(text.lines().count(), 5, "{text}");
@@ -232,7 +289,7 @@ mod tests {
         let legacy = format!("64 1 {X} dup\r\n");
         assert!(parse(legacy.as_bytes()).is_empty());
         let text = format!(
-            "{HEADER}\n64 1 {X} d ok\n64 1 {X} d raw\rcr\n64 1 {X} ? what\n64 1 nothex d f\n64 1 {X} d \n"
+            "{HEADER}\n64 1 1 {X} d ok\n64 1 1 {X} d raw\rcr\n64 1 1 {X} ? what\n64 1 1 nothex d f\n64 1 1 {X} d \n"
         );
         let parsed = parse(text.as_bytes());
         assert_eq!(parsed.len(), 1);
@@ -240,14 +297,53 @@ mod tests {
     }
 
     #[test]
-    fn the_mark_survives_a_rehash_of_an_edited_file() {
+    fn the_mark_belongs_to_the_file_not_the_path() {
         let mut cache = DigestCache::default();
-        cache.remember("f", 1, 1, X.into(), true);
-        cache.remember("f", 2, 2, Y.into(), false);
-        assert!(cache.is_ours("f"));
-        cache.remember("g", 1, 1, X.into(), false);
-        assert!(!cache.is_ours("g"));
-        assert_eq!(cache.lookup("f", 2, 2), Some(Y.to_string()));
-        assert_eq!(cache.lookup("f", 1, 1), None, "size and mtime must both hold");
+        cache.remember("f", stamp(1), X.into(), true);
+        // Edited in place: the same inode, still ours.
+        cache.remember("f", Stamp { size: 2, ..stamp(1) }, Y.into(), false);
+        assert!(cache.is_ours("f", 1));
+        assert_eq!(cache.lookup("f", Stamp { size: 2, ..stamp(1) }), Some(Y.to_string()));
+        assert_eq!(cache.lookup("f", stamp(1)), None, "the whole stamp must hold");
+        // Saved anew by the user: another inode, theirs.
+        assert!(!cache.is_ours("f", 2));
+        cache.remember("f", stamp(2), X.into(), false);
+        assert!(!cache.is_ours("f", 2));
+        cache.remember("g", stamp(3), X.into(), false);
+        assert!(!cache.is_ours("g", 3));
+    }
+
+    #[test]
+    fn a_pruning_save_drops_only_what_the_census_shows_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = Dir::open(dir.path()).unwrap();
+        let mut cache = DigestCache::default();
+        for rel in ["a/gone", "a/kept", "a/locked/f", "b/other"] {
+            cache.remember(rel, stamp(1), X.into(), true);
+        }
+        cache.start_census();
+        cache.walked("a");
+        assert!(cache.lookup("a/kept", stamp(1)).is_some());
+        cache.unreadable("a/locked");
+        cache.save(&private, true).unwrap();
+        let text = std::fs::read_to_string(dir.path().join(FILE)).unwrap();
+        let kept: Vec<&str> = text.lines().skip(1).map(|l| l.rsplit(' ').next().unwrap()).collect();
+        assert_eq!(kept, ["a/kept", "a/locked/f", "b/other"], "{text}");
+    }
+
+    #[test]
+    fn the_journal_replays_whole_lines_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = Dir::open(dir.path()).unwrap();
+        let mut cache = DigestCache::default();
+        cache.delivered(&private, "whole", stamp(1), X.into()).unwrap();
+        cache.delivered(&private, "longer-name", stamp(2), X.into()).unwrap();
+        // A kill in the middle of the second line.
+        let journal = dir.path().join(JOURNAL);
+        let text = std::fs::read(&journal).unwrap();
+        std::fs::write(&journal, &text[..text.len() - 6]).unwrap();
+        let loaded = DigestCache::load(&private);
+        assert!(loaded.is_ours("whole", 1));
+        assert_eq!(loaded.entries.len(), 1, "no shortened path: {:?}", loaded.entries.keys());
     }
 }

@@ -215,6 +215,7 @@ pub(crate) struct Entry {
     pub mode: u32,
     pub size: u64,
     pub mtime_ns: i128,
+    pub inode: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +240,7 @@ impl Entry {
             mode: st.st_mode & 0o7777,
             size: st.st_size as u64,
             mtime_ns: st.st_mtime as i128 * 1_000_000_000 + st.st_mtime_nsec as i128,
+            inode: st.st_ino,
         }
     }
 }

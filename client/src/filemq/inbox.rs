@@ -20,8 +20,9 @@
 //! (length included) before anything is created for it, and directories
 //! made for a delivery that then fails are removed again.
 
-use super::digests::DigestCache;
+use super::digests::{DigestCache, Stamp};
 use super::dirfd::{self, Dir, Kind};
+use crate::escape::escape;
 use sha1::{Digest, Sha1};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
@@ -111,9 +112,9 @@ fn hash_reader(mut reader: impl Read, limit: u64) -> io::Result<(Sha1, u64)> {
     Ok((hasher, total))
 }
 
-fn mtime_ns(meta: &fs::Metadata) -> i128 {
-    use std::os::unix::fs::MetadataExt;
-    meta.mtime() as i128 * 1_000_000_000 + meta.mtime_nsec() as i128
+/// An inbox path as a message shows it: a server chose it.
+fn shown(rel: &str) -> String {
+    escape(rel.as_bytes())
 }
 
 /// A file being received into the private area.
@@ -280,28 +281,39 @@ impl Inbox {
         for i in 0..walk.components.len() - 1 {
             let name = walk.components[i];
             let parent = walk.chain.last().unwrap_or(&self.root);
+            let mut made = false;
             let opened = match parent.open_dir(name) {
-                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                    if parent.make_dir(name, 0o777)? {
-                        walk.created += 1;
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => match parent.make_dir(name, 0o777)
+                {
+                    Ok(new) => {
+                        made = new;
+                        parent.open_dir(name).inspect_err(|_| {
+                            // Not on the chain, so `undo` cannot see it.
+                            if new {
+                                let _ = parent.remove_dir(name);
+                            }
+                        })
                     }
-                    parent.open_dir(name)
-                }
+                    Err(e) => Err(e),
+                },
                 other => other,
             };
             let dir = match opened {
-                Ok(dir) => dir,
+                Ok(dir) => {
+                    walk.created += usize::from(made);
+                    dir
+                }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     self.undo(walk);
                     return Ok(None);
                 }
                 Err(e) => {
-                    let shown = walk.components[..=i].join("/");
+                    let on_the_way = shown(&walk.components[..=i].join("/"));
                     self.undo(walk);
                     return Err(if dirfd::is_symlink_error(&e) {
-                        FileError::Refused(format!("{shown} is a symlink"))
+                        FileError::Refused(format!("{on_the_way} is a symlink"))
                     } else if e.raw_os_error() == Some(libc::ENOTDIR) {
-                        FileError::Refused(format!("a file is in the way of {rel}"))
+                        FileError::Refused(format!("a file is in the way of {}", shown(rel)))
                     } else {
                         e.into()
                     });
@@ -351,9 +363,13 @@ impl Inbox {
         match self.parent(walk).entry(walk.leaf())? {
             None => Ok(()),
             Some(e) => match e.kind {
-                Kind::Symlink => Err(FileError::Refused(format!("{rel} is a symlink"))),
-                Kind::Other => Err(FileError::Refused(format!("{rel} is not a regular file"))),
-                Kind::File if !replace_any && !self.digests.is_ours(rel) => Err(FileError::NotOurs),
+                Kind::Symlink => Err(FileError::Refused(format!("{} is a symlink", shown(rel)))),
+                Kind::Other => Err(FileError::Refused(format!("{} is not a regular file", shown(rel)))),
+                Kind::File if !replace_any && !self.digests.is_ours(rel, e.inode) => Err(FileError::NotOurs),
+                // An (empty) directory where the file goes is never ours
+                // to remove: we remove the directories we made as soon as
+                // they are empty.
+                Kind::Dir if !replace_any => Err(FileError::NotOurs),
                 Kind::File | Kind::Dir => Ok(()),
             },
         }
@@ -503,8 +519,8 @@ impl Inbox {
         }
         match self.place(&rel, &temp_name, replace_any).map_err(|e| below_root(&rel, e)) {
             Ok(()) => {
-                let meta = meta?;
-                self.digests.delivered(&self.private, &rel, meta.len(), mtime_ns(&meta), digest)?;
+                // Renamed, not copied: the stamp of the part is the file's.
+                self.digests.delivered(&self.private, &rel, Stamp::of(&meta?), digest)?;
                 Ok(written)
             }
             Err(e) => {
@@ -518,16 +534,16 @@ impl Inbox {
     fn place(&self, rel: &str, temp_name: &str, replace_any: bool) -> Result<(), FileError> {
         self.check_target_inner(rel, replace_any)?;
         let Some(walk) = self.walk(rel, true)? else {
-            return Err(FileError::Refused(format!("a directory above {rel} vanished")));
+            return Err(FileError::Refused(format!("a directory above {} vanished", shown(rel))));
         };
         let result = self.check_leaf(&walk, rel, replace_any).and_then(|()| {
             let (parent, leaf) = (self.parent(&walk), walk.leaf());
             if parent.entry(leaf)?.is_some_and(|e| e.kind == Kind::Dir) {
                 // A directory where the publisher now has a file: only an
                 // empty one may go (its files' deletes come separately).
-                parent
-                    .remove_dir(leaf)
-                    .map_err(|_| FileError::Refused(format!("a directory is in the way of {rel}")))?;
+                parent.remove_dir(leaf).map_err(|_| {
+                    FileError::Refused(format!("a directory is in the way of {}", shown(rel)))
+                })?;
             }
             Ok(self.partial.rename(temp_name, parent, leaf)?)
         });
@@ -549,11 +565,9 @@ impl Inbox {
         let parent = self.parent(&walk);
         match parent.entry(walk.leaf())? {
             None => return Ok(Deleted::Absent),
-            Some(e) if e.kind == Kind::File => {}
-            Some(_) => return Err(FileError::Refused(format!("{rel} is not a file"))),
-        }
-        if !any && !self.digests.is_ours(rel) {
-            return Ok(Deleted::Kept);
+            Some(e) if e.kind == Kind::File && (any || self.digests.is_ours(rel, e.inode)) => {}
+            Some(e) if e.kind == Kind::File => return Ok(Deleted::Kept),
+            Some(_) => return Err(FileError::Refused(format!("{} is not a file", shown(rel)))),
         }
         parent.remove_file(walk.leaf())?;
         self.digests.forget(rel);
@@ -577,20 +591,21 @@ impl Inbox {
     /// told. Only an unreadable inbox root is an error.
     pub fn holdings(&mut self, dir: &str) -> io::Result<Vec<(String, String)>> {
         let mut found = Vec::new();
+        self.digests.walked(dir);
         let start = if dir.is_empty() { self.root_path.clone() } else { self.root_path.join(dir) };
         match fs::symlink_metadata(&start) {
             Ok(meta) if meta.is_file() => {
                 match self.digest_of(dir, &meta) {
                     Ok(digest) => found.push((dir.to_string(), digest)),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => unreadable(&start, &e),
+                    Err(e) => self.unreadable(dir, &start, &e),
                 }
                 return Ok(found);
             }
             Ok(meta) if meta.is_dir() => {}
             Err(e) if dir.is_empty() => return Err(e),
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                unreadable(&start, &e);
+                self.unreadable(dir, &start, &e);
                 return Ok(found);
             }
             // Absent, a symlink or something else: we hold nothing there.
@@ -603,7 +618,7 @@ impl Inbox {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) if rel.is_empty() => return Err(e),
                 Err(e) => {
-                    unreadable(&path, &e);
+                    self.unreadable(&rel, &path, &e);
                     continue;
                 }
             };
@@ -612,7 +627,7 @@ impl Inbox {
                     Ok(entry) => entry,
                     Err(e) if rel.is_empty() => return Err(e),
                     Err(e) => {
-                        unreadable(&path, &e);
+                        self.unreadable(&rel, &path, &e);
                         break;
                     }
                 };
@@ -625,7 +640,7 @@ impl Inbox {
                     Ok(meta) => meta,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     Err(e) => {
-                        unreadable(&entry.path(), &e);
+                        self.unreadable(&child, &entry.path(), &e);
                         continue;
                     }
                 };
@@ -636,7 +651,7 @@ impl Inbox {
                         Ok(digest) => found.push((child, digest)),
                         // Gone while we walked: not held.
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => unreadable(&entry.path(), &e),
+                        Err(e) => self.unreadable(&child, &entry.path(), &e),
                     }
                 }
             }
@@ -646,8 +661,8 @@ impl Inbox {
     }
 
     fn digest_of(&mut self, rel: &str, meta: &fs::Metadata) -> io::Result<String> {
-        let mtime = mtime_ns(meta);
-        if let Some(digest) = self.digests.lookup(rel, meta.len(), mtime) {
+        let stamp = Stamp::of(meta);
+        if let Some(digest) = self.digests.lookup(rel, stamp) {
             return Ok(digest);
         }
         // Never through a symlink swapped in since we looked; never stuck
@@ -658,8 +673,15 @@ impl Inbox {
             .open(self.root_path.join(rel))?;
         let (hasher, _) = hash_reader(file, u64::MAX)?;
         let digest = hex_upper(&hasher.finalize());
-        self.digests.remember(rel, meta.len(), mtime, digest.clone(), false);
+        self.digests.remember(rel, stamp, digest.clone(), false);
         Ok(digest)
+    }
+
+    /// Notes an inbox entry left out of the holdings: its cache entries are
+    /// kept (it is still there, as far as we know).
+    fn unreadable(&mut self, rel: &str, path: &Path, e: &io::Error) {
+        tracing::warn!("skipping {}, which cannot be read: {e}", escape(path.as_os_str().as_encoded_bytes()));
+        self.digests.unreadable(rel);
     }
 
     /// Starts a census: the digests of files that [`Inbox::holdings`] (or a
@@ -675,21 +697,13 @@ impl Inbox {
     }
 }
 
-/// Notes an inbox entry left out of the holdings.
-fn unreadable(path: &Path, e: &io::Error) {
-    tracing::warn!(
-        "skipping {}, which cannot be read: {e}",
-        crate::escape::escape(path.as_os_str().as_encoded_bytes())
-    );
-}
-
 /// A permission refused below the inbox root concerns that directory, not
 /// the inbox: the file is refused and the subscriber goes on. (At the root,
 /// or in our private area, it stays fatal: no file could be taken.)
 fn below_root(rel: &str, e: FileError) -> FileError {
     match e {
         FileError::Io(e) if e.kind() == io::ErrorKind::PermissionDenied => match rel.rsplit_once('/') {
-            Some((parent, _)) => FileError::Refused(format!("cannot write in {parent}: {e}")),
+            Some((parent, _)) => FileError::Refused(format!("cannot write in {}: {e}", shown(parent))),
             None => FileError::Io(e),
         },
         e => e,
@@ -907,20 +921,52 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut inbox = Inbox::open(dir.path()).unwrap();
         fs::create_dir(dir.path().join("keep")).unwrap();
-        // A non-empty directory where the file should go: refused, and the
-        // parents made for it are gone again.
-        fs::create_dir_all(dir.path().join("keep/new/deeper/f/x")).unwrap();
-        let mut inc = inbox.begin(b"/f".to_vec(), placed("keep/new/deeper/f"), None, None, 0).unwrap();
-        inc.write(b"x").unwrap();
-        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Refused(_))));
-        fs::remove_dir_all(dir.path().join("keep/new")).unwrap();
         let mut inc = inbox.begin(b"/f".to_vec(), placed("keep/made/for/it"), None, None, 0).unwrap();
         inc.write(b"x").unwrap();
-        // A symlink planted after the check, where a directory will be made.
-        fs::create_dir_all(dir.path().join("keep/made")).unwrap();
-        std::os::unix::fs::symlink("/tmp", dir.path().join("keep/made/for")).unwrap();
-        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Refused(_))));
+        // The rename fails once the parents are made: its source is gone.
+        fs::remove_file(inc.temp()).unwrap();
+        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Io(_))));
+        assert!(!dir.path().join("keep/made").exists(), "the directories made for it are gone");
         assert!(dir.path().join("keep").is_dir(), "a directory we did not make stays");
+
+        // A symlink planted where a directory is to be made: refused, and
+        // nothing is made through it.
+        let outside = tempfile::tempdir().unwrap();
+        let mut inc = inbox.begin(b"/f".to_vec(), placed("keep/link/x"), None, None, 0).unwrap();
+        inc.write(b"x").unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("keep/link")).unwrap();
+        assert!(matches!(inbox.deliver(inc, true), Err(FileError::Refused(_))));
+        assert!(fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+
+    #[test]
+    fn a_directory_of_the_users_is_not_removed_without_leave_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        fs::create_dir(dir.path().join("empty")).unwrap();
+        let mut inc = inbox.begin(b"/e".to_vec(), placed("empty"), None, None, 0).unwrap();
+        inc.write(b"file").unwrap();
+        assert!(matches!(inbox.deliver(inc, false), Err(FileError::NotOurs)));
+        assert!(dir.path().join("empty").is_dir());
+        let mut inc = inbox.begin(b"/e".to_vec(), placed("empty"), None, None, 0).unwrap();
+        inc.write(b"file").unwrap();
+        inbox.deliver(inc, true).unwrap();
+        assert_eq!(fs::read(dir.path().join("empty")).unwrap(), b"file");
+    }
+
+    #[test]
+    fn a_file_saved_anew_at_a_delivered_path_is_the_users() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        let mut inc = inbox.begin(b"/r".to_vec(), placed("report.txt"), None, None, 0).unwrap();
+        inc.write(b"ours").unwrap();
+        inbox.deliver(inc, false).unwrap();
+        // The user replaces it (a new file renamed over it, as editors do).
+        fs::write(dir.path().join("report.new"), b"theirs").unwrap();
+        fs::rename(dir.path().join("report.new"), dir.path().join("report.txt")).unwrap();
+        assert!(matches!(inbox.check_target("report.txt", false), Err(FileError::NotOurs)));
+        assert_eq!(inbox.delete("report.txt", false).unwrap(), Deleted::Kept);
+        assert_eq!(fs::read(dir.path().join("report.txt")).unwrap(), b"theirs");
     }
 
     #[test]

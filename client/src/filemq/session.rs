@@ -8,6 +8,7 @@ use super::link::{self, Link, NoLink};
 use super::{Event, Kept, Options};
 use crate::codec::{Hash, ShortStr};
 use crate::escape::{escape, escape_truncated};
+use crate::filemq_msg::ceiling;
 use crate::filemq_msg::{CREATE, DELETE};
 use crate::FilemqMsg;
 use bytes::Bytes;
@@ -45,8 +46,11 @@ const INTAKE_BUDGET: u64 = 32 << 20;
 /// Header of our in-sync marker: `0` when nothing at all is published
 /// under the path (no mount covers it, and no file lies under it).
 const PUBLISHED: &str = "X-PUBLISHED";
-/// Malformed frames logged as warnings per session; the rest at debug.
-const MALFORMED_WARNINGS: u32 = 3;
+/// Warnings a server can cause per session (malformed frames, refused
+/// names, failed files); the rest are logged at debug.
+const SERVER_WARNINGS: u32 = 20;
+/// Files whose failed verifications are counted, per session.
+const FAILURES_KEPT: usize = 10_000;
 /// Longest name shown in an event or a log line, in characters.
 const NAME_SHOWN: usize = 200;
 
@@ -138,6 +142,7 @@ pub(crate) fn run(mut shared: Shared) {
             Ok(link) => {
                 failed_attempts = 0;
                 let mut session = Session::new(&mut shared, link);
+                session.greeting_patience = patience;
                 let end = session.run();
                 let greeted = session.greeted_at.is_some();
                 ever_greeted |= greeted;
@@ -271,11 +276,15 @@ struct Session<'a, W: Wire = Link> {
     /// life.
     last_heard: Instant,
     last_hugz: Instant,
+    /// How long to wait for OHAI-OK (less than `dead_after` before any
+    /// session has existed: see [`UNREACHABLE_AFTER`]).
+    greeting_patience: Duration,
 }
 
 impl<'a, W: Wire> Session<'a, W> {
     fn new(shared: &'a mut Shared, link: W) -> Session<'a, W> {
         let subscriptions = shared.layout.subscriptions().len();
+        let greeting_patience = shared.opts.dead_after;
         let now = Instant::now();
         Session {
             shared,
@@ -294,6 +303,7 @@ impl<'a, W: Wire> Session<'a, W> {
             malformed: 0,
             last_heard: now,
             last_hugz: now,
+            greeting_patience,
         }
     }
 
@@ -337,9 +347,10 @@ impl Session<'_, Link> {
             }
             let now = Instant::now();
             let opts = &self.shared.opts;
-            let dead_at = self.last_heard + opts.dead_after;
+            let patience = if self.greeted_at.is_some() { opts.dead_after } else { self.greeting_patience };
+            let dead_at = self.last_heard + patience;
             if now >= dead_at {
-                return Err(End::Lost(format!("no word from the server for {:?}", opts.dead_after)));
+                return Err(End::Lost(format!("no word from the server for {} ms", patience.as_millis())));
             }
             let hugz_at = self.last_heard.max(self.last_hugz) + opts.heartbeat;
             if self.greeted_at.is_some() && now >= hugz_at {
@@ -406,9 +417,12 @@ impl<W: Wire> Session<'_, W> {
     /// warnings, the rest at debug, so a hostile server cannot fill the log.
     fn oddity(&mut self, what: std::fmt::Arguments<'_>) {
         self.malformed += 1;
-        if self.malformed <= MALFORMED_WARNINGS {
+        if self.malformed <= SERVER_WARNINGS {
             tracing::warn!("{what}");
         } else {
+            if self.malformed == SERVER_WARNINGS + 1 {
+                tracing::warn!("more trouble from the server this session is logged at debug only");
+            }
             tracing::debug!("{what}");
         }
     }
@@ -434,7 +448,8 @@ impl<W: Wire> Session<'_, W> {
                 self.emit(Event::Connected)?;
                 self.subscribe_all()?;
             }
-            FilemqMsg::IcanhazOk {} if matches!(self.phase, Phase::Subscribing { .. }) => {
+            // Also the answer to a RESYNC sent again once subscribed.
+            FilemqMsg::IcanhazOk {} if self.greeted_at.is_some() => {
                 if let Phase::Subscribing { oks_due } = self.phase {
                     self.phase = match oks_due.saturating_sub(1) {
                         0 => Phase::Subscribed,
@@ -491,12 +506,28 @@ impl<W: Wire> Session<'_, W> {
         let path = self.shared.layout.subscriptions()[sub].clone();
         let dir = self.shared.layout.mirror_dir(sub).to_string();
         let mut cache = Hash::default();
+        let (mut bytes, mut left_out) = (0usize, 0usize);
         for (rel, digest) in self.shared.inbox.holdings(&dir).map_err(local)? {
-            // A key longer than a `string` cannot travel: that file is
-            // simply sent again.
-            if let Some(key) = self.shared.layout.cache_key(sub, &rel) {
-                let _ = cache.insert(&key, digest);
+            // A key longer than a `string` cannot travel, and a cache past
+            // the protocol's ceiling would be refused whole: those files
+            // are simply sent again.
+            let Some(key) = self.shared.layout.cache_key(sub, &rel) else { continue };
+            let wire = 1 + key.len() + 4 + digest.len();
+            if cache.len() >= ceiling::CACHE_ENTRIES || bytes + wire > ceiling::CACHE_BYTES - 4 {
+                left_out += 1;
+                continue;
             }
+            if cache.insert(&key, digest).is_ok() {
+                bytes += wire;
+            }
+        }
+        if left_out > 0 {
+            tracing::warn!(
+                "{path}: the inbox holds more files than one subscription can list ({} files, {} MiB); \
+                 {left_out} will be sent again",
+                ceiling::CACHE_ENTRIES,
+                ceiling::CACHE_BYTES >> 20
+            );
         }
         let mut options = Hash::default();
         let _ = options.insert("RESYNC", "1");
@@ -798,14 +829,26 @@ impl<W: Wire> Session<'_, W> {
     /// subscription) after a pause that doubles with each of its failures,
     /// and not at all after [`MAX_FAILURES`] in this session.
     fn integrity_failed(&mut self, placed: Placed, why: &str) -> Result<(), End> {
-        let failures = self.failures.entry(placed.rel.clone()).or_insert(0);
-        *failures += 1;
-        let failures = *failures;
+        // Counted per file, for so many files: past that (a server failing
+        // file after file) a file counts as failing for the first time.
+        let room = self.failures.len() < FAILURES_KEPT;
+        let failures = match self.failures.get_mut(&placed.rel) {
+            Some(failures) => {
+                *failures += 1;
+                *failures
+            }
+            None => {
+                if room {
+                    self.failures.insert(placed.rel.clone(), 1);
+                }
+                1
+            }
+        };
         if failures >= MAX_FAILURES {
-            tracing::warn!(
-                "{}: {why}; not fetching it again in this session ({failures} failures)",
-                placed.rel
-            );
+            let shown = shown(&placed.rel);
+            self.oddity(format_args!(
+                "{shown}: {why}; not fetching it again in this session ({failures} failures)"
+            ));
             self.emit(Event::IntegrityFailed { path: placed.rel.clone() })?;
             if failures == MAX_FAILURES {
                 return self.emit(Event::GaveUp { path: placed.rel });
@@ -818,7 +861,8 @@ impl<W: Wire> Session<'_, W> {
             .refetch_delay
             .saturating_mul(1 << (failures - 1))
             .min(MAX_REFETCH_DELAY.max(self.shared.opts.refetch_delay));
-        tracing::warn!("{}: {why}; fetching it again in {delay:?}", shown(&placed.rel));
+        let shown = shown(&placed.rel);
+        self.oddity(format_args!("{shown}: {why}; fetching it again in {} ms", delay.as_millis()));
         self.emit(Event::IntegrityFailed { path: placed.rel })?;
         let at = Instant::now() + delay;
         let due = &mut self.resubscribe_at[placed.subscription];
@@ -832,7 +876,7 @@ impl<W: Wire> Session<'_, W> {
     /// names of megabytes, and control characters in them.
     fn reject(&mut self, name: &[u8], why: &str) -> Result<(), End> {
         let name = escape_truncated(name, NAME_SHOWN);
-        tracing::warn!("refusing {name} from the server: {why}");
+        self.oddity(format_args!("refusing {name} from the server: {why}"));
         self.emit(Event::Rejected { name, why: why.to_string() })
     }
 }

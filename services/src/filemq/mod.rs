@@ -287,6 +287,18 @@ pub fn covers(path: &str, vpath: &str) -> bool {
 }
 
 /// The virtual path of `rel` under the mount `alias`.
+/// True if anything is published under subscription path `path`: a mount
+/// at or below it (even an empty one), or a file under it in the mount
+/// that serves it (the longest alias covering it). A mount that could not
+/// be scanned may publish anything there.
+fn publishes(mounts: &BTreeMap<MountId, Mount>, path: &str) -> bool {
+    if mounts.values().any(|m| covers(path, &m.alias)) {
+        return true;
+    }
+    let serving = mounts.values().filter(|m| covers(&m.alias, path)).max_by_key(|m| m.alias.len());
+    serving.is_some_and(|m| m.error.is_some() || m.snapshot.has_under(&path_in(&m.alias, path)))
+}
+
 /// `vpath` relative to mount `alias`, which covers it.
 fn path_in(alias: &str, vpath: &str) -> String {
     let rest = if alias == "/" { &vpath[1..] } else { vpath.get(alias.len()..).unwrap_or("") };
@@ -598,12 +610,19 @@ impl Filemq {
     }
 
     /// Queues what the client lacks under `path`, deletes for what it
-    /// holds that is no longer published, then the in-sync marker.
+    /// holds that is no longer published (unless nothing at all is
+    /// published there), then the in-sync marker.
     fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
         let creates = self.published_under(path);
         let Some(conn) = self.conns.get(&id) else { return };
-        let stale: Vec<String> =
-            conn.known.keys().filter(|v| covers(path, v) && self.published(v).is_none()).cloned().collect();
+        // Under a path where nothing at all is published (a misspelling),
+        // the client's files are not "no longer published": no deletes.
+        // The in-sync marker says so (`X-PUBLISHED` 0).
+        let stale: Vec<String> = if publishes(&self.mounts, path) {
+            conn.known.keys().filter(|v| covers(path, v) && self.published(v).is_none()).cloned().collect()
+        } else {
+            Vec::new()
+        };
         let Some(conn) = self.conns.get_mut(&id) else { return };
         for (vpath, digest) in creates {
             if conn.known.get(&vpath) != Some(&digest) {
@@ -693,11 +712,7 @@ impl Filemq {
                 Entry::Synced(path) => {
                     let count = conn.markers_owed.remove(&path).unwrap_or(1);
                     if conn.extended {
-                        let published = self.mounts.values().any(|m| {
-                            covers(&path, &m.alias)
-                                || (covers(&m.alias, &path)
-                                    && m.snapshot.has_under(&path_in(&m.alias, &path)))
-                        });
+                        let published = publishes(&self.mounts, &path);
                         let mut headers = Hash::default();
                         let _ = headers.insert(ext::SYNCED, Bytes::from(path.into_bytes()));
                         let _ = headers.insert(ext::PUBLISHED, if published { "1" } else { "0" });

@@ -388,6 +388,31 @@ fn the_in_sync_marker_says_whether_anything_is_published_there() {
 }
 
 #[test]
+fn a_misspelled_path_deletes_nothing() {
+    let (_dir, mut sim) = world(&[("photos/a.jpg", b"a")]);
+    send(&mut sim, 1, ohai());
+    let cache = [("a.jpg", sha1_hex(b"a"))];
+    let cache: Vec<(&str, &str)> = cache.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    send(&mut sim, 1, icanhaz("/photoz", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &cache));
+    send(&mut sim, 1, nom(1_000_000));
+    let got = burgers(
+        take(&mut sim, 1).into_iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { .. })).collect(),
+    );
+    assert_eq!(got.len(), 1, "the marker alone, no delete: {got:?}");
+    assert_eq!(got[0].headers[1], ("X-PUBLISHED".into(), "0".into()));
+    // Where something is published, what is no longer there goes.
+    send(
+        &mut sim,
+        1,
+        icanhaz("/photos", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &[("gone.jpg", &sha1_hex(b"g"))]),
+    );
+    let got = burgers(
+        take(&mut sim, 1).into_iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { .. })).collect(),
+    );
+    assert!(got.iter().any(|b| b.operation == DELETE && b.filename == "/photos/gone.jpg"), "{got:?}");
+}
+
+#[test]
 fn resync_waits_for_the_first_scan() {
     let mut sim = Sim::new(Filemq::new(config()));
     let dir = tempfile::tempdir().unwrap();
