@@ -1,0 +1,343 @@
+//! What a session does with CHEEZBURGERs: chunks into the inbox (checked,
+//! verified, renamed into place), deletes, in-sync markers, and what it
+//! says of files it refuses, keeps or fails to verify.
+
+use super::*;
+
+impl<W: Wire> Session<'_, W> {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn on_cheezburger(
+        &mut self,
+        sequence: u64,
+        operation: u8,
+        name: &[u8],
+        offset: u64,
+        eof: u8,
+        headers: &Hash,
+        chunk: Bytes,
+    ) -> Result<(), End> {
+        if let Some(previous) = self.last_sequence {
+            if sequence != previous.wrapping_add(1) {
+                return Err(End::Lost(format!(
+                    "CHEEZBURGER {sequence} came after {previous}: messages were lost"
+                )));
+            }
+        }
+        self.last_sequence = Some(sequence);
+        // No honest server sends beyond the credit we granted (the original
+        // only sends a chunk that fits): one that does would make us hold
+        // whatever it likes.
+        if chunk.len() as u64 > self.credit {
+            return Err(End::Lost(format!(
+                "the server sent a {}-byte chunk with only {} bytes of credit granted",
+                chunk.len(),
+                self.credit
+            )));
+        }
+        // The server spent credit on every payload byte it sent, whatever we
+        // make of them: counting only what we keep would drift (spec §7).
+        self.credit -= chunk.len() as u64;
+        match operation {
+            CREATE if name.is_empty() => self.on_marker(headers)?,
+            // The original server marks the end with an empty chunk only.
+            CREATE => self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?,
+            // Offset and chunk of a delete may be stale (spec §14).
+            DELETE => self.on_delete(name)?,
+            other => self.oddity(format_args!("ignoring a CHEEZBURGER with operation {other}")),
+        }
+        self.top_up()
+    }
+
+    /// The in-sync marker: everything the last RESYNC for a path asked
+    /// for has come.
+    fn on_marker(&mut self, headers: &Hash) -> Result<(), End> {
+        let Some(synced) = headers.get("X-SYNCED") else {
+            self.oddity(format_args!("ignoring a CHEEZBURGER without a filename"));
+            return Ok(());
+        };
+        let subs = self.shared.layout.subscriptions();
+        let Some(sub) = subs.iter().position(|s| s.as_bytes() == synced.as_bytes()) else {
+            let synced = escape_truncated(synced.as_bytes(), NAME_SHOWN);
+            self.oddity(format_args!(
+                "ignoring an in-sync marker for {synced}, which we did not subscribe to"
+            ));
+            return Ok(());
+        };
+        let path = subs[sub].clone();
+        // Our server says whether anything is published there at all; a
+        // server that does not say is taken to publish the path.
+        let published = headers.get(PUBLISHED).is_none_or(|v| v.as_bytes() != b"0");
+        self.markers_due[sub] = self.markers_due[sub].saturating_sub(1);
+        if self.markers_due[sub] > 0 || self.resubscribe_at[sub].is_some() {
+            // A later RESYNC (a file being fetched again) was sent, or is
+            // to be sent after a pause: its own marker will say.
+            return Ok(());
+        }
+        let settled =
+            self.markers_due.iter().all(|&due| due == 0) && self.resubscribe_at.iter().all(Option::is_none);
+        if !self.partials_cleared && settled {
+            // Every offered resume had its chance: what is left is stale.
+            self.partials_cleared = true;
+            self.shared.inbox.remove_stale_partials(self.incoming.as_ref());
+        }
+        if published {
+            tracing::info!("{path} is in sync");
+        } else {
+            tracing::info!("{path} is in sync, but nothing is published there");
+        }
+        self.emit(Event::InSync { path, published })
+    }
+
+    fn on_chunk(
+        &mut self,
+        name: &[u8],
+        offset: u64,
+        end: bool,
+        headers: &Hash,
+        data: &[u8],
+    ) -> Result<(), End> {
+        // The digest this chunk says its file has, if it says: a chunk that
+        // names another digest than the file in progress is another file
+        // (a new version, perhaps resumed at the very offset where the old
+        // one was abandoned), never its continuation.
+        // A chunk without one continues whatever (the original server never
+        // says); a malformed one is kept as `Some(None)`.
+        let said = said_digest(headers);
+        let same_digest = |held: Option<&Option<String>>| said.as_ref().is_none_or(|said| Some(said) == held);
+        if let Some(skipped) = self.skipping.take() {
+            if skipped.name == name && skipped.next == offset && same_digest(skipped.digest.as_ref()) {
+                if !end {
+                    self.skipping = Some(skipped.after(data.len()));
+                }
+                return Ok(());
+            }
+        }
+        let continues = self
+            .incoming
+            .as_ref()
+            .is_some_and(|i| i.name == name && i.written == offset && same_digest(Some(&i.expected_digest)));
+        if !continues {
+            if let Some(previous) = self.incoming.take() {
+                // The server moved on without finishing it (it changed while
+                // being sent, and a new version follows): its part is of no
+                // more use.
+                tracing::debug!("{} was left unfinished", shown(&previous.rel));
+                self.shared.inbox.abandon(previous, false);
+            }
+            match self.begin(name, offset, headers)? {
+                Some(incoming) => self.incoming = Some(incoming),
+                None => {
+                    self.skip(name, offset, end, headers, data.len());
+                    return Ok(());
+                }
+            }
+        }
+        let Some(incoming) = self.incoming.as_mut() else { return Ok(()) };
+        let overrun = incoming
+            .expected_size
+            .filter(|&size| incoming.written.saturating_add(data.len() as u64) > size)
+            .map(|size| format!("more than the {size} bytes announced"));
+        let failed = match overrun {
+            Some(why) => Some(FileError::Integrity(why)),
+            None => incoming.write(data).err().map(FileError::Io),
+        };
+        if let Some(e) = failed {
+            // Nothing more of it is written: an oversized file is refused
+            // as soon as it overruns, not once the disk is full.
+            let Some(incoming) = self.incoming.take() else { return Ok(()) };
+            let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
+            self.shared.inbox.abandon(incoming, false);
+            self.skip(name, offset, end, headers, data.len());
+            return self.file_error(name, placed, e);
+        }
+        let progress = Event::Progress {
+            path: incoming.rel.clone(),
+            offset: incoming.written,
+            size: incoming.expected_size,
+        };
+        if let Err(TrySendError::Disconnected(_)) = self.shared.events.try_send(progress) {
+            return Err(End::Stop);
+        }
+        if end {
+            let Some(incoming) = self.incoming.take() else { return Ok(()) };
+            let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
+            match self.shared.inbox.deliver(incoming, self.shared.opts.overwrite) {
+                Ok(size) => {
+                    tracing::info!("updated {}", shown(&placed.rel));
+                    self.delivered = true;
+                    self.failures.remove(&placed.rel);
+                    self.emit(Event::Updated { path: placed.rel, size })?;
+                }
+                Err(e) => self.file_error(name, placed, e)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Ignores the rest of the file this chunk belongs to (unless it was
+    /// its last).
+    fn skip(&mut self, name: &[u8], offset: u64, end: bool, headers: &Hash, len: usize) {
+        self.skipping = (!end)
+            .then(|| Skipping { name: name.to_vec(), next: offset, digest: said_digest(headers) }.after(len));
+    }
+
+    /// Checks a new file's name and headers and opens its temporary file;
+    /// `None` if it is refused (and reported).
+    fn begin(&mut self, name: &[u8], offset: u64, headers: &Hash) -> Result<Option<Incoming>, End> {
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why).map(|()| None),
+        };
+        let digest = match headers.get("X-SHA1") {
+            None => None,
+            Some(text) => match inbox::parse_digest(text.as_bytes()) {
+                Some(digest) => Some(digest),
+                None => return self.reject(name, "has a malformed X-SHA1 header").map(|()| None),
+            },
+        };
+        let size = match headers.get("X-SIZE") {
+            None => None,
+            Some(text) => match std::str::from_utf8(text.as_bytes()).ok().and_then(|t| t.parse::<u64>().ok())
+            {
+                Some(size) => Some(size),
+                None => return self.reject(name, "has a malformed X-SIZE header").map(|()| None),
+            },
+        };
+        if let Err(e) = self.shared.inbox.check_target(&placed.rel, self.shared.opts.overwrite) {
+            return self.file_error(name, placed, e).map(|()| None);
+        }
+        match self.shared.inbox.begin(name.to_vec(), placed.clone(), size, digest, offset) {
+            Ok(incoming) => Ok(Some(incoming)),
+            Err(e) => self.file_error(name, placed, e).map(|()| None),
+        }
+    }
+
+    fn on_delete(&mut self, name: &[u8]) -> Result<(), End> {
+        if self.incoming.as_ref().is_some_and(|i| i.name == name) {
+            // The server gave up sending it: its part is of no more use.
+            if let Some(incoming) = self.incoming.take() {
+                tracing::debug!("{} was deleted while being received", shown(&incoming.rel));
+                self.shared.inbox.abandon(incoming, false);
+            }
+        }
+        if self.skipping.as_ref().is_some_and(|s| s.name == name) {
+            self.skipping = None;
+        }
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why),
+        };
+        match self.shared.inbox.delete(&placed.rel, self.shared.opts.delete) {
+            Ok(Deleted::Removed) => {
+                tracing::info!("deleted {}", shown(&placed.rel));
+                self.delivered = true;
+                self.emit(Event::Deleted { path: placed.rel })
+            }
+            Ok(Deleted::Absent) => {
+                tracing::debug!("nothing to delete at {}", shown(&placed.rel));
+                Ok(())
+            }
+            Ok(Deleted::Kept) => {
+                tracing::info!("kept {}: not published, and not written by us", shown(&placed.rel));
+                self.emit(Event::Kept { path: placed.rel, reason: Kept::NotPublished })
+            }
+            Err(e) => self.file_error(name, placed, e),
+        }
+    }
+
+    /// Reports one file that could not be taken; only a fatal I/O error
+    /// ends the subscriber.
+    fn file_error(&mut self, name: &[u8], placed: Placed, e: FileError) -> Result<(), End> {
+        match e {
+            FileError::Refused(why) => self.reject(name, &why),
+            FileError::NotOurs => {
+                tracing::info!(
+                    "kept {}: the publisher has another version, and we did not write this one",
+                    shown(&placed.rel)
+                );
+                self.emit(Event::Kept { path: placed.rel, reason: Kept::Differs })
+            }
+            FileError::Integrity(why) => self.integrity_failed(placed, &why),
+            FileError::Io(e) if inbox::is_fatal(&e) => {
+                Err(End::Failed(format!("{}: {e}", shown(&placed.rel))))
+            }
+            FileError::Io(e) => self.reject(name, &e.to_string()),
+        }
+    }
+
+    /// A file failed its check: it is asked for again (a RESYNC of its
+    /// subscription) after a pause that doubles with each of its failures,
+    /// and not at all after [`MAX_FAILURES`] in this session.
+    fn integrity_failed(&mut self, placed: Placed, why: &str) -> Result<(), End> {
+        // Counted per file, for so many files: past that (a server failing
+        // file after file) a file counts as failing for the first time.
+        let room = self.failures.len() < FAILURES_KEPT;
+        let failures = match self.failures.get_mut(&placed.rel) {
+            Some(failures) => {
+                *failures += 1;
+                *failures
+            }
+            None => {
+                if room {
+                    self.failures.insert(placed.rel.clone(), 1);
+                }
+                1
+            }
+        };
+        if failures >= MAX_FAILURES {
+            let shown = shown(&placed.rel);
+            self.oddity(format_args!(
+                "{shown}: {why}; not fetching it again in this session ({failures} failures)"
+            ));
+            self.emit(Event::IntegrityFailed { path: placed.rel.clone() })?;
+            if failures == MAX_FAILURES {
+                return self.emit(Event::GaveUp { path: placed.rel });
+            }
+            return Ok(());
+        }
+        let delay = self
+            .shared
+            .opts
+            .refetch_delay
+            .saturating_mul(1 << (failures - 1))
+            .min(MAX_REFETCH_DELAY.max(self.shared.opts.refetch_delay));
+        let shown = shown(&placed.rel);
+        self.oddity(format_args!("{shown}: {why}; fetching it again in {} ms", delay.as_millis()));
+        self.emit(Event::IntegrityFailed { path: placed.rel })?;
+        let at = Instant::now() + delay;
+        let due = &mut self.resubscribe_at[placed.subscription];
+        // Sooner wins: one RESYNC fetches every file of the subscription
+        // that is not held.
+        *due = Some(due.map_or(at, |due| due.min(at)));
+        Ok(())
+    }
+
+    /// Reports a refused name, escaped and cut short: a server may send
+    /// names of megabytes, and control characters in them.
+    fn reject(&mut self, name: &[u8], why: &str) -> Result<(), End> {
+        let name = escape_truncated(name, NAME_SHOWN);
+        self.oddity(format_args!("refusing {name} from the server: {why}"));
+        self.emit(Event::Rejected { name, why: why.to_string() })
+    }
+}
+
+/// The rest of a file we ignore: its chunks go on with the same name at
+/// the next offset (and, if they say, the same digest).
+pub(super) struct Skipping {
+    name: Vec<u8>,
+    next: u64,
+    /// What its first chunk said in `X-SHA1` (see [`said_digest`]).
+    digest: Option<Option<String>>,
+}
+
+impl Skipping {
+    fn after(self, len: usize) -> Skipping {
+        Skipping { next: self.next.saturating_add(len as u64), ..self }
+    }
+}
+
+/// A chunk's `X-SHA1`: `None` if it has none, `Some(None)` if it is
+/// malformed.
+fn said_digest(headers: &Hash) -> Option<Option<String>> {
+    headers.get("X-SHA1").map(|text| inbox::parse_digest(text.as_bytes()))
+}
