@@ -782,7 +782,14 @@ fn describe(s: &serde_json::Value) -> String {
             .as_array()
             .into_iter()
             .flatten()
-            .map(|h| format!("connection {} {} bytes", h["connection"], h["bytes"]))
+            .map(|h| {
+                format!(
+                    "connection {} ({}) {} bytes",
+                    h["connection"],
+                    h["what"].as_str().unwrap_or("?"),
+                    h["bytes"]
+                )
+            })
             .collect();
         let _ = writeln!(
             out,

@@ -722,15 +722,21 @@ impl Reactor {
 
     /// Who holds the most of the memory budget: services' holdings plus
     /// replies parked here, largest first.
-    fn budget_holders(&self, n: usize) -> Vec<(ConnId, usize)> {
-        let mut held: HashMap<ConnId, usize> = HashMap::new();
-        for (conn, bytes) in self.services.iter().flat_map(|s| s.holders()) {
-            *held.entry(conn).or_default() += bytes;
+    fn budget_holders(&self, n: usize) -> Vec<(ConnId, usize, String)> {
+        let mut held: HashMap<ConnId, (usize, String)> = HashMap::new();
+        let parked = self
+            .parked
+            .iter()
+            .map(|(c, p)| (*c, p.frames.iter().map(Vec::len).sum(), "replies parked".to_string()));
+        for (conn, bytes, what) in self.services.iter().flat_map(|s| s.holders()).chain(parked) {
+            let entry = held.entry(conn).or_default();
+            entry.0 += bytes;
+            if !entry.1.is_empty() {
+                entry.1.push_str(", ");
+            }
+            entry.1.push_str(&what);
         }
-        for (conn, parked) in &self.parked {
-            *held.entry(*conn).or_default() += parked.frames.iter().map(Vec::len).sum::<usize>();
-        }
-        let mut held: Vec<_> = held.into_iter().collect();
+        let mut held: Vec<_> = held.into_iter().map(|(c, (b, w))| (c, b, w)).collect();
         held.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
         held.truncate(n);
         held
@@ -754,8 +760,11 @@ impl Reactor {
             return;
         }
         self.budget_logged = Some(now);
-        let holders: Vec<String> =
-            self.budget_holders(5).iter().map(|(c, b)| format!("connection {} {b} bytes", c.0)).collect();
+        let holders: Vec<String> = self
+            .budget_holders(5)
+            .iter()
+            .map(|(c, b, w)| format!("connection {} ({w}) {b} bytes", c.0))
+            .collect();
         tracing::warn!(
             used,
             limit,
@@ -1262,7 +1271,7 @@ impl Reactor {
                 "at_limit": self.budget.at_limit(),
                 "waiting": self.budget.waiting(),
                 "holders": self.budget_holders(5).iter()
-                    .map(|(c, b)| serde_json::json!({ "connection": c.0, "bytes": b }))
+                    .map(|(c, b, w)| serde_json::json!({ "connection": c.0, "bytes": b, "what": w }))
                     .collect::<Vec<_>>(),
             },
             "dropped_frames": self.dropped_frames,

@@ -89,9 +89,9 @@ pub trait Service {
     fn budget_freed(&mut self, now: Instant, out: &mut Vec<Action>) {
         let _ = (now, out);
     }
-    /// The connections holding bytes of the memory budget, and how many
-    /// (for status and logs; any order).
-    fn holders(&self) -> Vec<(ConnId, usize)> {
+    /// The connections holding bytes of the memory budget: how many, and
+    /// what they are to an operator (for status and logs; any order).
+    fn holders(&self) -> Vec<(ConnId, usize, String)> {
         Vec::new()
     }
     /// The peer behind `conn` has disconnected; forget it.

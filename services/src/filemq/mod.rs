@@ -1252,11 +1252,11 @@ impl Service for Filemq {
         }
     }
 
-    fn holders(&self) -> Vec<(ConnId, usize)> {
+    fn holders(&self) -> Vec<(ConnId, usize, String)> {
         self.work
             .values()
             .filter_map(|w| match w {
-                WorkFor::Read { conn, len } => Some((*conn, *len)),
+                WorkFor::Read { conn, len } => Some((*conn, *len, "FILEMQ subscriber".to_string())),
                 _ => None,
             })
             .collect()

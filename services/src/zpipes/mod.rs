@@ -639,6 +639,18 @@ impl Zpipes {
         self.conns.values().map(|c| c.mailbox_bytes).sum()
     }
 
+    /// Bytes asked for by the READs pending now: what queues may hold
+    /// beyond the budget (the fuzzers' bound).
+    pub fn pending_read_bytes(&self) -> usize {
+        self.conns
+            .values()
+            .map(|c| match c.pending {
+                Some(Pending::Read { size }) => size,
+                _ => 0,
+            })
+            .sum()
+    }
+
     /// The pipe limit in force.
     pub fn pipe_limit(&self) -> usize {
         self.config.pipe_limit
@@ -731,17 +743,23 @@ impl Service for Zpipes {
         self.run_ready(now, out);
     }
 
-    fn holders(&self) -> Vec<(ConnId, usize)> {
+    fn holders(&self) -> Vec<(ConnId, usize, String)> {
         self.conns
             .iter()
-            .map(|(id, c)| {
+            .filter_map(|(id, c)| {
                 let pending = match &c.pending {
                     Some(Pending::Write { chunk, .. }) => chunk.len(),
                     _ => 0,
                 };
-                (*id, c.queue.len() + c.mailbox_bytes + pending)
+                let held = c.queue.len() + c.mailbox_bytes + pending;
+                let role = match c.role {
+                    Role::Reader => "reader",
+                    Role::Writer => "writer",
+                    Role::Idle => "no end",
+                };
+                let pipe = c.pipe.as_ref().map_or("(none)".into(), |p| format!("{:?}", p.to_string_lossy()));
+                (held > 0).then(|| (*id, held, format!("ZPIPES {role} of pipe {pipe}")))
             })
-            .filter(|(_, held)| *held > 0)
             .collect()
     }
 
