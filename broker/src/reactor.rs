@@ -188,6 +188,8 @@ pub struct Reactor {
     /// was last logged.
     at_budget: bool,
     budget_logged: Option<Instant>,
+    /// This time at the budget was logged: say when it ends.
+    budget_warned: bool,
     /// Monitor events (ACCEPTED or DISCONNECTED, with the descriptor), in
     /// order, applied once the front socket has been read dry: frames a
     /// peer sent before it went must reach the services before its
@@ -435,6 +437,7 @@ impl Reactor {
             budget: settings.budget,
             at_budget: false,
             budget_logged: None,
+            budget_warned: false,
             fd_events: Vec::new(),
             dropping: HashSet::new(),
             actions: Vec::new(),
@@ -752,7 +755,9 @@ impl Reactor {
         self.at_budget = at;
         let (used, limit) = (self.budget.used(), self.budget.limit());
         if !at {
-            tracing::info!(used, limit, "below the memory budget again");
+            if std::mem::take(&mut self.budget_warned) {
+                tracing::info!(used, limit, "below the memory budget again");
+            }
             return;
         }
         let now = Instant::now();
@@ -760,6 +765,7 @@ impl Reactor {
             return;
         }
         self.budget_logged = Some(now);
+        self.budget_warned = true;
         let holders: Vec<String> = self
             .budget_holders(5)
             .iter()
