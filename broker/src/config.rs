@@ -6,6 +6,7 @@
 //! bind = ["tcp://127.0.0.1:5670"]
 //! expiry = 60000          # ms
 //! pipe_limit = "8MiB"     # or "8MB" (10^6), or a number of bytes
+//! memory_limit = "1GiB"   # what peers may make the broker hold, in all
 //! log = "info"
 //! max_connections = 10000
 //! publish = ["/srv/outbox", "/srv/photos=/photos"]   # DIR[=/alias]
@@ -43,6 +44,7 @@ pub struct FileConfig {
     pub bind: Option<Vec<String>>,
     pub expiry: Option<u64>,
     pub pipe_limit: Option<u64>,
+    pub memory_limit: Option<u64>,
     pub log: Option<String>,
     pub max_connections: Option<usize>,
     pub publish: Option<Vec<String>>,
@@ -64,6 +66,7 @@ pub const KEYS: &[&str] = &[
     "bind",
     "expiry",
     "pipe_limit",
+    "memory_limit",
     "log",
     "max_connections",
     "publish",
@@ -140,12 +143,16 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             "name" => config.name = Some(get(&key, value, kind, "a broker name in quotes")?),
             "bind" => config.bind = Some(get(&key, value, kind, STRINGS)?),
             "expiry" => config.expiry = Some(get(&key, value, kind, MS)?),
-            "pipe_limit" => {
-                config.pipe_limit = Some(match value {
+            "pipe_limit" | "memory_limit" => {
+                let bytes = match value {
                     toml::Value::Integer(n) if n >= 0 => n as u64,
-                    toml::Value::String(s) => size::parse(&s).map_err(|e| format!("pipe_limit: {e}"))?,
-                    _ => return Err(format!("pipe_limit = {kind}: expected {}", size::ACCEPTED)),
-                })
+                    toml::Value::String(s) => size::parse(&s).map_err(|e| format!("{key}: {e}"))?,
+                    _ => return Err(format!("{key} = {kind}: expected {}", size::ACCEPTED)),
+                };
+                match key.as_str() {
+                    "pipe_limit" => config.pipe_limit = Some(bytes),
+                    _ => config.memory_limit = Some(bytes),
+                }
             }
             "log" => config.log = Some(get(&key, value, kind, "a log level in quotes, e.g. \"info\"")?),
             "max_connections" => {

@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod exit;
+pub mod memory;
 mod peers;
 pub mod reactor;
 mod timers;

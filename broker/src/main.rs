@@ -9,6 +9,7 @@ use zbroker::config::Invalid;
 use zbroker::{config, exit, reactor};
 use zbroker_client::curve::KeyPair;
 use zbroker_client::endpoint;
+use zbroker_services::budget::Budget;
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
 
@@ -75,6 +76,11 @@ struct RunArgs {
     /// [default: 8MiB]
     #[arg(long, value_name = "SIZE")]
     pipe_limit: Option<String>,
+    /// Most bytes all peers together may make the broker hold (pipe queues, pipelined writes,
+    /// replies, file chunks), at least 1MiB [default: the lesser of 1GiB and a quarter of the
+    /// machine's (or cgroup's) memory]
+    #[arg(long, value_name = "SIZE")]
+    memory_limit: Option<String>,
     /// Most clients served at once; more get their protocol's refusal [default: 10000]
     #[arg(long, value_name = "N")]
     max_connections: Option<usize>,
@@ -206,6 +212,29 @@ fn origin(flag: &str, from_flag: bool, config: Option<&std::path::Path>, key: &s
     }
 }
 
+/// `--memory-limit` (or the file's `memory_limit`), else the default.
+fn memory_limit(
+    flag: Option<&str>,
+    file: Option<u64>,
+    cfg: Option<&std::path::Path>,
+) -> anyhow::Result<usize> {
+    let origin = origin("--memory-limit", flag.is_some(), cfg, "memory_limit");
+    let bytes = match flag {
+        Some(text) => {
+            Some(zbroker_client::size::parse(text).map_err(|e| Invalid(format!("--memory-limit {e}")))?)
+        }
+        None => file,
+    };
+    match bytes {
+        None => Ok(zbroker::memory::default_limit()),
+        Some(n) if n < 1 << 20 => {
+            Err(Invalid(format!("{origin} must be at least 1MiB, not {}", zbroker_client::size::format(n)))
+                .into())
+        }
+        Some(n) => Ok(usize::try_from(n).unwrap_or(usize::MAX)),
+    }
+}
+
 fn run(args: RunArgs) -> anyhow::Result<()> {
     let file = match &args.config {
         Some(path) => config::load(path)?,
@@ -261,7 +290,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             expiry.as_millis()
         );
     }
-    let zpipes = Zpipes::new(zpipes::Config { expiry, pipe_limit, mailbox_bytes, ..defaults });
+    let memory_limit = memory_limit(args.memory_limit.as_deref(), file.memory_limit, cfg)?;
+    let budget = Budget::new(memory_limit);
+    let zpipes =
+        Zpipes::new(zpipes::Config { expiry, pipe_limit, mailbox_bytes, budget: budget.clone(), ..defaults });
 
     let fdefaults = filemq::Config::default();
     let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
@@ -280,8 +312,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             None
         }
     };
-    let mut filemq =
-        Filemq::new(filemq::Config { expiry, stable_age, state_dir: state_dir.clone(), ..fdefaults.clone() });
+    let mut filemq = Filemq::new(filemq::Config {
+        expiry,
+        stable_age,
+        state_dir: state_dir.clone(),
+        budget: budget.clone(),
+        ..fdefaults.clone()
+    });
     let flags_publish = !args.publish.is_empty();
     let publish_texts = if flags_publish { args.publish } else { file.publish.clone().unwrap_or_default() };
     let mut publish = Vec::new();
@@ -414,6 +451,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         max_message_size: (pipe_limit as i64 + (1 << 20)).max(MAX_FILEMQ_MESSAGE),
         control_token,
         max_connections,
+        budget,
     };
     let allow_description = curve.as_ref().map(|c| c.allow.describe());
     let bound = reactor::Reactor::bind_secure(settings, vec![Box::new(zpipes), Box::new(filemq)], curve);
@@ -465,7 +503,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     tracing::info!(
-        "zbroker {name} ready at {} (pipe limit {pipe_limit} bytes, expiry {} ms)",
+        "zbroker {name} ready at {} (pipe limit {pipe_limit} bytes, memory limit {memory_limit} bytes, expiry {} ms)",
         reactor.endpoints().join(", "),
         expiry.as_millis()
     );
@@ -742,6 +780,38 @@ fn describe(s: &serde_json::Value) -> String {
         s["endpoints"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).collect();
     let _ = writeln!(out, "endpoints: {}", endpoints.join(", "));
     let _ = writeln!(out, "peers: {}, dropped frames: {}", s["peers"], s["dropped_frames"]);
+    let m = &s["memory"];
+    if m.is_object() {
+        let holders: Vec<String> = m["holders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|h| {
+                format!(
+                    "connection {} ({}) {} bytes",
+                    h["connection"],
+                    h["what"].as_str().unwrap_or("?"),
+                    h["bytes"]
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            out,
+            "memory: {} of {} bytes held (peak {}){}{}",
+            m["used"],
+            m["limit"],
+            m["peak"],
+            match m["at_limit"].as_bool() {
+                Some(true) => format!(", AT THE BUDGET: {} requests wait for room", m["waiting"]),
+                _ => String::new(),
+            },
+            if holders.is_empty() {
+                String::new()
+            } else {
+                format!("; holding most: {}", holders.join(", "))
+            }
+        );
+    }
     let z = &s["services"]["zpipes"];
     if z.is_object() {
         let _ = writeln!(

@@ -28,6 +28,7 @@ use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use zbroker_client::curve::{self, Key};
+use zbroker_services::budget::Budget;
 use zbroker_services::{Action, ConnId, Service};
 
 const FRONT: Token = Token(0);
@@ -69,6 +70,11 @@ const WORKER_THREADS: usize = 3;
 const DRAIN_TIME: Duration = Duration::from_secs(3);
 /// How long queued replies may take to leave at shutdown.
 const LINGER_MS: i32 = 1000;
+/// Longest sleep while requests wait for the memory budget: libzmq frees
+/// sent replies on its own threads, which wakes nobody.
+const BUDGET_POLL: Duration = Duration::from_millis(20);
+/// "At the memory budget" is logged at most this often.
+const BUDGET_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What SIGHUP runs: it returns control commands (words, no token) for
 /// the services, e.g. FILEMQ's `MOUNTS` from a re-read config file.
@@ -132,6 +138,9 @@ pub struct Settings {
     /// `zbroker publish` of the same user reads it from the state
     /// directory); `None` refuses them all.
     pub control_token: Option<String>,
+    /// The broker-wide memory budget (the services hold clones): replies
+    /// count in it from the moment they are made until libzmq frees them.
+    pub budget: Budget,
 }
 
 /// A socket monitor event that ends the peers last seen on a descriptor.
@@ -174,6 +183,13 @@ pub struct Reactor {
     timers: Timers,
     parked: HashMap<ConnId, Parked>,
     max_parked_bytes: usize,
+    budget: Budget,
+    /// Whether the last look found the broker at its budget, and when that
+    /// was last logged.
+    at_budget: bool,
+    budget_logged: Option<Instant>,
+    /// This time at the budget was logged: say when it ends.
+    budget_warned: bool,
     /// Monitor events (ACCEPTED or DISCONNECTED, with the descriptor), in
     /// order, applied once the front socket has been read dry: frames a
     /// peer sent before it went must reach the services before its
@@ -418,6 +434,10 @@ impl Reactor {
             timers: Timers::default(),
             parked: HashMap::new(),
             max_parked_bytes: settings.max_parked_bytes,
+            budget: settings.budget,
+            at_budget: false,
+            budget_logged: None,
+            budget_warned: false,
             fd_events: Vec::new(),
             dropping: HashSet::new(),
             actions: Vec::new(),
@@ -487,7 +507,10 @@ impl Reactor {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            let timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+            let mut timeout = deadline.map(|at| at.saturating_duration_since(Instant::now()));
+            if self.budget.waiting() > 0 {
+                timeout = Some(timeout.map_or(BUDGET_POLL, |t| t.min(BUDGET_POLL)));
+            }
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -642,6 +665,7 @@ impl Reactor {
         loop {
             self.fire_timers();
             let delivered = self.deliver_work();
+            self.budget_freed();
             passes += 1;
             if passes.is_multiple_of(PASSES_PER_TURN) {
                 self.check_signals();
@@ -680,9 +704,80 @@ impl Reactor {
                 progress = true;
             }
             if !progress {
+                self.log_budget();
                 return Ok(());
             }
         }
+    }
+
+    /// Room came back to the memory budget: requests waiting for it may
+    /// move.
+    fn budget_freed(&mut self) {
+        if !self.budget.take_freed() || self.budget.waiting() == 0 {
+            return;
+        }
+        let now = Instant::now();
+        for service in 0..self.services.len() {
+            self.services[service].budget_freed(now, &mut self.actions);
+            self.apply(service);
+        }
+    }
+
+    /// Who holds the most of the memory budget: services' holdings plus
+    /// replies parked here, largest first.
+    fn budget_holders(&self, n: usize) -> Vec<(ConnId, usize, String)> {
+        let mut held: HashMap<ConnId, (usize, String)> = HashMap::new();
+        let parked = self
+            .parked
+            .iter()
+            .map(|(c, p)| (*c, p.frames.iter().map(Vec::len).sum(), "replies parked".to_string()));
+        for (conn, bytes, what) in self.services.iter().flat_map(|s| s.holders()).chain(parked) {
+            let entry = held.entry(conn).or_default();
+            entry.0 += bytes;
+            if !entry.1.is_empty() {
+                entry.1.push_str(", ");
+            }
+            entry.1.push_str(&what);
+        }
+        let mut held: Vec<_> = held.into_iter().map(|(c, (b, w))| (c, b, w)).collect();
+        held.sort_unstable_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+        held.truncate(n);
+        held
+    }
+
+    /// Logs reaching the memory budget (with who holds most, at most every
+    /// `BUDGET_LOG_INTERVAL`) and leaving it.
+    fn log_budget(&mut self) {
+        let at = self.budget.at_limit();
+        if at == self.at_budget {
+            return;
+        }
+        self.at_budget = at;
+        let (used, limit) = (self.budget.used(), self.budget.limit());
+        if !at {
+            if std::mem::take(&mut self.budget_warned) {
+                tracing::info!(used, limit, "below the memory budget again");
+            }
+            return;
+        }
+        let now = Instant::now();
+        if self.budget_logged.is_some_and(|t| now.duration_since(t) < BUDGET_LOG_INTERVAL) {
+            return;
+        }
+        self.budget_logged = Some(now);
+        self.budget_warned = true;
+        let holders: Vec<String> = self
+            .budget_holders(5)
+            .iter()
+            .map(|(c, b, w)| format!("connection {} ({w}) {b} bytes", c.0))
+            .collect();
+        tracing::warn!(
+            used,
+            limit,
+            waiting = self.budget.waiting(),
+            "at the memory budget (--memory-limit): writes and file chunks wait; holding most: {}",
+            holders.join(", ")
+        );
     }
 
     fn drain_monitor(&mut self) -> anyhow::Result<()> {
@@ -898,6 +993,8 @@ impl Reactor {
         if self.dropping.contains(&to) {
             return; // nothing more, so nothing after a lost reply
         }
+        // Counted from here until libzmq frees it, or it is dropped.
+        self.budget.take(frame.len());
         let frame = match self.parked.get(&to) {
             Some(_) => frame,
             None => match self.try_send(to, frame) {
@@ -909,7 +1006,8 @@ impl Reactor {
         let cost = frame.len() + PARKED_OVERHEAD;
         if parked.bytes + cost > self.max_parked_bytes {
             tracing::warn!(conn = to.0, "peer stopped reading its replies: dropping it");
-            self.parked.remove(&to);
+            self.budget.give(frame.len());
+            self.unpark(to);
             self.dropping.insert(to);
             self.gone.push(to);
             return;
@@ -918,9 +1016,19 @@ impl Reactor {
         parked.frames.push_back(frame);
     }
 
+    /// Forgets the replies parked for a peer.
+    fn unpark(&mut self, conn: ConnId) {
+        if let Some(parked) = self.parked.remove(&conn) {
+            self.budget.give(parked.frames.iter().map(Vec::len).sum());
+        }
+    }
+
     /// Sends one frame, or gives it back if the peer cannot take it now.
+    /// A frame not given back leaves the budget when libzmq is done with
+    /// it, or now if it is dropped.
     fn try_send(&mut self, to: ConnId, frame: Vec<u8>) -> Result<(), Vec<u8>> {
         let Some(routing_id) = self.peers.routing_id(to) else {
+            self.budget.give(frame.len());
             return Ok(());
         };
         // The routing id goes first as a slice, so that an EAGAIN does not
@@ -929,16 +1037,18 @@ impl Reactor {
             Ok(()) => {}
             Err(zmq::Error::EAGAIN) => return Err(frame),
             Err(zmq::Error::EHOSTUNREACH) => {
+                self.budget.give(frame.len());
                 self.gone.push(to);
                 return Ok(());
             }
             Err(e) => {
                 tracing::warn!(conn = to.0, error = %e, "send failed: dropping the peer");
+                self.budget.give(frame.len());
                 self.gone.push(to);
                 return Ok(());
             }
         }
-        if let Err(e) = self.front.send(zmq::Message::from(frame), zmq::DONTWAIT) {
+        if let Err(e) = crate::memory::send_counted(&mut self.front, frame, &self.budget, zmq::DONTWAIT) {
             tracing::warn!(conn = to.0, error = %e, "send of a frame body failed");
         }
         Ok(())
@@ -982,7 +1092,7 @@ impl Reactor {
     }
 
     fn disconnect(&mut self, conn: ConnId) {
-        self.parked.remove(&conn);
+        self.unpark(conn);
         let now = Instant::now();
         for service in 0..self.services.len() {
             self.services[service].on_disconnect(conn, now, &mut self.actions);
@@ -1160,6 +1270,16 @@ impl Reactor {
             "timers": self.timers.len(),
             "parked_replies": self.parked.values().map(|p| p.frames.len()).sum::<usize>(),
             "parked_bytes": self.parked.values().map(|p| p.bytes).sum::<usize>(),
+            "memory": {
+                "limit": self.budget.limit(),
+                "used": self.budget.used(),
+                "peak": self.budget.peak(),
+                "at_limit": self.budget.at_limit(),
+                "waiting": self.budget.waiting(),
+                "holders": self.budget_holders(5).iter()
+                    .map(|(c, b, w)| serde_json::json!({ "connection": c.0, "bytes": b, "what": w }))
+                    .collect::<Vec<_>>(),
+            },
             "dropped_frames": self.dropped_frames,
             "curve_endpoints": self.curve_endpoints,
             "curve_allowed_keys": match &self.allow {

@@ -18,11 +18,12 @@
 //! - memory is bounded: no connection holds more than `max_credit`, and a
 //!   connection's patch queue is at most (aliases × published files) +
 //!   its subscriptions + the cache entries it sent; no more connections
-//!   have state than peers exist;
+//!   have state than peers exist; chunk reads in flight stay within the
+//!   memory budget (a few chunks);
 //! - `refusal` is a frame that decodes.
 //!
 //! At the end every peer disconnects and held work runs: no connection,
-//! read in flight or connection timer is left.
+//! read in flight, budgeted byte or connection timer is left.
 
 #![no_main]
 
@@ -36,6 +37,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
 use zbroker_client::filemq_msg::{FilemqMsg as M, CREATE, DELETE};
+use zbroker_services::budget::Budget;
 use zbroker_services::filemq::{covers, Config, Filemq};
 use zbroker_services::sim::Sim;
 use zbroker_services::Service;
@@ -43,6 +45,8 @@ use zbroker_services::Service;
 const CONNS: u64 = 4;
 const CHUNK_SIZE: usize = 16;
 const MAX_CREDIT: u64 = 200;
+/// Room for two and a half chunks: subscribers wait for each other.
+const BUDGET: usize = 40;
 
 /// The published tree: relative path → contents.
 const FILES: &[(&str, &[u8])] = &[
@@ -224,6 +228,7 @@ struct Peer {
 struct World {
     sim: Sim<Filemq>,
     peers: Vec<Peer>,
+    budget: Budget,
 }
 
 /// The published files a virtual path may name, under any alias.
@@ -330,6 +335,9 @@ impl World {
     fn check_bounds(&self) {
         let s = &self.sim.service;
         assert!(s.connections() <= CONNS as usize);
+        let used = self.budget.used();
+        assert!(used <= BUDGET, "{used} bytes of reads in flight, over the budget of {BUDGET}");
+        assert!(used <= s.reads_in_flight() * CHUNK_SIZE, "{used} bytes budgeted for {} reads", s.reads_in_flight());
         let most_files = ALIASES.len() * tree().files.len();
         for (id, queued, subscriptions, credit) in s.queue_lengths() {
             assert!(credit <= MAX_CREDIT, "credit {credit}");
@@ -350,9 +358,15 @@ fuzz_target!(|steps: Vec<Step>| {
         stable_age: Duration::ZERO,
         max_subscriptions: 6,
         max_credit: MAX_CREDIT,
+        budget: Budget::new(BUDGET),
         ..Config::default()
     };
-    let mut w = World { sim: Sim::new(Filemq::new(config)), peers: vec![Peer::default(); CONNS as usize] };
+    let budget = config.budget.clone();
+    let mut w = World {
+        sim: Sim::new(Filemq::new(config)),
+        peers: vec![Peer::default(); CONNS as usize],
+        budget: budget.clone(),
+    };
     let reply = w.sim.command(&["PUBLISH", root, "/"]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     for step in steps.into_iter().take(300) {
@@ -450,6 +464,7 @@ fuzz_target!(|steps: Vec<Step>| {
     let s = &w.sim.service;
     assert_eq!(s.connections(), 0, "connections leaked");
     assert_eq!(s.reads_in_flight(), 0, "reads outlived their connections");
+    assert_eq!((budget.used(), budget.waiting()), (0, 0), "the budget leaked");
     assert!(
         w.sim.armed_timers() <= s.mount_count(),
         "timers leaked: {} for {} mounts",

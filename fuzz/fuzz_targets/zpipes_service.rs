@@ -11,11 +11,14 @@
 //! - a PING is answered at once with PING_OK, whatever is pending;
 //! - memory is bounded: `queued_bytes() <= pipe_limit * readers()`, and no
 //!   more connections have state than peers exist;
+//! - the memory budget (smaller than the readers' queues together) counts
+//!   exactly the queues and mailboxes, and queues hold at most the budget
+//!   plus what the pending READs ask for (the room they get outside it);
 //! - `refusal` (the reply to a connection the broker will not take) is a
 //!   frame that decodes.
 //!
-//! At the end every peer disconnects: no connection, pipe, queued byte or
-//! armed timer is left.
+//! At the end every peer disconnects: no connection, pipe, queued byte,
+//! budgeted byte, request waiting for the budget or armed timer is left.
 
 #![no_main]
 
@@ -25,12 +28,15 @@ use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
 use zbroker_client::codec::{Chunk, ShortStr};
 use zbroker_client::ZpipesMsg as M;
+use zbroker_services::budget::Budget;
 use zbroker_services::sim::Sim;
 use zbroker_services::zpipes::{Config, Zpipes};
 use zbroker_services::Service;
 
 const CONNS: u64 = 4;
 const PIPE_LIMIT: usize = 64;
+/// Less than the four connections' queues could hold.
+const BUDGET: usize = 96;
 
 #[derive(Arbitrary, Debug)]
 enum Step {
@@ -126,6 +132,7 @@ fn any_msg(id: u8, text: Vec<u8>, a: u32, b: u32) -> M {
 
 struct World {
     sim: Sim<Zpipes>,
+    budget: Budget,
     /// Frames sent by each connection that decode (so may be answered).
     requests: [u64; CONNS as usize],
     replies: [u64; CONNS as usize],
@@ -178,6 +185,14 @@ impl World {
             s.readers()
         );
         assert!(s.peak_queued_bytes() <= s.pipe_limit() * CONNS as usize);
+        let used = self.budget.used();
+        assert_eq!(used, s.queued_bytes() + s.mailbox_bytes(), "the budget miscounts");
+        assert!(
+            s.queued_bytes() <= BUDGET + s.pending_read_bytes(),
+            "queued {} bytes, beyond the budget of {BUDGET} and {} asked for by pending READs",
+            s.queued_bytes(),
+            s.pending_read_bytes()
+        );
         let (conns, pipes) = s.counts();
         assert!(conns <= CONNS as usize, "{conns} connections");
         // Each pipe has an end, and each connection is at most one end.
@@ -191,8 +206,10 @@ fuzz_target!(|steps: Vec<Step>| {
         pipe_limit: PIPE_LIMIT,
         mailbox_limit: 8,
         mailbox_bytes: 64,
+        budget: Budget::new(BUDGET),
     };
     let mut w = World {
+        budget: config.budget.clone(),
         sim: Sim::new(Zpipes::new(config)),
         requests: [0; CONNS as usize],
         replies: [0; CONNS as usize],
@@ -242,5 +259,6 @@ fuzz_target!(|steps: Vec<Step>| {
     w.drain();
     assert_eq!(w.sim.service.counts(), (0, 0), "connections or pipes leaked");
     assert_eq!(w.sim.service.queued_bytes(), 0, "bytes leaked");
+    assert_eq!((w.budget.used(), w.budget.waiting()), (0, 0), "the budget leaked");
     assert_eq!(w.sim.armed_timers(), 0, "timers leaked");
 });

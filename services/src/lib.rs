@@ -10,6 +10,7 @@
 use bytes::Bytes;
 use std::time::Instant;
 
+pub mod budget;
 pub mod filemq;
 pub mod sim;
 pub mod zpipes;
@@ -81,6 +82,17 @@ pub trait Service {
     /// the broker stops, until a deadline).
     fn drained(&self) -> bool {
         true
+    }
+    /// Room was given back to the memory budget by someone else (the host
+    /// sent parked replies, libzmq freed sent ones): requests waiting for
+    /// room may move.
+    fn budget_freed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let _ = (now, out);
+    }
+    /// The connections holding bytes of the memory budget: how many, and
+    /// what they are to an operator (for status and logs; any order).
+    fn holders(&self) -> Vec<(ConnId, usize, String)> {
+        Vec::new()
     }
     /// The peer behind `conn` has disconnected; forget it.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>);

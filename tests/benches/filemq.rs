@@ -396,6 +396,7 @@ impl Broker {
             // STATUS needs no token; the bench sends nothing else.
             control_token: None,
             max_connections: 100_000,
+            budget: Default::default(),
         };
         let (bound_tx, bound_rx) = mpsc::channel();
         let (stopped_tx, stopped) = mpsc::channel::<()>();

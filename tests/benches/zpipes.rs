@@ -179,6 +179,7 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         max_message_size: 64 << 20,
         control_token: None,
         max_connections: 100_000,
+        budget: Default::default(),
     };
     let (bound_tx, bound_rx) = mpsc::channel();
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.

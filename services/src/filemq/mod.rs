@@ -86,6 +86,10 @@ pub struct Config {
     pub max_credit: u64,
     /// Where digests are kept between runs (one file per mount).
     pub state_dir: Option<PathBuf>,
+    /// The broker-wide memory budget, shared with the host: a chunk read
+    /// counts from the moment it is asked for until its CHEEZBURGER is
+    /// handed to the host (which counts it on).
+    pub budget: crate::budget::Budget,
 }
 
 impl Default for Config {
@@ -100,6 +104,7 @@ impl Default for Config {
             max_subscriptions: 64,
             max_credit: 32 << 20,
             state_dir: None,
+            budget: crate::budget::Budget::unlimited(),
         }
     }
 }
@@ -243,7 +248,7 @@ impl Conn {
 /// What a work key stands for.
 #[derive(Debug, Clone, Copy)]
 enum WorkFor {
-    Read { conn: ConnId },
+    Read { conn: ConnId, len: usize },
     Scan { mount: MountId },
     Watch { mount: MountId },
 }
@@ -261,6 +266,8 @@ pub struct Filemq {
     deletes_sent: u64,
     read_errors: u64,
     malformed: u64,
+    /// Subscribers whose next chunk read waits for room in the budget.
+    budget_blocked: BTreeSet<ConnId>,
 }
 
 // Timer keys: a connection's expiry, a mount's next scan.
@@ -360,6 +367,7 @@ impl Filemq {
             deletes_sent: 0,
             read_errors: 0,
             malformed: 0,
+            budget_blocked: BTreeSet::new(),
         }
     }
 
@@ -694,6 +702,18 @@ impl Filemq {
                     conn.current = None;
                     continue;
                 };
+                // A subscriber holds one chunk at most: it waits for room
+                // like a newcomer.
+                if !self.config.budget.admits(0, len) {
+                    if self.budget_blocked.insert(id) {
+                        self.config.budget.set_waiting(true);
+                    }
+                    return;
+                }
+                if self.budget_blocked.remove(&id) {
+                    self.config.budget.set_waiting(false);
+                }
+                self.config.budget.take(len);
                 let job = Job::Read {
                     root: mount.root.clone(),
                     rel: transfer.rel.clone(),
@@ -701,7 +721,7 @@ impl Filemq {
                     len,
                     expect: transfer.meta.clone(),
                 };
-                let key = self.work(out, WorkFor::Read { conn: id }, job);
+                let key = self.work(out, WorkFor::Read { conn: id, len }, job);
                 if let Some(t) = self.conns.get_mut(&id).and_then(|c| c.current.as_mut()) {
                     t.reading = Some(key);
                 }
@@ -856,6 +876,9 @@ impl Filemq {
     }
 
     fn terminate(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        if self.budget_blocked.remove(&id) {
+            self.config.budget.set_waiting(false);
+        }
         if self.conns.remove(&id).is_some() {
             out.push(Action::CancelTimer { key: expiry_key(id) });
         }
@@ -1184,7 +1207,13 @@ impl Service for Filemq {
             self.work.remove(&key);
         }
         match (what, done) {
-            (WorkFor::Read { conn }, Done::Read(result)) => self.read_done(key, conn, result, now, out),
+            (WorkFor::Read { conn, len }, Done::Read(result)) => {
+                // The chunk is in the reply now (or dropped), which the
+                // host counts.
+                self.config.budget.give(len);
+                self.read_done(key, conn, result, now, out);
+                self.budget_freed(now, out);
+            }
             (WorkFor::Scan { mount }, Done::Scanned { result, .. }) => self.scanned(mount, result, now, out),
             (WorkFor::Watch { mount }, Done::Dirty { .. }) => {
                 let Some(m) = self.mounts.get_mut(&mount) else { return };
@@ -1225,6 +1254,27 @@ impl Service for Filemq {
                 send(out, *id, &FilemqMsg::Kthxbai {});
             }
         }
+    }
+
+    fn budget_freed(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        if self.budget_blocked.is_empty() || self.config.budget.free() == 0 {
+            return;
+        }
+        // Each tries again; one still short of room registers anew.
+        for id in std::mem::take(&mut self.budget_blocked) {
+            self.config.budget.set_waiting(false);
+            self.pump(id, out);
+        }
+    }
+
+    fn holders(&self) -> Vec<(ConnId, usize, String)> {
+        self.work
+            .values()
+            .filter_map(|w| match w {
+                WorkFor::Read { conn, len } => Some((*conn, *len, "FILEMQ subscriber".to_string())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn refusal(&self, _frame: &[u8], why: &str) -> Option<Vec<u8>> {

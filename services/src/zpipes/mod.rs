@@ -23,14 +23,21 @@
 //!   the bound fails with a reason naming it;
 //! - a pending WRITE whose reader leaves fails at once (the original waited
 //!   for its timeout);
+//! - the broker-wide memory budget ([`crate::budget`]) counts queues and
+//!   mailboxes; a WRITE the budget does not admit waits for room exactly as
+//!   at the pipe bound, except that a reader's pending READ may always be
+//!   filled (outside the budget), so an exact-size READ can complete;
 //! - a peer that disconnects is forgotten at once, like an expiry.
 
 #[cfg(test)]
+mod budget_tests;
+#[cfg(test)]
 mod tests;
 
+use crate::budget::Budget;
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use zbroker_client::byte_queue::ByteQueue;
 use zbroker_client::codec::{Chunk, ShortStr};
@@ -47,6 +54,8 @@ pub struct Config {
     pub mailbox_limit: usize,
     /// Most WRITE bytes waiting behind a pending request on one connection.
     pub mailbox_bytes: usize,
+    /// The broker-wide memory budget, shared with the host.
+    pub budget: Budget,
 }
 
 impl Default for Config {
@@ -56,6 +65,7 @@ impl Default for Config {
             pipe_limit: 8 << 20,
             mailbox_limit: 1024,
             mailbox_bytes: 4 << 20,
+            budget: Budget::unlimited(),
         }
     }
 }
@@ -94,6 +104,9 @@ struct Conn {
     /// Data written to this connection as a reader.
     queue: ByteQueue,
     expires_at: Instant,
+    /// As a writer waiting for the memory budget: the key it waits under
+    /// in `Zpipes::budget_waiters`.
+    budget_wait: Option<(usize, usize)>,
 }
 
 #[derive(Debug, Default)]
@@ -108,6 +121,9 @@ pub struct Zpipes {
     conns: HashMap<ConnId, Conn>,
     pipes: HashMap<ShortStr, Pipe>,
     ready: VecDeque<ConnId>,
+    /// Writers waiting for the memory budget, by (bytes their pipe holds,
+    /// bytes they need, connection): the smallest holders move first.
+    budget_waiters: BTreeSet<(usize, usize, ConnId)>,
     queued_bytes: usize,
     peak_queued_bytes: usize,
     bytes_moved: u64,
@@ -140,6 +156,7 @@ impl Zpipes {
             conns: HashMap::new(),
             pipes: HashMap::new(),
             ready: VecDeque::new(),
+            budget_waiters: BTreeSet::new(),
             queued_bytes: 0,
             peak_queued_bytes: 0,
             bytes_moved: 0,
@@ -156,6 +173,48 @@ impl Zpipes {
     /// The most bytes ever queued at once.
     pub fn peak_queued_bytes(&self) -> usize {
         self.peak_queued_bytes
+    }
+
+    /// Bytes entered into readers' queues (counted in the budget).
+    fn queue_in(&mut self, n: usize) {
+        self.queued_bytes += n;
+        self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
+        self.config.budget.take(n);
+    }
+
+    /// Bytes gone from readers' queues (read, cleared).
+    fn queue_out(&mut self, n: usize) {
+        self.queued_bytes -= n;
+        self.config.budget.give(n);
+    }
+
+    /// A writer starts waiting for the budget: its pipe holds `held` and it
+    /// needs `need` more.
+    fn wait_budget(&mut self, id: ConnId, held: usize, need: usize) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if conn.budget_wait.is_none() {
+            self.config.budget.set_waiting(true);
+        } else if let Some((h, n)) = conn.budget_wait {
+            self.budget_waiters.remove(&(h, n, id));
+        }
+        conn.budget_wait = Some((held, need));
+        self.budget_waiters.insert((held, need, id));
+    }
+
+    /// The writer no longer waits for the budget (it moved, or its WRITE
+    /// ended).
+    fn unwait_budget(&mut self, id: ConnId) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if let Some((held, need)) = conn.budget_wait.take() {
+            self.budget_waiters.remove(&(held, need, id));
+            self.config.budget.set_waiting(false);
+        }
+    }
+
+    /// The waiter holding least, if the budget now admits what it needs.
+    fn budget_waiter_due(&self) -> Option<ConnId> {
+        let &(held, need, id) = self.budget_waiters.first()?;
+        self.config.budget.admits(held, need).then_some(id)
     }
 
     /// Connections with state, and open pipes.
@@ -192,6 +251,8 @@ impl Zpipes {
                 reply(out, id, ZpipesMsg::PingOk {});
                 return true;
             }
+            self.unwait_budget(id);
+            let conn = self.conns.get_mut(&id).expect("checked above");
             let reason = ShortStr::lossy("closed while the request was pending");
             match conn.pending.take() {
                 Some(Pending::Read { .. }) => reply(out, id, ZpipesMsg::ReadFailed { reason }),
@@ -207,6 +268,7 @@ impl Zpipes {
         };
         if let ZpipesMsg::Write { chunk, .. } = &msg {
             conn.mailbox_bytes -= chunk.0.len();
+            self.config.budget.give(chunk.0.len());
         }
         let role = conn.role;
         tracing::debug!(conn = id.0, ?role, request = msg.name(), "zpipes request");
@@ -322,6 +384,8 @@ impl Zpipes {
     /// Completes the pending request if it can be now.
     fn try_complete(&mut self, id: ConnId, out: &mut Vec<Action>) -> bool {
         let limit = self.config.pipe_limit;
+        // Decided anew below: waiting again re-registers.
+        self.unwait_budget(id);
         let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         match conn.pending {
             None => false,
@@ -342,6 +406,14 @@ impl Zpipes {
             Some(Pending::Read { size }) => {
                 let detached = conn.pipe.is_none() || self.shutting_down;
                 if conn.queue.len() < size && !detached {
+                    // This READ may be filled outside the budget: a writer
+                    // waiting for room can go on.
+                    let writer = conn.pipe.as_ref().and_then(|p| self.pipes.get(p)).and_then(|p| p.writer);
+                    if let Some(w) =
+                        writer.filter(|w| self.conns.get(w).is_some_and(|c| c.budget_wait.is_some()))
+                    {
+                        self.ready.push_back(w);
+                    }
                     return false;
                 }
                 conn.pending = None;
@@ -349,8 +421,9 @@ impl Zpipes {
                     reply(out, id, ZpipesMsg::ReadEnd {});
                 } else {
                     let chunk = conn.queue.take(size);
-                    self.queued_bytes -= chunk.len();
                     self.bytes_moved += chunk.len() as u64;
+                    self.queued_bytes -= chunk.len();
+                    self.config.budget.give(chunk.len());
                     reply(out, id, ZpipesMsg::ReadOk { chunk: Chunk(chunk) });
                     // The writer may be waiting for room.
                     if let Some(writer) =
@@ -374,10 +447,25 @@ impl Zpipes {
                     return false;
                 };
                 let len = chunk.len();
-                let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
-                let room = limit.saturating_sub(reader.queue.len());
+                let reader = self.conns.get(&reader_id).expect("a pipe's reader is live");
+                let queued = reader.queue.len();
+                let pipe_room = limit.saturating_sub(queued);
+                // Room in the budget (the pipe's whole share, or nothing),
+                // or else what the reader's pending READ still lacks.
+                let need = len.min(pipe_room);
+                let room = if self.config.budget.admits(queued, need) {
+                    pipe_room
+                } else {
+                    match reader.pending {
+                        Some(Pending::Read { size }) => size.saturating_sub(queued).min(pipe_room),
+                        _ => 0,
+                    }
+                };
                 if len > room {
                     if room == 0 {
+                        if pipe_room > 0 {
+                            self.wait_budget(id, queued, need);
+                        }
                         return false;
                     }
                     // Fill the queue to the bound and keep the rest pending:
@@ -394,8 +482,7 @@ impl Zpipes {
                     let part = chunk.split_to(room);
                     let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
                     reader.queue.push(part);
-                    self.queued_bytes += room;
-                    self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
+                    self.queue_in(room);
                     self.ready.push_back(reader_id);
                     self.cancel_request_timer(id, out);
                     return false;
@@ -404,8 +491,7 @@ impl Zpipes {
                 let Some(Pending::Write { chunk, .. }) = conn.pending.take() else { unreachable!() };
                 let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
                 reader.queue.push(chunk);
-                self.queued_bytes += len;
-                self.peak_queued_bytes = self.peak_queued_bytes.max(self.queued_bytes);
+                self.queue_in(len);
                 // The data is queued before anything else happens; the
                 // reader is marked ready and answered once this
                 // connection's turn ends (spec §7 asks only that no machine
@@ -431,7 +517,8 @@ impl Zpipes {
         self.detach(id);
         let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
         conn.role = Role::Idle;
-        self.queued_bytes -= conn.queue.clear();
+        let cleared = conn.queue.clear();
+        self.queue_out(cleared);
         reply(out, id, ZpipesMsg::CloseOk {});
     }
 
@@ -458,8 +545,10 @@ impl Zpipes {
     /// Forgets a connection entirely; nothing is sent.
     fn terminate(&mut self, id: ConnId, out: &mut Vec<Action>) {
         self.detach(id);
+        self.unwait_budget(id);
         if let Some(mut conn) = self.conns.remove(&id) {
-            self.queued_bytes -= conn.queue.clear();
+            self.queue_out(conn.queue.clear());
+            self.config.budget.give(conn.mailbox_bytes);
             if conn.request_timer {
                 out.push(Action::CancelTimer { key: request_key(id) });
             }
@@ -469,8 +558,15 @@ impl Zpipes {
 
     /// Advances ready connections until none can move.
     fn run_ready(&mut self, now: Instant, out: &mut Vec<Action>) {
-        while let Some(id) = self.ready.pop_front() {
-            while self.advance(id, now, out) {}
+        loop {
+            while let Some(id) = self.ready.pop_front() {
+                while self.advance(id, now, out) {}
+            }
+            // Room in the budget goes to the waiter holding least, one at a
+            // time (each either moves or finds the room taken).
+            let Some(id) = self.budget_waiter_due() else { return };
+            self.unwait_budget(id);
+            self.ready.push_back(id);
         }
     }
 
@@ -489,6 +585,7 @@ impl Zpipes {
                 request_timer: false,
                 queue: ByteQueue::default(),
                 expires_at,
+                budget_wait: None,
             }
         });
         conn.expires_at = expires_at;
@@ -524,6 +621,7 @@ impl Zpipes {
             return;
         }
         conn.mailbox_bytes += chunk_len;
+        self.config.budget.take(chunk_len);
         conn.mailbox.push_back(msg);
         self.ready.push_back(id);
         self.run_ready(now, out);
@@ -533,6 +631,24 @@ impl Zpipes {
     /// queued bytes): the bound on `queued_bytes` checked by the fuzzers.
     pub fn readers(&self) -> usize {
         self.conns.values().filter(|c| c.role == Role::Reader).count()
+    }
+
+    /// WRITE bytes held in mailboxes (counted in the budget with the
+    /// queues: the fuzzers check the sum).
+    pub fn mailbox_bytes(&self) -> usize {
+        self.conns.values().map(|c| c.mailbox_bytes).sum()
+    }
+
+    /// Bytes asked for by the READs pending now: what queues may hold
+    /// beyond the budget (the fuzzers' bound).
+    pub fn pending_read_bytes(&self) -> usize {
+        self.conns
+            .values()
+            .map(|c| match c.pending {
+                Some(Pending::Read { size }) => size,
+                _ => 0,
+            })
+            .sum()
     }
 
     /// The pipe limit in force.
@@ -578,6 +694,8 @@ impl Service for Zpipes {
             return;
         }
         conn.request_timer = false;
+        self.unwait_budget(id);
+        let conn = self.conns.get_mut(&id).expect("checked above");
         match conn.pending.take() {
             Some(Pending::Read { .. }) => reply(out, id, ZpipesMsg::ReadTimeout {}),
             Some(Pending::Write { .. }) => reply(out, id, ZpipesMsg::WriteTimeout {}),
@@ -621,6 +739,30 @@ impl Service for Zpipes {
         }
     }
 
+    fn budget_freed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.run_ready(now, out);
+    }
+
+    fn holders(&self) -> Vec<(ConnId, usize, String)> {
+        self.conns
+            .iter()
+            .filter_map(|(id, c)| {
+                let pending = match &c.pending {
+                    Some(Pending::Write { chunk, .. }) => chunk.len(),
+                    _ => 0,
+                };
+                let held = c.queue.len() + c.mailbox_bytes + pending;
+                let role = match c.role {
+                    Role::Reader => "reader",
+                    Role::Writer => "writer",
+                    Role::Idle => "no end",
+                };
+                let pipe = c.pipe.as_ref().map_or("(none)".into(), |p| format!("{:?}", p.to_string_lossy()));
+                (held > 0).then(|| (*id, held, format!("ZPIPES {role} of pipe {pipe}")))
+            })
+            .collect()
+    }
+
     fn status(&self) -> serde_json::Value {
         let mut pipes: Vec<_> = self
             .pipes
@@ -641,6 +783,7 @@ impl Service for Zpipes {
             "pipes": pipes,
             "queued_bytes": self.queued_bytes,
             "peak_queued_bytes": self.peak_queued_bytes,
+            "waiting_for_memory": self.budget_waiters.len(),
             "bytes_moved": self.bytes_moved,
             "malformed_frames": self.malformed,
             "pipe_limit": self.config.pipe_limit,

@@ -464,7 +464,7 @@ proptest! {
     /// peer has gone holds no connection, pipe, byte or timer.
     #[test]
     fn arbitrary_sessions_keep_invariants(ops in proptest::collection::vec(op(), 1..120)) {
-        let mut w = World::with(Config { pipe_limit: 64, mailbox_limit: 8, mailbox_bytes: 64, expiry: Duration::from_millis(1000) });
+        let mut w = World::with(Config { pipe_limit: 64, mailbox_limit: 8, mailbox_bytes: 64, expiry: Duration::from_millis(1000), ..Config::default() });
         for op in ops {
             match op {
                 Op::Msg(c, m) => w.send(c, m),
