@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod exit;
+mod passes;
 mod peers;
 pub mod reactor;
 mod timers;

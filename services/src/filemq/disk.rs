@@ -49,6 +49,7 @@ pub fn run(job: Job) -> Option<Done> {
         Job::Read { root, rel, offset, len, expect } => {
             Some(Done::Read(read(&root, &rel, offset, len, &expect)))
         }
+        Job::Icanhaz { frame, mounts } => Some(Done::Icanhaz(super::cache::prepare(frame, &mounts))),
         Job::Watch { .. } | Job::Unwatch { .. } => None,
     }
 }

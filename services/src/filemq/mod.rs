@@ -26,9 +26,12 @@
 //! - the wire extensions of ARCHITECTURE.md ("FILEMQ: how we extend the
 //!   wire") go to clients that ask for them with the `X-ZBROKER` option.
 
+pub mod cache;
 pub mod disk;
 pub mod work;
 
+#[cfg(test)]
+mod cache_tests;
 #[cfg(test)]
 mod tests;
 
@@ -41,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use work::{Change, Done, FileMeta, Job, MountId, ReadError, Snapshot};
 use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{FilemqMsg, Generation, CREATE, DELETE};
+use zbroker_client::filemq_msg::{self, FilemqMsg, Generation, CREATE, DELETE};
 
 /// Option keys and header names of our wire extensions.
 pub mod ext {
@@ -182,12 +185,17 @@ struct Conn {
     queue: VecDeque<Entry>,
     ops: HashMap<String, Op>,
     /// Virtual path → digest of what the client holds.
-    known: HashMap<String, String>,
+    /// Sorted and with binary digests: a million entries cost about a
+    /// hundred megabytes, not twice that.
+    known: BTreeMap<String, cache::Digest>,
     /// Digest → offset of partial files the client holds.
     resume: HashMap<String, u64>,
     current: Option<Transfer>,
     expires_at: Instant,
     bytes_sent: u64,
+    /// A large ICANHAZ being prepared off the loop, and the frames that
+    /// wait behind it.
+    held: cache::Held,
 }
 
 impl Conn {
@@ -203,11 +211,12 @@ impl Conn {
             markers_owed: HashMap::new(),
             queue: VecDeque::new(),
             ops: HashMap::new(),
-            known: HashMap::new(),
+            known: BTreeMap::new(),
             resume: HashMap::new(),
             current: None,
             expires_at: now + expiry,
             bytes_sent: 0,
+            held: cache::Held::default(),
         }
     }
 
@@ -246,6 +255,7 @@ enum WorkFor {
     Read { conn: ConnId },
     Scan { mount: MountId },
     Watch { mount: MountId },
+    Icanhaz { conn: ConnId },
 }
 
 /// The FILEMQ service.
@@ -470,7 +480,11 @@ impl Filemq {
                 mount.error = None;
                 let first = !mount.scanned;
                 mount.scanned = true;
-                mount.snapshot = scan.snapshot;
+                // An unchanged tree keeps its snapshot (the same Arc), so
+                // work prepared from it off the loop still holds.
+                if first || !scan.changes.is_empty() {
+                    mount.snapshot = scan.snapshot;
+                }
                 mount.unstable = scan.unstable_files.into_iter().collect();
                 mount.total_bytes = mount.snapshot.files.values().map(|f| f.size).sum();
                 if scan.unstable {
@@ -600,13 +614,19 @@ impl Filemq {
     /// Queues what the client lacks under `path`, deletes for what it
     /// holds that is no longer published, then the in-sync marker.
     fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
-        let creates = self.published_under(path);
         let Some(conn) = self.conns.get(&id) else { return };
-        let stale: Vec<String> =
-            conn.known.keys().filter(|v| covers(path, v) && self.published(v).is_none()).cloned().collect();
+        let held: Vec<String> = conn.known.keys().filter(|v| covers(path, v)).cloned().collect();
+        self.resync_with(id, path, held, now);
+    }
+
+    /// `resync`, given the cached files under `path` that may no longer be
+    /// published (each is checked here).
+    fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, now: Instant) {
+        let creates = self.published_under(path);
+        let stale: Vec<String> = candidates.into_iter().filter(|v| self.published(v).is_none()).collect();
         let Some(conn) = self.conns.get_mut(&id) else { return };
         for (vpath, digest) in creates {
-            if conn.known.get(&vpath) != Some(&digest) {
+            if conn.known.get(&vpath) != cache::digest(&digest).as_ref() {
                 conn.enqueue(&vpath, Op::Create);
             }
         }
@@ -746,7 +766,7 @@ impl Filemq {
             return;
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        if conn.known.get(&vpath) == Some(&meta.digest) {
+        if conn.known.get(&vpath).is_some_and(|held| Some(*held) == cache::digest(&meta.digest)) {
             return;
         }
         let offset = match conn.resume.remove(&meta.digest) {
@@ -782,7 +802,9 @@ impl Filemq {
             chunk: Chunk::default(),
         };
         send(out, id, &msg);
-        conn.known.insert(transfer.vpath, transfer.meta.digest);
+        if let Some(digest) = cache::digest(&transfer.meta.digest) {
+            conn.known.insert(transfer.vpath, digest);
+        }
         self.files_sent += 1;
     }
 
@@ -855,19 +877,65 @@ impl Filemq {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
+        let Some(path) = self.begin_subscription(id, path, options, out) else { return };
+        let known = cache::normalise(&path, cache);
+        self.install_known(id, &path, known);
+        self.finish_subscription(id, path, options, None, now, out);
+    }
+
+    /// A subscription whose cache was prepared off the loop.
+    fn subscribe_prepared(
+        &mut self,
+        id: ConnId,
+        prepared: work::Prepared,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let work::Prepared { path, options, known, stale } = prepared;
+        let Some(path) = self.begin_subscription(id, &path, &options, out) else { return };
+        self.install_known(id, &path, known);
+        self.finish_subscription(id, path, &options, stale, now, out);
+    }
+
+    /// The cache says what the client holds under `path` now. A first
+    /// subscription takes the prepared map as it is (no pass over it).
+    fn install_known(&mut self, id: ConnId, path: &str, known: BTreeMap<String, cache::Digest>) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        if conn.known.is_empty() {
+            conn.known = known;
+            return;
+        }
+        conn.known.retain(|vpath, _| !covers(path, vpath));
+        if conn.known.is_empty() {
+            conn.known = known;
+        } else {
+            conn.known.extend(known);
+        }
+    }
+
+    /// Checks the path and options of an ICANHAZ and records the
+    /// subscription; `None` (and SRSLY sent) if it is refused.
+    fn begin_subscription(
+        &mut self,
+        id: ConnId,
+        path: &LongStr,
+        options: &Hash,
+        out: &mut Vec<Action>,
+    ) -> Option<String> {
         let refuse = |out: &mut Vec<Action>, why: &str| {
             tracing::debug!(conn = id.0, why, "filemq refuses a subscription");
             send(out, id, &FilemqMsg::Srsly { reason: ShortStr::lossy(why) });
         };
         let Some(path) = std::str::from_utf8(path.as_bytes()).ok().and_then(normalise_vpath) else {
-            return refuse(out, "the path must start with / and have no empty, . or .. parts");
+            refuse(out, "the path must start with / and have no empty, . or .. parts");
+            return None;
         };
         let max = self.config.max_subscriptions;
-        let ready_scans = self.scanned_for(&path);
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let conn = self.conns.get_mut(&id)?;
         if !conn.subscriptions.contains(&path) {
             if conn.subscriptions.len() >= max {
-                return refuse(out, "too many subscriptions on one connection");
+                refuse(out, "too many subscriptions on one connection");
+                return None;
             }
             conn.subscriptions.push(path.clone());
         }
@@ -885,26 +953,28 @@ impl Filemq {
         if conn.current.as_ref().is_some_and(|t| covers(&path, &t.vpath)) {
             conn.current = None;
         }
-        // The cache says what the client holds under this path now.
-        conn.known.retain(|vpath, _| !covers(&path, vpath));
-        for (key, digest) in &cache.0 {
-            let (Ok(key), Some(digest)) = (std::str::from_utf8(key.as_bytes()), upper_hex_digest(digest))
-            else {
-                continue;
-            };
-            let vpath = if key.starts_with('/') { key.to_string() } else { join(&path, key) };
-            match normalise_vpath(&vpath) {
-                Some(vpath) if covers(&path, &vpath) => {
-                    conn.known.insert(vpath, digest);
-                }
-                _ => {}
-            }
-        }
+        Some(path)
+    }
+
+    /// ICANHAZ-OK, then the RESYNC (now, or once the mounts are scanned;
+    /// `stale`, if known, lists the cached files no longer published).
+    fn finish_subscription(
+        &mut self,
+        id: ConnId,
+        path: String,
+        options: &Hash,
+        stale: Option<Vec<String>>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         send(out, id, &FilemqMsg::IcanhazOk {});
         let resync = options.get(ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
         if resync {
-            if ready_scans {
-                self.resync(id, &path, now);
+            if self.scanned_for(&path) {
+                match stale {
+                    Some(stale) => self.resync_with(id, &path, stale, now),
+                    None => self.resync(id, &path, now),
+                }
             } else if let Some(conn) = self.conns.get_mut(&id) {
                 if !conn.pending_resync.contains(&path) {
                     conn.pending_resync.push(path);
@@ -1123,6 +1193,16 @@ impl Service for Filemq {
     }
 
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
+        // Sized by its header before anything else: a frame larger than its
+        // message can be is dropped unread.
+        if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq_msg::max_client_len(*id)) {
+            self.malformed += 1;
+            tracing::debug!(conn = conn.0, len = frame.len(), "filemq dropped an oversized frame");
+            return;
+        }
+        if self.defer(conn, &frame, now, out) {
+            return;
+        }
         match FilemqMsg::decode(frame.clone()) {
             Ok(msg) => self.receive(conn, msg, now, out),
             Err(error) => match Generation::of_ohai(&frame) {
@@ -1185,6 +1265,7 @@ impl Service for Filemq {
                 m.watching = false;
                 self.scan_at(mount, now + self.config.poll_rescan, out);
             }
+            (WorkFor::Icanhaz { conn }, done) => self.prepared(conn, done, now, out),
             (what, done) => tracing::error!(?what, ?done, "filemq work outcome of the wrong kind"),
         }
     }
