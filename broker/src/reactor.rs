@@ -1011,6 +1011,7 @@ impl Reactor {
             self.services[service].on_disconnect(conn, now, &mut self.actions);
             self.apply(service);
         }
+        self.passes.note(now.elapsed(), || format!("the disconnect of connection {}", conn.0));
     }
 
     fn recv_monitor_event(&mut self) -> anyhow::Result<()> {

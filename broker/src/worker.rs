@@ -99,7 +99,7 @@ impl Worker {
         let queue = match job {
             // A large cache takes a second or so, like a long read: the
             // read threads, so it never waits behind a scan.
-            Job::Read { .. } | Job::Icanhaz { .. } => &self.reads,
+            Job::Read { .. } | Job::Icanhaz { .. } | Job::Discard(_) => &self.reads,
             Job::Scan { .. } | Job::Watch { .. } | Job::Unwatch { .. } => &self.scans,
         };
         if matches!(job, Job::Read { .. } | Job::Scan { .. } | Job::Icanhaz { .. }) {

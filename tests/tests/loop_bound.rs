@@ -8,44 +8,11 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{ceiling, FilemqMsg};
+use zbroker_client::codec::ShortStr;
+use zbroker_client::filemq_msg::FilemqMsg;
 use zbroker_client::zpipes::{Options, Reader, Writer};
+use zbroker_tests::bomb::{bomb, million_files};
 use zbroker_tests::{pseudo_random, Broker};
-
-/// ICANHAZ header: path, then an options hash with RESYNC (if asked).
-fn icanhaz_head(path: &str, resync: bool) -> Vec<u8> {
-    let mut options = Hash::default();
-    if resync {
-        options.insert("RESYNC", "1").unwrap();
-    }
-    let mut frame =
-        FilemqMsg::Icanhaz { path: LongStr::from(path), options, cache: Hash::default() }.encode();
-    frame.truncate(frame.len() - 4); // the empty cache's count
-    frame
-}
-
-/// The bomb: a cache hash of 12,000,000 empty entries.
-fn bomb() -> Vec<u8> {
-    let mut frame = icanhaz_head("/bomb", true);
-    frame.extend(12_000_000u32.to_be_bytes());
-    frame.resize(frame.len() + 12_000_000 * 5, 0);
-    frame
-}
-
-/// A legitimate cache at the entry ceiling: real names, 40-hex digests.
-fn million_files(path: &str) -> Vec<u8> {
-    let mut frame = icanhaz_head(path, false);
-    frame.extend((ceiling::CACHE_ENTRIES as u32).to_be_bytes());
-    for i in 0..ceiling::CACHE_ENTRIES {
-        let name = format!("photos/{:03}/img-{i:07}.jpg", i % 1000);
-        frame.push(name.len() as u8);
-        frame.extend(name.as_bytes());
-        frame.extend(40u32.to_be_bytes());
-        frame.extend(format!("{:040X}", (i as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15)).as_bytes());
-    }
-    frame
-}
 
 fn recv(socket: &zmq::Socket, ms: i64) -> Option<FilemqMsg> {
     (socket.poll(zmq::POLLIN, ms).ok()? > 0).then(|| FilemqMsg::decode(socket.recv_bytes(0).ok()?).ok())?
@@ -116,6 +83,14 @@ fn an_icanhaz_bomb_from_one_client_does_not_stall_the_loop() {
     // behind it is answered after it.
     assert_eq!(recv(&client, 60_000), Some(FilemqMsg::IcanhazOk {}));
     assert_eq!(recv(&client, 10_000), Some(FilemqMsg::HugzOk {}));
+    // Gone: the million names it held are freed too, and not on the loop.
+    drop(client);
+    assert!(
+        zbroker_tests::wait_until(Duration::from_secs(10), || {
+            broker.status()["services"]["filemq"]["connections"] == 0
+        }),
+        "the bomber is forgotten"
+    );
 
     writer.join().expect("the writer finished");
     let got = reader.join().expect("the reader finished");

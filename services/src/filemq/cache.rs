@@ -111,6 +111,17 @@ pub fn prepare(frame: Bytes, mounts: &[MountView]) -> Result<Box<Prepared>, Stri
     Ok(Box::new(Prepared { path, options, known, stale }))
 }
 
+/// Holdings this large are freed on a worker thread, not on the loop.
+const DISCARD_OFF_LOOP: usize = 10_000;
+
+/// Frees what a connection knew: a large map off the loop.
+pub(super) fn discard(known: BTreeMap<String, Digest>, out: &mut Vec<Action>) {
+    if known.len() >= DISCARD_OFF_LOOP {
+        // Nobody waits for its outcome: any key will do.
+        out.push(Action::Work { key: u64::MAX, job: Job::Discard(super::work::Garbage(known)) });
+    }
+}
+
 /// A connection's frames held while its cache is prepared off the loop.
 #[derive(Default)]
 pub(super) struct Held {

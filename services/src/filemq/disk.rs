@@ -50,7 +50,7 @@ pub fn run(job: Job) -> Option<Done> {
             Some(Done::Read(read(&root, &rel, offset, len, &expect)))
         }
         Job::Icanhaz { frame, mounts } => Some(Done::Icanhaz(super::cache::prepare(frame, &mounts))),
-        Job::Watch { .. } | Job::Unwatch { .. } => None,
+        Job::Watch { .. } | Job::Unwatch { .. } | Job::Discard(_) => None,
     }
 }
 

@@ -863,8 +863,9 @@ impl Filemq {
     }
 
     fn terminate(&mut self, id: ConnId, out: &mut Vec<Action>) {
-        if self.conns.remove(&id).is_some() {
+        if let Some(conn) = self.conns.remove(&id) {
             out.push(Action::CancelTimer { key: expiry_key(id) });
+            cache::discard(conn.known, out);
         }
     }
 
@@ -879,7 +880,7 @@ impl Filemq {
     ) {
         let Some(path) = self.begin_subscription(id, path, options, out) else { return };
         let known = cache::normalise(&path, cache);
-        self.install_known(id, &path, known);
+        self.install_known(id, &path, known, out);
         self.finish_subscription(id, path, options, None, now, out);
     }
 
@@ -893,24 +894,30 @@ impl Filemq {
     ) {
         let work::Prepared { path, options, known, stale } = prepared;
         let Some(path) = self.begin_subscription(id, &path, &options, out) else { return };
-        self.install_known(id, &path, known);
+        self.install_known(id, &path, known, out);
         self.finish_subscription(id, path, &options, stale, now, out);
     }
 
     /// The cache says what the client holds under `path` now. A first
     /// subscription takes the prepared map as it is (no pass over it).
-    fn install_known(&mut self, id: ConnId, path: &str, known: BTreeMap<String, cache::Digest>) {
+    fn install_known(
+        &mut self,
+        id: ConnId,
+        path: &str,
+        known: BTreeMap<String, cache::Digest>,
+        out: &mut Vec<Action>,
+    ) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        if conn.known.is_empty() {
-            conn.known = known;
+        // Everything known lies under a subscription: if each one is under
+        // `path`, the new map replaces the old whole (a re-subscription),
+        // and the old one is freed off the loop.
+        if conn.subscriptions.iter().all(|s| covers(path, s)) {
+            let old = std::mem::replace(&mut conn.known, known);
+            cache::discard(old, out);
             return;
         }
         conn.known.retain(|vpath, _| !covers(path, vpath));
-        if conn.known.is_empty() {
-            conn.known = known;
-        } else {
-            conn.known.extend(known);
-        }
+        conn.known.extend(known);
     }
 
     /// Checks the path and options of an ICANHAZ and records the
@@ -1000,7 +1007,10 @@ impl Filemq {
                 // A second OHAI starts the session over (spec §5.1).
                 let mut fresh = Conn::new(now, expiry);
                 fresh.state = State::Ready;
-                *conn = fresh;
+                // Frames held behind a cache being prepared stay held.
+                fresh.held = std::mem::take(&mut conn.held);
+                let old = std::mem::replace(conn, fresh);
+                cache::discard(old.known, out);
                 send(out, id, &FilemqMsg::OhaiOk {});
             }
             (State::Start, other) => {

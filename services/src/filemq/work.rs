@@ -88,6 +88,19 @@ pub enum Job {
     /// service keeps (`cache::prepare`): a million entries take too long
     /// for one pass of the event loop.
     Icanhaz { frame: Bytes, mounts: Vec<MountView> },
+    /// Free a connection's large holdings (a million names take a while
+    /// to free); no outcome.
+    Discard(Garbage),
+}
+
+/// What a connection knew, to be freed off the loop.
+#[derive(Clone)]
+pub struct Garbage(pub BTreeMap<String, super::cache::Digest>);
+
+impl std::fmt::Debug for Garbage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Garbage({} entries)", self.0.len())
+    }
 }
 
 /// What an off-loop job needs to know of a mount.
