@@ -616,14 +616,19 @@ impl Filemq {
     fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
         let Some(conn) = self.conns.get(&id) else { return };
         let held: Vec<String> = conn.known.keys().filter(|v| covers(path, v)).cloned().collect();
-        self.resync_with(id, path, held, now);
+        self.resync_with(id, path, held, false, now);
     }
 
     /// `resync`, given the cached files under `path` that may no longer be
-    /// published (each is checked here).
-    fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, now: Instant) {
+    /// published: `checked` if they were found unpublished already (off the
+    /// loop, against the snapshots in force), else each is checked here.
+    fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, checked: bool, now: Instant) {
         let creates = self.published_under(path);
-        let stale: Vec<String> = candidates.into_iter().filter(|v| self.published(v).is_none()).collect();
+        let stale: Vec<String> = if checked {
+            candidates
+        } else {
+            candidates.into_iter().filter(|v| self.published(v).is_none()).collect()
+        };
         let Some(conn) = self.conns.get_mut(&id) else { return };
         for (vpath, digest) in creates {
             if conn.known.get(&vpath) != cache::digest(&digest).as_ref() {
@@ -979,7 +984,7 @@ impl Filemq {
         if resync {
             if self.scanned_for(&path) {
                 match stale {
-                    Some(stale) => self.resync_with(id, &path, stale, now),
+                    Some(stale) => self.resync_with(id, &path, stale, true, now),
                     None => self.resync(id, &path, now),
                 }
             } else if let Some(conn) = self.conns.get_mut(&id) {
