@@ -136,6 +136,16 @@ impl Filemq {
     /// or sends a large ICANHAZ off the loop. True if it was taken.
     pub(super) fn defer(&mut self, id: ConnId, frame: &Bytes, now: Instant, out: &mut Vec<Action>) -> bool {
         let expiry = self.config.expiry;
+        let large_icanhaz = frame.get(2) == Some(&5) && frame.len() > INLINE_BYTES;
+        let ready = self.conns.get(&id).is_some_and(|c| c.state == super::State::Ready);
+        if large_icanhaz && !ready {
+            // Whatever its cache holds, the answer is the same: not worth
+            // decoding a million entries for.
+            tracing::debug!(conn = id.0, "filemq ICANHAZ before OHAI");
+            super::send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy("OHAI first") });
+            self.terminate(id, out);
+            return true;
+        }
         let Some(conn) = self.conns.get_mut(&id) else { return false };
         if conn.held.preparing.is_some() {
             conn.expires_at = now + expiry;
@@ -150,8 +160,7 @@ impl Filemq {
             conn.held.frames.push_back(frame.clone());
             return true;
         }
-        let icanhaz = frame.get(2) == Some(&5);
-        if !icanhaz || frame.len() <= INLINE_BYTES || conn.state != super::State::Ready {
+        if !large_icanhaz {
             return false;
         }
         conn.expires_at = now + expiry;

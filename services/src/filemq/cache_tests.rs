@@ -134,3 +134,18 @@ fn prepare_reads_an_icanhaz_as_the_codec_declares_it() {
         assert_eq!(cache::prepare(Bytes::from(frame), &[]).is_ok(), codec);
     }
 }
+
+#[test]
+fn a_large_icanhaz_before_ohai_is_refused_undecoded() {
+    let (_dir, mut sim) = world(&[]);
+    sim.hold_work = true;
+    send(
+        &mut sim,
+        1,
+        FilemqMsg::Icanhaz { path: "/".into(), options: Hash::default(), cache: big_cache(10_000, &[]) },
+    );
+    assert_eq!(sim.pending_work(), 0, "nothing decoded for it");
+    let replies = take(&mut sim, 1);
+    assert!(matches!(&replies[..], [FilemqMsg::Rtfm { .. }]), "{replies:?}");
+    assert_eq!(sim.service.connections(), 0);
+}
