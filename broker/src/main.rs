@@ -739,12 +739,12 @@ fn describe(s: &serde_json::Value) -> String {
     let _ = writeln!(out, "peers: {}, dropped frames: {}", s["peers"], s["dropped_frames"]);
     if let Some(longest) = s["longest_pass_ms"].as_f64() {
         let cause = match (s["longest_pass_cause"].as_str(), s["longest_pass_cause_ms"].as_f64()) {
-            (Some(what), Some(ms)) => format!(": {what} took {ms:.1} ms"),
+            (Some(what), Some(ms)) => format!(": {what} took {ms:.2} ms"),
             _ => String::new(),
         };
         let _ = writeln!(
             out,
-            "event loop: {} passes, the longest {longest:.1} ms at {:.1} s{cause}",
+            "event loop: {} passes, the longest {longest:.2} ms at {:.1} s{cause}",
             s["passes"],
             s["longest_pass_at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
         );

@@ -111,5 +111,7 @@ fn an_icanhaz_bomb_from_one_client_does_not_stall_the_loop() {
     assert_eq!(after["services"]["filemq"]["malformed_frames"], 3, "the three bombs refused");
     assert!(trips > 0);
     assert!(worst < Duration::from_secs(1), "a pipe round trip took {worst:?} under the bomb");
+    let longest = after["longest_pass_ms"].as_f64().expect("the status shows the longest pass");
+    assert!(longest < 1000.0, "a loop pass took {longest} ms: {}", after["longest_pass_cause"]);
     assert!(peak <= 256 << 20, "peak RSS {} MiB", peak >> 20);
 }
