@@ -5,6 +5,7 @@
 pub mod config;
 pub mod exit;
 pub mod memory;
+mod passes;
 mod peers;
 pub mod reactor;
 mod timers;

@@ -446,9 +446,10 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         // whole pipe); more means the peer is not reading.
         // (or the most credit a FILEMQ subscriber may hold, plus a chunk).
         max_parked_bytes: (2 * pipe_limit).max(fdefaults.max_credit as usize + fdefaults.chunk_size) + 4096,
-        // The largest WRITE plus its header, or a FILEMQ ICANHAZ whose
-        // cache lists some hundreds of thousands of files.
-        max_message_size: (pipe_limit as i64 + (1 << 20)).max(MAX_FILEMQ_MESSAGE),
+        // The largest legitimate message: a WRITE of the pipe limit, or an
+        // ICANHAZ at every ceiling (a million cached files). Each service
+        // then bounds every other message by its type.
+        max_message_size: config::max_message_size(pipe_limit),
         control_token,
         max_connections,
         budget,
@@ -652,8 +653,6 @@ fn raise_open_file_limit(connections: usize) {
     }
 }
 
-/// Largest FILEMQ message accepted (an ICANHAZ with a large cache).
-const MAX_FILEMQ_MESSAGE: i64 = 64 << 20;
 /// The file in the state directory holding the control token.
 const CONTROL_TOKEN_FILE: &str = "control-token";
 
@@ -810,6 +809,18 @@ fn describe(s: &serde_json::Value) -> String {
             } else {
                 format!("; holding most: {}", holders.join(", "))
             }
+        );
+    }
+    if let Some(longest) = s["longest_pass_ms"].as_f64() {
+        let cause = match (s["longest_pass_cause"].as_str(), s["longest_pass_cause_ms"].as_f64()) {
+            (Some(what), Some(ms)) => format!(": {what} took {ms:.2} ms"),
+            _ => String::new(),
+        };
+        let _ = writeln!(
+            out,
+            "event loop: {} passes, the longest {longest:.2} ms at {:.1} s{cause}",
+            s["passes"],
+            s["longest_pass_at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
         );
     }
     let z = &s["services"]["zpipes"];

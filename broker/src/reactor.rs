@@ -16,6 +16,7 @@
 //! requests itself on `inproc://zeromq.zap.01`: a client key not in the
 //! allow-list fails its handshake and never reaches a service.
 
+use crate::passes::Passes;
 use crate::peers::Peers;
 use crate::timers::Timers;
 use crate::worker::Worker;
@@ -203,6 +204,8 @@ pub struct Reactor {
     /// (a later, smaller one would leave a hole behind the lost one).
     dropping: HashSet<ConnId>,
     started: Instant,
+    /// How long the loop's passes take (the longest, and why).
+    passes: Passes,
     dropped_frames: u64,
     stop: bool,
     /// Runs services' disk work off this thread; wakes `WORK_DONE`.
@@ -443,6 +446,7 @@ impl Reactor {
             actions: Vec::new(),
             gone: Vec::new(),
             started: Instant::now(),
+            passes: Passes::new(Instant::now()),
             dropped_frames: 0,
             stop: false,
             worker,
@@ -516,6 +520,7 @@ impl Reactor {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e).context("polling"),
             }
+            self.passes.begin();
             for event in events.iter() {
                 match event.token() {
                     SIGNALS => self.check_signals(),
@@ -530,6 +535,7 @@ impl Reactor {
             // disconnects send on it, and a send may consume its edge.
             self.drain_front()?;
             self.check_drain();
+            self.passes.end();
         }
         self.flush_at_shutdown();
         Ok(())
@@ -641,8 +647,11 @@ impl Reactor {
         }
         let now = Instant::now();
         for (service, key, outcome) in done {
+            let began = Instant::now();
             self.services[service].on_work(key, outcome, now, &mut self.actions);
             self.apply(service);
+            let name = self.services[service].name();
+            self.passes.note(began.elapsed(), || format!("{name} work outcome {key}"));
         }
         true
     }
@@ -650,8 +659,11 @@ impl Reactor {
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some((service, key)) = self.timers.pop_due(now) {
+            let began = Instant::now();
             self.services[service].on_timer(key, now, &mut self.actions);
             self.apply(service);
+            let name = self.services[service].name();
+            self.passes.note(began.elapsed(), || format!("{name} timer {key}"));
         }
     }
 
@@ -663,6 +675,11 @@ impl Reactor {
     fn drain_front(&mut self) -> anyhow::Result<()> {
         let mut passes = 0u64;
         loop {
+            // Each pass is timed on its own: a stream that keeps the socket
+            // busy makes many short passes, not one long one.
+            if passes > 0 {
+                self.passes.begin();
+            }
             self.fire_timers();
             let delivered = self.deliver_work();
             self.budget_freed();
@@ -946,9 +963,15 @@ impl Reactor {
                 tracing::debug!(conn = conn.0, len = body.len(), "dropped a frame for no known service");
                 continue;
             };
+            let (id, len) = (body.get(2).copied().unwrap_or(0), body.len());
             let frame = Bytes::from_owner(Frame(body));
-            self.services[service].handle(conn, frame, Instant::now(), &mut self.actions);
+            let began = Instant::now();
+            self.services[service].handle(conn, frame, began, &mut self.actions);
             self.apply(service);
+            let name = self.services[service].name();
+            self.passes.note(began.elapsed(), || {
+                format!("{name} message {id} ({len} bytes) from connection {}", conn.0)
+            });
         }
         Ok(any)
     }
@@ -1098,6 +1121,7 @@ impl Reactor {
             self.services[service].on_disconnect(conn, now, &mut self.actions);
             self.apply(service);
         }
+        self.passes.note(now.elapsed(), || format!("the disconnect of connection {}", conn.0));
     }
 
     fn recv_monitor_event(&mut self) -> anyhow::Result<()> {
@@ -1255,7 +1279,7 @@ impl Reactor {
     fn status(&self) -> serde_json::Value {
         let services: serde_json::Map<String, serde_json::Value> =
             self.services.iter().map(|s| (s.name().to_string(), s.status())).collect();
-        serde_json::json!({
+        let mut status = serde_json::json!({
             "name": self.name,
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
@@ -1290,7 +1314,13 @@ impl Reactor {
             "curve_refused": self.curve_refused,
             "work_in_flight": self.worker.in_flight(),
             "services": services,
-        })
+        });
+        if let (Some(status), serde_json::Value::Object(passes)) =
+            (status.as_object_mut(), self.passes.status())
+        {
+            status.extend(passes);
+        }
+        status
     }
 
     /// Gives parked replies a last chance to leave.

@@ -97,10 +97,12 @@ impl Worker {
     /// with `key`.
     pub fn submit(&mut self, service: usize, key: u64, job: Job) {
         let queue = match job {
-            Job::Read { .. } => &self.reads,
+            // A large cache takes a second or so, like a long read: the
+            // read threads, so it never waits behind a scan.
+            Job::Read { .. } | Job::Icanhaz { .. } | Job::Discard(_) => &self.reads,
             Job::Scan { .. } | Job::Watch { .. } | Job::Unwatch { .. } => &self.scans,
         };
-        if matches!(job, Job::Read { .. } | Job::Scan { .. }) {
+        if matches!(job, Job::Read { .. } | Job::Scan { .. } | Job::Icanhaz { .. }) {
             self.in_flight.fetch_add(1, Ordering::Relaxed);
         }
         queue.push(Task { service, key, job });
@@ -113,8 +115,10 @@ impl Worker {
             results.dirty.clear();
             std::mem::take(&mut results.done)
         };
-        let jobs =
-            done.iter().filter(|(_, _, done)| matches!(done, Done::Scanned { .. } | Done::Read(_))).count();
+        let jobs = done
+            .iter()
+            .filter(|(_, _, done)| matches!(done, Done::Scanned { .. } | Done::Read(_) | Done::Icanhaz(_)))
+            .count();
         self.in_flight.fetch_sub(jobs, Ordering::Relaxed);
         done
     }
@@ -305,6 +309,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
         Job::Scan { mount, .. } => Some(*mount),
         _ => None,
     };
+    let icanhaz = matches!(job, Job::Icanhaz { .. });
     let panic = match catch_unwind(AssertUnwindSafe(|| run(job))) {
         Ok(done) => return done,
         Err(panic) => panic,
@@ -317,6 +322,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
     error!("disk job panicked: {why}");
     Some(match scanned_mount {
         Some(mount) => Done::Scanned { mount, result: Err(format!("scan failed: {why}")) },
+        None if icanhaz => Done::Icanhaz(Err(format!("preparing the cache failed: {why}"))),
         None => Done::Read(Err(ReadError::Io(format!("read failed: {why}")))),
     })
 }

@@ -27,6 +27,11 @@ pub enum DecodeError {
     OverCeiling { message: &'static str, field: &'static str },
 }
 
+/// Bytes after a message's last field that a receiver still accepts (the
+/// original codec ignores them); a frame longer than its message's
+/// `max_len` plus these is dropped unread.
+pub const TRAILING_SLACK: usize = 256;
+
 /// How large a variable-sized field may be, declared with the protocol
 /// (`field: Hash [max ENTRIES, BYTES]`) and enforced while decoding, so that
 /// a frame from an untrusted peer cannot make us build millions of entries.
@@ -97,6 +102,11 @@ pub trait Field: Sized {
         }
         Ok(value)
     }
+    /// Most bytes any value may take on the wire within `ceiling`; `None`
+    /// if only the frame's own size bounds it.
+    fn max_wire(ceiling: Ceiling) -> Option<usize> {
+        (ceiling.bytes != usize::MAX).then_some(ceiling.bytes)
+    }
 }
 
 macro_rules! number_field {
@@ -107,6 +117,9 @@ macro_rules! number_field {
             }
             fn put(&self, out: &mut Vec<u8>) {
                 out.extend_from_slice(&self.to_be_bytes());
+            }
+            fn max_wire(_: Ceiling) -> Option<usize> {
+                Some(std::mem::size_of::<$t>())
             }
             fn get(r: &mut Reader) -> Option<Self> {
                 let b = r.take(std::mem::size_of::<$t>())?;
@@ -161,6 +174,9 @@ impl fmt::Debug for ShortStr {
 impl Field for ShortStr {
     fn wire_len(&self) -> usize {
         1 + self.0.len()
+    }
+    fn max_wire(_: Ceiling) -> Option<usize> {
+        Some(1 + Self::MAX)
     }
     fn put(&self, out: &mut Vec<u8>) {
         out.push(self.0.len() as u8); // < 256 by construction
@@ -293,24 +309,41 @@ impl Field for Hash {
         Self::get_within(r, Ceiling::NONE).ok()
     }
     fn get_within(r: &mut Reader, ceiling: Ceiling) -> Result<Self, FieldError> {
+        let entries =
+            Hash::visit_within(r, ceiling, Vec::with_capacity, |entries, k, v| entries.push((k, v)))?;
+        Ok(Hash(entries))
+    }
+}
+
+impl Hash {
+    /// Reads a `hash` field within `ceiling` entry by entry, handing each
+    /// to `entry` instead of building the hash (a receiver that keeps its
+    /// own form of a million entries need not hold both). `start` makes
+    /// the collection from the number of entries to expect (at most what
+    /// the frame could hold).
+    pub fn visit_within<T>(
+        r: &mut Reader,
+        ceiling: Ceiling,
+        start: impl FnOnce(usize) -> T,
+        mut entry: impl FnMut(&mut T, ShortStr, LongStr),
+    ) -> Result<T, FieldError> {
         let before = r.buf.remaining();
-        let count = u32::get(r).ok_or(FieldError::Truncated)? as usize;
-        if count > ceiling.entries {
+        let entries = u32::get(r).ok_or(FieldError::Truncated)? as usize;
+        if entries > ceiling.entries {
             return Err(FieldError::OverCeiling);
         }
         // Each entry takes at least 5 bytes: a lying count cannot make us
         // reserve more than the frame could hold.
-        let mut entries = Vec::with_capacity(count.min(r.buf.remaining() / 5));
-        for _ in 0..count {
-            entries.push((
-                ShortStr::get(r).ok_or(FieldError::Truncated)?,
-                LongStr::get(r).ok_or(FieldError::Truncated)?,
-            ));
+        let mut collection = start(entries.min(r.buf.remaining() / 5));
+        for _ in 0..entries {
+            let key = ShortStr::get(r).ok_or(FieldError::Truncated)?;
+            let value = LongStr::get(r).ok_or(FieldError::Truncated)?;
             if before - r.buf.remaining() > ceiling.bytes {
                 return Err(FieldError::OverCeiling);
             }
+            entry(&mut collection, key, value);
         }
-        Ok(Hash(entries))
+        Ok(collection)
     }
 }
 
@@ -421,6 +454,21 @@ macro_rules! protocol {
             /// The message name as the protocol documents it.
             pub fn name(&self) -> &'static str {
                 match self { $( $name::$variant { .. } => stringify!($variant) ),* }
+            }
+
+            /// The most bytes a frame with message id `id` can take, from
+            /// its fields' types and declared ceilings: a receiver drops a
+            /// larger frame before decoding it. `None` for an unknown id or
+            /// a message with a field only the frame bounds (`chunk`,
+            /// `longstr`, a `hash` without ceiling).
+            pub fn max_len(id: u8) -> Option<usize> {
+                use $crate::codec::{Ceiling, Field};
+                match id {
+                    $( $id => Some(3usize) $( .and_then(|n| Some(n + <$fty as Field>::max_wire(
+                        Ceiling::NONE $( .with($entries, $bytes) )?,
+                    )?)) )*, )*
+                    _ => None,
+                }
             }
 
             /// Bytes the encoded frame takes.

@@ -13,15 +13,29 @@ pub mod ceiling {
     /// 10,000 partial files (60 bytes a line).
     pub const OPTIONS_ENTRIES: usize = 64;
     pub const OPTIONS_BYTES: usize = 1 << 20;
-    /// ICANHAZ cache: one entry per file the client holds; with the path
-    /// and the options, the frame stays under the broker's 64 MiB message
-    /// limit. A client holding more reports what fits (the rest is simply
-    /// sent again).
+    /// ICANHAZ cache: one entry per file the client holds, a million
+    /// files with names of 80 bytes on average (an entry is 45 bytes plus
+    /// its name). A client holding more reports what fits (the rest is
+    /// simply sent again).
     pub const CACHE_ENTRIES: usize = 1 << 20;
-    pub const CACHE_BYTES: usize = 60 << 20;
+    pub const CACHE_BYTES: usize = 128 << 20;
+    /// ICANHAZ path: a server refuses one longer than 4096 bytes.
+    pub const PATH_BYTES: usize = 4 + 4096;
     /// CHEEZBURGER headers: X-SHA1, X-SIZE, X-SYNCED and what may follow.
     pub const HEADERS_ENTRIES: usize = 64;
     pub const HEADERS_BYTES: usize = 64 << 10;
+}
+
+/// The largest legitimate frame a client sends: an ICANHAZ at every
+/// ceiling. Every other client message is bounded by its declared fields
+/// (`FilemqMsg::max_len`).
+pub const MAX_CLIENT_MESSAGE: usize = 3 + ceiling::PATH_BYTES + ceiling::OPTIONS_BYTES + ceiling::CACHE_BYTES;
+
+/// The most bytes a frame from a client with message id `id` may
+/// legitimately take: a server drops a larger one unread.
+pub fn max_client_len(id: u8) -> usize {
+    let declared = FilemqMsg::max_len(id).map(|n| n + crate::codec::TRAILING_SLACK);
+    declared.unwrap_or(MAX_CLIENT_MESSAGE).min(MAX_CLIENT_MESSAGE)
 }
 
 crate::protocol! {
@@ -268,7 +282,26 @@ mod tests {
         assert_eq!(FilemqMsg::decode(msg.encode()).unwrap(), msg);
     }
 
+    #[test]
+    fn size_limits_follow_the_declared_fields() {
+        assert_eq!(FilemqMsg::max_len(1), Some(3 + 256 + 2), "OHAI");
+        assert_eq!(FilemqMsg::max_len(7), Some(3 + 8 + 8), "NOM");
+        assert_eq!(FilemqMsg::max_len(9), Some(3), "HUGZ");
+        assert_eq!(FilemqMsg::max_len(5), None, "ICANHAZ: its path is a longstr");
+        assert_eq!(FilemqMsg::max_len(200), None, "unknown");
+        assert_eq!(max_client_len(7), 19 + crate::codec::TRAILING_SLACK);
+        assert_eq!(max_client_len(5), MAX_CLIENT_MESSAGE);
+        const { assert!(MAX_CLIENT_MESSAGE < 130 << 20) };
+    }
+
     proptest::proptest! {
+        #[test]
+        fn no_message_exceeds_its_max_len(msg in FilemqMsg::arbitrary()) {
+            if let Some(max) = FilemqMsg::max_len(msg.id()) {
+                proptest::prop_assert!(msg.encoded_len() <= max);
+            }
+        }
+
         #[test]
         fn decode_inverts_encode(msg in FilemqMsg::arbitrary()) {
             let bytes = msg.encode();

@@ -390,9 +390,8 @@ impl Broker {
             control_endpoint: endpoint::control(&name),
             // As the zbroker program: the most credit a subscriber may hold, plus a chunk.
             max_parked_bytes: defaults.max_credit as usize + defaults.chunk_size + 4096,
-            // As the zbroker program: room for an ICANHAZ whose cache lists
-            // a large inbox (the resync scenario's).
-            max_message_size: 64 << 20,
+            // As the zbroker program.
+            max_message_size: zbroker::config::max_message_size(8 << 20),
             // STATUS needs no token; the bench sends nothing else.
             control_token: None,
             max_connections: 100_000,

@@ -176,7 +176,8 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         endpoints: vec![endpoint::zpipes(name)],
         control_endpoint: endpoint::control(name),
         max_parked_bytes: 2 * zpipes::Config::default().pipe_limit + 4096,
-        max_message_size: 64 << 20,
+        // As the zbroker program.
+        max_message_size: zbroker::config::max_message_size(zpipes::Config::default().pipe_limit),
         control_token: None,
         max_connections: 100_000,
         budget: Default::default(),

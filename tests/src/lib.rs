@@ -172,6 +172,14 @@ impl Broker {
         pages * 4096
     }
 
+    /// Peak resident memory of the broker process so far (VmHWM), in bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("");
+        let kib: u64 = line.split_whitespace().nth(1).and_then(|k| k.parse().ok()).unwrap_or(0);
+        kib * 1024
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         signal(&self.child, libc::SIGTERM);
@@ -417,4 +425,45 @@ pub fn assert_same_tree(publisher: &Path, inbox: &Path) {
         want.len(),
         got.len()
     );
+}
+
+/// The ICANHAZ frames of the "one client freezes the loop" attack, for the
+/// test (`tests/loop_bound.rs`) and the bench (`benches/loop_bound.rs`).
+pub mod bomb {
+    use zbroker_client::codec::{Hash, LongStr};
+    use zbroker_client::filemq_msg::{ceiling, FilemqMsg};
+
+    /// ICANHAZ header: path, then an options hash with RESYNC (if asked).
+    pub fn icanhaz_head(path: &str, resync: bool) -> Vec<u8> {
+        let mut options = Hash::default();
+        if resync {
+            options.insert("RESYNC", "1").unwrap();
+        }
+        let mut frame =
+            FilemqMsg::Icanhaz { path: LongStr::from(path), options, cache: Hash::default() }.encode();
+        frame.truncate(frame.len() - 4); // the empty cache's count
+        frame
+    }
+
+    /// The bomb: a cache hash of 12,000,000 empty entries.
+    pub fn bomb() -> Vec<u8> {
+        let mut frame = icanhaz_head("/bomb", true);
+        frame.extend(12_000_000u32.to_be_bytes());
+        frame.resize(frame.len() + 12_000_000 * 5, 0);
+        frame
+    }
+
+    /// A legitimate cache at the entry ceiling: real names, 40-hex digests.
+    pub fn million_files(path: &str) -> Vec<u8> {
+        let mut frame = icanhaz_head(path, false);
+        frame.extend((ceiling::CACHE_ENTRIES as u32).to_be_bytes());
+        for i in 0..ceiling::CACHE_ENTRIES {
+            let name = format!("photos/{:03}/img-{i:07}.jpg", i % 1000);
+            frame.push(name.len() as u8);
+            frame.extend(name.as_bytes());
+            frame.extend(40u32.to_be_bytes());
+            frame.extend(format!("{:040X}", (i as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15)).as_bytes());
+        }
+        frame
+    }
 }

@@ -49,7 +49,8 @@ pub fn run(job: Job) -> Option<Done> {
         Job::Read { root, rel, offset, len, expect } => {
             Some(Done::Read(read(&root, &rel, offset, len, &expect)))
         }
-        Job::Watch { .. } | Job::Unwatch { .. } => None,
+        Job::Icanhaz { frame, mounts } => Some(Done::Icanhaz(super::cache::prepare(frame, &mounts))),
+        Job::Watch { .. } | Job::Unwatch { .. } | Job::Discard(_) => None,
     }
 }
 

@@ -26,9 +26,12 @@
 //! - the wire extensions of ARCHITECTURE.md ("FILEMQ: how we extend the
 //!   wire") go to clients that ask for them with the `X-ZBROKER` option.
 
+pub mod cache;
 pub mod disk;
 pub mod work;
 
+#[cfg(test)]
+mod cache_tests;
 #[cfg(test)]
 mod tests;
 
@@ -41,7 +44,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use work::{Change, Done, FileMeta, Job, MountId, ReadError, Snapshot};
 use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{FilemqMsg, Generation, CREATE, DELETE};
+use zbroker_client::filemq_msg::{self, FilemqMsg, Generation, CREATE, DELETE};
 
 /// Option keys and header names of our wire extensions.
 pub mod ext {
@@ -187,12 +190,17 @@ struct Conn {
     queue: VecDeque<Entry>,
     ops: HashMap<String, Op>,
     /// Virtual path → digest of what the client holds.
-    known: HashMap<String, String>,
+    /// Sorted and with binary digests: a million entries cost about a
+    /// hundred megabytes, not twice that.
+    known: BTreeMap<String, cache::Digest>,
     /// Digest → offset of partial files the client holds.
     resume: HashMap<String, u64>,
     current: Option<Transfer>,
     expires_at: Instant,
     bytes_sent: u64,
+    /// A large ICANHAZ being prepared off the loop, and the frames that
+    /// wait behind it.
+    held: cache::Held,
 }
 
 impl Conn {
@@ -208,11 +216,12 @@ impl Conn {
             markers_owed: HashMap::new(),
             queue: VecDeque::new(),
             ops: HashMap::new(),
-            known: HashMap::new(),
+            known: BTreeMap::new(),
             resume: HashMap::new(),
             current: None,
             expires_at: now + expiry,
             bytes_sent: 0,
+            held: cache::Held::default(),
         }
     }
 
@@ -251,6 +260,7 @@ enum WorkFor {
     Read { conn: ConnId, len: usize },
     Scan { mount: MountId },
     Watch { mount: MountId },
+    Icanhaz { conn: ConnId },
 }
 
 /// The FILEMQ service.
@@ -490,7 +500,11 @@ impl Filemq {
                 mount.error = None;
                 let first = !mount.scanned;
                 mount.scanned = true;
-                mount.snapshot = scan.snapshot;
+                // An unchanged tree keeps its snapshot (the same Arc), so
+                // work prepared from it off the loop still holds.
+                if first || !scan.changes.is_empty() {
+                    mount.snapshot = scan.snapshot;
+                }
                 mount.unstable = scan.unstable_files.into_iter().collect();
                 mount.total_bytes = mount.snapshot.files.values().map(|f| f.size).sum();
                 if scan.unstable {
@@ -621,19 +635,29 @@ impl Filemq {
     /// holds that is no longer published (unless nothing at all is
     /// published there), then the in-sync marker.
     fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
-        let creates = self.published_under(path);
         let Some(conn) = self.conns.get(&id) else { return };
-        // Under a path where nothing at all is published (a misspelling),
-        // the client's files are not "no longer published": no deletes.
-        // The in-sync marker says so (`X-PUBLISHED` 0).
-        let stale: Vec<String> = if publishes(&self.mounts, path) {
-            conn.known.keys().filter(|v| covers(path, v) && self.published(v).is_none()).cloned().collect()
-        } else {
+        let held: Vec<String> = conn.known.keys().filter(|v| covers(path, v)).cloned().collect();
+        self.resync_with(id, path, held, false, now);
+    }
+
+    /// `resync`, given the cached files under `path` that may no longer be
+    /// published: `checked` if they were found unpublished already (off the
+    /// loop, against the snapshots in force), else each is checked here.
+    /// Under a path where nothing at all is published (a misspelling), the
+    /// client's files are not "no longer published": no deletes; the
+    /// in-sync marker says so (`X-PUBLISHED` 0).
+    fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, checked: bool, now: Instant) {
+        let creates = self.published_under(path);
+        let stale: Vec<String> = if !publishes(&self.mounts, path) {
             Vec::new()
+        } else if checked {
+            candidates
+        } else {
+            candidates.into_iter().filter(|v| self.published(v).is_none()).collect()
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
         for (vpath, digest) in creates {
-            if conn.known.get(&vpath) != Some(&digest) {
+            if conn.known.get(&vpath) != cache::digest(&digest).as_ref() {
                 conn.enqueue(&vpath, Op::Create);
             }
         }
@@ -781,7 +805,7 @@ impl Filemq {
             return;
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        if conn.known.get(&vpath) == Some(&meta.digest) {
+        if conn.known.get(&vpath).is_some_and(|held| Some(*held) == cache::digest(&meta.digest)) {
             return;
         }
         let offset = match conn.resume.remove(&meta.digest) {
@@ -817,7 +841,9 @@ impl Filemq {
             chunk: Chunk::default(),
         };
         send(out, id, &msg);
-        conn.known.insert(transfer.vpath, transfer.meta.digest);
+        if let Some(digest) = cache::digest(&transfer.meta.digest) {
+            conn.known.insert(transfer.vpath, digest);
+        }
         self.files_sent += 1;
     }
 
@@ -879,8 +905,9 @@ impl Filemq {
         if self.budget_blocked.remove(&id) {
             self.config.budget.set_waiting(false);
         }
-        if self.conns.remove(&id).is_some() {
+        if let Some(conn) = self.conns.remove(&id) {
             out.push(Action::CancelTimer { key: expiry_key(id) });
+            cache::discard(conn.known, out);
         }
     }
 
@@ -893,19 +920,71 @@ impl Filemq {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
+        let Some(path) = self.begin_subscription(id, path, options, out) else { return };
+        let known = cache::normalise(&path, cache);
+        self.install_known(id, &path, known, out);
+        self.finish_subscription(id, path, options, None, now, out);
+    }
+
+    /// A subscription whose cache was prepared off the loop.
+    fn subscribe_prepared(
+        &mut self,
+        id: ConnId,
+        prepared: work::Prepared,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let work::Prepared { path, options, known, stale } = prepared;
+        let Some(path) = self.begin_subscription(id, &path, &options, out) else { return };
+        self.install_known(id, &path, known, out);
+        self.finish_subscription(id, path, &options, stale, now, out);
+    }
+
+    /// The cache says what the client holds under `path` now. A first
+    /// subscription takes the prepared map as it is (no pass over it).
+    fn install_known(
+        &mut self,
+        id: ConnId,
+        path: &str,
+        known: BTreeMap<String, cache::Digest>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        // Everything known lies under a subscription: if each one is under
+        // `path`, the new map replaces the old whole (a re-subscription),
+        // and the old one is freed off the loop.
+        if conn.subscriptions.iter().all(|s| covers(path, s)) {
+            let old = std::mem::replace(&mut conn.known, known);
+            cache::discard(old, out);
+            return;
+        }
+        conn.known.retain(|vpath, _| !covers(path, vpath));
+        conn.known.extend(known);
+    }
+
+    /// Checks the path and options of an ICANHAZ and records the
+    /// subscription; `None` (and SRSLY sent) if it is refused.
+    fn begin_subscription(
+        &mut self,
+        id: ConnId,
+        path: &LongStr,
+        options: &Hash,
+        out: &mut Vec<Action>,
+    ) -> Option<String> {
         let refuse = |out: &mut Vec<Action>, why: &str| {
             tracing::debug!(conn = id.0, why, "filemq refuses a subscription");
             send(out, id, &FilemqMsg::Srsly { reason: ShortStr::lossy(why) });
         };
         let Some(path) = std::str::from_utf8(path.as_bytes()).ok().and_then(normalise_vpath) else {
-            return refuse(out, "the path must start with / and have no empty, . or .. parts");
+            refuse(out, "the path must start with / and have no empty, . or .. parts");
+            return None;
         };
         let max = self.config.max_subscriptions;
-        let ready_scans = self.scanned_for(&path);
-        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let conn = self.conns.get_mut(&id)?;
         if !conn.subscriptions.contains(&path) {
             if conn.subscriptions.len() >= max {
-                return refuse(out, "too many subscriptions on one connection");
+                refuse(out, "too many subscriptions on one connection");
+                return None;
             }
             conn.subscriptions.push(path.clone());
         }
@@ -923,26 +1002,28 @@ impl Filemq {
         if conn.current.as_ref().is_some_and(|t| covers(&path, &t.vpath)) {
             conn.current = None;
         }
-        // The cache says what the client holds under this path now.
-        conn.known.retain(|vpath, _| !covers(&path, vpath));
-        for (key, digest) in &cache.0 {
-            let (Ok(key), Some(digest)) = (std::str::from_utf8(key.as_bytes()), upper_hex_digest(digest))
-            else {
-                continue;
-            };
-            let vpath = if key.starts_with('/') { key.to_string() } else { join(&path, key) };
-            match normalise_vpath(&vpath) {
-                Some(vpath) if covers(&path, &vpath) => {
-                    conn.known.insert(vpath, digest);
-                }
-                _ => {}
-            }
-        }
+        Some(path)
+    }
+
+    /// ICANHAZ-OK, then the RESYNC (now, or once the mounts are scanned;
+    /// `stale`, if known, lists the cached files no longer published).
+    fn finish_subscription(
+        &mut self,
+        id: ConnId,
+        path: String,
+        options: &Hash,
+        stale: Option<Vec<String>>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         send(out, id, &FilemqMsg::IcanhazOk {});
         let resync = options.get(ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
         if resync {
-            if ready_scans {
-                self.resync(id, &path, now);
+            if self.scanned_for(&path) {
+                match stale {
+                    Some(stale) => self.resync_with(id, &path, stale, true, now),
+                    None => self.resync(id, &path, now),
+                }
             } else if let Some(conn) = self.conns.get_mut(&id) {
                 if !conn.pending_resync.contains(&path) {
                     conn.pending_resync.push(path);
@@ -968,7 +1049,10 @@ impl Filemq {
                 // A second OHAI starts the session over (spec §5.1).
                 let mut fresh = Conn::new(now, expiry);
                 fresh.state = State::Ready;
-                *conn = fresh;
+                // Frames held behind a cache being prepared stay held.
+                fresh.held = std::mem::take(&mut conn.held);
+                let old = std::mem::replace(conn, fresh);
+                cache::discard(old.known, out);
                 send(out, id, &FilemqMsg::OhaiOk {});
             }
             (State::Start, other) => {
@@ -1161,6 +1245,16 @@ impl Service for Filemq {
     }
 
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
+        // Sized by its header before anything else: a frame larger than its
+        // message can be is dropped unread.
+        if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq_msg::max_client_len(*id)) {
+            self.malformed += 1;
+            tracing::debug!(conn = conn.0, len = frame.len(), "filemq dropped an oversized frame");
+            return;
+        }
+        if self.defer(conn, &frame, now, out) {
+            return;
+        }
         match FilemqMsg::decode(frame.clone()) {
             Ok(msg) => self.receive(conn, msg, now, out),
             Err(error) => match Generation::of_ohai(&frame) {
@@ -1229,6 +1323,7 @@ impl Service for Filemq {
                 m.watching = false;
                 self.scan_at(mount, now + self.config.poll_rescan, out);
             }
+            (WorkFor::Icanhaz { conn }, done) => self.prepared(conn, done, now, out),
             (what, done) => tracing::error!(?what, ?done, "filemq work outcome of the wrong kind"),
         }
     }

@@ -21,12 +21,12 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
     fs::write(path, data).unwrap();
 }
 
-fn sha1_hex(data: &[u8]) -> String {
+pub(super) fn sha1_hex(data: &[u8]) -> String {
     Sha1::digest(data).iter().map(|b| format!("{b:02X}")).collect()
 }
 
 /// A broker publishing a fresh temporary directory as `/`.
-fn world(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Sim<Filemq>) {
+pub(super) fn world(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Sim<Filemq>) {
     world_with(files, config())
 }
 
@@ -41,22 +41,22 @@ fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::TempDir, Si
     (dir, sim)
 }
 
-fn send(sim: &mut Sim<Filemq>, conn: u64, msg: FilemqMsg) {
+pub(super) fn send(sim: &mut Sim<Filemq>, conn: u64, msg: FilemqMsg) {
     sim.send_raw(conn, msg.encode());
 }
 
-fn take(sim: &mut Sim<Filemq>, conn: u64) -> Vec<FilemqMsg> {
+pub(super) fn take(sim: &mut Sim<Filemq>, conn: u64) -> Vec<FilemqMsg> {
     sim.take_raw(conn)
         .into_iter()
         .map(|f| FilemqMsg::decode(f).expect("the service sends valid frames"))
         .collect()
 }
 
-fn ohai() -> FilemqMsg {
+pub(super) fn ohai() -> FilemqMsg {
     FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 }
 }
 
-fn hash(entries: &[(&str, &str)]) -> Hash {
+pub(super) fn hash(entries: &[(&str, &str)]) -> Hash {
     let mut h = Hash::default();
     for (k, v) in entries {
         h.insert(k, Bytes::copy_from_slice(v.as_bytes())).unwrap();
@@ -64,11 +64,11 @@ fn hash(entries: &[(&str, &str)]) -> Hash {
     h
 }
 
-fn icanhaz(path: &str, options: &[(&str, &str)], cache: &[(&str, &str)]) -> FilemqMsg {
+pub(super) fn icanhaz(path: &str, options: &[(&str, &str)], cache: &[(&str, &str)]) -> FilemqMsg {
     FilemqMsg::Icanhaz { path: path.into(), options: hash(options), cache: hash(cache) }
 }
 
-fn nom(credit: u64) -> FilemqMsg {
+pub(super) fn nom(credit: u64) -> FilemqMsg {
     FilemqMsg::Nom { credit, sequence: 0 }
 }
 

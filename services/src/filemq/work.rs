@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
+use zbroker_client::codec::{Hash, LongStr};
 
 /// A mount, numbered by the service. Never reused while the broker runs.
 pub type MountId = u32;
@@ -83,6 +84,32 @@ pub enum Job {
     Watch { mount: MountId, root: PathBuf },
     /// Stop watching (the mount was removed).
     Unwatch { mount: MountId },
+    /// Decode a large ICANHAZ frame and turn its cache into what the
+    /// service keeps (`cache::prepare`): a million entries take too long
+    /// for one pass of the event loop.
+    Icanhaz { frame: Bytes, mounts: Vec<MountView> },
+    /// Free a connection's large holdings (a million names take a while
+    /// to free); no outcome.
+    Discard(Garbage),
+}
+
+/// What a connection knew, to be freed off the loop.
+#[derive(Clone)]
+pub struct Garbage(pub BTreeMap<String, super::cache::Digest>);
+
+impl std::fmt::Debug for Garbage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Garbage({} entries)", self.0.len())
+    }
+}
+
+/// What an off-loop job needs to know of a mount.
+#[derive(Debug, Clone)]
+pub struct MountView {
+    pub alias: String,
+    pub snapshot: Arc<Snapshot>,
+    /// Scanned once (or failing): its snapshot says what is published.
+    pub ready: bool,
 }
 
 /// The outcome of a [`Job`].
@@ -104,6 +131,24 @@ pub enum Done {
         mount: MountId,
         why: String,
     },
+    /// A large ICANHAZ, decoded and prepared; `Err` if it is malformed.
+    Icanhaz(Result<Box<Prepared>, String>),
+}
+
+/// A subscription request prepared off the loop.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The path as sent (checked by the service).
+    pub path: LongStr,
+    pub options: Hash,
+    /// Virtual path → upper-case digest of what the client holds under
+    /// `path` (its cache, normalised; bad entries left out). Empty if the
+    /// path is not acceptable.
+    pub known: BTreeMap<String, super::cache::Digest>,
+    /// With RESYNC, once every mount under the path has been scanned: the
+    /// cached files that the mounts as they were did not publish
+    /// (candidates for deletes, checked again on the loop).
+    pub stale: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone)]

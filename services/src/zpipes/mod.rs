@@ -667,6 +667,18 @@ impl Service for Zpipes {
     }
 
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
+        // Every message but WRITE (bounded by the pipe limit, answered
+        // WRITE_FAILED) has a size its fields bound: a larger frame is
+        // dropped unread.
+        let oversized = frame
+            .get(2)
+            .and_then(|id| ZpipesMsg::max_len(*id))
+            .is_some_and(|max| frame.len() > max + zbroker_client::codec::TRAILING_SLACK);
+        if oversized {
+            self.malformed += 1;
+            tracing::debug!(conn = conn.0, len = frame.len(), "zpipes dropped an oversized frame");
+            return;
+        }
         match ZpipesMsg::decode(frame) {
             Ok(msg) => self.receive(conn, msg, now, out),
             Err(error) => {

@@ -257,6 +257,22 @@ fn malformed_frames_are_dropped_and_service_goes_on() {
 }
 
 #[test]
+fn frames_larger_than_their_message_can_be_are_dropped_unread() {
+    let mut w = World::new();
+    w.open_pair();
+    // A PING with a few trailing bytes is answered (as the original); one
+    // far larger than any PING is dropped before it is decoded.
+    let mut ping = vec![0xAA, 0xA0, 19];
+    ping.extend([0u8; 8]);
+    w.0.send_raw(R, ping.clone());
+    assert_eq!(w.recv(R), [M::PingOk {}]);
+    ping.extend(vec![0u8; 1 << 20]);
+    w.0.send_raw(R, ping);
+    assert_eq!(w.recv(R), []);
+    assert_eq!(w.0.service.status()["malformed_frames"], 1);
+}
+
+#[test]
 fn ping_leaves_a_pending_read_and_its_timer_alone() {
     let mut w = World::new();
     w.open_pair();
