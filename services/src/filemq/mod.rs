@@ -278,7 +278,14 @@ pub struct Filemq {
     malformed: u64,
     /// Subscribers whose next chunk read waits for room in the budget.
     budget_blocked: BTreeSet<ConnId>,
+    /// The `now` of the call being handled, for timers the pump sets.
+    now: Option<Instant>,
 }
+
+/// Queue entries one pump call sends at most: a queue of a million deletes
+/// (a RESYNC whose cache lists a million files no longer published) goes
+/// out over many loop passes, never in one.
+const PUMP_BATCH: usize = 1024;
 
 // Timer keys: a connection's expiry, a mount's next scan.
 fn expiry_key(conn: ConnId) -> TimerKey {
@@ -378,6 +385,7 @@ impl Filemq {
             read_errors: 0,
             malformed: 0,
             budget_blocked: BTreeSet::new(),
+            now: None,
         }
     }
 
@@ -704,6 +712,7 @@ impl Filemq {
     /// Sends what the connection's credit allows: deletes, markers and eof
     /// markers freely, file bytes within credit, one read in flight.
     fn pump(&mut self, id: ConnId, out: &mut Vec<Action>) {
+        let mut budget = PUMP_BATCH;
         loop {
             let Some(conn) = self.conns.get_mut(&id) else { return };
             if conn.state != State::Ready {
@@ -751,6 +760,15 @@ impl Filemq {
                 }
                 return;
             }
+            if budget == 0 {
+                // The rest on the next pass: the connection's timer, due
+                // now, pumps again (and re-arms its expiry).
+                if let Some(now) = self.now {
+                    out.push(Action::SetTimer { key: expiry_key(id), at: now });
+                }
+                return;
+            }
+            budget -= 1;
             let Some(entry) = conn.queue.pop_front() else { return };
             match entry {
                 Entry::Synced(path) => {
@@ -1245,6 +1263,7 @@ impl Service for Filemq {
     }
 
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
+        self.now = Some(now);
         // Sized by its header before anything else: a frame larger than its
         // message can be is dropped unread.
         if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq_msg::max_client_len(*id)) {
@@ -1274,6 +1293,7 @@ impl Service for Filemq {
     }
 
     fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>) {
+        self.now = Some(now);
         if key & 1 == 1 {
             let id = (key >> 1) as MountId;
             let Some(mount) = self.mounts.get_mut(&id) else { return };
@@ -1289,6 +1309,8 @@ impl Service for Filemq {
         let Some(conn) = self.conns.get(&id) else { return };
         if now < conn.expires_at {
             out.push(Action::SetTimer { key, at: conn.expires_at });
+            // Early: the pump left work for this pass.
+            self.pump(id, out);
         } else {
             tracing::debug!(conn = id.0, "filemq connection expired");
             self.terminate(id, out);
@@ -1296,6 +1318,7 @@ impl Service for Filemq {
     }
 
     fn on_work(&mut self, key: u64, done: Done, now: Instant, out: &mut Vec<Action>) {
+        self.now = Some(now);
         let Some(what) = self.work.get(&key).copied() else { return };
         if !matches!(what, WorkFor::Watch { .. }) {
             self.work.remove(&key);
@@ -1351,7 +1374,8 @@ impl Service for Filemq {
         }
     }
 
-    fn budget_freed(&mut self, _now: Instant, out: &mut Vec<Action>) {
+    fn budget_freed(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.now = Some(now);
         if self.budget_blocked.is_empty() || self.config.budget.free() == 0 {
             return;
         }

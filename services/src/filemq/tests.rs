@@ -388,6 +388,28 @@ fn the_in_sync_marker_says_whether_anything_is_published_there() {
 }
 
 #[test]
+fn a_million_deletes_go_out_over_many_passes() {
+    let (_dir, mut sim) = world(&[("a", b"a")]);
+    send(&mut sim, 1, ohai());
+    let names: Vec<String> = (0..3000).map(|i| format!("gone-{i}")).collect();
+    let digest = sha1_hex(b"x");
+    let cache: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), digest.as_str())).collect();
+    send(&mut sim, 1, icanhaz("/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &cache));
+    send(&mut sim, 1, nom(1_000_000));
+    let deletes = |msgs: Vec<FilemqMsg>| {
+        msgs.iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { operation: DELETE, .. })).count()
+    };
+    let first = deletes(take(&mut sim, 1));
+    assert!((1000..=1100).contains(&first), "one pass sends a batch, not everything: {first}");
+    let mut total = first;
+    for _ in 0..10 {
+        sim.advance(Duration::ZERO);
+        total += deletes(take(&mut sim, 1));
+    }
+    assert_eq!(total, 3000, "the rest follows on the next passes");
+}
+
+#[test]
 fn a_misspelled_path_deletes_nothing() {
     let (_dir, mut sim) = world(&[("photos/a.jpg", b"a")]);
     send(&mut sim, 1, ohai());
