@@ -227,7 +227,7 @@ fn memory_limit(
     };
     match bytes {
         None => Ok(zbroker::memory::default_limit()),
-        Some(n) if n < 1 << 20 => {
+        Some(n) if n < zbroker::memory::MIN_LIMIT as u64 => {
             Err(Invalid(format!("{origin} must be at least 1MiB, not {}", zbroker_client::size::format(n)))
                 .into())
         }
@@ -258,7 +258,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let pipe_limit = match flag_limit.or(file.pipe_limit) {
         None => defaults.pipe_limit,
         // Clients send and ask for chunks of up to 1 MiB.
-        Some(n) if n < 1 << 20 => {
+        Some(n) if n < zbroker::memory::MIN_LIMIT as u64 => {
             return Err(Invalid(format!(
                 "{limit_origin} must be at least 1MiB, not {}",
                 zbroker_client::size::format(n)
@@ -291,6 +291,12 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let memory_limit = memory_limit(args.memory_limit.as_deref(), file.memory_limit, cfg)?;
+    if (memory_limit as u64) < pipe_limit as u64 {
+        tracing::warn!(
+            "the memory limit ({memory_limit} bytes) is below the pipe limit ({pipe_limit} bytes): \
+             a pipe will never hold a full pipe limit, and a large WRITE moves only as fast as READs ask"
+        );
+    }
     let budget = Budget::new(memory_limit);
     let zpipes =
         Zpipes::new(zpipes::Config { expiry, pipe_limit, mailbox_bytes, budget: budget.clone(), ..defaults });

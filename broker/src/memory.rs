@@ -13,8 +13,12 @@ pub fn default_limit() -> usize {
         .and_then(|text| cgroup_max(&text))
         .or_else(|| read("/proc/meminfo").and_then(|text| mem_total(&text)));
     let gib = 1usize << 30;
-    memory.map_or(gib, |bytes| (bytes / 4).min(gib as u64) as usize)
+    // Never under the smallest limit the flag accepts (a tiny cgroup).
+    memory.map_or(gib, |bytes| (bytes / 4).clamp(MIN_LIMIT as u64, gib as u64) as usize)
 }
+
+/// The smallest `--memory-limit` accepted.
+pub const MIN_LIMIT: usize = 1 << 20;
 
 /// A cgroup v2 `memory.max`: bytes, or `max` for no limit.
 fn cgroup_max(text: &str) -> Option<u64> {

@@ -658,7 +658,8 @@ impl Reactor {
 
     fn fire_timers(&mut self) {
         let now = Instant::now();
-        while let Some((service, key)) = self.timers.pop_due(now) {
+        let mark = self.timers.mark();
+        while let Some((service, key)) = self.timers.pop_due(now, mark) {
             let began = Instant::now();
             self.services[service].on_timer(key, now, &mut self.actions);
             self.apply(service);

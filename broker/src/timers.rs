@@ -33,9 +33,22 @@ impl Timers {
         self.by_deadline.keys().next().map(|(at, _)| *at)
     }
 
-    /// Removes and returns the earliest timer due at `now`, if any.
-    pub fn pop_due(&mut self, now: Instant) -> Option<TimerId> {
-        let (&slot, _) = self.by_deadline.iter().next().filter(|((at, _), _)| *at <= now)?;
+    /// A mark for [`Timers::pop_due`]: timers armed after it are left for
+    /// a later pass.
+    pub fn mark(&self) -> u64 {
+        self.seq
+    }
+
+    /// Removes and returns the earliest timer due at `now` that was armed
+    /// before `mark`, if any. A timer armed while timers fire, due at once
+    /// (a service continuing its work on the next pass), waits for the next
+    /// pass instead of making this one endless.
+    pub fn pop_due(&mut self, now: Instant, mark: u64) -> Option<TimerId> {
+        let (&slot, _) = self
+            .by_deadline
+            .iter()
+            .take_while(|((at, _), _)| *at <= now)
+            .find(|((_, seq), _)| *seq <= mark)?;
         let id = self.by_deadline.remove(&slot)?;
         self.by_id.remove(&id);
         Some(id)
@@ -62,10 +75,23 @@ mod tests {
         timers.set((0, 1), ms(5)); // replaces the 30 ms deadline
         timers.cancel((1, 1));
         assert_eq!(timers.next_deadline(), Some(ms(5)));
-        assert_eq!(timers.pop_due(ms(4)), None);
-        assert_eq!(timers.pop_due(ms(100)), Some((0, 1)));
-        assert_eq!(timers.pop_due(ms(100)), Some((0, 2)));
-        assert_eq!(timers.pop_due(ms(100)), None);
+        let mark = timers.mark();
+        assert_eq!(timers.pop_due(ms(4), mark), None);
+        assert_eq!(timers.pop_due(ms(100), mark), Some((0, 1)));
+        assert_eq!(timers.pop_due(ms(100), mark), Some((0, 2)));
+        assert_eq!(timers.pop_due(ms(100), mark), None);
         assert_eq!(timers.len(), 0);
+    }
+
+    #[test]
+    fn a_timer_armed_while_firing_waits_for_the_next_pass() {
+        let t0 = Instant::now();
+        let mut timers = Timers::default();
+        timers.set((0, 1), t0);
+        let mark = timers.mark();
+        assert_eq!(timers.pop_due(t0, mark), Some((0, 1)));
+        timers.set((0, 1), t0); // re-armed by its own firing, due at once
+        assert_eq!(timers.pop_due(t0, mark), None, "not in this pass");
+        assert_eq!(timers.pop_due(t0, timers.mark()), Some((0, 1)), "in the next");
     }
 }

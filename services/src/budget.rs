@@ -14,7 +14,7 @@
 //! newcomer holding nothing gets room while there is any, and the total
 //! never passes the limit through this door.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// A shared count of held bytes against a limit. Clones share the count.
@@ -101,12 +101,14 @@ impl Budget {
         }
         let before = self.0.used.fetch_sub(n, Relaxed);
         debug_assert!(before >= n, "budget gave back {n} bytes it did not hold ({before})");
-        self.0.freed.store(true, Relaxed);
+        // Release/Acquire: whoever sees the flag sees the bytes given back
+        // (a libzmq thread frees replies; the loop reads the flag).
+        self.0.freed.store(true, Ordering::Release);
     }
 
     /// Whether anything was given back since the last call.
     pub fn take_freed(&self) -> bool {
-        self.0.freed.swap(false, Relaxed)
+        self.0.freed.swap(false, Ordering::AcqRel)
     }
 
     /// One more (`true`) or one fewer request waiting for room.

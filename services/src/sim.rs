@@ -14,6 +14,11 @@ pub struct Sim<S: Service> {
     pub service: S,
     pub now: Instant,
     timers: HashMap<TimerKey, Instant>,
+    /// Timers armed while timers fire, for a time already reached: like
+    /// the reactor, they wait for the next pass (the next `advance`).
+    next_pass: std::collections::HashSet<TimerKey>,
+    /// Timers are firing (inside `advance`).
+    firing: bool,
     inboxes: BTreeMap<ConnId, VecDeque<Vec<u8>>>,
     /// Work the service asked for, not yet run.
     work: VecDeque<(u64, Job)>,
@@ -30,6 +35,8 @@ impl<S: Service> Sim<S> {
             service,
             now: Instant::now(),
             timers: HashMap::new(),
+            next_pass: Default::default(),
+            firing: false,
             inboxes: BTreeMap::new(),
             work: VecDeque::new(),
             hold_work: false,
@@ -43,9 +50,15 @@ impl<S: Service> Sim<S> {
                 Action::Send { to, frame } => self.inboxes.entry(to).or_default().push_back(frame),
                 Action::SetTimer { key, at } => {
                     self.timers.insert(key, at);
+                    if self.firing && at <= self.now {
+                        self.next_pass.insert(key);
+                    } else {
+                        self.next_pass.remove(&key);
+                    }
                 }
                 Action::CancelTimer { key } => {
                     self.timers.remove(&key);
+                    self.next_pass.remove(&key);
                 }
                 Action::Work { key, job: Job::Watch { mount, .. } } => {
                     self.watched.insert(mount, key);
@@ -118,20 +131,25 @@ impl<S: Service> Sim<S> {
     /// Moves the clock forward, firing due timers in deadline order.
     pub fn advance(&mut self, by: Duration) {
         let end = self.now + by;
+        // What the last pass put off is due in this one.
+        let mut put_off = std::mem::take(&mut self.next_pass);
+        self.firing = true;
         loop {
             let next = self
                 .timers
                 .iter()
-                .filter(|(_, at)| **at <= end)
+                .filter(|(key, at)| **at <= end && (!self.next_pass.contains(key) || put_off.contains(key)))
                 .min_by_key(|(key, at)| (**at, **key))
                 .map(|(key, at)| (*key, *at));
             let Some((key, at)) = next else { break };
             self.timers.remove(&key);
+            put_off.remove(&key);
             self.now = self.now.max(at);
             let mut out = Vec::new();
             self.service.on_timer(key, self.now, &mut out);
             self.apply(out);
         }
+        self.firing = false;
         self.now = end;
     }
 
