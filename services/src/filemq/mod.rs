@@ -257,10 +257,21 @@ impl Conn {
 /// What a work key stands for.
 #[derive(Debug, Clone, Copy)]
 enum WorkFor {
-    Read { conn: ConnId, len: usize },
-    Scan { mount: MountId },
-    Watch { mount: MountId },
-    Icanhaz { conn: ConnId },
+    Read {
+        conn: ConnId,
+        len: usize,
+    },
+    Scan {
+        mount: MountId,
+    },
+    Watch {
+        mount: MountId,
+    },
+    /// `bytes`: the frame's size, counted in `Filemq::preparing`.
+    Icanhaz {
+        conn: ConnId,
+        bytes: usize,
+    },
 }
 
 /// The FILEMQ service.
@@ -280,6 +291,8 @@ pub struct Filemq {
     budget_blocked: BTreeSet<ConnId>,
     /// The `now` of the call being handled, for timers the pump sets.
     now: Option<Instant>,
+    /// ICANHAZ caches being prepared off the loop, service-wide.
+    preparing: cache::Preparing,
 }
 
 /// Queue entries one pump call sends at most: a queue of a million deletes
@@ -386,6 +399,7 @@ impl Filemq {
             malformed: 0,
             budget_blocked: BTreeSet::new(),
             now: None,
+            preparing: cache::Preparing::default(),
         }
     }
 
@@ -644,7 +658,7 @@ impl Filemq {
     /// published there), then the in-sync marker.
     fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
         let Some(conn) = self.conns.get(&id) else { return };
-        let held: Vec<String> = conn.known.keys().filter(|v| covers(path, v)).cloned().collect();
+        let held: Vec<String> = cache::under(&conn.known, path).map(|(v, _)| v.clone()).collect();
         self.resync_with(id, path, held, false, now);
     }
 
@@ -925,6 +939,7 @@ impl Filemq {
         }
         if let Some(conn) = self.conns.remove(&id) {
             out.push(Action::CancelTimer { key: expiry_key(id) });
+            self.preparing.bytes -= conn.held.bytes;
             cache::discard(conn.known, out);
         }
     }
@@ -953,7 +968,11 @@ impl Filemq {
         out: &mut Vec<Action>,
     ) {
         let work::Prepared { path, options, known, stale } = prepared;
-        let Some(path) = self.begin_subscription(id, &path, &options, out) else { return };
+        let Some(path) = self.begin_subscription(id, &path, &options, out) else {
+            // Refused: the prepared cache is freed off the loop.
+            cache::discard_prepared(work::Prepared { path, options, known, stale }, out);
+            return;
+        };
         self.install_known(id, &path, known, out);
         self.finish_subscription(id, path, &options, stale, now, out);
     }
@@ -976,8 +995,10 @@ impl Filemq {
             cache::discard(old, out);
             return;
         }
-        conn.known.retain(|vpath, _| !covers(path, vpath));
-        conn.known.extend(known);
+        // Only the entries under `path` are touched (by key range).
+        let gone = cache::remove_under(&mut conn.known, path);
+        cache::discard_names(gone, out);
+        cache::merge(&mut conn.known, known);
     }
 
     /// Checks the path and options of an ICANHAZ and records the
@@ -1346,7 +1367,11 @@ impl Service for Filemq {
                 m.watching = false;
                 self.scan_at(mount, now + self.config.poll_rescan, out);
             }
-            (WorkFor::Icanhaz { conn }, done) => self.prepared(conn, done, now, out),
+            (WorkFor::Icanhaz { conn, bytes }, done) => {
+                self.preparing.jobs -= 1;
+                self.preparing.bytes -= bytes;
+                self.prepared(key, conn, done, now, out)
+            }
             (what, done) => tracing::error!(?what, ?done, "filemq work outcome of the wrong kind"),
         }
     }
