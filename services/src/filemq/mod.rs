@@ -254,24 +254,14 @@ impl Conn {
     }
 }
 
-/// What a work key stands for.
+/// What a work key stands for. `Icanhaz::bytes` is the frame's size,
+/// counted in `Filemq::preparing` until the outcome is in.
 #[derive(Debug, Clone, Copy)]
 enum WorkFor {
-    Read {
-        conn: ConnId,
-        len: usize,
-    },
-    Scan {
-        mount: MountId,
-    },
-    Watch {
-        mount: MountId,
-    },
-    /// `bytes`: the frame's size, counted in `Filemq::preparing`.
-    Icanhaz {
-        conn: ConnId,
-        bytes: usize,
-    },
+    Read { conn: ConnId, len: usize },
+    Scan { mount: MountId },
+    Watch { mount: MountId },
+    Icanhaz { conn: ConnId, bytes: usize },
 }
 
 /// The FILEMQ service.
