@@ -33,6 +33,8 @@ fn a_large_cache_is_prepared_off_the_loop_and_later_frames_wait_in_order() {
     assert_eq!(sim.pending_work(), 1);
 
     sim.run_work();
+    let queued = sim.service.conns[&ConnId(1)].queue.len();
+    assert!(queued < 10, "the deletes are handed over as one queue entry, not {queued}");
     let mut replies = take(&mut sim, 1);
     // Ten thousand deletes go out a batch per loop pass.
     for _ in 0..20 {

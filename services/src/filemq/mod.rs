@@ -154,6 +154,11 @@ enum Entry {
     File(String),
     /// The in-sync marker for a subscription path.
     Synced(String),
+    /// Deletes for cached files a RESYNC found no longer published (off
+    /// the loop), handed over whole: one entry, not one per file. Each is
+    /// sent unless a newer op for the file is queued or it is published
+    /// again by then.
+    Deletes(VecDeque<String>),
 }
 
 struct Transfer {
@@ -673,8 +678,15 @@ impl Filemq {
                 conn.enqueue(&vpath, Op::Create);
             }
         }
-        for vpath in stale {
-            conn.enqueue(&vpath, Op::Delete);
+        if checked {
+            // Prepared off the loop: queued as one entry, however long.
+            if !stale.is_empty() {
+                conn.queue.push_back(Entry::Deletes(stale.into()));
+            }
+        } else {
+            for vpath in stale {
+                conn.enqueue(&vpath, Op::Delete);
+            }
         }
         let awaiting = conn.awaiting_marker.entry(path.to_string()).or_insert((0, now));
         awaiting.0 = awaiting.0.saturating_add(1);
@@ -796,28 +808,41 @@ impl Filemq {
                         }
                     }
                 }
+                Entry::Deletes(mut list) => {
+                    let Some(vpath) = list.pop_front() else { continue };
+                    if !list.is_empty() {
+                        conn.queue.push_front(Entry::Deletes(list));
+                    }
+                    if conn.ops.contains_key(&vpath) || self.published(&vpath).is_some() {
+                        continue;
+                    }
+                    self.send_delete(id, &vpath, out);
+                }
                 Entry::File(vpath) => {
                     let Some(op) = conn.ops.remove(&vpath) else { continue };
                     match op {
-                        Op::Delete => {
-                            conn.known.remove(&vpath);
-                            let msg = FilemqMsg::Cheezburger {
-                                sequence: conn.next_sequence(),
-                                operation: DELETE,
-                                filename: LongStr::from(vpath.as_str()),
-                                offset: 0,
-                                eof: 0,
-                                headers: Hash::default(),
-                                chunk: Chunk::default(),
-                            };
-                            send(out, id, &msg);
-                            self.deletes_sent += 1;
-                        }
+                        Op::Delete => self.send_delete(id, &vpath, out),
                         Op::Create => self.start_file(id, vpath),
                     }
                 }
             }
         }
+    }
+
+    fn send_delete(&mut self, id: ConnId, vpath: &str, out: &mut Vec<Action>) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.known.remove(vpath);
+        let msg = FilemqMsg::Cheezburger {
+            sequence: conn.next_sequence(),
+            operation: DELETE,
+            filename: LongStr::from(vpath),
+            offset: 0,
+            eof: 0,
+            headers: Hash::default(),
+            chunk: Chunk::default(),
+        };
+        send(out, id, &msg);
+        self.deletes_sent += 1;
     }
 
     /// Makes `vpath` the connection's current transfer, unless it is no
