@@ -2,9 +2,10 @@
 //! [`Job`]s, and the file-system watches that tell it when to rescan.
 //!
 //! The reactor submits jobs and, when woken through its `mio::Waker`,
-//! takes the outcomes back and hands them to the services. Two queues keep
-//! chunk reads from waiting behind a long scan: one thread runs scans (and
-//! sets watches up, since a recursive watch walks the whole tree too), the
+//! takes the outcomes back and hands them to the services. Three queues
+//! keep chunk reads from waiting behind long work: one thread runs scans
+//! (and sets watches up, since a recursive watch walks the whole tree
+//! too), one prepares large ICANHAZ caches (and frees large holdings), the
 //! others run reads.
 //!
 //! Memory stays bounded without limits of our own: the service keeps at
@@ -40,14 +41,18 @@ pub struct Worker {
     /// can never overtake the `Watch` it undoes.
     scans: Arc<Queue>,
     reads: Arc<Queue>,
+    /// ICANHAZ caches to prepare and holdings to free: a second or so each,
+    /// never in front of a chunk read.
+    caches: Arc<Queue>,
     threads: Vec<JoinHandle<()>>,
     /// Scans and reads submitted whose outcome has not been taken yet.
     in_flight: AtomicUsize,
 }
 
 impl Worker {
-    /// Starts one thread for scans and watches and `threads - 1` (at least
-    /// one) for reads; `waker` is woken whenever outcomes are ready.
+    /// Starts one thread for scans and watches, one for ICANHAZ caches, and
+    /// `threads - 1` (at least one) for reads; `waker` is woken whenever
+    /// outcomes are ready.
     pub fn start(waker: Arc<Waker>, threads: usize) -> anyhow::Result<Worker> {
         let shared = Arc::new(Shared {
             waker,
@@ -61,11 +66,14 @@ impl Worker {
             shared,
             scans: Arc::default(),
             reads: Arc::default(),
+            caches: Arc::default(),
             threads: Vec::new(),
             in_flight: AtomicUsize::new(0),
         };
         let (shared, scans) = (Arc::clone(&worker.shared), Arc::clone(&worker.scans));
         worker.spawn("filemq-scan".to_owned(), move || scan_thread(&scans, &shared))?;
+        let (shared, caches) = (Arc::clone(&worker.shared), Arc::clone(&worker.caches));
+        worker.spawn("filemq-cache".to_owned(), move || read_thread(&caches, &shared))?;
         for n in 1..threads.max(2) {
             let (shared, reads) = (Arc::clone(&worker.shared), Arc::clone(&worker.reads));
             worker.spawn(format!("filemq-read-{n}"), move || read_thread(&reads, &shared))?;
@@ -97,9 +105,10 @@ impl Worker {
     /// with `key`.
     pub fn submit(&mut self, service: usize, key: u64, job: Job) {
         let queue = match job {
-            // A large cache takes a second or so, like a long read: the
-            // read threads, so it never waits behind a scan.
-            Job::Read { .. } | Job::Icanhaz { .. } | Job::Discard(_) => &self.reads,
+            Job::Read { .. } => &self.reads,
+            // A large cache takes a second or so: its own thread, so it
+            // never waits behind a scan nor holds up a chunk read.
+            Job::Icanhaz { .. } | Job::Discard(_) => &self.caches,
             Job::Scan { .. } | Job::Watch { .. } | Job::Unwatch { .. } => &self.scans,
         };
         if matches!(job, Job::Read { .. } | Job::Scan { .. } | Job::Icanhaz { .. }) {
@@ -136,6 +145,7 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.scans.close();
         self.reads.close();
+        self.caches.close();
         let deadline = Instant::now() + SHUTDOWN_GRACE;
         let mut running = lock(&self.shared.running);
         while *running > 0 {

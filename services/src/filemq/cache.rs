@@ -20,9 +20,19 @@ use std::time::Instant;
 use zbroker_client::codec::{Ceiling, Field as _, FieldError, Hash, LongStr, Reader, ShortStr};
 use zbroker_client::filemq_msg::{self, ceiling, FilemqMsg};
 
-/// ICANHAZ frames up to this size are handled on the loop (a few thousand
-/// entries: well under a millisecond); larger ones off it.
-pub const INLINE_BYTES: usize = 256 << 10;
+/// ICANHAZ frames up to this size are handled on the loop (a few hundred
+/// entries: tens of microseconds, so even a full pass of such frames is
+/// a few megabytes of decoding); larger ones off it.
+pub const INLINE_BYTES: usize = 16 << 10;
+/// Service-wide, caches being prepared off the loop at once: the read
+/// threads also serve every subscriber's chunks.
+pub const MAX_PREPARING_JOBS: usize = 2;
+/// Service-wide, bytes of ICANHAZ frames being prepared plus frames held
+/// behind them. Past this or `MAX_PREPARING_JOBS`, a large ICANHAZ (or a
+/// frame to hold) is answered RTFM "busy" and its connection forgotten:
+/// the client reconnects with backoff and subscribes again.
+pub const MAX_PREPARING_BYTES: usize = 256 << 20;
+const BUSY: &str = "busy: subscribe again later";
 /// Frames a connection may send while its cache is prepared, and their
 /// bytes (one more ICANHAZ of the largest size): past either, it is
 /// refused (SRSLY) and forgotten.
@@ -111,6 +121,63 @@ pub fn prepare(frame: Bytes, mounts: &[MountView]) -> Result<Box<Prepared>, Stri
     Ok(Box::new(Prepared { path, options, known, stale }))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// Entries of a connection's `known` map walked on this thread (tests
+    /// count the loop's work with it).
+    pub static WALKED: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+fn walked(_n: usize) {
+    #[cfg(test)]
+    WALKED.with(|w| w.set(w.get() + _n));
+}
+
+/// The entries of `known` under subscription path `path` (the ones
+/// `covers(path, _)`), found by key range: the cost is that of the
+/// entries under the path, never of the whole map. Keys that share the
+/// path's characters but not its directory ("/a-b" beside "/a/x") sort
+/// outside `[path/, path0)`, '0' being the character after '/'.
+pub(super) fn under<'a>(
+    known: &'a BTreeMap<String, Digest>,
+    path: &str,
+) -> impl Iterator<Item = (&'a String, &'a Digest)> + 'a {
+    use std::ops::Bound::{Excluded, Included};
+    let (exact, lo, hi) = if path == "/" {
+        (None, "/".to_string(), "0".to_string())
+    } else {
+        (known.get_key_value(path), format!("{path}/"), format!("{path}0"))
+    };
+    let range = known.range::<str, _>((Included(lo.as_str()), Excluded(hi.as_str())));
+    exact.into_iter().chain(range).inspect(|_| walked(1))
+}
+
+/// Removes the entries of `known` under `path` (at the cost of those).
+pub(super) fn remove_under(known: &mut BTreeMap<String, Digest>, path: &str) -> Vec<String> {
+    let keys: Vec<String> = under(known, path).map(|(k, _)| k.clone()).collect();
+    for key in &keys {
+        known.remove(key);
+    }
+    keys
+}
+
+/// Adds `new` to `known` (replacing equal keys), inserting the smaller
+/// map into the larger: a small cache costs its own entries, not a pass
+/// over a large one. (Two large maps still cost the smaller on the loop.)
+pub(super) fn merge(known: &mut BTreeMap<String, Digest>, mut new: BTreeMap<String, Digest>) {
+    if new.len() > known.len() {
+        // The new entries win: the old ones go in only where absent.
+        std::mem::swap(known, &mut new);
+        walked(new.len());
+        for (k, v) in std::mem::take(&mut new) {
+            known.entry(k).or_insert(v);
+        }
+    } else {
+        walked(new.len());
+        known.extend(new);
+    }
+}
+
 /// Holdings this large are freed on a worker thread, not on the loop.
 const DISCARD_OFF_LOOP: usize = 10_000;
 
@@ -118,15 +185,46 @@ const DISCARD_OFF_LOOP: usize = 10_000;
 pub(super) fn discard(known: BTreeMap<String, Digest>, out: &mut Vec<Action>) {
     if known.len() >= DISCARD_OFF_LOOP {
         // Nobody waits for its outcome: any key will do.
-        out.push(Action::Work { key: u64::MAX, job: Job::Discard(super::work::Garbage(known)) });
+        out.push(Action::Work { key: u64::MAX, job: Job::Discard(super::work::Garbage(known, Vec::new())) });
     }
+}
+
+/// Frees a prepared cache that will not be used (its connection is gone,
+/// the outcome is stale, or the subscription was refused): off the loop
+/// if large.
+pub(super) fn discard_prepared(prepared: Prepared, out: &mut Vec<Action>) {
+    let stale = prepared.stale.unwrap_or_default();
+    if prepared.known.len() + stale.len() >= DISCARD_OFF_LOOP {
+        let garbage = super::work::Garbage(prepared.known, stale);
+        out.push(Action::Work { key: u64::MAX, job: Job::Discard(garbage) });
+    }
+}
+
+/// Frees a stale list off the loop if large.
+pub(super) fn discard_names(names: Vec<String>, out: &mut Vec<Action>) {
+    if names.len() >= DISCARD_OFF_LOOP {
+        out.push(Action::Work {
+            key: u64::MAX,
+            job: Job::Discard(super::work::Garbage(BTreeMap::new(), names)),
+        });
+    }
+}
+
+/// Service-wide count of ICANHAZ preparation: jobs in flight, and bytes of
+/// their frames plus the frames held behind them.
+#[derive(Default, Debug)]
+pub(super) struct Preparing {
+    pub jobs: usize,
+    pub bytes: usize,
 }
 
 /// A connection's frames held while its cache is prepared off the loop.
 #[derive(Default)]
 pub(super) struct Held {
-    /// The snapshots the job works from (to tell whether they moved).
-    pub preparing: Option<Vec<Arc<super::Snapshot>>>,
+    /// The work key of the job preparing this connection's cache, and the
+    /// snapshots it works from (to tell whether they moved). An outcome
+    /// under another key is stale (from a session since forgotten).
+    pub preparing: Option<(u64, Vec<Arc<super::Snapshot>>)>,
     pub frames: std::collections::VecDeque<Bytes>,
     pub bytes: usize,
 }
@@ -156,12 +254,21 @@ impl Filemq {
                 self.terminate(id, out);
                 return true;
             }
+            if self.preparing.bytes + frame.len() > MAX_PREPARING_BYTES {
+                return self.busy(id, out);
+            }
             conn.held.bytes += frame.len();
             conn.held.frames.push_back(frame.clone());
+            self.preparing.bytes += frame.len();
             return true;
         }
         if !large_icanhaz {
             return false;
+        }
+        if self.preparing.jobs >= MAX_PREPARING_JOBS
+            || self.preparing.bytes + frame.len() > MAX_PREPARING_BYTES
+        {
+            return self.busy(id, out);
         }
         conn.expires_at = now + expiry;
         let mounts: Vec<MountView> = self
@@ -173,16 +280,40 @@ impl Filemq {
                 ready: m.scanned || m.error.is_some(),
             })
             .collect();
-        conn.held.preparing = Some(mounts.iter().map(|m| m.snapshot.clone()).collect());
-        self.work(out, WorkFor::Icanhaz { conn: id }, Job::Icanhaz { frame: frame.clone(), mounts });
+        let used = mounts.iter().map(|m| m.snapshot.clone()).collect();
+        self.preparing.jobs += 1;
+        self.preparing.bytes += frame.len();
+        let what = WorkFor::Icanhaz { conn: id, bytes: frame.len() };
+        let key = self.work(out, what, Job::Icanhaz { frame: frame.clone(), mounts });
+        if let Some(conn) = self.conns.get_mut(&id) {
+            conn.held.preparing = Some((key, used));
+        }
+        true
+    }
+
+    /// Too much ICANHAZ preparation service-wide: the connection is told
+    /// to come back later and forgotten. True (the frame was taken).
+    fn busy(&mut self, id: ConnId, out: &mut Vec<Action>) -> bool {
+        tracing::debug!(conn = id.0, "filemq: too many caches being prepared");
+        super::send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy(BUSY) });
+        self.terminate(id, out);
         true
     }
 
     /// The outcome of [`Job::Icanhaz`]: subscribe, then handle the frames
     /// that waited behind it, in order.
-    pub(super) fn prepared(&mut self, id: ConnId, done: Done, now: Instant, out: &mut Vec<Action>) {
-        let Some(conn) = self.conns.get_mut(&id) else { return };
-        let Some(used) = conn.held.preparing.take() else { return };
+    pub(super) fn prepared(&mut self, key: u64, id: ConnId, done: Done, now: Instant, out: &mut Vec<Action>) {
+        let current =
+            self.conns.get(&id).and_then(|c| c.held.preparing.as_ref()).is_some_and(|(k, _)| *k == key);
+        if !current {
+            // The connection is gone, or this is a job of a session since
+            // forgotten: nobody wants it, and it is freed off the loop.
+            if let Done::Icanhaz(Ok(prepared)) = done {
+                discard_prepared(*prepared, out);
+            }
+            return;
+        }
+        let Some((_, used)) = self.conns.get_mut(&id).and_then(|c| c.held.preparing.take()) else { return };
         match done {
             Done::Icanhaz(Ok(mut prepared)) => {
                 // The stale list holds only if no snapshot moved since (a
@@ -207,6 +338,7 @@ impl Filemq {
             }
             let Some(frame) = conn.held.frames.pop_front() else { return };
             conn.held.bytes -= frame.len();
+            self.preparing.bytes -= frame.len();
             super::Service::handle(self, id, frame, now, out);
         }
     }

@@ -154,6 +154,11 @@ enum Entry {
     File(String),
     /// The in-sync marker for a subscription path.
     Synced(String),
+    /// Deletes for cached files a RESYNC found no longer published (off
+    /// the loop), handed over whole: one entry, not one per file. Each is
+    /// sent unless a newer op for the file is queued or it is published
+    /// again by then.
+    Deletes(VecDeque<String>),
 }
 
 struct Transfer {
@@ -254,13 +259,14 @@ impl Conn {
     }
 }
 
-/// What a work key stands for.
+/// What a work key stands for. `Icanhaz::bytes` is the frame's size,
+/// counted in `Filemq::preparing` until the outcome is in.
 #[derive(Debug, Clone, Copy)]
 enum WorkFor {
     Read { conn: ConnId, len: usize },
     Scan { mount: MountId },
     Watch { mount: MountId },
-    Icanhaz { conn: ConnId },
+    Icanhaz { conn: ConnId, bytes: usize },
 }
 
 /// The FILEMQ service.
@@ -280,6 +286,8 @@ pub struct Filemq {
     budget_blocked: BTreeSet<ConnId>,
     /// The `now` of the call being handled, for timers the pump sets.
     now: Option<Instant>,
+    /// ICANHAZ caches being prepared off the loop, service-wide.
+    preparing: cache::Preparing,
 }
 
 /// Queue entries one pump call sends at most: a queue of a million deletes
@@ -386,6 +394,7 @@ impl Filemq {
             malformed: 0,
             budget_blocked: BTreeSet::new(),
             now: None,
+            preparing: cache::Preparing::default(),
         }
     }
 
@@ -644,7 +653,7 @@ impl Filemq {
     /// published there), then the in-sync marker.
     fn resync(&mut self, id: ConnId, path: &str, now: Instant) {
         let Some(conn) = self.conns.get(&id) else { return };
-        let held: Vec<String> = conn.known.keys().filter(|v| covers(path, v)).cloned().collect();
+        let held: Vec<String> = cache::under(&conn.known, path).map(|(v, _)| v.clone()).collect();
         self.resync_with(id, path, held, false, now);
     }
 
@@ -669,8 +678,15 @@ impl Filemq {
                 conn.enqueue(&vpath, Op::Create);
             }
         }
-        for vpath in stale {
-            conn.enqueue(&vpath, Op::Delete);
+        if checked {
+            // Prepared off the loop: queued as one entry, however long.
+            if !stale.is_empty() {
+                conn.queue.push_back(Entry::Deletes(stale.into()));
+            }
+        } else {
+            for vpath in stale {
+                conn.enqueue(&vpath, Op::Delete);
+            }
         }
         let awaiting = conn.awaiting_marker.entry(path.to_string()).or_insert((0, now));
         awaiting.0 = awaiting.0.saturating_add(1);
@@ -792,28 +808,41 @@ impl Filemq {
                         }
                     }
                 }
+                Entry::Deletes(mut list) => {
+                    let Some(vpath) = list.pop_front() else { continue };
+                    if !list.is_empty() {
+                        conn.queue.push_front(Entry::Deletes(list));
+                    }
+                    if conn.ops.contains_key(&vpath) || self.published(&vpath).is_some() {
+                        continue;
+                    }
+                    self.send_delete(id, &vpath, out);
+                }
                 Entry::File(vpath) => {
                     let Some(op) = conn.ops.remove(&vpath) else { continue };
                     match op {
-                        Op::Delete => {
-                            conn.known.remove(&vpath);
-                            let msg = FilemqMsg::Cheezburger {
-                                sequence: conn.next_sequence(),
-                                operation: DELETE,
-                                filename: LongStr::from(vpath.as_str()),
-                                offset: 0,
-                                eof: 0,
-                                headers: Hash::default(),
-                                chunk: Chunk::default(),
-                            };
-                            send(out, id, &msg);
-                            self.deletes_sent += 1;
-                        }
+                        Op::Delete => self.send_delete(id, &vpath, out),
                         Op::Create => self.start_file(id, vpath),
                     }
                 }
             }
         }
+    }
+
+    fn send_delete(&mut self, id: ConnId, vpath: &str, out: &mut Vec<Action>) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        conn.known.remove(vpath);
+        let msg = FilemqMsg::Cheezburger {
+            sequence: conn.next_sequence(),
+            operation: DELETE,
+            filename: LongStr::from(vpath),
+            offset: 0,
+            eof: 0,
+            headers: Hash::default(),
+            chunk: Chunk::default(),
+        };
+        send(out, id, &msg);
+        self.deletes_sent += 1;
     }
 
     /// Makes `vpath` the connection's current transfer, unless it is no
@@ -925,6 +954,7 @@ impl Filemq {
         }
         if let Some(conn) = self.conns.remove(&id) {
             out.push(Action::CancelTimer { key: expiry_key(id) });
+            self.preparing.bytes -= conn.held.bytes;
             cache::discard(conn.known, out);
         }
     }
@@ -953,7 +983,11 @@ impl Filemq {
         out: &mut Vec<Action>,
     ) {
         let work::Prepared { path, options, known, stale } = prepared;
-        let Some(path) = self.begin_subscription(id, &path, &options, out) else { return };
+        let Some(path) = self.begin_subscription(id, &path, &options, out) else {
+            // Refused: the prepared cache is freed off the loop.
+            cache::discard_prepared(work::Prepared { path, options, known, stale }, out);
+            return;
+        };
         self.install_known(id, &path, known, out);
         self.finish_subscription(id, path, &options, stale, now, out);
     }
@@ -976,8 +1010,10 @@ impl Filemq {
             cache::discard(old, out);
             return;
         }
-        conn.known.retain(|vpath, _| !covers(path, vpath));
-        conn.known.extend(known);
+        // Only the entries under `path` are touched (by key range).
+        let gone = cache::remove_under(&mut conn.known, path);
+        cache::discard_names(gone, out);
+        cache::merge(&mut conn.known, known);
     }
 
     /// Checks the path and options of an ICANHAZ and records the
@@ -1346,7 +1382,11 @@ impl Service for Filemq {
                 m.watching = false;
                 self.scan_at(mount, now + self.config.poll_rescan, out);
             }
-            (WorkFor::Icanhaz { conn }, done) => self.prepared(conn, done, now, out),
+            (WorkFor::Icanhaz { conn, bytes }, done) => {
+                self.preparing.jobs -= 1;
+                self.preparing.bytes -= bytes;
+                self.prepared(key, conn, done, now, out)
+            }
             (what, done) => tracing::error!(?what, ?done, "filemq work outcome of the wrong kind"),
         }
     }

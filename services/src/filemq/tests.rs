@@ -11,7 +11,7 @@ fn hex(text: &str) -> Vec<u8> {
     text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
 }
 
-fn config() -> Config {
+pub(super) fn config() -> Config {
     Config { stable_age: Duration::ZERO, ..Config::default() }
 }
 
@@ -30,7 +30,7 @@ pub(super) fn world(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Sim<Filemq>)
     world_with(files, config())
 }
 
-fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::TempDir, Sim<Filemq>) {
+pub(super) fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::TempDir, Sim<Filemq>) {
     let dir = tempfile::tempdir().unwrap();
     for (rel, data) in files {
         write(dir.path(), rel, data);

@@ -93,13 +93,14 @@ pub enum Job {
     Discard(Garbage),
 }
 
-/// What a connection knew, to be freed off the loop.
+/// What a connection knew (and a prepared stale list), to be freed off
+/// the loop.
 #[derive(Clone)]
-pub struct Garbage(pub BTreeMap<String, super::cache::Digest>);
+pub struct Garbage(pub BTreeMap<String, super::cache::Digest>, pub Vec<String>);
 
 impl std::fmt::Debug for Garbage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Garbage({} entries)", self.0.len())
+        write!(f, "Garbage({} entries, {} names)", self.0.len(), self.1.len())
     }
 }
 
