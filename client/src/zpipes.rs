@@ -25,6 +25,7 @@
 use crate::byte_queue::ByteQueue;
 use crate::codec::{Chunk, ShortStr};
 use crate::endpoint;
+use crate::zpipes_msg::PARTIAL_READ;
 use crate::ZpipesMsg;
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -123,6 +124,10 @@ pub struct Options {
     /// Speak CURVE to the broker with these keys (needed for a broker's
     /// `--curve-secret-key` endpoints); `None`: no security (local IPC).
     pub curve: Option<crate::curve::ClientKeys>,
+    /// A reader offers the broker our "what is there, up to n" READ
+    /// ([`Reader::read_some`]); a broker without it (the original) simply
+    /// does not grant it. Off: exactly the original wire.
+    pub partial_reads: bool,
 }
 
 impl Options {
@@ -145,6 +150,7 @@ impl Options {
             window: 4,
             read_ahead: false,
             curve: None,
+            partial_reads: true,
         }
     }
 }
@@ -204,8 +210,12 @@ struct Link {
     /// PINGs sent and not yet answered.
     pings: usize,
     last_heard: Instant,
+    /// When we last sent anything: the broker's expiry counts from there.
+    last_sent: Instant,
     /// The monitor saw the connection drop (the broker died or restarted).
     dropped: bool,
+    /// The broker granted partial READs (a PING_OK carrying the bit).
+    partial: bool,
 }
 
 impl Link {
@@ -245,7 +255,9 @@ impl Link {
             opts: opts.clone(),
             pings: 0,
             last_heard: Instant::now(),
+            last_sent: Instant::now(),
             dropped: false,
+            partial: false,
         };
         link.await_handshake()?;
         // From now on only a drop matters. Events nobody reads would pile
@@ -347,7 +359,13 @@ impl Link {
     /// Sends, waiting at most `wait` for a connection to send on (in
     /// immediate mode a message is never queued without one).
     fn send_within(&mut self, msg: &ZpipesMsg, wait: Duration) -> Result<()> {
-        match self.socket.send(msg.encode(), zmq::DONTWAIT) {
+        self.send_frame(msg.encode(), wait)
+    }
+
+    /// Sends an encoded frame (see `send_within`).
+    fn send_frame(&mut self, frame: Vec<u8>, wait: Duration) -> Result<()> {
+        self.last_sent = Instant::now();
+        match self.socket.send(&frame[..], zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => {
                 while self.monitor_event()?.is_some() {}
@@ -357,7 +375,7 @@ impl Link {
                 if self.socket.poll(zmq::POLLOUT, wait.as_millis() as i64)? == 0 {
                     return Err(self.gone("no connection to send on"));
                 }
-                self.socket.send(msg.encode(), zmq::DONTWAIT)?;
+                self.socket.send(frame, zmq::DONTWAIT)?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
@@ -373,9 +391,12 @@ impl Link {
                 Err(e) => return Err(e.into()),
             };
             self.last_heard = Instant::now();
-            match ZpipesMsg::decode(Bytes::from_owner(Frame(frame))) {
-                Ok(ZpipesMsg::PingOk {}) => self.pings = self.pings.saturating_sub(1),
-                Ok(msg) => return Ok(Some(msg)),
+            match ZpipesMsg::decode_ext(Bytes::from_owner(Frame(frame))) {
+                Ok((ZpipesMsg::PingOk {}, granted)) => {
+                    self.partial |= granted & PARTIAL_READ != 0;
+                    self.pings = self.pings.saturating_sub(1);
+                }
+                Ok((msg, _)) => return Ok(Some(msg)),
                 Err(e) => tracing::warn!("ignoring a malformed frame from the broker: {e}"),
             }
         }
@@ -383,8 +404,11 @@ impl Link {
 
     /// The next reply other than PING_OK, or `None` at `deadline`.
     fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<ZpipesMsg>> {
-        let mut next_ping = Instant::now() + self.opts.heartbeat;
         loop {
+            // Counted from the last message sent, not from this call: short
+            // waits in a row (a reader polling while a READ stays in flight)
+            // still ping.
+            let next_ping = self.last_sent + self.opts.heartbeat;
             // Most replies are already there: no poll for them.
             if let Some(msg) = self.try_recv()? {
                 return Ok(Some(msg));
@@ -396,7 +420,7 @@ impl Link {
             if now >= next_ping {
                 self.send(&ZpipesMsg::Ping {})?;
                 self.pings += 1;
-                next_ping = now + self.opts.heartbeat;
+                continue;
             }
             if self.pings > 0 && now.duration_since(self.last_heard) > self.opts.dead_after {
                 return Err(self.gone("no answer to pings"));
@@ -448,7 +472,13 @@ impl Link {
 
     /// One PING and its PING_OK: keeps the connection from expiring.
     fn ping(&mut self) -> Result<()> {
-        self.send(&ZpipesMsg::Ping {})?;
+        self.ping_offering(0)
+    }
+
+    /// A PING offering extension `bits` (none: the original PING); what
+    /// the PING_OK grants is noted by `try_recv`.
+    fn ping_offering(&mut self, bits: u8) -> Result<()> {
+        self.send_frame(ZpipesMsg::Ping {}.encode_ext(bits), self.opts.dead_after)?;
         self.pings += 1;
         let deadline = Instant::now() + self.opts.dead_after;
         loop {
@@ -522,6 +552,15 @@ struct Flight {
     timed: bool,
 }
 
+/// What a READ asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Exactly `size` bytes (the protocol's READ).
+    Exact,
+    /// What is there, up to `size`, at least one byte (our extension).
+    Some,
+}
+
 /// The reading end of a named pipe.
 ///
 /// With [`Options::read_ahead`], after a read without a timeout the reader
@@ -546,8 +585,14 @@ impl Reader {
     /// Opens `pipe` for reading. Fails with [`Error::Busy`] if it already has
     /// a reader.
     pub fn open(pipe: &str, opts: &Options) -> Result<Reader> {
+        let mut link = Link::open(opts, pipe, true)?;
+        if opts.partial_reads {
+            // One round trip on open; the original broker answers a plain
+            // PING_OK and the reader then reads as the original's does.
+            link.ping_offering(PARTIAL_READ)?;
+        }
         Ok(Reader {
-            link: Link::open(opts, pipe, true)?,
+            link,
             buffer: ByteQueue::default(),
             in_flight: None,
             timeout: None,
@@ -575,7 +620,7 @@ impl Reader {
             if self.buffer.len() >= size || (self.ended && !self.buffer.is_empty()) {
                 let data = self.buffer.take(size);
                 if timeout.is_none() && self.link.opts.read_ahead {
-                    self.post(size, None)?;
+                    self.post(size, None, Want::Exact)?;
                 }
                 return Ok(ReadOutcome::Data(data));
             }
@@ -583,7 +628,58 @@ impl Reader {
                 return Ok(ReadOutcome::End);
             }
             if self.in_flight.is_none() {
-                self.post(size - self.buffer.len(), timeout)?;
+                self.post(size - self.buffer.len(), timeout, Want::Exact)?;
+                posted = true;
+            }
+            match self.await_reply(deadline)? {
+                Awaited::Reply => {}
+                Awaited::TimedOut if !posted => {}
+                Awaited::TimedOut | Awaited::NoReply => return Ok(ReadOutcome::Timeout),
+            }
+        }
+    }
+
+    /// Takes every byte received and not yet handed out (say, a
+    /// read-ahead's answer), so a program that fails can still pass on
+    /// what it got.
+    pub fn take_buffered(&mut self) -> Bytes {
+        let n = self.buffer.len();
+        self.buffer.take(n)
+    }
+
+    /// True if the broker grants "what is there" READs: [`Reader::read_some`]
+    /// and `std::io::Read` then answer as soon as any bytes are there.
+    pub fn partial_reads(&self) -> bool {
+        self.link.partial
+    }
+
+    /// Reads what is there, up to `max` bytes and at least one, waiting at
+    /// most `timeout` for the first; `End` once the writer has gone and
+    /// nothing is left. After data it keeps the next such READ in flight,
+    /// so bytes arriving meanwhile are already here on the next call. A
+    /// broker without the capability ([`Reader::partial_reads`] false)
+    /// gets exactly [`Reader::read_chunk`] instead.
+    pub fn read_some(&mut self, max: usize, timeout: Option<Duration>) -> Result<ReadOutcome> {
+        if !self.link.partial {
+            return self.read_chunk(max, timeout);
+        }
+        if max == 0 {
+            return Ok(ReadOutcome::End);
+        }
+        let max = max.min(u32::MAX as usize);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut posted = false;
+        loop {
+            if !self.buffer.is_empty() {
+                let data = self.buffer.take(max);
+                self.post(max, None, Want::Some)?;
+                return Ok(ReadOutcome::Data(data));
+            }
+            if self.ended {
+                return Ok(ReadOutcome::End);
+            }
+            if self.in_flight.is_none() {
+                self.post(max, timeout, Want::Some)?;
                 posted = true;
             }
             match self.await_reply(deadline)? {
@@ -617,12 +713,14 @@ impl Reader {
     }
 
     /// Sends a READ unless one is in flight or the stream has ended.
-    fn post(&mut self, size: usize, timeout: Option<Duration>) -> Result<()> {
+    fn post(&mut self, size: usize, timeout: Option<Duration>, want: Want) -> Result<()> {
         if self.in_flight.is_some() || self.ended || size == 0 {
             return Ok(());
         }
         let size = size.min(u32::MAX as usize) as u32;
-        self.link.send(&ZpipesMsg::Read { size, timeout: ms(timeout) })?;
+        let bits = if want == Want::Some && self.link.partial { PARTIAL_READ } else { 0 };
+        let frame = ZpipesMsg::Read { size, timeout: ms(timeout) }.encode_ext(bits);
+        self.link.send_frame(frame, self.link.opts.dead_after)?;
         self.in_flight = Some(Flight { timed: timeout.is_some() });
         Ok(())
     }
@@ -678,10 +776,11 @@ impl Reader {
 }
 
 /// Returns what is already buffered at once; otherwise waits for the
-/// read-ahead, or sends one READ for `min(buf.len(), max_read)` bytes,
-/// which the broker answers only when that many bytes are there (or the
-/// writer has gone): give it large buffers, or small ones for interactive
-/// streams.
+/// read-ahead, or sends one READ for `min(buf.len(), max_read)` bytes.
+/// A broker that grants partial READs answers it as soon as any bytes are
+/// there; the original answers only when that many bytes are there (or
+/// the writer has gone): then give it large buffers, or small ones for
+/// interactive streams.
 impl io::Read for Reader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -691,7 +790,7 @@ impl io::Read for Reader {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         while self.buffer.is_empty() && !self.ended {
             if self.in_flight.is_none() {
-                self.post(want, self.timeout)?;
+                self.post(want, self.timeout, Want::Some)?;
             }
             if !matches!(self.await_reply(deadline)?, Awaited::Reply) {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no data arrived in time"));
@@ -700,7 +799,7 @@ impl io::Read for Reader {
         let data = self.buffer.take(buf.len());
         buf[..data.len()].copy_from_slice(&data);
         if self.timeout.is_none() && self.link.opts.read_ahead {
-            self.post(want, None)?;
+            self.post(want, None, Want::Some)?;
         }
         Ok(data.len())
     }
