@@ -4,6 +4,8 @@
 //! - stream: a `Writer` (64 KiB `write_all`s) feeding a `Reader` (1 MiB
 //!   reads) on two threads, beside a raw DEALER→ROUTER one hop moving the
 //!   same bytes in 64 KiB messages;
+//! - trickle: 100 lines 50 ms apart, each line's delay to the reader
+//!   (`zpipes_parts/trickle.rs`);
 //! - round trip: `write_chunk(16 B)` + `read_chunk(16)` (the typed API)
 //!   from one thread, beside a raw DEALER→ROUTER echo of 16 bytes, and a
 //!   raw PING→PING_OK through the broker (what the broker alone costs).
@@ -32,6 +34,9 @@ use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Options, ReadOutcome, Reader, WriteOutcome, Writer};
 use zbroker_client::ZpipesMsg;
 use zbroker_services::zpipes::{self, Zpipes};
+
+#[path = "zpipes_parts/trickle.rs"]
+mod trickle;
 
 const WRITE_SIZE: usize = 64 << 10;
 const READ_BUF: usize = 1 << 20;
@@ -130,6 +135,19 @@ fn run() -> anyhow::Result<()> {
         lines.push(format!(
             "broker peak queued bytes: {} (pipe limit {}, {} bytes moved)",
             z["peak_queued_bytes"], z["pipe_limit"], z["bytes_moved"]
+        ));
+    }
+
+    if args.stream {
+        eprintln!("zpipes bench: a trickle of 100 lines, 50 ms apart");
+        phase("trickle");
+        let count = if std::env::args().any(|a| a == "--bench") { 100 } else { 10 };
+        let t = trickle::trickle(&opts, count, Duration::from_millis(50))?;
+        let (median, worst) = (t.median.as_secs_f64() * 1e3, t.worst.as_secs_f64() * 1e3);
+        lines.push(format!(
+            "trickle {count} lines 50 ms apart: median {median:.1} ms, worst {worst:.1} ms (partial reads {}; target median <= 20 ms: {})",
+            if t.partial { "granted" } else { "not granted" },
+            verdict(t.median <= Duration::from_millis(20))
         ));
     }
 
