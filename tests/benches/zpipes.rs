@@ -19,7 +19,9 @@
 //!   rounded up to whole 64 KiB writes;
 //! - `ZPIPES_BENCH_ROUNDS`: timed round trips (default 100000);
 //! - `ZPIPES_BENCH_ONLY`: `stream` or `rtt` to run one half;
-//! - `ZPIPES_BENCH_TIMEOUT`: seconds before the run gives up (default 600).
+//! - `ZPIPES_BENCH_TIMEOUT`: seconds before the run gives up (default 600);
+//! - `ZPIPES_BENCH_EXACT=1`: readers without partial reads (the stream as
+//!   before them; the trickle is then skipped).
 //!
 //! Without `--bench` (as under `cargo test --all-targets`) it makes a short
 //! smoke run instead: 4 MiB and 200 round trips.
@@ -106,7 +108,10 @@ fn run() -> anyhow::Result<()> {
 
     let name = zbroker_tests::unique_name("bench");
     start_broker(&name)?;
-    let opts = Options::broker(&name);
+    // ZPIPES_BENCH_EXACT=1: readers without partial reads (the wire and
+    // the reader as they were before them), for comparison.
+    let exact = std::env::var("ZPIPES_BENCH_EXACT").is_ok_and(|v| v == "1");
+    let opts = Options { partial_reads: !exact, ..Options::broker(&name) };
     let mut lines = Vec::new();
 
     if args.stream {
@@ -138,7 +143,7 @@ fn run() -> anyhow::Result<()> {
         ));
     }
 
-    if args.stream {
+    if args.stream && !exact {
         eprintln!("zpipes bench: a trickle of 100 lines, 50 ms apart");
         phase("trickle");
         let count = if std::env::args().any(|a| a == "--bench") { 100 } else { 10 };
