@@ -1,7 +1,8 @@
 //! The ZPIPES protocol (signature `AA A0`), declared once: see
 //! `shared/spec/ZPIPES.md` §3. Every message is one ZeroMQ frame.
 
-use crate::codec::{Chunk, ShortStr};
+use crate::codec::{Chunk, DecodeError, ShortStr};
+use bytes::Bytes;
 
 crate::protocol! {
     /// One ZPIPES message. Client→server requests and server→client replies
@@ -53,6 +54,46 @@ impl ZpipesMsg {
                 | ZpipesMsg::Close {}
                 | ZpipesMsg::Ping {}
         )
+    }
+}
+
+/// Our extension of the wire (ARCHITECTURE.md, "ZPIPES: how we extend the
+/// wire"): a trailer after a message's declared fields, which every
+/// decoder (the original's and ours) ignores. A trailer is [`EXT_MAGIC`]
+/// then one byte of bits; anything else after the fields means nothing.
+///
+/// - PING + trailer: the client offers these capabilities; PING_OK +
+///   trailer: the broker grants those it has (a broker that answers a
+///   plain PING_OK has none).
+/// - READ + trailer [`PARTIAL_READ`], once granted on the connection:
+///   answer with what is queued, up to `size`, as soon as there is at
+///   least one byte (READ_TIMEOUT / READ_END as for any READ).
+pub const EXT_MAGIC: [u8; 2] = *b"ZB";
+/// "What is there, up to n": the capability and the READ flag.
+pub const PARTIAL_READ: u8 = 0x01;
+
+impl ZpipesMsg {
+    /// Decodes a frame and its extension bits (0 without a trailer).
+    pub fn decode_ext(frame: Bytes) -> Result<(Self, u8), DecodeError> {
+        let all = frame.clone();
+        let msg = Self::decode(frame)?;
+        let tail = all.get(msg.encoded_len()..).unwrap_or_default();
+        let bits = match tail {
+            [m0, m1, bits, ..] if [*m0, *m1] == EXT_MAGIC => *bits,
+            _ => 0,
+        };
+        Ok((msg, bits))
+    }
+
+    /// Encodes the message with an extension trailer carrying `bits`
+    /// (none when `bits` is 0: the original wire).
+    pub fn encode_ext(&self, bits: u8) -> Vec<u8> {
+        let mut frame = self.encode();
+        if bits != 0 {
+            frame.extend_from_slice(&EXT_MAGIC);
+            frame.push(bits);
+        }
+        frame
     }
 }
 
@@ -173,5 +214,23 @@ mod tests {
             frame.extend(body);
             let _ = ZpipesMsg::decode(frame);
         }
+    }
+
+    /// The extension trailer: absent, it is the original wire; present, the
+    /// original decoder still reads the message (trailing bytes ignored).
+    #[test]
+    fn extension_trailer() {
+        let ping = ZpipesMsg::Ping {}.encode_ext(PARTIAL_READ);
+        assert_eq!(ping, hex("AA A0 13 5A 42 01"));
+        assert_eq!(ZpipesMsg::decode(ping.clone()).unwrap(), ZpipesMsg::Ping {});
+        assert_eq!(ZpipesMsg::decode_ext(ping.into()).unwrap(), (ZpipesMsg::Ping {}, PARTIAL_READ));
+        let read = ZpipesMsg::Read { size: 12, timeout: 100 };
+        assert_eq!(read.encode_ext(0), read.encode());
+        let bytes = read.encode_ext(PARTIAL_READ);
+        assert_eq!(bytes, hex("AA A0 07 00 00 00 0C 00 00 00 64 5A 42 01"));
+        assert_eq!(ZpipesMsg::decode_ext(bytes.into()).unwrap(), (read, PARTIAL_READ));
+        // The spec's own trailing byte (a PING with FF after it) is no trailer.
+        assert_eq!(ZpipesMsg::decode_ext(hex("AA A0 13 FF").into()).unwrap(), (ZpipesMsg::Ping {}, 0));
+        assert_eq!(ZpipesMsg::decode_ext(hex("AA A0 13 5A 42").into()).unwrap(), (ZpipesMsg::Ping {}, 0));
     }
 }

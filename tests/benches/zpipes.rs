@@ -4,6 +4,8 @@
 //! - stream: a `Writer` (64 KiB `write_all`s) feeding a `Reader` (1 MiB
 //!   reads) on two threads, beside a raw DEALER→ROUTER one hop moving the
 //!   same bytes in 64 KiB messages;
+//! - trickle: 100 lines 50 ms apart, each line's delay to the reader
+//!   (`zpipes_parts/trickle.rs`);
 //! - round trip: `write_chunk(16 B)` + `read_chunk(16)` (the typed API)
 //!   from one thread, beside a raw DEALER→ROUTER echo of 16 bytes, and a
 //!   raw PING→PING_OK through the broker (what the broker alone costs).
@@ -17,7 +19,9 @@
 //!   rounded up to whole 64 KiB writes;
 //! - `ZPIPES_BENCH_ROUNDS`: timed round trips (default 100000);
 //! - `ZPIPES_BENCH_ONLY`: `stream` or `rtt` to run one half;
-//! - `ZPIPES_BENCH_TIMEOUT`: seconds before the run gives up (default 600).
+//! - `ZPIPES_BENCH_TIMEOUT`: seconds before the run gives up (default 600);
+//! - `ZPIPES_BENCH_EXACT=1`: readers without partial reads (the stream as
+//!   before them; the trickle is then skipped).
 //!
 //! Without `--bench` (as under `cargo test --all-targets`) it makes a short
 //! smoke run instead: 4 MiB and 200 round trips.
@@ -32,6 +36,12 @@ use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Options, ReadOutcome, Reader, WriteOutcome, Writer};
 use zbroker_client::ZpipesMsg;
 use zbroker_services::zpipes::{self, Zpipes};
+
+#[path = "zpipes_parts/rtt.rs"]
+mod rtt;
+#[path = "zpipes_parts/trickle.rs"]
+mod trickle;
+use rtt::round_trips;
 
 const WRITE_SIZE: usize = 64 << 10;
 const READ_BUF: usize = 1 << 20;
@@ -101,7 +111,10 @@ fn run() -> anyhow::Result<()> {
 
     let name = zbroker_tests::unique_name("bench");
     start_broker(&name)?;
-    let opts = Options::broker(&name);
+    // ZPIPES_BENCH_EXACT=1: readers without partial reads (the wire and
+    // the reader as they were before them), for comparison.
+    let exact = std::env::var("ZPIPES_BENCH_EXACT").is_ok_and(|v| v == "1");
+    let opts = Options { partial_reads: !exact, ..Options::broker(&name) };
     let mut lines = Vec::new();
 
     if args.stream {
@@ -114,9 +127,9 @@ fn run() -> anyhow::Result<()> {
         let (zpipes, raw) = (mib_per_s(args.bytes, s.zpipes.elapsed), mib_per_s(args.bytes, s.raw.elapsed));
         let ratio = two_places(zpipes / raw);
         lines.push(format!(
-            "stream {} 64 KiB writes: zpipes {zpipes:.0} MiB/s | raw DEALER->ROUTER {raw:.0} MiB/s | ratio {ratio:.2} (target >= 0.6: {})",
+            "stream {} 64 KiB writes: zpipes {zpipes:.0} MiB/s | raw DEALER->ROUTER {raw:.0} MiB/s | ratio {ratio:.2} (target >= 0.7: {})",
             human_bytes(args.bytes),
-            verdict(ratio >= 0.6)
+            verdict(ratio >= 0.7)
         ));
         let per_gib = |cpu: Duration| cpu.as_secs_f64() * (1u64 << 30) as f64 / args.bytes as f64;
         lines.push(format!(
@@ -130,6 +143,19 @@ fn run() -> anyhow::Result<()> {
         lines.push(format!(
             "broker peak queued bytes: {} (pipe limit {}, {} bytes moved)",
             z["peak_queued_bytes"], z["pipe_limit"], z["bytes_moved"]
+        ));
+    }
+
+    if args.stream && !exact {
+        eprintln!("zpipes bench: a trickle of 100 lines, 50 ms apart");
+        phase("trickle");
+        let count = if std::env::args().any(|a| a == "--bench") { 100 } else { 10 };
+        let t = trickle::trickle(&opts, count, Duration::from_millis(50))?;
+        let (median, worst) = (t.median.as_secs_f64() * 1e3, t.worst.as_secs_f64() * 1e3);
+        lines.push(format!(
+            "trickle {count} lines 50 ms apart: median {median:.1} ms, worst {worst:.1} ms (partial reads {}; target median <= 20 ms: {})",
+            if t.partial { "granted" } else { "not granted" },
+            verdict(t.median <= Duration::from_millis(20))
         ));
     }
 
@@ -565,147 +591,6 @@ fn raw_stream(endpoint: &str) -> anyhow::Result<Stream> {
         },
     )
 }
-
-// ---- round trips ----
-
-/// Total time of each kind of round trip over all timed rounds.
-struct RoundTrips {
-    zpipes_write: Duration,
-    zpipes_read: Duration,
-    raw: Duration,
-    ping: Duration,
-}
-
-/// Untimed rounds of each kind first, so connections and allocations are
-/// warm; then the kinds alternate block by block.
-fn round_trips(opts: &Options, echo_endpoint: &str, rounds: u64) -> anyhow::Result<RoundTrips> {
-    phase("round-trip setup");
-    const PIPE: &str = "bench-rtt";
-    // The reader reads ahead: its next READ is at the broker before the
-    // writer writes, as a program reading a stream of messages would have
-    // it (Options::read_ahead).
-    let reader_opts = Options { read_ahead: true, ..opts.clone() };
-    let mut reader = Reader::open(PIPE, &reader_opts)?;
-    let mut writer = Writer::open(PIPE, opts)?;
-
-    let warm = (rounds / 10).clamp(100, 10_000);
-    let router_context = zmq::Context::new();
-    let router = router_context.socket(zmq::ROUTER)?;
-    router.bind(echo_endpoint)?;
-    let echo =
-        thread::Builder::new().name("raw-echo".into()).spawn(move || raw_echo(router, warm + rounds))?;
-    let context = zmq::Context::new();
-    let dealer = context.socket(zmq::DEALER)?;
-    dealer.connect(echo_endpoint)?;
-    // A raw DEALER speaking ZPIPES PING to the broker itself.
-    let pinger = context.socket(zmq::DEALER)?;
-    pinger.connect(&opts.endpoint)?;
-
-    let mut seq = 0;
-    let mut totals = RoundTrips {
-        zpipes_write: Duration::ZERO,
-        zpipes_read: Duration::ZERO,
-        raw: Duration::ZERO,
-        ping: Duration::ZERO,
-    };
-    let blocks = RTT_BLOCKS.min(rounds);
-    for block in 0..=blocks {
-        // Block 0 is the warm-up, and is not counted.
-        let n = match block {
-            0 => warm,
-            b => rounds / blocks + u64::from(b - 1 < rounds % blocks),
-        };
-        phase("zpipes round trips");
-        let (write, read) = zpipes_rounds(&mut writer, &mut reader, n, &mut seq)?;
-        phase("raw round trips");
-        let raw = raw_rounds(&dealer, n, &mut seq)?;
-        phase("broker PING round trips");
-        let ping = ping_rounds(&pinger, n)?;
-        if block > 0 {
-            totals.zpipes_write += write;
-            totals.zpipes_read += read;
-            totals.raw += raw;
-            totals.ping += ping;
-        }
-    }
-    join(echo, "raw echo")?;
-    writer.close()?;
-    reader.close()?;
-    Ok(totals)
-}
-
-/// `n` rounds of write(16 B) then read(16); the time in each half.
-fn zpipes_rounds(
-    writer: &mut Writer,
-    reader: &mut Reader,
-    n: u64,
-    seq: &mut u64,
-) -> anyhow::Result<(Duration, Duration)> {
-    let (mut write, mut read) = (Duration::ZERO, Duration::ZERO);
-    let mut data = [0x5au8; SMALL];
-    for _ in 0..n {
-        *seq += 1;
-        data[..8].copy_from_slice(&seq.to_le_bytes());
-        let t0 = Instant::now();
-        match writer.write_chunk(&data, None)? {
-            WriteOutcome::Written => {}
-            WriteOutcome::Timeout => bail!("write {seq} timed out with no timeout set"),
-        }
-        let t1 = Instant::now();
-        match reader.read_chunk(SMALL, None)? {
-            ReadOutcome::Data(got) if got[..] == data[..] => {}
-            other => bail!("read {seq}: expected the 16 bytes written, got {other:?}"),
-        }
-        let t2 = Instant::now();
-        write += t1 - t0;
-        read += t2 - t1;
-    }
-    Ok((write, read))
-}
-
-/// `n` DEALER → ROUTER echo → DEALER round trips of 16 bytes.
-fn raw_rounds(dealer: &zmq::Socket, n: u64, seq: &mut u64) -> anyhow::Result<Duration> {
-    let mut data = [0x5au8; SMALL];
-    let mut reply = zmq::Message::new();
-    let start = Instant::now();
-    for _ in 0..n {
-        *seq += 1;
-        data[..8].copy_from_slice(&seq.to_le_bytes());
-        dealer.send(&data[..], 0)?;
-        dealer.recv(&mut reply, 0)?;
-        ensure!(reply[..] == data[..], "echo {seq} came back changed");
-    }
-    Ok(start.elapsed())
-}
-
-/// `n` PING → PING_OK round trips through the broker.
-fn ping_rounds(pinger: &zmq::Socket, n: u64) -> anyhow::Result<Duration> {
-    let ping = ZpipesMsg::Ping {}.encode();
-    let pong = ZpipesMsg::PingOk {}.encode();
-    let mut reply = zmq::Message::new();
-    let start = Instant::now();
-    for _ in 0..n {
-        pinger.send(&ping[..], 0)?;
-        pinger.recv(&mut reply, 0)?;
-        ensure!(reply[..] == pong[..], "PING got {:?}", &reply[..]);
-    }
-    Ok(start.elapsed())
-}
-
-/// Sends each of `count` messages straight back to its sender.
-fn raw_echo(router: zmq::Socket, count: u64) -> anyhow::Result<()> {
-    let mut routing_id = zmq::Message::new();
-    for _ in 0..count {
-        router.recv(&mut routing_id, 0)?;
-        ensure!(router.get_rcvmore()?, "a ROUTER message without a body");
-        let body = router.recv_msg(0)?;
-        router.send(&routing_id[..], zmq::SNDMORE)?;
-        router.send(body, 0)?;
-    }
-    Ok(())
-}
-
-// ---- helpers ----
 
 fn join<T>(handle: JoinHandle<anyhow::Result<T>>, what: &str) -> anyhow::Result<T> {
     match handle.join() {

@@ -220,7 +220,14 @@ fn read(name: &str, opts: &Options, timeout: Option<Duration>, max_block: usize)
     // Whatever ends the loop, what was received reaches standard output:
     // the output thread is joined before any error is reported.
     let result = (|| loop {
-        let data = match reader.read_chunk(block, Some(PATIENCE))? {
+        // A broker with "what is there" READs answers as soon as a byte is
+        // there, whatever the block: no probing, and bulk stays in blocks.
+        let outcome = match reader.partial_reads() {
+            true => reader.read_some(max_block, Some(PATIENCE))?,
+            false => reader.read_chunk(block, Some(PATIENCE))?,
+        };
+        let data = match outcome {
+            ReadOutcome::Data(data) if reader.partial_reads() => data,
             ReadOutcome::Data(data) => {
                 if data.len() == block {
                     block = (block * 2).min(max_block);
@@ -228,6 +235,15 @@ fn read(name: &str, opts: &Options, timeout: Option<Duration>, max_block: usize)
                 data
             }
             ReadOutcome::End => break Ok(()),
+            ReadOutcome::Timeout if reader.partial_reads() => {
+                if timeout.is_some_and(|t| idle_since.elapsed() >= t) {
+                    break Err(Failure {
+                        code: status::TIMEOUT,
+                        message: format!("no data on pipe {name:?} in time"),
+                    });
+                }
+                continue;
+            }
             ReadOutcome::Timeout => match probe(&mut reader, block)? {
                 Probe::Data(data) => {
                     block = data.len().max(1);
@@ -283,8 +299,10 @@ fn hand_over(
                 if last_ping.elapsed() >= heartbeat {
                     if let Err(e) = reader.ping() {
                         // The broker is gone, but these bytes were received:
-                        // they still go out, however long the consumer takes.
+                        // they still go out, however long the consumer takes
+                        // (and so do those a read-ahead brought meanwhile).
                         let _ = tx.send(data);
+                        let _ = tx.send(reader.take_buffered());
                         return Err(e.into());
                     }
                     last_ping = Instant::now();

@@ -32,6 +32,8 @@
 #[cfg(test)]
 mod budget_tests;
 #[cfg(test)]
+mod partial_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::budget::Budget;
@@ -41,6 +43,7 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 use zbroker_client::byte_queue::ByteQueue;
 use zbroker_client::codec::{Chunk, ShortStr};
+use zbroker_client::zpipes_msg::PARTIAL_READ;
 use zbroker_client::ZpipesMsg;
 
 /// Settings of the ZPIPES service.
@@ -82,13 +85,12 @@ enum Role {
 enum Pending {
     Read {
         size: usize,
+        /// Our extension: answer with what is queued, at least one byte.
+        partial: bool,
     },
     /// `partly_queued`: part of the chunk is already in the reader's
     /// queue, so the write can no longer time out.
-    Write {
-        chunk: Bytes,
-        partly_queued: bool,
-    },
+    Write { chunk: Bytes, partly_queued: bool },
 }
 
 #[derive(Debug)]
@@ -96,7 +98,10 @@ struct Conn {
     role: Role,
     /// The pipe this end is attached to; `None` once the other end left.
     pipe: Option<ShortStr>,
-    mailbox: VecDeque<ZpipesMsg>,
+    /// Requests with their extension bits (`ZpipesMsg::decode_ext`).
+    mailbox: VecDeque<(ZpipesMsg, u8)>,
+    /// The client was granted partial READs (a PING offering them).
+    partial_reads: bool,
     /// Chunk bytes held in the mailbox (bounded by `mailbox_bytes`).
     mailbox_bytes: usize,
     pending: Option<Pending>,
@@ -147,6 +152,19 @@ fn request_key(conn: ConnId) -> TimerKey {
 fn reply(out: &mut Vec<Action>, to: ConnId, msg: ZpipesMsg) {
     tracing::trace!(conn = to.0, reply = msg.name(), "zpipes reply");
     out.push(Action::Send { to, frame: msg.encode() });
+}
+
+/// What a PING's offered capabilities earn: those we have, remembered
+/// for the connection (a plain PING grants nothing: the original wire).
+fn grant(conn: &mut Conn, offered: u8) -> u8 {
+    let granted = offered & PARTIAL_READ;
+    conn.partial_reads |= granted & PARTIAL_READ != 0;
+    granted
+}
+
+fn pong_frame(out: &mut Vec<Action>, to: ConnId, granted: u8) {
+    tracing::trace!(conn = to.0, granted, "zpipes reply PingOk");
+    out.push(Action::Send { to, frame: ZpipesMsg::PingOk {}.encode_ext(granted) });
 }
 
 impl Zpipes {
@@ -242,13 +260,14 @@ impl Zpipes {
             // Only CLOSE and PING may pass a pending request.
             let conn = self.conns.get_mut(&id).expect("checked above");
             let Some(at) =
-                conn.mailbox.iter().position(|m| matches!(m, ZpipesMsg::Close {} | ZpipesMsg::Ping {}))
+                conn.mailbox.iter().position(|(m, _)| matches!(m, ZpipesMsg::Close {} | ZpipesMsg::Ping {}))
             else {
                 return false;
             };
-            let msg = conn.mailbox.remove(at).expect("position is in range");
+            let (msg, bits) = conn.mailbox.remove(at).expect("position is in range");
             if let ZpipesMsg::Ping {} = msg {
-                reply(out, id, ZpipesMsg::PingOk {});
+                let granted = grant(conn, bits);
+                pong_frame(out, id, granted);
                 return true;
             }
             self.unwait_budget(id);
@@ -263,7 +282,7 @@ impl Zpipes {
             self.close(id, out);
             return true;
         }
-        let Some(msg) = conn.mailbox.pop_front() else {
+        let Some((msg, bits)) = conn.mailbox.pop_front() else {
             return false;
         };
         if let ZpipesMsg::Write { chunk, .. } = &msg {
@@ -273,7 +292,10 @@ impl Zpipes {
         let role = conn.role;
         tracing::debug!(conn = id.0, ?role, request = msg.name(), "zpipes request");
         match (role, msg) {
-            (_, ZpipesMsg::Ping {}) => reply(out, id, ZpipesMsg::PingOk {}),
+            (_, ZpipesMsg::Ping {}) => {
+                let granted = grant(conn, bits);
+                pong_frame(out, id, granted);
+            }
             (Role::Idle, ZpipesMsg::Input { .. }) if self.shutting_down => {
                 reply(out, id, ZpipesMsg::InputFailed { reason: ShortStr::lossy(SHUTTING_DOWN) })
             }
@@ -291,7 +313,10 @@ impl Zpipes {
                     let reason = self.too_big("read", size);
                     reply(out, id, ZpipesMsg::ReadFailed { reason });
                 } else {
-                    self.start_pending(id, Pending::Read { size }, timeout, now, out);
+                    // The flag counts only once granted: a client that never
+                    // asked gets exactly the original's READ.
+                    let partial = conn.partial_reads && bits & PARTIAL_READ != 0;
+                    self.start_pending(id, Pending::Read { size, partial }, timeout, now, out);
                 }
             }
             (Role::Writer, ZpipesMsg::Write { chunk, timeout }) => {
@@ -403,9 +428,10 @@ impl Zpipes {
                 self.cancel_request_timer(id, out);
                 true
             }
-            Some(Pending::Read { size }) => {
+            Some(Pending::Read { size, partial }) => {
                 let detached = conn.pipe.is_none() || self.shutting_down;
-                if conn.queue.len() < size && !detached {
+                let enough = conn.queue.len() >= size || (partial && !conn.queue.is_empty());
+                if !enough && !detached {
                     // This READ may be filled outside the budget: a writer
                     // waiting for room can go on.
                     let writer = conn.pipe.as_ref().and_then(|p| self.pipes.get(p)).and_then(|p| p.writer);
@@ -457,7 +483,7 @@ impl Zpipes {
                     pipe_room
                 } else {
                     match reader.pending {
-                        Some(Pending::Read { size }) => size.saturating_sub(queued).min(pipe_room),
+                        Some(Pending::Read { size, .. }) => size.saturating_sub(queued).min(pipe_room),
                         _ => 0,
                     }
                 };
@@ -570,7 +596,7 @@ impl Zpipes {
         }
     }
 
-    fn receive(&mut self, id: ConnId, msg: ZpipesMsg, now: Instant, out: &mut Vec<Action>) {
+    fn receive(&mut self, id: ConnId, msg: ZpipesMsg, bits: u8, now: Instant, out: &mut Vec<Action>) {
         let expires_at = now + self.config.expiry;
         let conn = self.conns.entry(id).or_insert_with(|| {
             // The expiry timer is armed once and pushed back lazily when it
@@ -580,6 +606,7 @@ impl Zpipes {
                 role: Role::Idle,
                 pipe: None,
                 mailbox: VecDeque::new(),
+                partial_reads: false,
                 mailbox_bytes: 0,
                 pending: None,
                 request_timer: false,
@@ -622,7 +649,7 @@ impl Zpipes {
         }
         conn.mailbox_bytes += chunk_len;
         self.config.budget.take(chunk_len);
-        conn.mailbox.push_back(msg);
+        conn.mailbox.push_back((msg, bits));
         self.ready.push_back(id);
         self.run_ready(now, out);
     }
@@ -645,7 +672,7 @@ impl Zpipes {
         self.conns
             .values()
             .map(|c| match c.pending {
-                Some(Pending::Read { size }) => size,
+                Some(Pending::Read { size, .. }) => size,
                 _ => 0,
             })
             .sum()
@@ -679,8 +706,8 @@ impl Service for Zpipes {
             tracing::debug!(conn = conn.0, len = frame.len(), "zpipes dropped an oversized frame");
             return;
         }
-        match ZpipesMsg::decode(frame) {
-            Ok(msg) => self.receive(conn, msg, now, out),
+        match ZpipesMsg::decode_ext(frame) {
+            Ok((msg, bits)) => self.receive(conn, msg, bits, now, out),
             Err(error) => {
                 // Dropped: one bad peer must not stop the broker (spec §3).
                 self.malformed += 1;

@@ -25,13 +25,19 @@
 use crate::byte_queue::ByteQueue;
 use crate::codec::{Chunk, ShortStr};
 use crate::endpoint;
+use crate::zpipes_msg::PARTIAL_READ;
 use crate::ZpipesMsg;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+mod link;
+use link::{ms, Link};
+
+/// WRITE bytes kept in flight at most: below the 4 MiB the broker always
+/// lets wait behind a pending request.
+const IN_FLIGHT_BYTES: usize = 3 << 20;
 
 /// Why a pipe operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -123,6 +129,10 @@ pub struct Options {
     /// Speak CURVE to the broker with these keys (needed for a broker's
     /// `--curve-secret-key` endpoints); `None`: no security (local IPC).
     pub curve: Option<crate::curve::ClientKeys>,
+    /// A reader offers the broker our "what is there, up to n" READ
+    /// ([`Reader::read_some`]); a broker without it (the original) simply
+    /// does not grant it. Off: exactly the original wire.
+    pub partial_reads: bool,
 }
 
 impl Options {
@@ -145,6 +155,7 @@ impl Options {
             window: 4,
             read_ahead: false,
             curve: None,
+            partial_reads: true,
         }
     }
 }
@@ -152,352 +163,6 @@ impl Options {
 impl Default for Options {
     fn default() -> Self {
         Self::broker(endpoint::DEFAULT_BROKER)
-    }
-}
-
-use zmq::SocketEvent::{
-    CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_FAILED_AUTH, HANDSHAKE_FAILED_NO_DETAIL,
-    HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,
-};
-
-/// WRITE bytes kept in flight at most: below the 4 MiB the broker always
-/// lets wait behind a pending request.
-const IN_FLIGHT_BYTES: usize = 3 << 20;
-
-/// A received frame, shared as `Bytes` without a copy.
-struct Frame(zmq::Message);
-impl AsRef<[u8]> for Frame {
-    fn as_ref(&self) -> &[u8] {
-        &self.0
-    }
-}
-
-/// One ZeroMQ context for every client in the process.
-fn context() -> &'static zmq::Context {
-    static CONTEXT: OnceLock<zmq::Context> = OnceLock::new();
-    CONTEXT.get_or_init(zmq::Context::new)
-}
-
-/// `zmq::poll`, where a signal's interruption (EINTR) counts as a wake-up
-/// with nothing to do: the callers loop and re-check.
-fn poll(items: &mut [zmq::PollItem], timeout_ms: i64) -> Result<()> {
-    match zmq::poll(items, timeout_ms) {
-        Ok(_) | Err(zmq::Error::EINTR) => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-fn ms(timeout: Option<Duration>) -> u32 {
-    match timeout {
-        None => 0,
-        // 0 means "no limit" on the wire; the shortest real limit is 1 ms.
-        Some(t) => t.as_millis().clamp(1, u32::MAX as u128) as u32,
-    }
-}
-
-/// The socket to the broker, its disconnect monitor and the heartbeat.
-struct Link {
-    socket: zmq::Socket,
-    monitor: zmq::Socket,
-    opts: Options,
-    monitor_endpoint: String,
-    /// PINGs sent and not yet answered.
-    pings: usize,
-    last_heard: Instant,
-    /// The monitor saw the connection drop (the broker died or restarted).
-    dropped: bool,
-}
-
-impl Link {
-    fn connect(opts: &Options) -> Result<Link> {
-        static MONITORS: AtomicU64 = AtomicU64::new(0);
-        let socket = context().socket(zmq::DEALER)?;
-        // Queue nothing until a broker is really there, so "no broker"
-        // shows at once instead of as a request that waits for ever.
-        socket.set_immediate(true)?;
-        socket.set_linger(200)?;
-        let monitor_endpoint = format!(
-            "inproc://zpipes-client-monitor-{}-{}",
-            std::process::id(),
-            MONITORS.fetch_add(1, Ordering::Relaxed)
-        );
-        let events = [
-            CONNECTED,
-            CONNECT_RETRIED,
-            HANDSHAKE_SUCCEEDED,
-            HANDSHAKE_FAILED_NO_DETAIL,
-            HANDSHAKE_FAILED_PROTOCOL,
-            HANDSHAKE_FAILED_AUTH,
-            DISCONNECTED,
-        ];
-        socket.monitor(&monitor_endpoint, events.iter().fold(0, |all, e| all | e.to_raw()) as i32)?;
-        let monitor = context().socket(zmq::PAIR)?;
-        monitor.set_linger(0)?;
-        monitor.connect(&monitor_endpoint)?;
-        if let Some(keys) = &opts.curve {
-            keys.apply(&socket)?;
-        }
-        socket.connect(&opts.endpoint)?;
-        let mut link = Link {
-            socket,
-            monitor,
-            monitor_endpoint,
-            opts: opts.clone(),
-            pings: 0,
-            last_heard: Instant::now(),
-            dropped: false,
-        };
-        link.await_handshake()?;
-        // From now on only a drop matters. Events nobody reads would pile
-        // up (a reconnecting socket reports a retry every 100 ms) and
-        // libzmq sends them blocking, from its I/O thread.
-        link.watch(&[DISCONNECTED])?;
-        Ok(link)
-    }
-
-    /// Points the socket's monitor at a fresh endpoint for `events` (which
-    /// stops the previous one) and listens there.
-    fn watch(&mut self, events: &[zmq::SocketEvent]) -> Result<()> {
-        static GENERATION: AtomicU64 = AtomicU64::new(0);
-        let endpoint = format!("{}-{}", self.monitor_endpoint, GENERATION.fetch_add(1, Ordering::Relaxed));
-        self.socket.monitor(&endpoint, events.iter().fold(0, |all, e| all | e.to_raw()) as i32)?;
-        if !events.is_empty() {
-            let monitor = context().socket(zmq::PAIR)?;
-            monitor.set_linger(0)?;
-            monitor.connect(&endpoint)?;
-            self.monitor = monitor;
-        }
-        Ok(())
-    }
-
-    /// Waits for the connection's ZMTP handshake. A refused connection
-    /// (nothing listens there) is "no broker" at once; a connection that is
-    /// up but slow to greet (a busy machine) gets `dead_after` to finish. A
-    /// handshake that fails (CURVE keys not accepted, or a broker that
-    /// requires CURVE from a client without keys) ends the wait at once,
-    /// with a hint: libzmq would retry it for ever.
-    fn await_handshake(&mut self) -> Result<()> {
-        let endpoint = self.opts.endpoint.clone();
-        let curve = self.opts.curve.is_some();
-        let no_broker = || match curve {
-            true => Error::Handshake { endpoint: endpoint.clone(), hint: crate::curve::HINT },
-            false => Error::NoBroker(endpoint.clone()),
-        };
-        let failed = || Error::Handshake {
-            endpoint: endpoint.clone(),
-            hint: if curve { crate::curve::HINT } else { crate::curve::HINT_NO_KEYS },
-        };
-        let mut deadline = Instant::now() + self.opts.connect_timeout;
-        let mut connected = false;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() || self.monitor.poll(zmq::POLLIN, left.as_millis().max(1) as i64)? == 0 {
-                // Nothing ever answered: the broker is not there, whatever
-                // the keys. Answered but never finished the handshake: keys.
-                return Err(if connected { no_broker() } else { Error::NoBroker(endpoint.clone()) });
-            }
-            match self.monitor_event()? {
-                Some(e) if e == HANDSHAKE_SUCCEEDED.to_raw() => {
-                    self.dropped = false;
-                    return Ok(());
-                }
-                Some(e) if e == CONNECT_RETRIED.to_raw() && !connected => {
-                    return Err(Error::NoBroker(endpoint.clone()))
-                }
-                Some(e) if e == CONNECT_RETRIED.to_raw() => return Err(no_broker()),
-                Some(e) if e == CONNECTED.to_raw() && !connected => {
-                    connected = true;
-                    deadline = Instant::now() + self.opts.dead_after;
-                }
-                Some(e)
-                    if e == HANDSHAKE_FAILED_NO_DETAIL.to_raw()
-                        || e == HANDSHAKE_FAILED_PROTOCOL.to_raw()
-                        || e == HANDSHAKE_FAILED_AUTH.to_raw()
-                        || e == DISCONNECTED.to_raw() =>
-                {
-                    return Err(failed());
-                }
-                _ => {}
-            }
-        }
-    }
-
-    /// Reads one event from the socket's monitor (its kind), noting a drop.
-    fn monitor_event(&mut self) -> Result<Option<u16>> {
-        let frames = match self.monitor.recv_multipart(zmq::DONTWAIT) {
-            Ok(frames) => frames,
-            Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => return Ok(None),
-            Err(e) => return Err(e.into()),
-        };
-        let kind = frames.first().filter(|f| f.len() >= 2).map(|f| u16::from_le_bytes([f[0], f[1]]));
-        if kind == Some(DISCONNECTED.to_raw()) {
-            self.dropped = true;
-        }
-        Ok(kind)
-    }
-
-    fn gone(&self, why: &'static str) -> Error {
-        Error::BrokerGone { endpoint: self.opts.endpoint.clone(), why }
-    }
-
-    fn send(&mut self, msg: &ZpipesMsg) -> Result<()> {
-        self.send_within(msg, self.opts.dead_after)
-    }
-
-    /// Sends, waiting at most `wait` for a connection to send on (in
-    /// immediate mode a message is never queued without one).
-    fn send_within(&mut self, msg: &ZpipesMsg, wait: Duration) -> Result<()> {
-        match self.socket.send(msg.encode(), zmq::DONTWAIT) {
-            Ok(()) => Ok(()),
-            Err(zmq::Error::EAGAIN) => {
-                while self.monitor_event()?.is_some() {}
-                if self.dropped {
-                    return Err(self.gone("the connection dropped"));
-                }
-                if self.socket.poll(zmq::POLLOUT, wait.as_millis() as i64)? == 0 {
-                    return Err(self.gone("no connection to send on"));
-                }
-                self.socket.send(msg.encode(), zmq::DONTWAIT)?;
-                Ok(())
-            }
-            Err(e) => Err(e.into()),
-        }
-    }
-
-    /// The next frame if one is already there.
-    fn try_recv(&mut self) -> Result<Option<ZpipesMsg>> {
-        loop {
-            let frame = match self.socket.recv_msg(zmq::DONTWAIT) {
-                Ok(frame) => frame,
-                Err(zmq::Error::EAGAIN | zmq::Error::EINTR) => return Ok(None),
-                Err(e) => return Err(e.into()),
-            };
-            self.last_heard = Instant::now();
-            match ZpipesMsg::decode(Bytes::from_owner(Frame(frame))) {
-                Ok(ZpipesMsg::PingOk {}) => self.pings = self.pings.saturating_sub(1),
-                Ok(msg) => return Ok(Some(msg)),
-                Err(e) => tracing::warn!("ignoring a malformed frame from the broker: {e}"),
-            }
-        }
-    }
-
-    /// The next reply other than PING_OK, or `None` at `deadline`.
-    fn recv(&mut self, deadline: Option<Instant>) -> Result<Option<ZpipesMsg>> {
-        let mut next_ping = Instant::now() + self.opts.heartbeat;
-        loop {
-            // Most replies are already there: no poll for them.
-            if let Some(msg) = self.try_recv()? {
-                return Ok(Some(msg));
-            }
-            let now = Instant::now();
-            if deadline.is_some_and(|d| now >= d) {
-                return Ok(None);
-            }
-            if now >= next_ping {
-                self.send(&ZpipesMsg::Ping {})?;
-                self.pings += 1;
-                next_ping = now + self.opts.heartbeat;
-            }
-            if self.pings > 0 && now.duration_since(self.last_heard) > self.opts.dead_after {
-                return Err(self.gone("no answer to pings"));
-            }
-            let until = deadline.map_or(next_ping, |d| d.min(next_ping));
-            self.wait(until.saturating_duration_since(now))?;
-        }
-    }
-
-    /// Waits up to `limit` for a frame; fails if the connection to the
-    /// broker dropped (and nothing is left to read).
-    fn wait(&mut self, limit: Duration) -> Result<()> {
-        let mut items = [self.socket.as_poll_item(zmq::POLLIN), self.monitor.as_poll_item(zmq::POLLIN)];
-        poll(&mut items, (limit.as_millis() as i64).max(1))?;
-        let (frames, events) = (items[0].is_readable(), items[1].is_readable());
-        if events {
-            while self.monitor_event()?.is_some() {}
-        }
-        if self.dropped && !frames {
-            return Err(self.gone("the connection dropped"));
-        }
-        Ok(())
-    }
-
-    /// Waits for the next reply for as long as the broker lives.
-    fn reply(&mut self) -> Result<ZpipesMsg> {
-        Ok(self.recv(None)?.expect("no deadline"))
-    }
-
-    /// Opens a pipe end with INPUT or OUTPUT.
-    fn open(opts: &Options, pipe: &str, reader: bool) -> Result<Link> {
-        let pipename =
-            ShortStr::new(pipe.as_bytes().to_vec()).map_err(|_| Error::BadName(pipe.to_string()))?;
-        let mut link = Link::connect(opts)?;
-        let request = if reader { ZpipesMsg::Input { pipename } } else { ZpipesMsg::Output { pipename } };
-        link.send(&request)?;
-        match link.recv(Some(Instant::now() + opts.connect_timeout + opts.dead_after))? {
-            Some(ZpipesMsg::InputOk {}) if reader => Ok(link),
-            Some(ZpipesMsg::OutputOk {}) if !reader => Ok(link),
-            Some(ZpipesMsg::InputFailed { .. }) => Err(Error::Busy { pipe: pipe.to_string(), end: "reader" }),
-            Some(ZpipesMsg::OutputFailed { .. }) => {
-                Err(Error::Busy { pipe: pipe.to_string(), end: "writer" })
-            }
-            Some(ZpipesMsg::Invalid {}) => Err(Error::Invalid),
-            Some(other) => Err(Error::Protocol(other.name())),
-            None => Err(Error::NoBroker(opts.endpoint.clone())),
-        }
-    }
-
-    /// One PING and its PING_OK: keeps the connection from expiring.
-    fn ping(&mut self) -> Result<()> {
-        self.send(&ZpipesMsg::Ping {})?;
-        self.pings += 1;
-        let deadline = Instant::now() + self.opts.dead_after;
-        loop {
-            if let Some(other) = self.try_recv()? {
-                return Err(Error::Protocol(other.name()));
-            }
-            if self.pings == 0 {
-                return Ok(());
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(self.gone("no answer to a ping"));
-            }
-            self.wait(left)?;
-        }
-    }
-
-    /// Sends CLOSE and waits (briefly) for CLOSE_OK.
-    fn close(&mut self) -> Result<()> {
-        // Closing runs in Drop too: a broker that is gone must not hold it.
-        self.send_within(&ZpipesMsg::Close {}, self.opts.connect_timeout.min(Duration::from_millis(500)))?;
-        let deadline = Instant::now() + self.opts.connect_timeout;
-        loop {
-            match self.recv(Some(deadline))? {
-                Some(ZpipesMsg::CloseOk {}) => return Ok(()),
-                // A pending request is failed (or answered) before CLOSE_OK.
-                Some(
-                    ZpipesMsg::ReadFailed { .. }
-                    | ZpipesMsg::WriteFailed { .. }
-                    | ZpipesMsg::ReadOk { .. }
-                    | ZpipesMsg::ReadEnd {}
-                    | ZpipesMsg::ReadTimeout {}
-                    | ZpipesMsg::WriteOk {},
-                ) => continue,
-                Some(ZpipesMsg::Invalid {}) => return Err(Error::Invalid),
-                Some(other) => return Err(Error::Protocol(other.name())),
-                None => return Err(self.gone("no answer to CLOSE")),
-            }
-        }
-    }
-}
-
-impl Drop for Link {
-    fn drop(&mut self) {
-        // Stop the monitor before its reader goes: libzmq sends monitor
-        // events blocking, and an event for a closed reader would stall the
-        // I/O thread that every client in the process shares.
-        let _ = self.watch(&[]);
-        let _ = self.socket.disconnect(&self.opts.endpoint);
     }
 }
 
@@ -520,6 +185,15 @@ enum Awaited {
 struct Flight {
     /// Sent with a timeout, so the broker will answer by itself.
     timed: bool,
+}
+
+/// What a READ asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Want {
+    /// Exactly `size` bytes (the protocol's READ).
+    Exact,
+    /// What is there, up to `size`, at least one byte (our extension).
+    Some,
 }
 
 /// The reading end of a named pipe.
@@ -546,8 +220,14 @@ impl Reader {
     /// Opens `pipe` for reading. Fails with [`Error::Busy`] if it already has
     /// a reader.
     pub fn open(pipe: &str, opts: &Options) -> Result<Reader> {
+        let mut link = Link::open(opts, pipe, true)?;
+        if opts.partial_reads {
+            // One round trip on open; the original broker answers a plain
+            // PING_OK and the reader then reads as the original's does.
+            link.ping_offering(PARTIAL_READ)?;
+        }
         Ok(Reader {
-            link: Link::open(opts, pipe, true)?,
+            link,
             buffer: ByteQueue::default(),
             in_flight: None,
             timeout: None,
@@ -575,7 +255,7 @@ impl Reader {
             if self.buffer.len() >= size || (self.ended && !self.buffer.is_empty()) {
                 let data = self.buffer.take(size);
                 if timeout.is_none() && self.link.opts.read_ahead {
-                    self.post(size, None)?;
+                    self.post(size, None, Want::Exact)?;
                 }
                 return Ok(ReadOutcome::Data(data));
             }
@@ -583,7 +263,58 @@ impl Reader {
                 return Ok(ReadOutcome::End);
             }
             if self.in_flight.is_none() {
-                self.post(size - self.buffer.len(), timeout)?;
+                self.post(size - self.buffer.len(), timeout, Want::Exact)?;
+                posted = true;
+            }
+            match self.await_reply(deadline)? {
+                Awaited::Reply => {}
+                Awaited::TimedOut if !posted => {}
+                Awaited::TimedOut | Awaited::NoReply => return Ok(ReadOutcome::Timeout),
+            }
+        }
+    }
+
+    /// Takes every byte received and not yet handed out (say, a
+    /// read-ahead's answer), so a program that fails can still pass on
+    /// what it got.
+    pub fn take_buffered(&mut self) -> Bytes {
+        let n = self.buffer.len();
+        self.buffer.take(n)
+    }
+
+    /// True if the broker grants "what is there" READs: [`Reader::read_some`]
+    /// and `std::io::Read` then answer as soon as any bytes are there.
+    pub fn partial_reads(&self) -> bool {
+        self.link.partial
+    }
+
+    /// Reads what is there, up to `max` bytes and at least one, waiting at
+    /// most `timeout` for the first; `End` once the writer has gone and
+    /// nothing is left. After data it keeps the next such READ in flight,
+    /// so bytes arriving meanwhile are already here on the next call. A
+    /// broker without the capability ([`Reader::partial_reads`] false)
+    /// gets exactly [`Reader::read_chunk`] instead.
+    pub fn read_some(&mut self, max: usize, timeout: Option<Duration>) -> Result<ReadOutcome> {
+        if !self.link.partial {
+            return self.read_chunk(max, timeout);
+        }
+        if max == 0 {
+            return Ok(ReadOutcome::End);
+        }
+        let max = max.min(u32::MAX as usize);
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut posted = false;
+        loop {
+            if !self.buffer.is_empty() {
+                let data = self.buffer.take(max);
+                self.post(max, None, Want::Some)?;
+                return Ok(ReadOutcome::Data(data));
+            }
+            if self.ended {
+                return Ok(ReadOutcome::End);
+            }
+            if self.in_flight.is_none() {
+                self.post(max, timeout, Want::Some)?;
                 posted = true;
             }
             match self.await_reply(deadline)? {
@@ -617,12 +348,14 @@ impl Reader {
     }
 
     /// Sends a READ unless one is in flight or the stream has ended.
-    fn post(&mut self, size: usize, timeout: Option<Duration>) -> Result<()> {
+    fn post(&mut self, size: usize, timeout: Option<Duration>, want: Want) -> Result<()> {
         if self.in_flight.is_some() || self.ended || size == 0 {
             return Ok(());
         }
         let size = size.min(u32::MAX as usize) as u32;
-        self.link.send(&ZpipesMsg::Read { size, timeout: ms(timeout) })?;
+        let bits = if want == Want::Some && self.link.partial { PARTIAL_READ } else { 0 };
+        let frame = ZpipesMsg::Read { size, timeout: ms(timeout) }.encode_ext(bits);
+        self.link.send_frame(frame, self.link.opts.dead_after)?;
         self.in_flight = Some(Flight { timed: timeout.is_some() });
         Ok(())
     }
@@ -678,10 +411,11 @@ impl Reader {
 }
 
 /// Returns what is already buffered at once; otherwise waits for the
-/// read-ahead, or sends one READ for `min(buf.len(), max_read)` bytes,
-/// which the broker answers only when that many bytes are there (or the
-/// writer has gone): give it large buffers, or small ones for interactive
-/// streams.
+/// read-ahead, or sends one READ for `min(buf.len(), max_read)` bytes.
+/// A broker that grants partial READs answers it as soon as any bytes are
+/// there; the original answers only when that many bytes are there (or
+/// the writer has gone): then give it large buffers, or small ones for
+/// interactive streams.
 impl io::Read for Reader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
@@ -691,7 +425,7 @@ impl io::Read for Reader {
         let deadline = self.timeout.map(|t| Instant::now() + t);
         while self.buffer.is_empty() && !self.ended {
             if self.in_flight.is_none() {
-                self.post(want, self.timeout)?;
+                self.post(want, self.timeout, Want::Some)?;
             }
             if !matches!(self.await_reply(deadline)?, Awaited::Reply) {
                 return Err(io::Error::new(io::ErrorKind::TimedOut, "no data arrived in time"));
@@ -700,7 +434,7 @@ impl io::Read for Reader {
         let data = self.buffer.take(buf.len());
         buf[..data.len()].copy_from_slice(&data);
         if self.timeout.is_none() && self.link.opts.read_ahead {
-            self.post(want, None)?;
+            self.post(want, None, Want::Some)?;
         }
         Ok(data.len())
     }
