@@ -5,7 +5,7 @@
 //! call (send included) may consume the edge. So after every wake-up the
 //! loop re-reads `ZMQ_EVENTS` on every socket and keeps sending and
 //! receiving until one full pass finds nothing to do
-//! (`shared/notes/zmq-on-mio.md`).
+//! (`docs/zmq-on-mio.md`).
 //!
 //! Every frame arriving on the front ROUTER is routed by its first two bytes
 //! (the protocol signature) to the service that declared it.

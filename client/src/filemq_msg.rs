@@ -1,5 +1,5 @@
 //! The FILEMQ protocol (signature `AA A3`), v2-newest wire, declared once:
-//! see `shared/spec/FILEMQ.md` §3–§4. Every message is one ZeroMQ frame.
+//! see `docs/protocol/FILEMQ.md`. Every message is one ZeroMQ frame.
 
 use crate::codec::{Chunk, Hash, LongStr, ShortStr};
 

@@ -1,5 +1,5 @@
 //! The ZPIPES protocol (signature `AA A0`), declared once: see
-//! `shared/spec/ZPIPES.md` §3. Every message is one ZeroMQ frame.
+//! `docs/protocol/ZPIPES.md`. Every message is one ZeroMQ frame.
 
 use crate::codec::{Chunk, DecodeError, ShortStr};
 use bytes::Bytes;

@@ -1,6 +1,6 @@
 //! FILEMQ: publish directories under virtual paths; subscribers receive
 //! every file, and every later change and delete, as credit-controlled
-//! chunks (spec `shared/spec/FILEMQ.md` §5–§14, with the fixes of §20).
+//! chunks (`docs/protocol/FILEMQ.md`, with fixes the README lists).
 //!
 //! The service holds each mount's latest [`Snapshot`] and, per connection,
 //! its subscriptions, a queue of patches (one entry per virtual path: a

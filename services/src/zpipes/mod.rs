@@ -1,5 +1,5 @@
 //! ZPIPES: named pipes joining one writer to one reader (spec
-//! `shared/spec/ZPIPES.md` §4–§6), with the fixes of §12 and a bound on
+//! `docs/protocol/ZPIPES.md`), with the fixes the README lists and a bound on
 //! memory.
 //!
 //! Each connection has a FIFO mailbox of requests. With no request pending,
