@@ -699,7 +699,12 @@ fn files_started_and_never_finished_leave_no_parts_behind() {
     // One cut by a disconnect is kept for a resume.
     let digest = sha1_hex(b"whole");
     server.burger(CREATE, b"/data/cut", 0, 0, hash(&[("X-SHA1", &digest)]), b"who");
-    std::thread::sleep(Duration::from_millis(200));
+    // Its first chunk is written once the subscriber reports progress on it.
+    let deadline = Instant::now() + WAIT;
+    while !matches!(sub.recv_timeout(Duration::from_millis(50)), Ok(Event::Progress { path, .. }) if path == "cut")
+    {
+        assert!(Instant::now() < deadline, "no progress on the cut file");
+    }
     sub.stop();
     assert_eq!(partial_files(&inbox), [digest]);
 }
