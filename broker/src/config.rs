@@ -188,10 +188,10 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
 /// ICANHAZ (a million cached files). Each service bounds every other
 /// message by its type, right after its header.
 pub fn max_message_size(pipe_limit: usize) -> i64 {
-    use zbroker_client::codec::Chunk;
-    use zbroker_client::zpipes_msg::ZpipesMsg;
+    use zbroker_proto::codec::Chunk;
+    use zbroker_proto::zpipes::ZpipesMsg;
     let write = ZpipesMsg::Write { chunk: Chunk::default(), timeout: 0 }.encoded_len() + pipe_limit;
-    write.max(zbroker_client::filemq_msg::MAX_CLIENT_MESSAGE) as i64
+    write.max(zbroker_proto::filemq::MAX_CLIENT_MESSAGE) as i64
 }
 
 #[cfg(test)]

@@ -572,8 +572,8 @@ impl Upstream {
         curve: Option<zbroker_client::curve::ClientKeys>,
     ) -> anyhow::Result<Upstream> {
         use std::sync::atomic::Ordering;
-        use zbroker_client::escape::escape;
         use zbroker_client::filemq::{Event, Kept, Options, Subscriber};
+        use zbroker_proto::escape::escape;
         let options = Options { curve, ..Options::endpoint(endpoint, paths.clone(), inbox.clone()) };
         let subscriber = Subscriber::start(options)
             .with_context(|| format!("cannot mirror {endpoint} into {}", inbox.display()))?;

@@ -35,10 +35,14 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
-use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{FilemqMsg as M, CREATE, DELETE};
+use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_proto::filemq::{
+    FilemqMsg as M,
+    Operation::{self, Create, Delete},
+};
+use zbroker_proto::vpath::covers;
 use zbroker_services::budget::Budget;
-use zbroker_services::filemq::{covers, Config, Filemq};
+use zbroker_services::filemq::{Config, Filemq};
 use zbroker_services::sim::Sim;
 use zbroker_services::Service;
 
@@ -283,15 +287,15 @@ impl World {
                         let name = filename.to_string_lossy();
                         let chunk = &chunk.0;
                         match operation {
-                            DELETE => {
+                            Delete => {
                                 assert!(!name.is_empty() && offset == 0 && eof == 0, "unclean delete");
                                 assert!(headers.is_empty() && chunk.is_empty(), "unclean delete");
                             }
-                            CREATE if name.is_empty() => {
+                            Create if name.is_empty() => {
                                 assert!(eof == 1 && offset == 0 && chunk.is_empty(), "bad marker");
                                 assert!(headers.get("X-SYNCED").is_some(), "marker without X-SYNCED");
                             }
-                            CREATE => {
+                            Create => {
                                 let len = chunk.len() as u64;
                                 assert!(len as usize <= CHUNK_SIZE, "chunk of {len} bytes");
                                 assert!(
@@ -337,7 +341,11 @@ impl World {
         assert!(s.connections() <= CONNS as usize);
         let used = self.budget.used();
         assert!(used <= BUDGET, "{used} bytes of reads in flight, over the budget of {BUDGET}");
-        assert!(used <= s.reads_in_flight() * CHUNK_SIZE, "{used} bytes budgeted for {} reads", s.reads_in_flight());
+        assert!(
+            used <= s.reads_in_flight() * CHUNK_SIZE,
+            "{used} bytes budgeted for {} reads",
+            s.reads_in_flight()
+        );
         let most_files = ALIASES.len() * tree().files.len();
         for (id, queued, subscriptions, credit) in s.queue_lengths() {
             assert!(credit <= MAX_CREDIT, "credit {credit}");

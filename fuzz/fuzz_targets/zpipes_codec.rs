@@ -18,8 +18,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use zbroker_client::codec::{Chunk, DecodeError, EncodeError, ShortStr};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, DecodeError, EncodeError, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 
 fn check_decode(frame: &[u8]) {
     match M::decode(Bytes::copy_from_slice(frame)) {

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use zbroker::reactor::{Reactor, Settings};
 use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Options, ReadOutcome, Reader, WriteOutcome, Writer};
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::ZpipesMsg;
 use zbroker_services::zpipes::{self, Zpipes};
 
 #[path = "zpipes_parts/rtt.rs"]

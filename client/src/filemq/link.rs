@@ -4,10 +4,10 @@
 //! reconnects (`ZMQ_RECONNECT_IVL` -1), so a session never goes on, unaware,
 //! over a connection the server does not know.
 
-use crate::FilemqMsg;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use zbroker_proto::FilemqMsg;
 use zmq::SocketEvent::{
     CLOSED, CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_FAILED_AUTH, HANDSHAKE_FAILED_NO_DETAIL,
     HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,

@@ -204,7 +204,7 @@ pub enum Event {
     Kept { path: String, reason: Kept },
     /// A name the server sent was refused for safety (see the module
     /// documentation); nothing was written. `name` is the server's, shown
-    /// with [`crate::escape::escape`] and cut to 200 characters.
+    /// with [`zbroker_proto::escape::escape`] and cut to 200 characters.
     Rejected { name: String, why: String },
     /// No server has answered for 2 s since the subscriber started (sent
     /// once, before any session); it goes on trying.

@@ -4,6 +4,7 @@ use super::tests::{config, hash, icanhaz, nom, ohai, send, sha1_hex, take, world
 use super::*;
 use crate::sim::Sim;
 use crate::Service as _;
+use zbroker_proto::filemq::Operation::{Create, Delete};
 
 const DIGEST: &str = "A9993E364706816ABA3E25717850C26C9CD0D89D";
 
@@ -48,12 +49,12 @@ fn a_large_cache_is_prepared_off_the_loop_and_later_frames_wait_in_order() {
         }
         _ => None,
     };
-    let deletes = replies.iter().filter_map(name).filter(|(op, _, _)| *op == DELETE).count();
+    let deletes = replies.iter().filter_map(name).filter(|(op, _, _)| *op == Delete).count();
     assert_eq!(deletes, 10_000, "a delete for every cached file no longer published");
     let created: Vec<String> = replies
         .iter()
         .filter_map(name)
-        .filter(|(op, _, eof)| *op == CREATE && *eof == 1)
+        .filter(|(op, _, eof)| *op == Create && *eof == 1)
         .map(|n| n.1)
         .collect();
     assert_eq!(created, ["/b.txt"], "what the cache lists is not sent again");
@@ -129,7 +130,7 @@ fn prepare_reads_an_icanhaz_as_the_codec_declares_it() {
     let known: Vec<&str> = prepared.known.keys().map(String::as_str).collect();
     assert_eq!(known, ["/x/a", "/x/b"]);
     assert_eq!(prepared.stale.as_deref(), Some(&["/x/a".to_string(), "/x/b".to_string()][..]));
-    assert_eq!(cache::digest(DIGEST), cache::digest(&DIGEST.to_lowercase()));
+    assert_eq!(Digest::parse(DIGEST), Digest::parse(DIGEST.to_lowercase()));
 
     let mut over =
         FilemqMsg::Icanhaz { path: "/".into(), options: Hash::default(), cache: Hash::default() }.encode();
@@ -297,7 +298,7 @@ fn too_many_caches_prepared_at_once_are_answered_busy() {
 #[test]
 fn the_entries_under_a_path_are_found_by_key_range() {
     let names = ["/", "/a", "/a-b", "/a/x", "/a/y/z", "/a0", "/ab", "/b", "/a.", "/a/"];
-    let known: BTreeMap<String, cache::Digest> = names.iter().map(|n| (n.to_string(), [0u8; 20])).collect();
+    let known: BTreeMap<String, Digest> = names.iter().map(|n| (n.to_string(), Digest([0u8; 20]))).collect();
     for path in ["/", "/a", "/a/y", "/b", "/c", "/a-b"] {
         let got: Vec<&str> = cache::under(&known, path).map(|(k, _)| k.as_str()).collect();
         let want: Vec<&str> = known.keys().filter(|k| covers(path, k)).map(String::as_str).collect();

@@ -37,34 +37,15 @@ mod tests;
 
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
-use sha1::{Digest as _, Sha1};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use work::{Change, Done, FileMeta, Job, MountId, ReadError, Snapshot};
-use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{self, FilemqMsg, Generation, CREATE, DELETE};
-
-/// Option keys and header names of our wire extensions.
-pub mod ext {
-    /// ICANHAZ option: the client understands the extensions.
-    pub const ZBROKER: &str = "X-ZBROKER";
-    /// ICANHAZ option: partial files held, lines `SHA1 OFFSET`.
-    pub const RESUME: &str = "X-RESUME";
-    /// ICANHAZ option of the spec: send what is published now.
-    pub const RESYNC: &str = "RESYNC";
-    /// CHEEZBURGER header: SHA-1 of the whole file.
-    pub const SHA1: &str = "X-SHA1";
-    /// CHEEZBURGER header: size of the whole file.
-    pub const SIZE: &str = "X-SIZE";
-    /// CHEEZBURGER header of the in-sync marker: the subscription path.
-    pub const SYNCED: &str = "X-SYNCED";
-    /// CHEEZBURGER header of the in-sync marker: `1` if anything is
-    /// published under the path (a mount at or below it, even empty, or a
-    /// file under it), `0` if nothing is (a misspelled path).
-    pub const PUBLISHED: &str = "X-PUBLISHED";
-}
+use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_proto::digest::Digest;
+use zbroker_proto::filemq::{self, ext, FilemqMsg, Generation, Operation};
+use zbroker_proto::vpath::{self, covers, join};
 
 /// Settings of the FILEMQ service.
 #[derive(Debug, Clone)]
@@ -113,7 +94,6 @@ impl Default for Config {
 }
 
 /// Longest subscription path accepted.
-const MAX_PATH: usize = 4096;
 /// Most partial files a client may announce for resume.
 const MAX_RESUME: usize = 10_000;
 /// Longest an in-sync marker waits for files that keep changing under its
@@ -197,7 +177,7 @@ struct Conn {
     /// Virtual path → digest of what the client holds.
     /// Sorted and with binary digests: a million entries cost about a
     /// hundred megabytes, not twice that.
-    known: BTreeMap<String, cache::Digest>,
+    known: BTreeMap<String, Digest>,
     /// Digest → offset of partial files the client holds.
     resume: HashMap<String, u64>,
     current: Option<Transfer>,
@@ -308,17 +288,6 @@ fn send(out: &mut Vec<Action>, to: ConnId, msg: &FilemqMsg) {
     out.push(Action::Send { to, frame: msg.encode() });
 }
 
-/// Does the subscription `path` cover the virtual path `vpath`? Whole
-/// components only: `/photo` does not cover `/photos/x` (the original's
-/// plain string prefix did).
-pub fn covers(path: &str, vpath: &str) -> bool {
-    if path == "/" {
-        return vpath.starts_with('/');
-    }
-    vpath == path || (vpath.starts_with(path) && vpath.as_bytes().get(path.len()) == Some(&b'/'))
-}
-
-/// The virtual path of `rel` under the mount `alias`.
 /// True if anything is published under subscription path `path`: a mount
 /// at or below it (even an empty one), or a file under it in the mount
 /// that serves it (the longest alias covering it). A mount that could not
@@ -328,54 +297,7 @@ fn publishes(mounts: &BTreeMap<MountId, Mount>, path: &str) -> bool {
         return true;
     }
     let serving = mounts.values().filter(|m| covers(&m.alias, path)).max_by_key(|m| m.alias.len());
-    serving.is_some_and(|m| m.error.is_some() || m.snapshot.has_under(&path_in(&m.alias, path)))
-}
-
-/// `vpath` relative to mount `alias`, which covers it.
-fn path_in(alias: &str, vpath: &str) -> String {
-    let rest = if alias == "/" { &vpath[1..] } else { vpath.get(alias.len()..).unwrap_or("") };
-    rest.trim_start_matches('/').to_string()
-}
-
-fn join(alias: &str, rel: &str) -> String {
-    if alias == "/" {
-        format!("/{rel}")
-    } else {
-        format!("{alias}/{rel}")
-    }
-}
-
-/// A virtual path made of plain components: starts with `/`, no empty,
-/// `.` or `..` component, no NUL, not too long. Returns it without a
-/// trailing `/` (except for the root).
-pub fn normalise_vpath(path: &str) -> Option<String> {
-    if !path.starts_with('/') || path.len() > MAX_PATH || path.contains('\0') {
-        return None;
-    }
-    let trimmed = path.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Some("/".to_string());
-    }
-    let plain = trimmed[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-    plain.then(|| trimmed.to_string())
-}
-
-fn upper_hex_digest(value: &LongStr) -> Option<String> {
-    let text = std::str::from_utf8(value.as_bytes()).ok()?;
-    (text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit())).then(|| text.to_ascii_uppercase())
-}
-
-/// Parses the `X-RESUME` option: lines `SHA1 OFFSET`; bad lines are
-/// skipped.
-fn parse_resume(value: &LongStr) -> Vec<(String, u64)> {
-    let text = String::from_utf8_lossy(value.as_bytes());
-    text.lines()
-        .filter_map(|line| {
-            let (digest, offset) = line.trim().split_once(' ')?;
-            let digest = upper_hex_digest(&LongStr::from(digest))?;
-            Some((digest, offset.trim().parse().ok()?))
-        })
-        .collect()
+    serving.is_some_and(|m| m.error.is_some() || m.snapshot.has_under(vpath::relative(&m.alias, path)))
 }
 
 impl Filemq {
@@ -428,7 +350,7 @@ impl Filemq {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> Result<(), String> {
-        let alias = normalise_vpath(alias).ok_or_else(|| {
+        let alias = vpath::normalise(alias).ok().ok_or_else(|| {
             format!("alias {alias:?} must be an absolute virtual path such as / or /photos")
         })?;
         if let Some(m) = self.mounts.values().find(|m| m.alias == alias) {
@@ -460,8 +382,7 @@ impl Filemq {
 
     fn digest_cache(&self, root: &std::path::Path) -> Option<PathBuf> {
         let dir = self.config.state_dir.as_ref()?;
-        let name: String =
-            Sha1::digest(root.as_os_str().as_encoded_bytes()).iter().map(|b| format!("{b:02X}")).collect();
+        let name: String = Digest::of(root.as_os_str().as_encoded_bytes()).to_string();
         Some(dir.join(format!("{name}.digests")))
     }
 
@@ -674,7 +595,7 @@ impl Filemq {
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
         for (vpath, digest) in creates {
-            if conn.known.get(&vpath) != cache::digest(&digest).as_ref() {
+            if conn.known.get(&vpath) != Digest::parse(&digest).as_ref() {
                 conn.enqueue(&vpath, Op::Create);
             }
         }
@@ -797,7 +718,7 @@ impl Filemq {
                         for _ in 0..count {
                             let msg = FilemqMsg::Cheezburger {
                                 sequence: conn.next_sequence(),
-                                operation: CREATE,
+                                operation: Operation::Create,
                                 filename: LongStr::default(),
                                 offset: 0,
                                 eof: 1,
@@ -834,7 +755,7 @@ impl Filemq {
         conn.known.remove(vpath);
         let msg = FilemqMsg::Cheezburger {
             sequence: conn.next_sequence(),
-            operation: DELETE,
+            operation: Operation::Delete,
             filename: LongStr::from(vpath),
             offset: 0,
             eof: 0,
@@ -852,7 +773,7 @@ impl Filemq {
             return;
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        if conn.known.get(&vpath).is_some_and(|held| Some(*held) == cache::digest(&meta.digest)) {
+        if conn.known.get(&vpath).is_some_and(|held| Some(*held) == Digest::parse(&meta.digest)) {
             return;
         }
         let offset = match conn.resume.remove(&meta.digest) {
@@ -880,7 +801,7 @@ impl Filemq {
         let Some(transfer) = conn.current.take() else { return };
         let msg = FilemqMsg::Cheezburger {
             sequence: conn.next_sequence(),
-            operation: CREATE,
+            operation: Operation::Create,
             filename: LongStr::from(transfer.vpath.as_str()),
             offset: transfer.meta.size,
             eof: 1,
@@ -888,7 +809,7 @@ impl Filemq {
             chunk: Chunk::default(),
         };
         send(out, id, &msg);
-        if let Some(digest) = cache::digest(&transfer.meta.digest) {
+        if let Some(digest) = Digest::parse(&transfer.meta.digest) {
             conn.known.insert(transfer.vpath, digest);
         }
         self.files_sent += 1;
@@ -910,7 +831,7 @@ impl Filemq {
                 let len = data.len() as u64;
                 let msg = FilemqMsg::Cheezburger {
                     sequence: conn.sequence,
-                    operation: CREATE,
+                    operation: Operation::Create,
                     filename: LongStr::from(transfer.vpath.as_str()),
                     offset: transfer.offset,
                     eof: 0,
@@ -998,7 +919,7 @@ impl Filemq {
         &mut self,
         id: ConnId,
         path: &str,
-        known: BTreeMap<String, cache::Digest>,
+        known: BTreeMap<String, Digest>,
         out: &mut Vec<Action>,
     ) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
@@ -1029,9 +950,16 @@ impl Filemq {
             tracing::debug!(conn = id.0, why, "filemq refuses a subscription");
             send(out, id, &FilemqMsg::Srsly { reason: ShortStr::lossy(why) });
         };
-        let Some(path) = std::str::from_utf8(path.as_bytes()).ok().and_then(normalise_vpath) else {
-            refuse(out, "the path must start with / and have no empty, . or .. parts");
+        let Ok(text) = std::str::from_utf8(path.as_bytes()) else {
+            refuse(out, "the path is not UTF-8");
             return None;
+        };
+        let path = match vpath::normalise(text) {
+            Ok(path) => path,
+            Err(why) => {
+                refuse(out, &format!("the path {why}"));
+                return None;
+            }
         };
         let max = self.config.max_subscriptions;
         let conn = self.conns.get_mut(&id)?;
@@ -1048,7 +976,7 @@ impl Filemq {
         if let Some(value) = options.get(ext::RESUME) {
             // The client lists every partial file it holds: this replaces
             // any earlier list.
-            conn.resume = parse_resume(value).into_iter().take(MAX_RESUME).collect();
+            conn.resume = ext::parse_resume(value.as_bytes()).into_iter().take(MAX_RESUME).collect();
         }
         // The client re-subscribes when it lost or refused a file: the one
         // in transfer under this path may be the one, so the cache below,
@@ -1209,8 +1137,9 @@ impl Filemq {
         for word in &words[1..] {
             let (root, alias) =
                 word.rsplit_once("=/").ok_or_else(|| format!("{word:?} is not DIR=/alias"))?;
-            let alias =
-                normalise_vpath(&format!("/{alias}")).ok_or_else(|| format!("bad alias in {word:?}"))?;
+            let alias = vpath::normalise(&format!("/{alias}"))
+                .ok()
+                .ok_or_else(|| format!("bad alias in {word:?}"))?;
             wanted.push((PathBuf::from(root), alias));
         }
         // An alias that stays but moves to another directory keeps its
@@ -1264,7 +1193,7 @@ impl Filemq {
             return Err(format!("{} is not an absolute path", root.display()));
         }
         self.publish(root.clone(), alias, now, out)?;
-        Ok(format!("publishing {} as {}", root.display(), normalise_vpath(alias).unwrap_or_default()))
+        Ok(format!("publishing {} as {}", root.display(), vpath::normalise(alias).unwrap_or_default()))
     }
 
     /// Connections with state (for leak checks).
@@ -1302,7 +1231,7 @@ impl Service for Filemq {
         self.now = Some(now);
         // Sized by its header before anything else: a frame larger than its
         // message can be is dropped unread.
-        if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq_msg::max_client_len(*id)) {
+        if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq::max_client_len(*id)) {
             self.malformed += 1;
             tracing::debug!(conn = conn.0, len = frame.len(), "filemq dropped an oversized frame");
             return;

@@ -6,10 +6,9 @@ use crate::sim::Sim;
 use proptest::prelude::*;
 use std::fs;
 use std::path::Path;
+use zbroker_proto::filemq::Operation::{Create, Delete};
 
-fn hex(text: &str) -> Vec<u8> {
-    text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
-}
+use zbroker_proto::codec::testing::hex;
 
 pub(super) fn config() -> Config {
     Config { stable_age: Duration::ZERO, ..Config::default() }
@@ -21,9 +20,7 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
     fs::write(path, data).unwrap();
 }
 
-pub(super) fn sha1_hex(data: &[u8]) -> String {
-    Sha1::digest(data).iter().map(|b| format!("{b:02X}")).collect()
-}
+pub(super) use zbroker_proto::codec::testing::sha1_hex;
 
 /// A broker publishing a fresh temporary directory as `/`.
 pub(super) fn world(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Sim<Filemq>) {
@@ -95,7 +92,7 @@ fn subscribe(
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Burger {
     sequence: u64,
-    operation: u8,
+    operation: Operation,
     filename: String,
     offset: u64,
     eof: u8,
@@ -128,7 +125,7 @@ fn reassemble(stream: &[Burger]) -> BTreeMap<String, Vec<u8>> {
     for (i, b) in stream.iter().enumerate() {
         assert_eq!(b.sequence, stream[0].sequence + i as u64, "sequence gap at {b:?}");
         match b.operation {
-            DELETE => {
+            Delete => {
                 files.remove(&b.filename);
             }
             _ if b.filename.is_empty() => {}
@@ -219,7 +216,7 @@ fn resync_sends_what_is_published_and_plain_subscribers_get_only_changes() {
         got,
         vec![Burger {
             sequence: 2,
-            operation: DELETE,
+            operation: Delete,
             filename: "/c.txt".into(),
             offset: 0,
             eof: 0,
@@ -298,7 +295,7 @@ fn zero_credit_still_carries_deletes_and_empty_files() {
     let got = burgers(take(&mut sim, 1));
     assert_eq!(
         got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
-        vec![("/gone", DELETE)]
+        vec![("/gone", Delete)]
     );
 }
 
@@ -321,7 +318,7 @@ fn the_cache_spares_what_the_client_holds_and_prunes_what_is_gone() {
     let summary: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
     assert_eq!(
         summary,
-        vec![("/photos/b.txt", CREATE, 0), ("/photos/b.txt", CREATE, 1), ("/photos/stale.txt", DELETE, 0)]
+        vec![("/photos/b.txt", Create, 0), ("/photos/b.txt", Create, 1), ("/photos/stale.txt", Delete, 0)]
     );
 }
 
@@ -359,7 +356,7 @@ fn extended_clients_get_digests_sizes_and_an_in_sync_marker() {
         got[2],
         Burger {
             sequence: 2,
-            operation: CREATE,
+            operation: Create,
             filename: String::new(),
             offset: 0,
             eof: 1,
@@ -397,7 +394,7 @@ fn a_million_deletes_go_out_over_many_passes() {
     send(&mut sim, 1, icanhaz("/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &cache));
     send(&mut sim, 1, nom(1_000_000));
     let deletes = |msgs: Vec<FilemqMsg>| {
-        msgs.iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { operation: DELETE, .. })).count()
+        msgs.iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { operation: Delete, .. })).count()
     };
     let first = deletes(take(&mut sim, 1));
     assert!((1000..=1100).contains(&first), "one pass sends a batch, not everything: {first}");
@@ -436,7 +433,7 @@ fn a_misspelled_path_deletes_nothing() {
     let got = burgers(
         take(&mut sim, 1).into_iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { .. })).collect(),
     );
-    assert!(got.iter().any(|b| b.operation == DELETE && b.filename == "/photos/gone.jpg"), "{got:?}");
+    assert!(got.iter().any(|b| b.operation == Delete && b.filename == "/photos/gone.jpg"), "{got:?}");
 }
 
 #[test]
@@ -738,7 +735,7 @@ fn a_reloaded_mount_list_publishes_and_unpublishes() {
     let got = burgers(take(&mut sim, 1));
     assert_eq!(
         got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
-        vec![("/photos/p", DELETE)]
+        vec![("/photos/p", Delete)]
     );
     assert_eq!(sim.service.status()["mounts"].as_array().unwrap().len(), 1);
     assert_eq!(sim.watched.len(), 1, "the dropped mount is no longer watched");
@@ -848,7 +845,7 @@ struct PatchModel {
     /// (name, size, offset)
     current: Option<(String, usize, usize)>,
     credit: u64,
-    sent: Vec<(String, u8, u64, usize, u8)>,
+    sent: Vec<(String, Operation, u64, usize, u8)>,
 }
 
 impl PatchModel {
@@ -865,7 +862,7 @@ impl PatchModel {
         loop {
             if let Some((name, size, offset)) = self.current.clone() {
                 if offset == size {
-                    self.sent.push((name, CREATE, size as u64, 0, 1));
+                    self.sent.push((name, Create, size as u64, 0, 1));
                     self.current = None;
                     continue;
                 }
@@ -873,7 +870,7 @@ impl PatchModel {
                     return;
                 }
                 let len = 1000u64.min(self.credit).min((size - offset) as u64) as usize;
-                self.sent.push((name.clone(), CREATE, offset as u64, len, 0));
+                self.sent.push((name.clone(), Create, offset as u64, len, 0));
                 self.credit -= len as u64;
                 self.current = Some((name, size, offset + len));
                 continue;
@@ -881,7 +878,7 @@ impl PatchModel {
             let Some(name) = self.queue.pop_front() else { return };
             let Some(create) = self.ops.remove(&name) else { continue };
             if !create {
-                self.sent.push((name, DELETE, 0, 0, 0));
+                self.sent.push((name, Delete, 0, 0, 0));
             } else if let Some(size) = self.files.get(&name) {
                 self.current = Some((name, *size, 0));
             }
@@ -957,6 +954,6 @@ fn a_mount_moved_to_another_directory_sends_only_the_difference() {
     assert!(matches!(&reply, Some(Ok(m)) if m.contains("1 moved")), "{reply:?}");
     let got = burgers(take(&mut sim, 1));
     let ops: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
-    assert_eq!(ops, vec![("/new-only", CREATE, 0), ("/new-only", CREATE, 1), ("/old-only", DELETE, 0)]);
+    assert_eq!(ops, vec![("/new-only", Create, 0), ("/new-only", Create, 1), ("/old-only", Delete, 0)]);
     assert_eq!(sim.watched.len(), 1);
 }

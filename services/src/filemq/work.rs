@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use zbroker_client::codec::{Hash, LongStr};
+use zbroker_proto::codec::{Hash, LongStr};
 
 /// A mount, numbered by the service. Never reused while the broker runs.
 pub type MountId = u32;
@@ -96,7 +96,7 @@ pub enum Job {
 /// What a connection knew (and a prepared stale list), to be freed off
 /// the loop.
 #[derive(Clone)]
-pub struct Garbage(pub BTreeMap<String, super::cache::Digest>, pub Vec<String>);
+pub struct Garbage(pub BTreeMap<String, zbroker_proto::digest::Digest>, pub Vec<String>);
 
 impl std::fmt::Debug for Garbage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,7 +145,7 @@ pub struct Prepared {
     /// Virtual path → upper-case digest of what the client holds under
     /// `path` (its cache, normalised; bad entries left out). Empty if the
     /// path is not acceptable.
-    pub known: BTreeMap<String, super::cache::Digest>,
+    pub known: BTreeMap<String, zbroker_proto::digest::Digest>,
     /// With RESYNC, once every mount under the path has been scanned: the
     /// cached files that the mounts as they were did not publish
     /// (candidates for deletes, checked again on the loop).

@@ -41,10 +41,10 @@ use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use zbroker_client::byte_queue::ByteQueue;
-use zbroker_client::codec::{Chunk, ShortStr};
-use zbroker_client::zpipes_msg::PARTIAL_READ;
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::byte_queue::ByteQueue;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::zpipes::PARTIAL_READ;
+use zbroker_proto::ZpipesMsg;
 
 /// Settings of the ZPIPES service.
 #[derive(Debug, Clone)]
@@ -700,7 +700,7 @@ impl Service for Zpipes {
         let oversized = frame
             .get(2)
             .and_then(|id| ZpipesMsg::max_len(*id))
-            .is_some_and(|max| frame.len() > max + zbroker_client::codec::TRAILING_SLACK);
+            .is_some_and(|max| frame.len() > max + zbroker_proto::codec::TRAILING_SLACK);
         if oversized {
             self.malformed += 1;
             tracing::debug!(conn = conn.0, len = frame.len(), "zpipes dropped an oversized frame");

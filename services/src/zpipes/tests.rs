@@ -491,7 +491,7 @@ proptest! {
             prop_assert!(w.0.service.queued_bytes() <= 4 * 64);
             for c in 1..=4 {
                 for reply in w.recv(c) {
-                    prop_assert!(!reply.is_request());
+                    prop_assert!(!reply.sender().client_may_send());
                 }
             }
         }

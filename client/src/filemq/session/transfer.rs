@@ -9,7 +9,7 @@ impl<W: Wire> Session<'_, W> {
     pub(super) fn on_cheezburger(
         &mut self,
         sequence: u64,
-        operation: u8,
+        operation: Operation,
         name: &[u8],
         offset: u64,
         eof: u8,
@@ -38,12 +38,16 @@ impl<W: Wire> Session<'_, W> {
         // make of them: counting only what we keep would drift (spec §7).
         self.credit -= chunk.len() as u64;
         match operation {
-            CREATE if name.is_empty() => self.on_marker(headers)?,
+            Operation::Create if name.is_empty() => self.on_marker(headers)?,
             // The original server marks the end with an empty chunk only.
-            CREATE => self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?,
+            Operation::Create => {
+                self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?
+            }
             // Offset and chunk of a delete may be stale (spec §14).
-            DELETE => self.on_delete(name)?,
-            other => self.oddity(format_args!("ignoring a CHEEZBURGER with operation {other}")),
+            Operation::Delete => self.on_delete(name)?,
+            Operation::Other(code) => {
+                self.oddity(format_args!("ignoring a CHEEZBURGER with operation {code}"))
+            }
         }
         self.top_up()
     }
@@ -51,7 +55,7 @@ impl<W: Wire> Session<'_, W> {
     /// The in-sync marker: everything the last RESYNC for a path asked
     /// for has come.
     fn on_marker(&mut self, headers: &Hash) -> Result<(), End> {
-        let Some(synced) = headers.get("X-SYNCED") else {
+        let Some(synced) = headers.get(ext::SYNCED) else {
             self.oddity(format_args!("ignoring a CHEEZBURGER without a filename"));
             return Ok(());
         };
@@ -66,7 +70,7 @@ impl<W: Wire> Session<'_, W> {
         let path = subs[sub].clone();
         // Our server says whether anything is published there at all; a
         // server that does not say is taken to publish the path.
-        let published = headers.get(PUBLISHED).is_none_or(|v| v.as_bytes() != b"0");
+        let published = headers.get(ext::PUBLISHED).is_none_or(|v| v.as_bytes() != b"0");
         self.markers_due[sub] = self.markers_due[sub].saturating_sub(1);
         if self.markers_due[sub] > 0 || self.resubscribe_at[sub].is_some() {
             // A later RESYNC (a file being fetched again) was sent, or is
@@ -188,14 +192,14 @@ impl<W: Wire> Session<'_, W> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why).map(|()| None),
         };
-        let digest = match headers.get("X-SHA1") {
+        let digest = match headers.get(ext::SHA1) {
             None => None,
-            Some(text) => match inbox::parse_digest(text.as_bytes()) {
+            Some(text) => match Digest::normalise(text.as_bytes()) {
                 Some(digest) => Some(digest),
                 None => return self.reject(name, "has a malformed X-SHA1 header").map(|()| None),
             },
         };
-        let size = match headers.get("X-SIZE") {
+        let size = match headers.get(ext::SIZE) {
             None => None,
             Some(text) => match std::str::from_utf8(text.as_bytes()).ok().and_then(|t| t.parse::<u64>().ok())
             {
@@ -339,5 +343,5 @@ impl Skipping {
 /// A chunk's `X-SHA1`: `None` if it has none, `Some(None)` if it is
 /// malformed.
 fn said_digest(headers: &Hash) -> Option<Option<String>> {
-    headers.get("X-SHA1").map(|text| inbox::parse_digest(text.as_bytes()))
+    headers.get(ext::SHA1).map(|text| Digest::normalise(text.as_bytes()))
 }

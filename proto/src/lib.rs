@@ -1,0 +1,26 @@
+//! The wire of zbroker's services, and nothing else: no sockets, no files,
+//! no clocks. The broker's services and the clients both speak through it.
+//!
+//! - [`codec`]: the zproto conventions (field types) and `protocol!`, which
+//!   turns one declaration of a protocol into its message type, encoder,
+//!   decoder, size bounds and test strategies.
+//! - [`zpipes`]: the ZPIPES protocol and our trailer extension.
+//! - [`filemq`]: the FILEMQ protocol, its `hash` ceilings, its generations
+//!   and our `X-*` extension keys.
+//! - [`vpath`]: FILEMQ's virtual paths, one set of rules.
+//! - [`digest`]: SHA-1 digests as FILEMQ writes them.
+//! - [`escape`]: how a name a peer chose is shown and stored in line files.
+//! - [`byte_queue`]: a ZPIPES byte stream kept as the chunks it came in.
+//!
+//! `docs/protocol/` describes both protocols in prose.
+
+pub mod byte_queue;
+pub mod codec;
+pub mod digest;
+pub mod escape;
+pub mod filemq;
+pub mod vpath;
+pub mod zpipes;
+
+pub use filemq::FilemqMsg;
+pub use zpipes::ZpipesMsg;
