@@ -183,17 +183,6 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     Ok(config)
 }
 
-/// The largest message a client may legitimately send (the front socket's
-/// `ZMQ_MAXMSGSIZE`): a WRITE of `pipe_limit` bytes, or FILEMQ's largest
-/// ICANHAZ (a million cached files). Each service bounds every other
-/// message by its type, right after its header.
-pub fn max_message_size(pipe_limit: usize) -> i64 {
-    use zbroker_proto::codec::Chunk;
-    use zbroker_proto::zpipes::ZpipesMsg;
-    let write = ZpipesMsg::Write { chunk: Chunk::default(), timeout: 0 }.encoded_len() + pipe_limit;
-    write.max(zbroker_proto::filemq::MAX_CLIENT_MESSAGE) as i64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

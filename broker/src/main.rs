@@ -12,6 +12,7 @@ use zbroker_client::endpoint;
 use zbroker_services::budget::Budget;
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
+use zbroker_services::Service;
 
 /// Examples (each comment line says what the command under it does) and
 /// the exit statuses.
@@ -362,12 +363,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         })?;
     }
     let now = std::time::Instant::now();
-    let mut startup_work = Vec::new();
     for config::Publish { dir, alias } in publish {
         let root = publishable(&dir)?;
-        filemq
-            .publish(root, &alias, now, &mut startup_work)
-            .map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
+        filemq.publish_at_start(root, &alias, now).map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
     }
 
     let max_connections = match args.max_connections.or(file.max_connections) {
@@ -442,26 +440,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let curve_on = curve.is_some();
 
-    let mut endpoints = vec![endpoint::zpipes(&name), endpoint::filemq(&name)];
-    endpoints.extend(binds);
     let settings = reactor::Settings {
         control_endpoint: endpoint::control(&name),
         name: name.clone(),
-        endpoints,
-        // Room for a couple of the largest replies (a READ_OK of the
-        // whole pipe); more means the peer is not reading.
-        // (or the most credit a FILEMQ subscriber may hold, plus a chunk).
-        max_parked_bytes: (2 * pipe_limit).max(fdefaults.max_credit as usize + fdefaults.chunk_size) + 4096,
-        // The largest legitimate message: a WRITE of the pipe limit, or an
-        // ICANHAZ at every ceiling (a million cached files). Each service
-        // then bounds every other message by its type.
-        max_message_size: config::max_message_size(pipe_limit),
+        binds,
         control_token,
         max_connections,
         budget,
     };
     let allow_description = curve.as_ref().map(|c| c.allow.describe());
-    let bound = reactor::Reactor::bind_secure(settings, vec![Box::new(zpipes), Box::new(filemq)], curve);
+    // The services, each registered by one line.
+    let services: Vec<Box<dyn Service>> = vec![Box::new(zpipes), Box::new(filemq)];
+    let bound = reactor::Reactor::bind_secure(settings, services, curve);
     if let Some((_, aside)) = &token_file {
         let result = match &bound {
             Ok(_) => std::fs::rename(aside, aside.with_file_name(CONTROL_TOKEN_FILE)),
@@ -472,8 +462,6 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let mut reactor = bound?;
-    // The FILEMQ service is the second one handed to the reactor.
-    reactor.start_work(1, startup_work);
     // SIGHUP re-reads the config file: its mounts replace the running ones
     // (unless --publish flags, which override the file, were given).
     if let (Some(path), false) = (args.config.clone(), flags_publish) {

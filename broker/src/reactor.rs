@@ -53,7 +53,7 @@ const REFUSAL_LOG_KEYS: usize = 4096;
 const RECV_BATCH: usize = 256;
 /// Bytes a parked frame is counted for beyond its own length (its
 /// allocation and queue slot). Replies parked for one peer that cannot
-/// take them are bounded by `Settings::max_parked_bytes` counted this way;
+/// take them are bounded by the services' `max_parked` counted this way;
 /// past it the peer is treated as gone: it has stopped reading its socket.
 /// Bytes, not frames: a FILEMQ subscriber of small files gets two frames
 /// per file (and a mass delete one per file) whatever its credit.
@@ -64,8 +64,6 @@ const SEND_HWM: i32 = 4;
 /// Front-socket passes between turns for the monitor, control socket and
 /// signal pipe while traffic keeps the front socket busy.
 const PASSES_PER_TURN: u64 = 64;
-/// Threads running disk work (scans, hashing, chunk reads).
-const WORKER_THREADS: usize = 3;
 /// How long a stopping broker waits for acknowledged data to be delivered
 /// before it gives up on it (then replies get `LINGER_MS` to leave).
 const DRAIN_TIME: Duration = Duration::from_secs(3);
@@ -123,15 +121,10 @@ pub struct Curve {
 /// What the operator asked for.
 pub struct Settings {
     pub name: String,
-    /// Endpoints of the front ROUTER (the services' well-known endpoints
-    /// and every `--bind`).
-    pub endpoints: Vec<String>,
+    /// Endpoints of the front ROUTER besides the services' well-known
+    /// local ones (every `--bind`).
+    pub binds: Vec<String>,
     pub control_endpoint: String,
-    /// Most reply bytes parked for one peer before it is dropped.
-    pub max_parked_bytes: usize,
-    /// Largest frame accepted on the front socket; a peer sending a larger
-    /// one is disconnected by libzmq before the frame is buffered.
-    pub max_message_size: i64,
     /// Most peers served at once; a new one beyond it gets its protocol's
     /// refusal to its first message and is not tracked.
     pub max_connections: usize,
@@ -307,6 +300,26 @@ impl Reactor {
         services: Vec<Box<dyn Service>>,
         curve: Option<Curve>,
     ) -> anyhow::Result<Self> {
+        let mut routes = HashMap::new();
+        for (i, service) in services.iter().enumerate() {
+            if let Some(other) = routes.insert(service.signature(), i) {
+                bail!(
+                    "services {} and {} both claim the signature {:#06X}",
+                    services[other].name(),
+                    service.name(),
+                    service.signature()
+                );
+            }
+        }
+        // The largest frame any service takes: a peer sending a larger one
+        // is disconnected by libzmq before the frame is buffered. Each
+        // service then bounds every other message by its type.
+        let max_message_size = services.iter().map(|s| s.max_frame()).max().unwrap_or(0);
+        let max_parked_bytes = services.iter().map(|s| s.max_parked()).max().unwrap_or(0) + 4096;
+        let mut all_endpoints: Vec<String> =
+            services.iter().map(|s| s.local_endpoint(&settings.name)).collect();
+        all_endpoints.extend(settings.binds.iter().cloned());
+
         let context = zmq::Context::new();
 
         // The control endpoint is bound first: abstract-namespace IPC refuses
@@ -328,7 +341,7 @@ impl Reactor {
         front.set_router_mandatory(true)?;
         front.set_sndhwm(SEND_HWM)?;
         front.set_linger(LINGER_MS)?;
-        front.set_maxmsgsize(settings.max_message_size)?;
+        front.set_maxmsgsize(i64::try_from(max_message_size).unwrap_or(i64::MAX))?;
         let monitor_endpoint = format!("inproc://zbroker-monitor-{}", settings.name);
         // With CURVE, failed handshakes too: a client with the wrong server
         // key, or none, never reaches the ZAP handler.
@@ -353,7 +366,7 @@ impl Reactor {
         };
         let secure =
             |endpoint: &str| curve.as_ref().is_some_and(|c| c.ipc || !endpoint.starts_with("ipc://"));
-        let mut endpoints = vec![String::new(); settings.endpoints.len()];
+        let mut endpoints = vec![String::new(); all_endpoints.len()];
         let mut curve_endpoints = Vec::new();
         // libzmq takes a listener's security options when it binds: the open
         // endpoints first, then the front socket becomes a CURVE server for
@@ -365,7 +378,7 @@ impl Reactor {
                 front.set_curve_secretkey(&curve.secret_key)?;
                 front.set_zap_domain(ZAP_DOMAIN)?;
             }
-            for (i, endpoint) in settings.endpoints.iter().enumerate() {
+            for (i, endpoint) in all_endpoints.iter().enumerate() {
                 if secure(endpoint) != with_curve {
                     continue;
                 }
@@ -418,10 +431,10 @@ impl Reactor {
         )?;
 
         let waker = std::sync::Arc::new(mio::Waker::new(registry, WORK_DONE)?);
-        let worker = Worker::start(waker, WORKER_THREADS).context("starting the worker threads")?;
+        let executors = services.iter().map(|s| (s.name(), s.executor())).collect();
+        let worker = Worker::start(waker, executors).context("starting the worker threads")?;
 
-        let routes = services.iter().enumerate().map(|(i, s)| (s.signature(), i)).collect();
-        Ok(Reactor {
+        let mut reactor = Reactor {
             name: settings.name,
             poll,
             front,
@@ -436,7 +449,7 @@ impl Reactor {
             peers: Peers::default(),
             timers: Timers::default(),
             parked: HashMap::new(),
-            max_parked_bytes: settings.max_parked_bytes,
+            max_parked_bytes,
             budget: settings.budget,
             at_budget: false,
             budget_logged: None,
@@ -468,14 +481,14 @@ impl Reactor {
             accepted_addresses: HashMap::new(),
             handshake_failed: None,
             handshake_failures_logged: HashMap::new(),
-        })
-    }
-
-    /// Carries out actions a service produced before the reactor existed
-    /// (the first scans of the mounts given on the command line).
-    pub fn start_work(&mut self, service: usize, actions: Vec<Action>) {
-        self.actions.extend(actions);
-        self.apply(service);
+        };
+        // Each service's work to start with (the first scans).
+        let now = Instant::now();
+        for service in 0..reactor.services.len() {
+            reactor.services[service].start(now, &mut reactor.actions);
+            reactor.apply(service);
+        }
+        Ok(reactor)
     }
 
     /// What SIGHUP does: produce control commands (such as the FILEMQ
@@ -1279,7 +1292,7 @@ impl Reactor {
 
     fn status(&self) -> serde_json::Value {
         let services: serde_json::Map<String, serde_json::Value> =
-            self.services.iter().map(|s| (s.name().to_string(), s.status())).collect();
+            self.services.iter().map(|s| (s.name().to_string(), zbroker_services::status_of(&**s))).collect();
         let mut status = serde_json::json!({
             "name": self.name,
             "version": env!("CARGO_PKG_VERSION"),

@@ -42,6 +42,7 @@ use zbroker_proto::filemq::{
 };
 use zbroker_proto::vpath::covers;
 use zbroker_services::budget::Budget;
+use zbroker_services::filemq::executor::DiskExecutor;
 use zbroker_services::filemq::{Config, Filemq};
 use zbroker_services::sim::Sim;
 use zbroker_services::Service;
@@ -204,7 +205,11 @@ fn any_msg(id: u8, text: Vec<u8>, a: u64, b: u64) -> M {
         4 => M::Nom { credit: a, sequence: b },
         5 => M::Cheezburger {
             sequence: a,
-            operation: b as u8,
+            operation: match b as u8 {
+                1 => Create,
+                2 => Delete,
+                code => Operation::Other(code),
+            },
             filename: long(&text[..split]),
             offset: b >> 8,
             eof: (a >> 8) as u8,
@@ -328,7 +333,7 @@ impl World {
                                     "chunk of {name} at {offset} (eof {eof}, {len} bytes) is not the file's"
                                 );
                             }
-                            other => panic!("operation {other}"),
+                            other => panic!("operation {other:?}"),
                         }
                     }
                 }
@@ -371,7 +376,7 @@ fuzz_target!(|steps: Vec<Step>| {
     };
     let budget = config.budget.clone();
     let mut w = World {
-        sim: Sim::new(Filemq::new(config)),
+        sim: Sim::with_executor(Filemq::new(config), std::sync::Arc::new(DiskExecutor::recording())),
         peers: vec![Peer::default(); CONNS as usize],
         budget: budget.clone(),
     };

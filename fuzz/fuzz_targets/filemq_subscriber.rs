@@ -170,7 +170,7 @@ fn encode(frame: &Frame, sequence: &mut u64) -> Vec<u8> {
             let sequence = seq.unwrap_or_else(&mut next);
             M::Cheezburger {
                 sequence,
-                operation: operation.unwrap_or(if *delete { Delete } else { Create }),
+                operation: operation.map_or(if *delete { Delete } else { Create }, Operation::Other),
                 filename: LongStr(Bytes::from(name.bytes())),
                 offset: *offset as u64,
                 eof: *eof % 2,

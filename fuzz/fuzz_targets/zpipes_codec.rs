@@ -29,7 +29,7 @@ fn check_decode(frame: &[u8]) {
             assert!(frame.starts_with(&encoded), "not canonical: {msg:?}");
             assert_eq!(M::decode(encoded).as_ref(), Ok(&msg));
             assert_eq!(frame[2], msg.id());
-            let _ = (msg.name(), msg.is_request());
+            let _ = (msg.name(), msg.sender());
         }
         Err(error) => {
             let _ = error.to_string();

@@ -569,25 +569,42 @@ macro_rules! protocol {
                 }
             }
 
-            /// A strategy over every message with arbitrary field values.
-            #[cfg(any(test, feature = "testing"))]
-            pub fn arbitrary() -> proptest::strategy::BoxedStrategy<Self> {
-                #[allow(unused_imports)]
-                use $crate::codec::strategy::ArbitraryField;
-                use proptest::strategy::Strategy;
-                let variants: Vec<proptest::strategy::BoxedStrategy<Self>> = vec![ $(
-                    // The leading `Just(())` keeps field-less messages a tuple too.
-                    ( proptest::strategy::Just(()), $( <$fty as ArbitraryField>::strategy(), )* )
-                        .prop_map(|((), $( $field, )* )| $name::$variant { $( $field ),* })
-                        .boxed()
-                ),* ];
-                proptest::strategy::Union::new(variants).boxed()
+            $crate::if_testing! {
+                /// A strategy over every message with arbitrary field values.
+                pub fn arbitrary() -> $crate::proptest::strategy::BoxedStrategy<Self> {
+                    #[allow(unused_imports)]
+                    use $crate::codec::strategy::ArbitraryField;
+                    use $crate::proptest::strategy::Strategy;
+                    let variants: Vec<$crate::proptest::strategy::BoxedStrategy<Self>> = vec![ $(
+                        // The leading `Just(())` keeps field-less messages a tuple too.
+                        ( $crate::proptest::strategy::Just(()), $( <$fty as ArbitraryField>::strategy(), )* )
+                            .prop_map(|((), $( $field, )* )| $name::$variant { $( $field ),* })
+                            .boxed()
+                    ),* ];
+                    $crate::proptest::strategy::Union::new(variants).boxed()
+                }
             }
         }
     };
 }
 
 pub use crate::protocol;
+
+/// What `protocol!` generates for tests (strategies), only where this
+/// crate is built for tests or with its `testing` feature: decided here, not
+/// in the crate that declares a protocol.
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! if_testing {
+    ($($item:tt)*) => { $($item)* };
+}
+#[cfg(not(any(test, feature = "testing")))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! if_testing {
+    ($($item:tt)*) => {};
+}
 
 /// Maps a declaration's `from client|server|either` to a [`Sender`].
 #[doc(hidden)]

@@ -3,6 +3,11 @@
 
 use crate::codec::{Ceiling, Chunk, Field, Hash, LongStr, Reader, ShortStr};
 
+/// The well-known local endpoint of FILEMQ on the broker called `broker`.
+pub fn local_endpoint(broker: &str) -> String {
+    format!("ipc://@/filemq/{broker}")
+}
+
 /// Option keys and header names of our wire extensions, and their values.
 /// A server offers them only to a client that asked with [`ext::ZBROKER`];
 /// the original client never sees one.

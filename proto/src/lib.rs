@@ -22,5 +22,10 @@ pub mod filemq;
 pub mod vpath;
 pub mod zpipes;
 
+/// For the strategies `protocol!` generates in other crates.
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+pub use proptest;
+
 pub use filemq::FilemqMsg;
 pub use zpipes::ZpipesMsg;

@@ -42,6 +42,11 @@ crate::protocol! {
     }
 }
 
+/// The well-known local endpoint of ZPIPES on the broker called `broker`.
+pub fn local_endpoint(broker: &str) -> String {
+    format!("ipc://@/zpipes/{broker}")
+}
+
 /// Our extension of the wire (ARCHITECTURE.md, "ZPIPES: how we extend the
 /// wire"): a trailer after a message's declared fields, which every
 /// decoder (the original's and ours) ignores. A trailer is [`EXT_MAGIC`]

@@ -1,14 +1,42 @@
 //! A simulated world for driving a [`Service`] without sockets: a clock
-//! that moves only when told, a timer table, and per-connection inboxes of
-//! the frames the service sent. Unit tests, property tests and fuzz targets
-//! share it.
+//! that moves only when told, a timer table, per-connection inboxes of the
+//! frames the service sent, and an injected [`Executor`] that runs the
+//! service's work inline. Unit tests, property tests and fuzz targets share
+//! it.
 
-use crate::filemq::disk;
-use crate::filemq::work::{Done, Job, MountId};
+use crate::work::{Done, Executor, Job, Reporter};
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+/// Reports an executor makes outside a job's return, kept until the
+/// simulation delivers them.
+#[derive(Default)]
+struct Reports {
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    reports: VecDeque<(u64, Done)>,
+    /// Tags of `report_once` reports among them.
+    tags: HashSet<u64>,
+}
+
+impl Reporter for Reports {
+    fn report(&self, key: u64, done: Done) {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).reports.push_back((key, done));
+    }
+
+    fn report_once(&self, key: u64, tag: u64, done: Done) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiting.tags.insert(tag) {
+            waiting.reports.push_back((key, done));
+        }
+    }
+}
 
 pub struct Sim<S: Service> {
     pub service: S,
@@ -22,14 +50,17 @@ pub struct Sim<S: Service> {
     inboxes: BTreeMap<ConnId, VecDeque<Vec<u8>>>,
     /// Work the service asked for, not yet run.
     work: VecDeque<(u64, Job)>,
-    /// When set, work waits for [`Sim::run_work`]; otherwise it runs (on
-    /// the real disk, inline) as soon as it is asked for.
+    /// When set, work waits for [`Sim::run_work`]; otherwise it runs
+    /// inline as soon as it is asked for.
     pub hold_work: bool,
-    /// Mounts the service asked to watch.
-    pub watched: BTreeMap<MountId, u64>,
+    executor: Option<Arc<dyn Executor>>,
+    /// The same executor, for tests that look into it.
+    executor_any: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    reports: Arc<Reports>,
 }
 
 impl<S: Service> Sim<S> {
+    /// A simulation of a service that asks for no work.
     pub fn new(service: S) -> Self {
         Sim {
             service,
@@ -40,8 +71,22 @@ impl<S: Service> Sim<S> {
             inboxes: BTreeMap::new(),
             work: VecDeque::new(),
             hold_work: false,
-            watched: BTreeMap::new(),
+            executor: None,
+            executor_any: None,
+            reports: Arc::default(),
         }
+    }
+
+    /// A simulation whose work `executor` runs inline (FILEMQ's
+    /// `DiskExecutor::recording()`: the real disk, watches only recorded).
+    pub fn with_executor<E: Executor + 'static>(service: S, executor: Arc<E>) -> Self {
+        let any: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&executor) as _;
+        Sim { executor: Some(executor), executor_any: Some(any), ..Sim::new(service) }
+    }
+
+    /// The executor given to [`Sim::with_executor`], if it is an `E`.
+    pub fn executor<E: Executor + 'static>(&self) -> Option<&E> {
+        self.executor_any.as_ref()?.downcast_ref::<E>()
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
@@ -60,12 +105,6 @@ impl<S: Service> Sim<S> {
                     self.timers.remove(&key);
                     self.next_pass.remove(&key);
                 }
-                Action::Work { key, job: Job::Watch { mount, .. } } => {
-                    self.watched.insert(mount, key);
-                }
-                Action::Work { job: Job::Unwatch { mount }, .. } => {
-                    self.watched.remove(&mount);
-                }
                 Action::Work { key, job } => self.work.push_back((key, job)),
             }
         }
@@ -78,9 +117,21 @@ impl<S: Service> Sim<S> {
     /// order, delivering each outcome before the next job starts.
     pub fn run_work(&mut self) {
         while let Some((key, job)) = self.work.pop_front() {
-            if let Some(done) = disk::run(job) {
+            let executor =
+                self.executor.as_ref().expect("work asked for in a simulation without an executor");
+            let reporter: Arc<dyn Reporter> = Arc::clone(&self.reports) as Arc<dyn Reporter>;
+            if let Some(done) = executor.run(key, job, &reporter) {
                 self.deliver(key, done);
             }
+        }
+    }
+
+    /// Delivers what the executor reported outside a job's return.
+    pub fn deliver_reports(&mut self) {
+        let reports =
+            std::mem::take(&mut *self.reports.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+        for (key, done) in reports.reports {
+            self.deliver(key, done);
         }
     }
 
@@ -156,6 +207,11 @@ impl<S: Service> Sim<S> {
     /// Takes every frame sent to `conn` so far.
     pub fn take_raw(&mut self, conn: u64) -> Vec<Vec<u8>> {
         self.inboxes.get_mut(&ConnId(conn)).map(|q| q.drain(..).collect()).unwrap_or_default()
+    }
+
+    /// The service's part of `zbroker status`, counters included.
+    pub fn status(&self) -> serde_json::Value {
+        crate::status_of(&self.service)
     }
 
     /// Number of armed timers (for leak checks).

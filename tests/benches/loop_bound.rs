@@ -68,14 +68,10 @@ fn main() {
 /// Starts a broker with both services on its own thread (for the rest of
 /// the process), publishing an empty directory.
 fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
-    let pipe_limit = zpipes::Config::default().pipe_limit;
     let settings = Settings {
         name: name.to_string(),
-        endpoints: vec![endpoint::zpipes(name), endpoint::filemq(name)],
+        binds: Vec::new(),
         control_endpoint: endpoint::control(name),
-        max_parked_bytes: 2 * pipe_limit + 4096,
-        // As the zbroker program.
-        max_message_size: zbroker::config::max_message_size(pipe_limit),
         control_token: None,
         max_connections: 100_000,
         budget: Default::default(),
@@ -84,8 +80,7 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
     thread::Builder::new().name("broker".into()).spawn(move || {
         let mut filemq = Filemq::new(filemq::Config::default());
-        let mut startup = Vec::new();
-        if let Err(e) = filemq.publish(root, "/", Instant::now(), &mut startup) {
+        if let Err(e) = filemq.publish_at_start(root, "/", Instant::now()) {
             let _ = bound_tx.send(Err(anyhow::anyhow!(e)));
             return;
         }
@@ -98,7 +93,6 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
                 return;
             }
         };
-        reactor.start_work(1, startup);
         let _ = bound_tx.send(Ok(()));
         if let Err(e) = reactor.run() {
             eprintln!("loop_bound bench: broker failed: {e:#}");

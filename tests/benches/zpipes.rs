@@ -199,11 +199,8 @@ fn start_watchdog(limit: Duration) {
 fn start_broker(name: &str) -> anyhow::Result<()> {
     let settings = Settings {
         name: name.to_string(),
-        endpoints: vec![endpoint::zpipes(name)],
+        binds: Vec::new(),
         control_endpoint: endpoint::control(name),
-        max_parked_bytes: 2 * zpipes::Config::default().pipe_limit + 4096,
-        // As the zbroker program.
-        max_message_size: zbroker::config::max_message_size(zpipes::Config::default().pipe_limit),
         control_token: None,
         max_connections: 100_000,
         budget: Default::default(),

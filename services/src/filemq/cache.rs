@@ -170,7 +170,10 @@ const DISCARD_OFF_LOOP: usize = 10_000;
 pub(super) fn discard(known: BTreeMap<String, Digest>, out: &mut Vec<Action>) {
     if known.len() >= DISCARD_OFF_LOOP {
         // Nobody waits for its outcome: any key will do.
-        out.push(Action::Work { key: u64::MAX, job: Job::Discard(super::work::Garbage(known, Vec::new())) });
+        out.push(Action::Work {
+            key: u64::MAX,
+            job: Box::new(Job::Discard(super::work::Garbage(known, Vec::new()))),
+        });
     }
 }
 
@@ -181,7 +184,7 @@ pub(super) fn discard_prepared(prepared: Prepared, out: &mut Vec<Action>) {
     let stale = prepared.stale.unwrap_or_default();
     if prepared.known.len() + stale.len() >= DISCARD_OFF_LOOP {
         let garbage = super::work::Garbage(prepared.known, stale);
-        out.push(Action::Work { key: u64::MAX, job: Job::Discard(garbage) });
+        out.push(Action::Work { key: u64::MAX, job: Box::new(Job::Discard(garbage)) });
     }
 }
 
@@ -190,7 +193,7 @@ pub(super) fn discard_names(names: Vec<String>, out: &mut Vec<Action>) {
     if names.len() >= DISCARD_OFF_LOOP {
         out.push(Action::Work {
             key: u64::MAX,
-            job: Job::Discard(super::work::Garbage(BTreeMap::new(), names)),
+            job: Box::new(Job::Discard(super::work::Garbage(BTreeMap::new(), names))),
         });
     }
 }

@@ -28,6 +28,7 @@
 
 pub mod cache;
 pub mod disk;
+pub mod executor;
 pub mod work;
 
 #[cfg(test)]
@@ -35,7 +36,7 @@ mod cache_tests;
 #[cfg(test)]
 mod tests;
 
-use crate::{Action, ConnId, Service, TimerKey};
+use crate::{Action, ConnId, Counter, Service, TimerKey};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -268,7 +269,12 @@ pub struct Filemq {
     now: Option<Instant>,
     /// ICANHAZ caches being prepared off the loop, service-wide.
     preparing: cache::Preparing,
+    /// Work for mounts published before the host started ([`Service::start`]).
+    startup: Vec<Action>,
 }
+
+/// Threads the host gives chunk reads (scans and caches have one each).
+const READ_THREADS: usize = 2;
 
 /// Queue entries one pump call sends at most: a queue of a million deletes
 /// (a RESYNC whose cache lists a million files no longer published) goes
@@ -309,6 +315,7 @@ impl Filemq {
             conns: HashMap::new(),
             work: HashMap::new(),
             next_work: 0,
+            startup: Vec::new(),
             bytes_sent: 0,
             files_sent: 0,
             deletes_sent: 0,
@@ -329,14 +336,14 @@ impl Filemq {
     fn untracked_work(&mut self, out: &mut Vec<Action>, job: Job) {
         let key = self.next_work;
         self.next_work += 1;
-        out.push(Action::Work { key, job });
+        out.push(Action::Work { key, job: Box::new(job) });
     }
 
     fn work(&mut self, out: &mut Vec<Action>, what: WorkFor, job: Job) -> u64 {
         let key = self.next_work;
         self.next_work += 1;
         self.work.insert(key, what);
-        out.push(Action::Work { key, job });
+        out.push(Action::Work { key, job: Box::new(job) });
         key
     }
 
@@ -378,6 +385,15 @@ impl Filemq {
         );
         self.start_scan(id, now, out);
         Ok(())
+    }
+
+    /// [`Filemq::publish`] before the host runs: the first scan and the
+    /// watch start with [`Service::start`].
+    pub fn publish_at_start(&mut self, root: PathBuf, alias: &str, now: Instant) -> Result<(), String> {
+        let mut out = std::mem::take(&mut self.startup);
+        let published = self.publish(root, alias, now, &mut out);
+        self.startup = out;
+        published
     }
 
     fn digest_cache(&self, root: &std::path::Path) -> Option<PathBuf> {
@@ -1227,6 +1243,27 @@ impl Service for Filemq {
         FilemqMsg::SIGNATURE
     }
 
+    fn local_endpoint(&self, broker: &str) -> String {
+        filemq::local_endpoint(broker)
+    }
+
+    fn max_frame(&self) -> usize {
+        filemq::MAX_CLIENT_MESSAGE
+    }
+
+    fn max_parked(&self) -> usize {
+        // The most credit a subscriber may hold, plus a chunk.
+        self.config.max_credit as usize + self.config.chunk_size
+    }
+
+    fn executor(&self) -> Option<Arc<dyn crate::work::Executor>> {
+        Some(Arc::new(executor::DiskExecutor::new(READ_THREADS)))
+    }
+
+    fn start(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        out.append(&mut self.startup);
+    }
+
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
         self.now = Some(now);
         // Sized by its header before anything else: a frame larger than its
@@ -1282,8 +1319,13 @@ impl Service for Filemq {
         }
     }
 
-    fn on_work(&mut self, key: u64, done: Done, now: Instant, out: &mut Vec<Action>) {
+    fn on_work(&mut self, key: u64, done: crate::work::Done, now: Instant, out: &mut Vec<Action>) {
         self.now = Some(now);
+        let Ok(done) = done.downcast::<Done>() else {
+            tracing::error!("filemq: the outcome of another service's work");
+            return;
+        };
+        let done = *done;
         let Some(what) = self.work.get(&key).copied() else { return };
         if !matches!(what, WorkFor::Watch { .. }) {
             self.work.remove(&key);
@@ -1411,14 +1453,23 @@ impl Service for Filemq {
         subscribers.sort_by_key(|s| s["connection"].as_u64());
         serde_json::json!({
             "mounts": mounts,
-            "connections": self.conns.len(),
             "subscribers": subscribers,
-            "bytes_sent": self.bytes_sent,
-            "files_sent": self.files_sent,
-            "deletes_sent": self.deletes_sent,
-            "read_errors": self.read_errors,
-            "malformed_frames": self.malformed,
-            "expiry_ms": self.config.expiry.as_millis() as u64,
         })
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        vec![
+            Counter::gauge("connections", "peers connected", self.conns.len() as u64),
+            Counter::total("bytes_sent", "chunk bytes sent to subscribers", self.bytes_sent),
+            Counter::total("files_sent", "files sent whole", self.files_sent),
+            Counter::total("deletes_sent", "deletes sent", self.deletes_sent),
+            Counter::total("read_errors", "chunk reads that failed", self.read_errors),
+            Counter::total("malformed_frames", "frames dropped as malformed", self.malformed),
+            Counter::setting(
+                "expiry_ms",
+                "silence after which a peer is forgotten",
+                self.config.expiry.as_millis() as u64,
+            ),
+        ]
     }
 }

@@ -27,12 +27,22 @@ pub(super) fn world(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Sim<Filemq>)
     world_with(files, config())
 }
 
+/// A simulation running FILEMQ's disk work inline, watches recorded.
+pub(super) fn sim_of(service: Filemq) -> Sim<Filemq> {
+    Sim::with_executor(service, Arc::new(executor::DiskExecutor::recording()))
+}
+
+/// The mounts the service asked to watch, and the key of each.
+fn watched(sim: &Sim<Filemq>) -> BTreeMap<MountId, u64> {
+    sim.executor::<executor::DiskExecutor>().expect("FILEMQ's executor").watched()
+}
+
 pub(super) fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::TempDir, Sim<Filemq>) {
     let dir = tempfile::tempdir().unwrap();
     for (rel, data) in files {
         write(dir.path(), rel, data);
     }
-    let mut sim = Sim::new(Filemq::new(config));
+    let mut sim = sim_of(Filemq::new(config));
     let reply = sim.command(&["PUBLISH", dir.path().to_str().unwrap(), "/"]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     (dir, sim)
@@ -146,8 +156,8 @@ fn reassemble(stream: &[Burger]) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn trigger_rescan(sim: &mut Sim<Filemq>) {
-    let key = *sim.watched.values().next().expect("the mount is watched");
-    sim.deliver(key, Done::Dirty { mount: 0 });
+    let key = *watched(sim).values().next().expect("the mount is watched");
+    sim.deliver(key, Box::new(Done::Dirty { mount: 0 }));
     sim.advance(Duration::from_millis(100));
 }
 
@@ -438,7 +448,7 @@ fn a_misspelled_path_deletes_nothing() {
 
 #[test]
 fn resync_waits_for_the_first_scan() {
-    let mut sim = Sim::new(Filemq::new(config()));
+    let mut sim = sim_of(Filemq::new(config()));
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a", b"abc");
     sim.hold_work = true;
@@ -737,8 +747,8 @@ fn a_reloaded_mount_list_publishes_and_unpublishes() {
         got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
         vec![("/photos/p", Delete)]
     );
-    assert_eq!(sim.service.status()["mounts"].as_array().unwrap().len(), 1);
-    assert_eq!(sim.watched.len(), 1, "the dropped mount is no longer watched");
+    assert_eq!(sim.status()["mounts"].as_array().unwrap().len(), 1);
+    assert_eq!(watched(&sim).len(), 1, "the dropped mount is no longer watched");
 }
 
 /// A reference model of credit and chunking (spec §7–§8 with the §5.1
@@ -955,5 +965,5 @@ fn a_mount_moved_to_another_directory_sends_only_the_difference() {
     let got = burgers(take(&mut sim, 1));
     let ops: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
     assert_eq!(ops, vec![("/new-only", Create, 0), ("/new-only", Create, 1), ("/old-only", Delete, 0)]);
-    assert_eq!(sim.watched.len(), 1);
+    assert_eq!(watched(&sim).len(), 1);
 }

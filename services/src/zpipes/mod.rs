@@ -37,7 +37,7 @@ mod partial_tests;
 mod tests;
 
 use crate::budget::Budget;
-use crate::{Action, ConnId, Service, TimerKey};
+use crate::{Action, ConnId, Counter, Service, TimerKey};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -693,6 +693,21 @@ impl Service for Zpipes {
         ZpipesMsg::SIGNATURE
     }
 
+    fn local_endpoint(&self, broker: &str) -> String {
+        zbroker_proto::zpipes::local_endpoint(broker)
+    }
+
+    fn max_frame(&self) -> usize {
+        // A WRITE of the whole pipe is the largest legitimate request.
+        ZpipesMsg::Write { chunk: Chunk::default(), timeout: 0 }.encoded_len() + self.config.pipe_limit
+    }
+
+    fn max_parked(&self) -> usize {
+        // Room for a couple of the largest replies (a READ_OK of the whole
+        // pipe); more means the peer is not reading.
+        2 * self.config.pipe_limit
+    }
+
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
         // Every message but WRITE (bounded by the pipe limit, answered
         // WRITE_FAILED) has a size its fields bound: a larger frame is
@@ -817,16 +832,28 @@ impl Service for Zpipes {
             })
             .collect();
         pipes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        serde_json::json!({
-            "connections": self.conns.len(),
-            "pipes": pipes,
-            "queued_bytes": self.queued_bytes,
-            "peak_queued_bytes": self.peak_queued_bytes,
-            "waiting_for_memory": self.budget_waiters.len(),
-            "bytes_moved": self.bytes_moved,
-            "malformed_frames": self.malformed,
-            "pipe_limit": self.config.pipe_limit,
-            "expiry_ms": self.config.expiry.as_millis() as u64,
-        })
+        serde_json::json!({ "pipes": pipes })
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        let n = |v: usize| v as u64;
+        vec![
+            Counter::gauge("connections", "peers connected", n(self.conns.len())),
+            Counter::gauge("queued_bytes", "bytes queued for readers", n(self.queued_bytes)),
+            Counter::gauge("peak_queued_bytes", "most bytes ever queued at once", n(self.peak_queued_bytes)),
+            Counter::gauge(
+                "waiting_for_memory",
+                "WRITEs waiting for the memory budget",
+                n(self.budget_waiters.len()),
+            ),
+            Counter::total("bytes_moved", "bytes delivered to readers", self.bytes_moved),
+            Counter::total("malformed_frames", "frames dropped as malformed", self.malformed),
+            Counter::setting("pipe_limit", "most bytes queued for one reader", n(self.config.pipe_limit)),
+            Counter::setting(
+                "expiry_ms",
+                "silence after which a peer is forgotten",
+                self.config.expiry.as_millis() as u64,
+            ),
+        ]
     }
 }
