@@ -29,8 +29,9 @@ use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 use zbroker_client::curve::{self, Key};
+use zbroker_client::escape::escape;
 use zbroker_services::budget::Budget;
-use zbroker_services::{Action, ConnId, Service};
+use zbroker_services::{Action, Answer, ConnId, Service};
 
 const FRONT: Token = Token(0);
 const MONITOR: Token = Token(1);
@@ -76,6 +77,9 @@ const LINGER_MS: i32 = 1000;
 const BUDGET_POLL: Duration = Duration::from_millis(20);
 /// "At the memory budget" is logged at most this often.
 const BUDGET_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Control requests waiting for a service's answer (a mounts file being
+/// saved); more are told the broker is busy.
+const MAX_CONTROL_WAITING: usize = 64;
 
 /// What SIGHUP runs: it returns control commands (words, no token) for
 /// the services, e.g. FILEMQ's `MOUNTS` from a re-read config file.
@@ -139,6 +143,10 @@ pub struct Settings {
     /// `zbroker publish` of the same user reads it from the state
     /// directory); `None` refuses them all.
     pub control_token: Option<String>,
+    /// Where the control token (and the services' state) is kept, told to
+    /// `zbroker status`, so `zbroker publish` finds it however the broker
+    /// was started.
+    pub state_dir: Option<std::path::PathBuf>,
     /// The broker-wide memory budget (the services hold clones): replies
     /// count in it from the moment they are made until libzmq frees them.
     pub budget: Budget,
@@ -211,6 +219,11 @@ pub struct Reactor {
     /// Runs services' disk work off this thread; wakes `WORK_DONE`.
     worker: Worker,
     control_token: Option<String>,
+    state_dir: Option<std::path::PathBuf>,
+    /// Control requests a service answers later, by request number: the
+    /// requester's routing id, or `None` for a SIGHUP's command (logged).
+    control_waiting: HashMap<u64, Option<Vec<u8>>>,
+    next_request: u64,
     max_connections: usize,
     refused_connections: u64,
     /// SIGHUPs handled, and how many of their parts failed.
@@ -246,6 +259,14 @@ pub struct Reactor {
     handshake_failed: Option<String>,
     /// When each (host, reason) of a failed handshake was last logged.
     handshake_failures_logged: HashMap<(String, String), Instant>,
+}
+
+/// A control command's outcome as its JSON reply.
+fn control_reply(result: Result<String, String>) -> serde_json::Value {
+    match result {
+        Ok(message) => serde_json::json!({ "ok": message }),
+        Err(error) => serde_json::json!({ "error": error }),
+    }
 }
 
 /// The remote address of a TCP socket libzmq accepted (`None` if it is
@@ -451,6 +472,9 @@ impl Reactor {
             stop: false,
             worker,
             control_token: settings.control_token,
+            state_dir: settings.state_dir,
+            control_waiting: HashMap::new(),
+            next_request: 0,
             max_connections: settings.max_connections,
             refused_connections: 0,
             draining: None,
@@ -604,21 +628,50 @@ impl Reactor {
             Ok(commands) => {
                 let now = Instant::now();
                 for words in commands {
+                    let request = self.next_request;
+                    self.next_request += 1;
                     for service in 0..self.services.len() {
-                        if let Some(result) = self.services[service].command(&words, now, &mut self.actions) {
-                            self.apply(service);
-                            match result {
-                                Ok(message) => tracing::info!("SIGHUP: {message}"),
-                                Err(error) => {
-                                    self.reload_errors += 1;
-                                    tracing::error!("SIGHUP: {error}")
-                                }
+                        let Some(answer) =
+                            self.services[service].command(request, &words, now, &mut self.actions)
+                        else {
+                            continue;
+                        };
+                        match answer {
+                            Answer::Now(result) => self.reloaded(result),
+                            Answer::Later => {
+                                self.control_waiting.insert(request, None);
                             }
-                            break;
                         }
+                        self.apply(service);
+                        break;
                     }
                 }
             }
+        }
+    }
+
+    /// Logs the outcome of one of SIGHUP's commands.
+    fn reloaded(&mut self, result: Result<String, String>) {
+        match result {
+            Ok(message) => tracing::info!("SIGHUP: {message}"),
+            Err(error) => {
+                self.reload_errors += 1;
+                tracing::error!("SIGHUP: {error}")
+            }
+        }
+    }
+
+    /// A service's later answer to control request `request`: to the
+    /// requester, if it still waits, or to the log for SIGHUP's.
+    fn answer(&mut self, request: u64, result: Result<String, String>) {
+        match self.control_waiting.remove(&request) {
+            Some(Some(routing_id)) => {
+                let reply = control_reply(result).to_string();
+                // A control client that vanished is no loss.
+                let _ = self.control.send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
+            }
+            Some(None) => self.reloaded(result),
+            None => {}
         }
     }
 
@@ -1008,6 +1061,7 @@ impl Reactor {
                 Action::SetTimer { key, at } => self.timers.set((service, key), at),
                 Action::CancelTimer { key } => self.timers.cancel((service, key)),
                 Action::Work { key, job } => self.worker.submit(service, key, job),
+                Action::Reply { request, result } => self.answer(request, result),
             }
         }
         self.actions = actions;
@@ -1242,39 +1296,55 @@ impl Reactor {
         let routing_id = parts.remove(0);
         let words: Vec<String> = parts.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
         let reply = match words.first().map(String::as_str) {
-            Some("STATUS") => self.status().to_string(),
-            _ => self.command(&words).to_string(),
+            Some("STATUS") => self.status(),
+            _ => match self.command(&words, &routing_id) {
+                Some(reply) => reply,
+                None => return Ok(()),
+            },
         };
         // A control client that vanished is no loss.
-        let _ = self.control.send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
+        let _ = self.control.send_multipart([routing_id, reply.to_string().into_bytes()], zmq::DONTWAIT);
         Ok(())
     }
 
     /// A control command for the services (`PUBLISH DIR ALIAS`): the first
-    /// service that knows it answers `{"ok": …}` or `{"error": …}`.
-    fn command(&mut self, words: &[String]) -> serde_json::Value {
+    /// service that knows it answers `{"ok": …}` or `{"error": …}`, now or
+    /// (`None` here) later, through `answer`.
+    fn command(&mut self, words: &[String], routing_id: &[u8]) -> Option<serde_json::Value> {
+        let refuse = |error: &str| Some(serde_json::json!({ "error": error }));
         // The abstract-namespace control socket has no file permissions:
         // anyone on the machine can reach it, so commands that change
         // what is published need the secret only the broker's user can read.
         let (Some(verb), Some(token)) = (words.first(), words.get(1)) else {
-            return serde_json::json!({ "error": "usage: COMMAND TOKEN ARGUMENTS..." });
+            return refuse("usage: COMMAND TOKEN ARGUMENTS...");
         };
         if self.control_token.as_ref() != Some(token) {
-            return serde_json::json!({ "error": "not authorised: the control token does not match (run as the broker's user, with its --state-dir)" });
+            return refuse("not authorised: the control token does not match (run as the broker's user)");
+        }
+        if self.control_waiting.len() >= MAX_CONTROL_WAITING {
+            return refuse("busy: too many control requests waiting; try again");
         }
         let words: Vec<String> = std::iter::once(verb.clone()).chain(words[2..].iter().cloned()).collect();
         let words = &words[..];
         let now = Instant::now();
+        let request = self.next_request;
+        self.next_request += 1;
         for service in 0..self.services.len() {
-            if let Some(result) = self.services[service].command(words, now, &mut self.actions) {
-                self.apply(service);
-                return match result {
-                    Ok(message) => serde_json::json!({ "ok": message }),
-                    Err(error) => serde_json::json!({ "error": error }),
+            if let Some(answer) = self.services[service].command(request, words, now, &mut self.actions) {
+                let reply = match answer {
+                    Answer::Now(result) => Some(control_reply(result)),
+                    Answer::Later => {
+                        self.control_waiting.insert(request, Some(routing_id.to_vec()));
+                        None
+                    }
                 };
+                // After registering the request: the answer may be among
+                // the actions.
+                self.apply(service);
+                return reply;
             }
         }
-        serde_json::json!({ "error": format!("unknown control request {:?}", words.join(" ")) })
+        refuse(&format!("unknown control request {:?}", words.join(" ")))
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1284,6 +1354,7 @@ impl Reactor {
             "name": self.name,
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
+            "state_dir": self.state_dir.as_ref().map(|d| escape(d.as_os_str().as_encoded_bytes())),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "endpoints": self.endpoints,
             "peers": self.peers.len(),

@@ -105,7 +105,8 @@ impl Worker {
     /// with `key`.
     pub fn submit(&mut self, service: usize, key: u64, job: Job) {
         let queue = match job {
-            Job::Read { .. } => &self.reads,
+            // Small, and the operator waits for it: never behind a scan.
+            Job::Read { .. } | Job::SaveMounts { .. } => &self.reads,
             // A large cache takes a second or so: its own thread, so it
             // never waits behind a scan nor holds up a chunk read.
             Job::Icanhaz { .. } | Job::Discard(_) => &self.caches,
@@ -320,6 +321,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
         _ => None,
     };
     let icanhaz = matches!(job, Job::Icanhaz { .. });
+    let save = matches!(job, Job::SaveMounts { .. });
     let panic = match catch_unwind(AssertUnwindSafe(|| run(job))) {
         Ok(done) => return done,
         Err(panic) => panic,
@@ -333,6 +335,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
     Some(match scanned_mount {
         Some(mount) => Done::Scanned { mount, result: Err(format!("scan failed: {why}")) },
         None if icanhaz => Done::Icanhaz(Err(format!("preparing the cache failed: {why}"))),
+        None if save => Done::Saved(Err(format!("saving the mounts failed: {why}"))),
         None => Done::Read(Err(ReadError::Io(format!("read failed: {why}")))),
     })
 }

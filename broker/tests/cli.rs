@@ -135,13 +135,15 @@ fn exit_statuses_are_documented_and_kept() {
         "1  run-time or I/O failure",
         "2  bad command line or config file",
         "3  another broker already runs under this name",
-        "4  status, publish: no broker",
+        "4  status, publish, unpublish: no broker",
+        "5  publish, unpublish: the broker refused",
     ] {
         assert!(table.contains(line), "{table}");
     }
     refused(&["x", "--pipe-limit", "512KiB"], 2, &["at least 1MiB"]);
     assert_eq!(zbroker(&["x", "--pipe-limit", "8furlongs"]).status.code(), Some(2));
     refused(&["status", &unique("absent"), "--timeout", "200"], 4, &["no broker named"]);
+    refused(&["unpublish", &unique("absent"), "/photos"], 4, &["no broker named"]);
     // keygen into a directory that does not exist: one line, said once.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nodir/x");

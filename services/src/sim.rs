@@ -27,6 +27,9 @@ pub struct Sim<S: Service> {
     pub hold_work: bool,
     /// Mounts the service asked to watch.
     pub watched: BTreeMap<MountId, u64>,
+    /// Answers to control commands that came later, by request number.
+    replies: HashMap<u64, Result<String, String>>,
+    next_request: u64,
 }
 
 impl<S: Service> Sim<S> {
@@ -41,6 +44,8 @@ impl<S: Service> Sim<S> {
             work: VecDeque::new(),
             hold_work: false,
             watched: BTreeMap::new(),
+            replies: HashMap::new(),
+            next_request: 0,
         }
     }
 
@@ -59,6 +64,9 @@ impl<S: Service> Sim<S> {
                 Action::CancelTimer { key } => {
                     self.timers.remove(&key);
                     self.next_pass.remove(&key);
+                }
+                Action::Reply { request, result } => {
+                    self.replies.insert(request, result);
                 }
                 Action::Work { key, job: Job::Watch { mount, .. } } => {
                     self.watched.insert(mount, key);
@@ -105,13 +113,31 @@ impl<S: Service> Sim<S> {
         self.apply(out);
     }
 
-    /// Sends a control command, as `zbroker publish` does.
+    /// Sends a control command, as `zbroker publish` does, and returns its
+    /// answer: `None` if the service does not know the command, or (with
+    /// `hold_work`) if the answer waits for work not run yet (then see
+    /// [`Sim::reply`] with [`Sim::last_request`]).
     pub fn command(&mut self, words: &[&str]) -> Option<Result<String, String>> {
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
         let mut out = Vec::new();
-        let reply = self.service.command(&words, self.now, &mut out);
+        let request = self.next_request;
+        self.next_request += 1;
+        let answer = self.service.command(request, &words, self.now, &mut out);
         self.apply(out);
-        reply
+        match answer? {
+            crate::Answer::Now(result) => Some(result),
+            crate::Answer::Later => self.replies.remove(&request),
+        }
+    }
+
+    /// The number of the last control command sent.
+    pub fn last_request(&self) -> u64 {
+        self.next_request.saturating_sub(1)
+    }
+
+    /// The answer that came later to control request `request`, if it has.
+    pub fn reply(&mut self, request: u64) -> Option<Result<String, String>> {
+        self.replies.remove(&request)
     }
 
     /// Delivers a raw frame from `conn`.

@@ -394,6 +394,7 @@ impl Broker {
             max_message_size: zbroker::config::max_message_size(8 << 20),
             // STATUS needs no token; the bench sends nothing else.
             control_token: None,
+            state_dir: None,
             max_connections: 100_000,
             budget: Default::default(),
         };

@@ -77,6 +77,7 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
         // As the zbroker program.
         max_message_size: zbroker::config::max_message_size(pipe_limit),
         control_token: None,
+        state_dir: None,
         max_connections: 100_000,
         budget: Default::default(),
     };
