@@ -325,6 +325,14 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let fdefaults = filemq::Config::default();
     let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
     let state_dir = args.state_dir.or(file.state_dir).or_else(|| default_state_dir(&name));
+    // Absolute: the status tells it to `zbroker publish`, which may run
+    // elsewhere.
+    let state_dir = match state_dir {
+        Some(dir) => {
+            Some(std::path::absolute(&dir).with_context(|| format!("state directory {}", dir.display()))?)
+        }
+        None => None,
+    };
     // Written aside now, put in place only once this broker holds its name
     // (binding the control endpoint): a second broker refused for the same
     // name must not replace the running one's token.

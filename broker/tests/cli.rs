@@ -272,3 +272,22 @@ fn the_readme_config_example_parses_and_names_every_key() {
         );
     }
 }
+
+/// A damaged run-time mounts file stops the broker at start, naming the
+/// file and the line, rather than dropping mounts (and with them, files
+/// downstream).
+#[test]
+fn a_damaged_mounts_file_is_one_line_and_nothing_starts() {
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("mounts");
+    let name = unique("mounts");
+    let dir = state.path().to_str().unwrap();
+    std::fs::write(&file, "zbroker-mounts 1\n/photos /srv/photos\n").unwrap();
+    refused(
+        &[&name, "--state-dir", dir],
+        1,
+        &["run-time mounts: ", "mounts: line 2: expected ALIAS<TAB>DIRECTORY"],
+    );
+    std::fs::write(&file, "zbroker-mounts 2\n").unwrap();
+    refused(&[&name, "--state-dir", dir], 1, &["format 2, written by another version of zbroker"]);
+}

@@ -219,3 +219,60 @@ fn a_longer_alias_hides_the_directory_under_it_and_says_so_once() {
     }));
     drop(subscriber);
 }
+
+/// A restart that finds a kept mount's directory missing keeps the mount
+/// (shown with its error) and deletes nothing downstream; once the
+/// directory is back it is served again. The broker runs elsewhere with a
+/// relative `--state-dir`: the commands still find it.
+#[test]
+fn a_kept_mount_whose_directory_is_missing_stays_and_deletes_nothing() {
+    let work = tempfile::tempdir().unwrap();
+    let (outbox, photos, away, inbox) = (
+        work.path().join("outbox"),
+        work.path().join("photos"),
+        work.path().join("photos.away"),
+        work.path().join("inbox"),
+    );
+    put(&outbox, "a.txt", b"a");
+    put(&photos, "p.jpg", b"jpeg");
+    let name = unique_name("miss");
+    let args = ["--publish", outbox.to_str().unwrap(), "--state-dir", "state", "--stable-age", "100"];
+    let start = || {
+        Broker::start_as_configured(&name, &args, |c| {
+            c.current_dir(work.path());
+        })
+    };
+    let mut broker = start();
+    assert_eq!(broker.status()["state_dir"], work.path().join("state").to_str().unwrap());
+    ok(&["publish", &name, photos.to_str().unwrap(), "/photos"]);
+    let once = || {
+        let out = Command::new(bin("filemq"))
+            .args(["subscribe", "/", "--inbox", inbox.to_str().unwrap(), "--broker", &name])
+            .args(["--once", "--timeout", "20000"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    once();
+    assert_eq!(text(&inbox.join("photos/p.jpg")), "jpeg");
+
+    assert!(broker.terminate().success());
+    std::fs::rename(&photos, &away).unwrap();
+    broker = start();
+    let photos_mount = |broker: &Broker| {
+        let mounts = broker.filemq()["mounts"].as_array().cloned().unwrap_or_default();
+        mounts.into_iter().find(|m| m["alias"] == "/photos").unwrap_or_default()
+    };
+    assert!(wait_until(LIMIT, || photos_mount(&broker)["error"].is_string()), "{}", photos_mount(&broker));
+    assert_eq!(photos_mount(&broker)["origin"], "runtime");
+    let said = once();
+    assert!(!said.contains("deleted"), "{said}");
+    assert_eq!(text(&inbox.join("photos/p.jpg")), "jpeg", "the mirror kept the file");
+
+    std::fs::rename(&away, &photos).unwrap();
+    put(&photos, "q.jpg", b"back");
+    assert!(wait_until(LIMIT, || photos_mount(&broker)["error"].is_null()));
+    once();
+    assert_eq!(text(&inbox.join("photos/q.jpg")), "back");
+}

@@ -572,15 +572,16 @@ impl Filemq {
     }
 
     fn apply_changes(&mut self, id: MountId, alias: &str, changes: &[Change]) {
+        // A file a longer alias hides is not what its path serves (the
+        // rule of `resolve`): its delete must not reach the file that is.
+        let inner = self.nested_in(id);
         for change in changes {
             let (rel, op) = match change {
                 Change::Created(rel) => (rel, Op::Create),
                 Change::Deleted(rel) => (rel, Op::Delete),
             };
             let vpath = join(alias, rel);
-            // A file a longer alias hides is not what its path serves: its
-            // delete must not reach the file that is.
-            if self.resolve(&vpath).map(|(serving, _)| serving) != Some(id) {
+            if inner.iter().any(|a| covers(a, &vpath) && vpath != *a) {
                 continue;
             }
             for conn in self.conns.values_mut() {
@@ -698,7 +699,7 @@ impl Filemq {
     /// in-sync marker says so (`X-PUBLISHED` 0).
     fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, checked: bool, now: Instant) {
         let creates = self.published_under(path);
-        let stale: Vec<String> = if !publishes(&self.mounts, path) {
+        let stale: Vec<String> = if !publishes(&self.mounts, path) || self.unread_under(path) {
             Vec::new()
         } else if checked {
             candidates

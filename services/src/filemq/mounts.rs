@@ -336,6 +336,18 @@ impl Filemq {
             .collect()
     }
 
+    /// The aliases of the mounts that lie inside mount `id`'s tree: under
+    /// them, `id` serves nothing (usually none, so a scan's changes are
+    /// checked against a short list, not every mount).
+    pub(super) fn nested_in(&self, id: MountId) -> Vec<String> {
+        let Some(alias) = self.mounts.get(&id).map(|m| &m.alias) else { return Vec::new() };
+        self.mounts
+            .iter()
+            .filter(|(other, m)| **other != id && covers(alias, &m.alias))
+            .map(|(_, m)| m.alias.clone())
+            .collect()
+    }
+
     /// Logs, once per pair, each mount of which `id` hides files (or that
     /// hides files of `id`): the longest alias wins, and an operator who
     /// published `/extra` over a tree holding `extra/` should know.
@@ -376,12 +388,22 @@ impl Filemq {
         self.runtime.warned.retain(|(outer, inner)| *outer != id && *inner != id);
     }
 
+    /// A mount that may serve files under `path` has not been read since
+    /// the broker started (a kept run-time mount whose directory is
+    /// missing): what it publishes is unknown, so no file there may be
+    /// taken as deleted. Its deletes wait for a RESYNC once it is read.
+    pub(super) fn unread_under(&self, path: &str) -> bool {
+        self.overlapping(path).any(|m| !m.scanned && m.error.is_some())
+    }
+
     /// A mount's first scan is in: what it hides of the mounts around it
     /// is no longer published, so subscribers holding those files are sent
     /// deletes now (a zbroker client deletes only what it delivered).
     pub(super) fn announce_hidden(&mut self, id: MountId) {
         let Some(alias) = self.mounts.get(&id).map(|m| m.alias.clone()) else { return };
-        if !self.mounts.iter().any(|(other, m)| *other != id && covers(&m.alias, &alias)) {
+        if !self.mounts.iter().any(|(other, m)| *other != id && covers(&m.alias, &alias))
+            || self.unread_under(&alias)
+        {
             return;
         }
         let ids: Vec<_> = self.conns.keys().copied().collect();

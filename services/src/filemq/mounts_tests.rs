@@ -3,7 +3,7 @@
 //! paths under it; subscribers are told at once what a mount hides or
 //! reveals).
 
-use super::tests::{config, icanhaz, nom, ohai, send, take, world, world_with};
+use super::tests::{config, icanhaz, nom, ohai, send, sha1_hex, take, world, world_with};
 use super::*;
 use crate::sim::Sim;
 use crate::Service as _;
@@ -197,4 +197,29 @@ fn a_directory_name_that_is_not_utf8_is_kept_whole() {
     let kept = mounts::load(&state.path().join(mounts::FILE_NAME)).unwrap();
     assert_eq!(kept, vec![mounts::Saved { alias: "/cafe".into(), root: odd.clone() }]);
     assert_eq!(subscribe(&mut sim, 1), vec!["+/cafe/menu"]);
+}
+
+/// A kept mount whose directory is missing after a restart has never been
+/// read: a RESYNC must not take its files as deleted (the issue: "a
+/// restart drops it, and the mirrors then delete its files").
+#[test]
+fn a_mount_never_read_deletes_nothing_at_a_resync() {
+    let (_outbox, mut sim) = world(&[("a", b"a")]);
+    let base = tempfile::tempdir().unwrap();
+    let missing = base.path().join("photos");
+    assert!(publish(&mut sim, &missing, "/photos").is_ok());
+    assert!(hides(&sim, "/photos").is_array());
+    let held = [("a", sha1_hex(b"a")), ("photos/p.jpg", sha1_hex(b"jpeg"))];
+    let cache: Vec<(&str, &str)> = held.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let resync = |sim: &mut Sim<Filemq>, conn: u64| {
+        send(sim, conn, ohai());
+        send(sim, conn, icanhaz("/", &[("RESYNC", "1")], &cache));
+        send(sim, conn, nom(1_000_000));
+        events(take(sim, conn))
+    };
+    assert_eq!(resync(&mut sim, 1), Vec::<String>::new(), "nothing deleted while /photos is unread");
+    // Once it can be read (empty), the file is gone for real.
+    std::fs::create_dir(&missing).unwrap();
+    sim.advance(Duration::from_secs(6));
+    assert_eq!(resync(&mut sim, 2), vec!["-/photos/p.jpg"]);
 }
