@@ -9,9 +9,9 @@ pub const FAILURE: u8 = 1;
 pub const USAGE: u8 = 2;
 /// Another broker already runs under this name.
 pub const NAME_TAKEN: u8 = 3;
-/// `zbroker status` / `zbroker publish`: no broker of that name answers.
+/// `zbroker status` / `publish` / `unpublish`: no broker of that name answers.
 pub const NO_BROKER: u8 = 4;
-/// `zbroker publish`: the broker refused the request.
+/// `zbroker publish` / `unpublish`: the broker refused the request.
 pub const REFUSED: u8 = 5;
 
 /// The table as `--help` shows it.
@@ -20,8 +20,8 @@ pub const TABLE: &str = "Exit status:\n  \
     1  run-time or I/O failure (cannot bind, cannot read or write a file or directory)\n  \
     2  bad command line or config file\n  \
     3  another broker already runs under this name\n  \
-    4  status, publish: no broker of that name answers\n  \
-    5  publish: the broker refused the request";
+    4  status, publish, unpublish: no broker of that name answers\n  \
+    5  publish, unpublish: the broker refused the request";
 
 /// Another broker holds the name (the control endpoint is taken).
 #[derive(Debug, thiserror::Error)]

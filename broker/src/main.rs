@@ -2,14 +2,17 @@
 
 use anyhow::{bail, Context as _};
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use zbroker::config::Invalid;
 use zbroker::{config, exit, reactor};
 use zbroker_client::curve::KeyPair;
 use zbroker_client::endpoint;
+use zbroker_proto::escape::{escape, unescape};
 use zbroker_services::budget::Budget;
+use zbroker_services::filemq::mounts::{self, Origin};
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
 use zbroker_services::Service;
@@ -28,6 +31,9 @@ const EXAMPLES: &str = "Examples:\n  \
     --inbox ./mirror --publish ./mirror\n  \
     # machine-readable status\n  \
     zbroker status hub --json\n  \
+    # publish one more directory on the running hub (kept across restarts)\n  \
+    zbroker publish hub /srv/photos /photos\n  \
+    zbroker unpublish hub /photos\n  \
     # CURVE key pair: hub (secret) and hub.pub\n  \
     zbroker keygen /etc/zbroker/hub\n  \
     # TCP clients then need hub.pub and an allowed key\n  \
@@ -48,7 +54,8 @@ const EXAMPLES: &str = "Examples:\n  \
         and every later create, change and delete, reaches them. A second broker with the same \
         name refuses to start. SIGINT or SIGTERM stops it cleanly.\n\n\
         `zbroker status NAME` asks a running broker what it is doing; `zbroker publish NAME DIR \
-        /alias` publishes one more directory at run time.\n\n\
+        /alias` publishes one more directory at run time, kept in the broker's state directory \
+        across reloads and restarts until `zbroker unpublish NAME /alias`.\n\n\
         CURVE: `zbroker keygen PATH` makes a key pair; --curve-secret-key PATH then requires \
         CURVE on the TCP endpoints (clients need PATH.pub, and with --allow-client-key a key \
         of their own that is listed; SIGHUP re-reads the list). The ipc:// endpoints stay \
@@ -151,7 +158,8 @@ enum Command {
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
-    /// Publish a directory to FILEMQ subscribers of a running broker
+    /// Publish a directory to FILEMQ subscribers of a running broker, until unpublished (kept in
+    /// its state directory across reloads and restarts)
     Publish {
         /// Name of the broker
         #[arg(value_name = "NAME")]
@@ -162,7 +170,19 @@ enum Command {
         /// Virtual path subscribers see it under, e.g. / or /photos
         #[arg(value_name = "ALIAS")]
         alias: String,
-        /// The broker's --state-dir, if it was given one (its control token is there)
+        /// Read the control token from DIR [default: the state directory the broker says it uses]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Stop publishing a directory that `zbroker publish` published
+    Unpublish {
+        /// Name of the broker
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The virtual path it was published as, e.g. /photos
+        #[arg(value_name = "ALIAS")]
+        alias: String,
+        /// Read the control token from DIR [default: the state directory the broker says it uses]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -175,6 +195,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
         Some(Command::Publish { name, dir, alias, state_dir }) => publish(&name, &dir, &alias, state_dir),
+        Some(Command::Unpublish { name, alias, state_dir }) => unpublish(&name, &alias, state_dir),
         Some(Command::Keygen { path }) => keygen(&path),
         None => run(cli.run),
     };
@@ -305,11 +326,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let fdefaults = filemq::Config::default();
     let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
     let state_dir = args.state_dir.or(file.state_dir).or_else(|| default_state_dir(&name));
+    // Absolute: the status tells it to `zbroker publish`, which may run
+    // elsewhere.
+    let state_dir = match state_dir {
+        Some(dir) => {
+            Some(std::path::absolute(&dir).with_context(|| format!("state directory {}", dir.display()))?)
+        }
+        None => None,
+    };
     // Written aside now, put in place only once this broker holds its name
     // (binding the control endpoint): a second broker refused for the same
     // name must not replace the running one's token.
     let token_file = match &state_dir {
-        Some(dir) => Some(write_control_token(dir)?),
+        Some(dir) => Some(write_control_token(dir, &name)?),
         None => None,
     };
     let control_token = match &token_file {
@@ -365,8 +394,16 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let now = std::time::Instant::now();
     for config::Publish { dir, alias } in publish {
         let root = publishable(&dir)?;
-        filemq.publish_at_start(root, &alias, now).map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
+        filemq
+            .publish_at_start(root, &alias, Origin::Config, now)
+            .map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
     }
+    // The run-time mounts to write back, if some of the kept ones were
+    // dropped.
+    let runtime_kept = match &state_dir {
+        Some(dir) => restore_runtime_mounts(&mut filemq, dir, now)?,
+        None => None,
+    };
 
     let max_connections = match args.max_connections.or(file.max_connections) {
         Some(0) => {
@@ -445,6 +482,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         name: name.clone(),
         binds,
         control_token,
+        state_dir: state_dir.clone(),
         max_connections,
         budget,
     };
@@ -462,6 +500,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let mut reactor = bound?;
+    // Only once this broker holds its name: a second one refused for it
+    // must not rewrite the running one's file.
+    if let (Some(kept), Some(dir)) = (runtime_kept, &state_dir) {
+        if let Err(e) = mounts::save(&dir.join(mounts::FILE_NAME), &mounts::format(&kept)) {
+            tracing::warn!("run-time mounts: {e}");
+        }
+    }
     // SIGHUP re-reads the config file: its mounts replace the running ones
     // (unless --publish flags, which override the file, were given).
     if let (Some(path), false) = (args.config.clone(), flags_publish) {
@@ -471,8 +516,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             for text in file.publish.unwrap_or_default() {
                 let config::Publish { dir, alias } = config::parse_publish(&text)?;
                 let root = publishable(&dir)?;
-                let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
-                words.push(format!("{root}={alias}"));
+                words.push(format!("{}={alias}", escape(root.as_os_str().as_bytes())));
             }
             tracing::info!("SIGHUP: reloaded {}", path.display());
             Ok(vec![words])
@@ -647,12 +691,49 @@ fn raise_open_file_limit(connections: usize) {
     }
 }
 
+/// Publishes the run-time mounts kept in the state directory. One whose
+/// alias the command line or config file now publishes is dropped with a
+/// warning (they win); the list to save then comes back. One whose
+/// directory is missing stays published (status shows the error;
+/// subscribers delete nothing for it) until `zbroker unpublish`.
+fn restore_runtime_mounts(
+    filemq: &mut Filemq,
+    dir: &Path,
+    now: std::time::Instant,
+) -> anyhow::Result<Option<Vec<mounts::Saved>>> {
+    let saved = mounts::load(&dir.join(mounts::FILE_NAME))
+        .map_err(|e| anyhow::anyhow!("run-time mounts: {e} (fix the file, or remove it to forget them)"))?;
+    let mut dropped = false;
+    for m in saved {
+        let root = escape(m.root.as_os_str().as_bytes());
+        match filemq.publish_at_start(m.root.clone(), &m.alias, Origin::Runtime, now) {
+            Ok(()) if !m.root.is_dir() => tracing::warn!(
+                "run-time mount {}: {root} is not a directory now; it stays published (nothing is deleted \
+                 downstream) until it is back or `zbroker unpublish`",
+                m.alias
+            ),
+            Ok(()) => tracing::info!("run-time mount {} ({root}) restored", m.alias),
+            Err(why) => {
+                tracing::warn!(
+                    "run-time mount {} ({root}) dropped: {why}, by the command line or config file",
+                    m.alias
+                );
+                dropped = true;
+            }
+        }
+    }
+    Ok(dropped.then(|| filemq.runtime_mounts()))
+}
+
 /// The file in the state directory holding the control token.
 const CONTROL_TOKEN_FILE: &str = "control-token";
 
 /// Makes a fresh random control token, readable by this user only, in a
-/// file beside the real one (renamed over it once the broker is up).
-fn write_control_token(dir: &std::path::Path) -> anyhow::Result<(String, PathBuf)> {
+/// file beside the real one (renamed over it once the broker is up). The
+/// file names the broker too (`TOKEN NAME`): `zbroker publish NAME` reads
+/// the directory a broker answering as NAME points to, and must not hand
+/// another broker's token to an impostor.
+fn write_control_token(dir: &std::path::Path, name: &str) -> anyhow::Result<(String, PathBuf)> {
     use std::io::{Read as _, Write as _};
     use std::os::unix::fs::OpenOptionsExt;
     std::fs::create_dir_all(dir)
@@ -669,7 +750,7 @@ fn write_control_token(dir: &std::path::Path) -> anyhow::Result<(String, PathBuf
         .create_new(true)
         .mode(0o600)
         .open(&path)
-        .and_then(|mut f| f.write_all(token.as_bytes()))
+        .and_then(|mut f| f.write_all(format!("{token} {name}\n").as_bytes()))
         .with_context(|| format!("cannot write {}", path.display()))?;
     Ok((token, path))
 }
@@ -691,22 +772,30 @@ fn publishable(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
     Ok(root)
 }
 
-/// Asks a running broker to publish one more directory.
-fn publish(name: &str, dir: &std::path::Path, alias: &str, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+/// How long `publish` and `unpublish` wait for the broker: it answers once
+/// the change is saved to disk.
+const CHANGE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Asks a running broker to publish one more directory, until unpublished.
+fn publish(name: &str, dir: &Path, alias: &str, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
     endpoint::check_name(name)?;
     let root = publishable(dir)?;
-    let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
-    let state_dir = state_dir
-        .or_else(|| default_state_dir(name))
-        .context("no state directory: pass the broker's --state-dir")?;
-    let token_path = state_dir.join(CONTROL_TOKEN_FILE);
-    let token = std::fs::read_to_string(&token_path).with_context(|| {
-        format!(
-            "cannot read the broker's control token {} (run as the broker's user, with its --state-dir)",
-            token_path.display()
-        )
-    })?;
-    let reply = control_request(name, &["PUBLISH", token.trim(), root, alias], Duration::from_secs(2))?;
+    let token = control_token(name, state_dir)?;
+    // Escaped, so that a directory name that is not UTF-8 arrives intact.
+    let root = escape(root.as_os_str().as_bytes());
+    change(name, &["PUBLISH", &token, &root, alias])
+}
+
+/// Asks a running broker to stop publishing a run-time mount.
+fn unpublish(name: &str, alias: &str, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
+    endpoint::check_name(name)?;
+    let token = control_token(name, state_dir)?;
+    change(name, &["UNPUBLISH", &token, alias])
+}
+
+/// Sends a change of the mounts and prints the broker's answer.
+fn change(name: &str, words: &[&str]) -> anyhow::Result<()> {
+    let reply = control_request(name, words, CHANGE_TIMEOUT)?;
     match (reply["ok"].as_str(), reply["error"].as_str()) {
         (Some(ok), _) => {
             println!("{ok}");
@@ -714,6 +803,54 @@ fn publish(name: &str, dir: &std::path::Path, alias: &str, state_dir: Option<Pat
         }
         (_, Some(error)) => Err(exit::Refused(error.to_string()).into()),
         _ => bail!("unexpected reply from the broker: {reply}"),
+    }
+}
+
+/// The control token of the broker `name`: from `--state-dir DIR` if
+/// given, else from the state directory the broker says it uses (its
+/// status: the flag, the config file's `state_dir` or the default,
+/// whatever its environment), else (a broker that does not say) from the
+/// default one.
+fn control_token(name: &str, flag: Option<PathBuf>) -> anyhow::Result<String> {
+    let (dir, told) = match flag {
+        Some(dir) => (dir, false),
+        None => {
+            let status = control_request(name, &["STATUS"], Duration::from_secs(2))?;
+            match status.get("state_dir") {
+                Some(serde_json::Value::String(dir)) => {
+                    let dir = unescape(dir)
+                        .with_context(|| format!("the broker's state_dir {dir:?} is garbled"))?;
+                    (PathBuf::from(std::ffi::OsString::from_vec(dir)), true)
+                }
+                Some(serde_json::Value::Null) => {
+                    return Err(exit::Refused(format!(
+                        "broker {name:?} has no state directory (started without --state-dir or HOME): \
+                         it takes no run-time mounts"
+                    ))
+                    .into())
+                }
+                _ => (
+                    default_state_dir(name).context("no state directory: pass the broker's --state-dir")?,
+                    false,
+                ),
+            }
+        }
+    };
+    let path = dir.join(CONTROL_TOKEN_FILE);
+    let shown = escape(path.as_os_str().as_bytes());
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read the broker's control token {shown} (run as the broker's user)")
+    })?;
+    let mut fields = text.split_whitespace();
+    let token = fields.next().unwrap_or_default().to_string();
+    match fields.next() {
+        Some(owner) if owner != name => {
+            bail!("the control token {shown} belongs to broker {owner:?}, not {name:?}")
+        }
+        None if told => {
+            bail!("the control token {shown} names no broker: it was not written by broker {name:?}")
+        }
+        _ => Ok(token),
     }
 }
 
@@ -859,12 +996,27 @@ fn describe(s: &serde_json::Value) -> String {
                 (None, Some(true)) => format!("{} files, {} bytes", mount["files"], mount["bytes"]),
                 _ => "scanning".to_string(),
             };
+            let hides: String = mount["hides"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|h| h["files"].as_u64().is_some_and(|n| n > 0))
+                .map(|h| {
+                    format!(
+                        "; hides {} file(s) of mount {} in {}",
+                        h["files"],
+                        h["alias"].as_str().unwrap_or("?"),
+                        h["dir"].as_str().unwrap_or("?")
+                    )
+                })
+                .collect();
             let _ = writeln!(
                 out,
-                "  mount {} <- {} ({state}{})",
+                "  mount {} <- {} ({state}{}{}{hides})",
                 mount["alias"].as_str().unwrap_or("?"),
                 mount["root"].as_str().unwrap_or("?"),
-                if mount["watching"].as_bool() == Some(false) { ", polling" } else { "" }
+                if mount["watching"].as_bool() == Some(false) { ", polling" } else { "" },
+                if mount["origin"] == "runtime" { ", run-time" } else { "" }
             );
         }
         for sub in f["subscribers"].as_array().into_iter().flatten() {

@@ -380,7 +380,8 @@ fuzz_target!(|steps: Vec<Step>| {
         peers: vec![Peer::default(); CONNS as usize],
         budget: budget.clone(),
     };
-    let reply = w.sim.command(&["PUBLISH", root, "/"]);
+    // A config mount, which `Step::Mounts` replaces.
+    let reply = w.sim.command(&["MOUNTS", &format!("{root}=/")]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     for step in steps.into_iter().take(300) {
         match step {

@@ -82,10 +82,23 @@ pub enum Action {
     SetTimer { key: TimerKey, at: Instant },
     /// Forget the timer with this key, if any.
     CancelTimer { key: TimerKey },
+    /// The answer to control request `request`, which
+    /// [`Service::command`] left open ([`Answer::Later`]).
+    Reply { request: u64, result: Result<String, String> },
     /// Run `job` off the event loop, on the service's [`Service::executor`];
     /// its outcome comes back through [`Service::on_work`] with the same
     /// `key`.
     Work { key: u64, job: work::Job },
+}
+
+/// What a service says to a control command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The reply (`Err` is shown to the operator as the failure).
+    Now(Result<String, String>),
+    /// The reply comes later as an [`Action::Reply`] with the request's
+    /// number: the command waits for work off the loop (a file saved).
+    Later,
 }
 
 /// A protocol service hosted by the reactor.
@@ -125,15 +138,16 @@ pub trait Service {
         let _ = (key, done, now, out);
     }
     /// A command from the control endpoint (`zbroker publish …`), split into
-    /// words. `None` if this service does not know it; otherwise the reply
-    /// (`Err` is shown to the operator as the failure).
+    /// words, numbered `request` by the host. `None` if this service does
+    /// not know it; otherwise its answer, now or later.
     fn command(
         &mut self,
+        request: u64,
         words: &[String],
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Option<Result<String, String>> {
-        let _ = (words, now, out);
+    ) -> Option<Answer> {
+        let _ = (request, words, now, out);
         None
     }
     /// The protocol's "no" to the first frame of a connection the broker

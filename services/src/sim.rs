@@ -57,6 +57,9 @@ pub struct Sim<S: Service> {
     /// The same executor, for tests that look into it.
     executor_any: Option<Arc<dyn std::any::Any + Send + Sync>>,
     reports: Arc<Reports>,
+    /// Answers to control commands that came later, by request number.
+    replies: HashMap<u64, Result<String, String>>,
+    next_request: u64,
 }
 
 impl<S: Service> Sim<S> {
@@ -74,6 +77,8 @@ impl<S: Service> Sim<S> {
             executor: None,
             executor_any: None,
             reports: Arc::default(),
+            replies: HashMap::new(),
+            next_request: 0,
         }
     }
 
@@ -104,6 +109,9 @@ impl<S: Service> Sim<S> {
                 Action::CancelTimer { key } => {
                     self.timers.remove(&key);
                     self.next_pass.remove(&key);
+                }
+                Action::Reply { request, result } => {
+                    self.replies.insert(request, result);
                 }
                 Action::Work { key, job } => self.work.push_back((key, job)),
             }
@@ -156,13 +164,31 @@ impl<S: Service> Sim<S> {
         self.apply(out);
     }
 
-    /// Sends a control command, as `zbroker publish` does.
+    /// Sends a control command, as `zbroker publish` does, and returns its
+    /// answer: `None` if the service does not know the command, or (with
+    /// `hold_work`) if the answer waits for work not run yet (then see
+    /// [`Sim::reply`] with [`Sim::last_request`]).
     pub fn command(&mut self, words: &[&str]) -> Option<Result<String, String>> {
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
         let mut out = Vec::new();
-        let reply = self.service.command(&words, self.now, &mut out);
+        let request = self.next_request;
+        self.next_request += 1;
+        let answer = self.service.command(request, &words, self.now, &mut out);
         self.apply(out);
-        reply
+        match answer? {
+            crate::Answer::Now(result) => Some(result),
+            crate::Answer::Later => self.replies.remove(&request),
+        }
+    }
+
+    /// The number of the last control command sent.
+    pub fn last_request(&self) -> u64 {
+        self.next_request.saturating_sub(1)
+    }
+
+    /// The answer that came later to control request `request`, if it has.
+    pub fn reply(&mut self, request: u64) -> Option<Result<String, String>> {
+        self.replies.remove(&request)
     }
 
     /// Delivers a raw frame from `conn`.

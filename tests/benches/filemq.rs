@@ -390,6 +390,7 @@ impl Broker {
             control_endpoint: endpoint::control(&name),
             // STATUS needs no token; the bench sends nothing else.
             control_token: None,
+            state_dir: None,
             max_connections: 100_000,
             budget: Default::default(),
         };
@@ -405,7 +406,9 @@ impl Broker {
                 let now = Instant::now();
                 for (root, alias) in mounts {
                     let root = std::fs::canonicalize(&root).expect("a published tree is missing");
-                    filemq.publish_at_start(root, alias, now).expect("cannot publish a tree");
+                    filemq
+                        .publish_at_start(root, alias, zbroker_services::filemq::mounts::Origin::Config, now)
+                        .expect("cannot publish a tree");
                 }
                 let mut reactor = match Reactor::bind(settings, vec![Box::new(filemq)]) {
                     Ok(reactor) => reactor,

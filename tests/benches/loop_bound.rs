@@ -73,6 +73,7 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
         binds: Vec::new(),
         control_endpoint: endpoint::control(name),
         control_token: None,
+        state_dir: None,
         max_connections: 100_000,
         budget: Default::default(),
     };
@@ -80,7 +81,12 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
     thread::Builder::new().name("broker".into()).spawn(move || {
         let mut filemq = Filemq::new(filemq::Config::default());
-        if let Err(e) = filemq.publish_at_start(root, "/", Instant::now()) {
+        if let Err(e) = filemq.publish_at_start(
+            root,
+            "/",
+            zbroker_services::filemq::mounts::Origin::Config,
+            Instant::now(),
+        ) {
             let _ = bound_tx.send(Err(anyhow::anyhow!(e)));
             return;
         }

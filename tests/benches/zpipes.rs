@@ -202,6 +202,7 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         binds: Vec::new(),
         control_endpoint: endpoint::control(name),
         control_token: None,
+        state_dir: None,
         max_connections: 100_000,
         budget: Default::default(),
     };

@@ -95,9 +95,19 @@ impl Broker {
     /// `start_named`, with `configure` applied to the command last (to
     /// capture its standard error, say).
     pub fn start_with(name: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Broker {
+        Self::spawn(name, args, !args.contains(&"--state-dir"), configure)
+    }
+
+    /// `start_with`, without a `--state-dir` of the harness's: the test's
+    /// config file (or the default) says where the state goes.
+    pub fn start_as_configured(name: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Broker {
+        Self::spawn(name, args, false, configure)
+    }
+
+    fn spawn(name: &str, args: &[&str], own_state: bool, configure: impl FnOnce(&mut Command)) -> Broker {
         let mut command = Command::new(bin("zbroker"));
         command.arg(name).args(args);
-        let state = if args.contains(&"--state-dir") {
+        let state = if !own_state {
             None
         } else {
             let dir = tempfile::tempdir().expect("a state directory");

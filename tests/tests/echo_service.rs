@@ -108,6 +108,7 @@ fn settings(name: &str) -> Settings {
         binds: Vec::new(),
         control_endpoint: endpoint::control(name),
         control_token: None,
+        state_dir: None,
         max_connections: 100,
         budget: Default::default(),
     }

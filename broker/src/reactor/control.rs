@@ -11,6 +11,14 @@ pub type Reload = Box<dyn FnMut() -> anyhow::Result<Vec<Vec<String>>>>;
 /// What SIGHUP runs as well when CURVE is on: the new allow-list.
 pub type AllowReload = Box<dyn FnMut() -> anyhow::Result<Allow>>;
 
+/// A control command's outcome as its JSON reply.
+fn control_reply(result: Result<String, String>) -> serde_json::Value {
+    match result {
+        Ok(message) => serde_json::json!({ "ok": message }),
+        Err(error) => serde_json::json!({ "error": error }),
+    }
+}
+
 impl Reactor {
     /// What SIGHUP does: produce control commands (such as the FILEMQ
     /// `MOUNTS` list from a re-read config file) to hand to the services.
@@ -60,21 +68,50 @@ impl Reactor {
             Ok(commands) => {
                 let now = Instant::now();
                 for words in commands {
+                    let request = self.next_request;
+                    self.next_request += 1;
                     for service in 0..self.services.len() {
-                        if let Some(result) = self.services[service].command(&words, now, &mut self.actions) {
-                            self.apply(service);
-                            match result {
-                                Ok(message) => tracing::info!("SIGHUP: {message}"),
-                                Err(error) => {
-                                    self.reload_errors += 1;
-                                    tracing::error!("SIGHUP: {error}")
-                                }
+                        let Some(answer) =
+                            self.services[service].command(request, &words, now, &mut self.actions)
+                        else {
+                            continue;
+                        };
+                        match answer {
+                            Answer::Now(result) => self.reloaded(result),
+                            Answer::Later => {
+                                self.control_waiting.insert(request, None);
                             }
-                            break;
                         }
+                        self.apply(service);
+                        break;
                     }
                 }
             }
+        }
+    }
+
+    /// Logs the outcome of one of SIGHUP's commands.
+    fn reloaded(&mut self, result: Result<String, String>) {
+        match result {
+            Ok(message) => tracing::info!("SIGHUP: {message}"),
+            Err(error) => {
+                self.reload_errors += 1;
+                tracing::error!("SIGHUP: {error}")
+            }
+        }
+    }
+
+    /// A service's later answer to control request `request`: to the
+    /// requester, if it still waits, or to the log for SIGHUP's.
+    pub(super) fn answer(&mut self, request: u64, result: Result<String, String>) {
+        match self.control_waiting.remove(&request) {
+            Some(Some(routing_id)) => {
+                let reply = control_reply(result).to_string();
+                // A control client that vanished is no loss.
+                let _ = self.control.send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
+            }
+            Some(None) => self.reloaded(result),
+            None => {}
         }
     }
 
@@ -93,39 +130,55 @@ impl Reactor {
         let routing_id = parts.remove(0);
         let words: Vec<String> = parts.iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect();
         let reply = match words.first().map(String::as_str) {
-            Some("STATUS") => self.status().to_string(),
-            _ => self.command(&words).to_string(),
+            Some("STATUS") => self.status(),
+            _ => match self.command(&words, &routing_id) {
+                Some(reply) => reply,
+                None => return Ok(()),
+            },
         };
         // A control client that vanished is no loss.
-        let _ = self.control.send_multipart([routing_id, reply.into_bytes()], zmq::DONTWAIT);
+        let _ = self.control.send_multipart([routing_id, reply.to_string().into_bytes()], zmq::DONTWAIT);
         Ok(())
     }
 
     /// A control command for the services (`PUBLISH DIR ALIAS`): the first
-    /// service that knows it answers `{"ok": …}` or `{"error": …}`.
-    pub(super) fn command(&mut self, words: &[String]) -> serde_json::Value {
+    /// service that knows it answers `{"ok": …}` or `{"error": …}`, now or
+    /// (`None` here) later, through `answer`.
+    pub(super) fn command(&mut self, words: &[String], routing_id: &[u8]) -> Option<serde_json::Value> {
+        let refuse = |error: &str| Some(serde_json::json!({ "error": error }));
         // The abstract-namespace control socket has no file permissions:
         // anyone on the machine can reach it, so commands that change
         // what is published need the secret only the broker's user can read.
         let (Some(verb), Some(token)) = (words.first(), words.get(1)) else {
-            return serde_json::json!({ "error": "usage: COMMAND TOKEN ARGUMENTS..." });
+            return refuse("usage: COMMAND TOKEN ARGUMENTS...");
         };
         if self.control_token.as_ref() != Some(token) {
-            return serde_json::json!({ "error": "not authorised: the control token does not match (run as the broker's user, with its --state-dir)" });
+            return refuse("not authorised: the control token does not match (run as the broker's user)");
+        }
+        if self.control_waiting.len() >= MAX_CONTROL_WAITING {
+            return refuse("busy: too many control requests waiting; try again");
         }
         let words: Vec<String> = std::iter::once(verb.clone()).chain(words[2..].iter().cloned()).collect();
         let words = &words[..];
         let now = Instant::now();
+        let request = self.next_request;
+        self.next_request += 1;
         for service in 0..self.services.len() {
-            if let Some(result) = self.services[service].command(words, now, &mut self.actions) {
-                self.apply(service);
-                return match result {
-                    Ok(message) => serde_json::json!({ "ok": message }),
-                    Err(error) => serde_json::json!({ "error": error }),
+            if let Some(answer) = self.services[service].command(request, words, now, &mut self.actions) {
+                let reply = match answer {
+                    Answer::Now(result) => Some(control_reply(result)),
+                    Answer::Later => {
+                        self.control_waiting.insert(request, Some(routing_id.to_vec()));
+                        None
+                    }
                 };
+                // After registering the request: the answer may be among
+                // the actions.
+                self.apply(service);
+                return reply;
             }
         }
-        serde_json::json!({ "error": format!("unknown control request {:?}", words.join(" ")) })
+        refuse(&format!("unknown control request {:?}", words.join(" ")))
     }
 
     pub(super) fn status(&self) -> serde_json::Value {
@@ -135,6 +188,7 @@ impl Reactor {
             "name": self.name,
             "version": env!("CARGO_PKG_VERSION"),
             "pid": std::process::id(),
+            "state_dir": self.state_dir.as_ref().map(|d| escape(d.as_os_str().as_encoded_bytes())),
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "endpoints": self.endpoints,
             "peers": self.peers.len(),

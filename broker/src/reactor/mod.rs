@@ -40,8 +40,9 @@ use std::time::{Duration, Instant};
 use zap::{handshake_protocol_error, peer_address};
 pub use zap::{Allow, Curve};
 use zbroker_client::curve::{self, Key};
+use zbroker_proto::escape::escape;
 use zbroker_services::budget::Budget;
-use zbroker_services::{Action, ConnId, Service};
+use zbroker_services::{Action, Answer, ConnId, Service};
 
 const FRONT: Token = Token(0);
 const MONITOR: Token = Token(1);
@@ -85,6 +86,9 @@ const LINGER_MS: i32 = 1000;
 const BUDGET_POLL: Duration = Duration::from_millis(20);
 /// "At the memory budget" is logged at most this often.
 const BUDGET_LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Control requests waiting for a service's answer (a mounts file being
+/// saved); more are told the broker is busy.
+const MAX_CONTROL_WAITING: usize = 64;
 
 /// What the operator asked for.
 pub struct Settings {
@@ -100,6 +104,10 @@ pub struct Settings {
     /// `zbroker publish` of the same user reads it from the state
     /// directory); `None` refuses them all.
     pub control_token: Option<String>,
+    /// Where the control token (and the services' state) is kept, told to
+    /// `zbroker status`, so `zbroker publish` finds it however the broker
+    /// was started.
+    pub state_dir: Option<std::path::PathBuf>,
     /// The broker-wide memory budget (the services hold clones): replies
     /// count in it from the moment they are made until libzmq frees them.
     pub budget: Budget,
@@ -165,6 +173,11 @@ pub struct Reactor {
     /// Runs services' disk work off this thread; wakes `WORK_DONE`.
     worker: Worker,
     control_token: Option<String>,
+    state_dir: Option<std::path::PathBuf>,
+    /// Control requests a service answers later, by request number: the
+    /// requester's routing id, or `None` for a SIGHUP's command (logged).
+    control_waiting: HashMap<u64, Option<Vec<u8>>>,
+    next_request: u64,
     max_connections: usize,
     refused_connections: u64,
     /// SIGHUPs handled, and how many of their parts failed.
@@ -400,6 +413,9 @@ impl Reactor {
             stop: false,
             worker,
             control_token: settings.control_token,
+            state_dir: settings.state_dir,
+            control_waiting: HashMap::new(),
+            next_request: 0,
             max_connections: settings.max_connections,
             refused_connections: 0,
             draining: None,
@@ -643,6 +659,7 @@ impl Reactor {
                 Action::SetTimer { key, at } => self.timers.set((service, key), at),
                 Action::CancelTimer { key } => self.timers.cancel((service, key)),
                 Action::Work { key, job } => self.worker.submit(service, key, job),
+                Action::Reply { request, result } => self.answer(request, result),
             }
         }
         self.actions = actions;

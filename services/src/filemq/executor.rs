@@ -102,7 +102,8 @@ impl host::Executor for DiskExecutor {
 
     fn lane(&self, job: &host::Job) -> usize {
         match job.downcast_ref::<Job>() {
-            Some(Job::Read { .. }) => READ_LANE,
+            // Small, and the operator waits for it: never behind a scan.
+            Some(Job::Read { .. } | Job::SaveMounts { .. }) => READ_LANE,
             // A large cache takes a second or so: its own thread, so it
             // never waits behind a scan nor holds up a chunk read.
             Some(Job::Icanhaz { .. } | Job::Discard(_)) => CACHE_LANE,
@@ -141,6 +142,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
         _ => None,
     };
     let icanhaz = matches!(job, Job::Icanhaz { .. });
+    let save = matches!(job, Job::SaveMounts { .. });
     let panic = match catch_unwind(AssertUnwindSafe(|| run(job))) {
         Ok(done) => return done,
         Err(panic) => panic,
@@ -150,6 +152,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
     Some(match scanned_mount {
         Some(mount) => Done::Scanned { mount, result: Err(format!("scan failed: {why}")) },
         None if icanhaz => Done::Icanhaz(Err(format!("preparing the cache failed: {why}"))),
+        None if save => Done::Saved(Err(format!("saving the mounts failed: {why}"))),
         None => Done::Read(Err(ReadError::Io(format!("read failed: {why}")))),
     })
 }

@@ -29,15 +29,19 @@
 pub mod cache;
 pub mod disk;
 pub mod executor;
+pub mod mounts;
 pub mod work;
 
 #[cfg(test)]
 mod cache_tests;
 #[cfg(test)]
+mod mounts_tests;
+#[cfg(test)]
 mod tests;
 
-use crate::{Action, ConnId, Counter, Service, TimerKey};
+use crate::{Action, Answer, ConnId, Counter, Service, TimerKey};
 use bytes::Bytes;
+use mounts::Origin;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -105,6 +109,7 @@ const MARKER_WAIT: Duration = Duration::from_secs(30);
 struct Mount {
     alias: String,
     root: PathBuf,
+    origin: Origin,
     snapshot: Arc<Snapshot>,
     /// The first scan has completed: the snapshot is the tree, not empty.
     scanned: bool,
@@ -248,6 +253,7 @@ enum WorkFor {
     Scan { mount: MountId },
     Watch { mount: MountId },
     Icanhaz { conn: ConnId, bytes: usize },
+    SaveMounts,
 }
 
 /// The FILEMQ service.
@@ -271,6 +277,8 @@ pub struct Filemq {
     preparing: cache::Preparing,
     /// Work for mounts published before the host started ([`Service::start`]).
     startup: Vec<Action>,
+    /// Run-time mount changes being saved, and overlaps warned of.
+    runtime: mounts::Runtime,
 }
 
 /// Threads the host gives chunk reads (scans and caches have one each).
@@ -324,6 +332,7 @@ impl Filemq {
             budget_blocked: BTreeSet::new(),
             now: None,
             preparing: cache::Preparing::default(),
+            runtime: mounts::Runtime::default(),
         }
     }
 
@@ -347,9 +356,9 @@ impl Filemq {
         key
     }
 
-    /// Publishes `root` (an absolute directory path) as `alias`. The
-    /// first scan starts at once; subscribers that asked for RESYNC wait
-    /// for it.
+    /// Publishes `root` (an absolute directory path) as `alias`, as the
+    /// command line or config file does. The first scan starts at once;
+    /// subscribers that asked for RESYNC wait for it.
     pub fn publish(
         &mut self,
         root: PathBuf,
@@ -357,21 +366,35 @@ impl Filemq {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> Result<(), String> {
+        self.publish_as(root, alias, Origin::Config, now, out)
+    }
+
+    /// [`Filemq::publish`], saying where the mount comes from: a reload
+    /// replaces only `Origin::Config` mounts.
+    pub fn publish_as(
+        &mut self,
+        root: PathBuf,
+        alias: &str,
+        origin: Origin,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<(), String> {
         let alias = vpath::normalise(alias).ok().ok_or_else(|| {
             format!("alias {alias:?} must be an absolute virtual path such as / or /photos")
         })?;
         if let Some(m) = self.mounts.values().find(|m| m.alias == alias) {
-            return Err(format!("{alias} is already published from {}", m.root.display()));
+            return Err(format!("{alias} is already published from {}", mounts::shown(&m.root)));
         }
         let id = self.next_mount;
         self.next_mount += 1;
-        tracing::info!(alias = %alias, root = %root.display(), "filemq publishing");
+        tracing::info!(alias = %alias, root = %mounts::shown(&root), ?origin, "filemq publishing");
         self.work(out, WorkFor::Watch { mount: id }, Job::Watch { mount: id, root: root.clone() });
         self.mounts.insert(
             id,
             Mount {
                 alias,
                 root,
+                origin,
                 snapshot: Arc::default(),
                 scanned: false,
                 scanning: false,
@@ -384,14 +407,21 @@ impl Filemq {
             },
         );
         self.start_scan(id, now, out);
+        self.warn_of_overlaps(id);
         Ok(())
     }
 
     /// [`Filemq::publish`] before the host runs: the first scan and the
     /// watch start with [`Service::start`].
-    pub fn publish_at_start(&mut self, root: PathBuf, alias: &str, now: Instant) -> Result<(), String> {
+    pub fn publish_at_start(
+        &mut self,
+        root: PathBuf,
+        alias: &str,
+        origin: Origin,
+        now: Instant,
+    ) -> Result<(), String> {
         let mut out = std::mem::take(&mut self.startup);
-        let published = self.publish(root, alias, now, &mut out);
+        let published = self.publish_as(root, alias, origin, now, &mut out);
         self.startup = out;
         published
     }
@@ -468,7 +498,11 @@ impl Filemq {
                     tracing::info!(alias = %mount.alias, files = mount.snapshot.files.len(), "filemq mount scanned");
                 }
                 let alias = mount.alias.clone();
-                self.apply_changes(&alias, &scan.changes);
+                self.apply_changes(id, &alias, &scan.changes);
+                if first {
+                    self.announce_hidden(id);
+                }
+                self.warn_of_overlaps(id);
             }
         }
         if self.mounts.get(&id).is_some_and(|m| m.dirty) {
@@ -480,13 +514,19 @@ impl Filemq {
         self.pump_all(out);
     }
 
-    fn apply_changes(&mut self, alias: &str, changes: &[Change]) {
+    fn apply_changes(&mut self, id: MountId, alias: &str, changes: &[Change]) {
+        // A file a longer alias hides is not what its path serves (the
+        // rule of `resolve`): its delete must not reach the file that is.
+        let inner = self.nested_in(id);
         for change in changes {
             let (rel, op) = match change {
                 Change::Created(rel) => (rel, Op::Create),
                 Change::Deleted(rel) => (rel, Op::Delete),
             };
             let vpath = join(alias, rel);
+            if inner.iter().any(|a| covers(a, &vpath) && vpath != *a) {
+                continue;
+            }
             for conn in self.conns.values_mut() {
                 if conn.state == State::Ready && conn.wants(&vpath) {
                     // The version in transfer is stale: stop sending it (a
@@ -602,7 +642,7 @@ impl Filemq {
     /// in-sync marker says so (`X-PUBLISHED` 0).
     fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, checked: bool, now: Instant) {
         let creates = self.published_under(path);
-        let stale: Vec<String> = if !publishes(&self.mounts, path) {
+        let stale: Vec<String> = if !publishes(&self.mounts, path) || self.unread_under(path) {
             Vec::new()
         } else if checked {
             candidates
@@ -1083,7 +1123,8 @@ impl Filemq {
             return Err(format!("nothing is published as {alias}"));
         };
         let Some(mount) = self.mounts.remove(&id) else { return Ok(()) };
-        tracing::info!(alias = %mount.alias, root = %mount.root.display(), "filemq no longer publishing");
+        tracing::info!(alias = %mount.alias, root = %mounts::shown(&mount.root), "filemq no longer publishing");
+        self.forget_overlaps(id);
         out.push(Action::CancelTimer { key: scan_key(id) });
         self.untracked_work(out, Job::Unwatch { mount: id });
         self.work
@@ -1110,6 +1151,7 @@ impl Filemq {
                 }
             }
         }
+        self.announce_revealed(&mount.alias);
         self.pump_all(out);
         Ok(())
     }
@@ -1118,7 +1160,7 @@ impl Filemq {
     /// scan it against the snapshot subscribers were sent from.
     fn reroot(&mut self, id: MountId, root: PathBuf, now: Instant, out: &mut Vec<Action>) {
         let Some(mount) = self.mounts.get_mut(&id) else { return };
-        tracing::info!(alias = %mount.alias, from = %mount.root.display(), to = %root.display(), "filemq mount moved");
+        tracing::info!(alias = %mount.alias, from = %mounts::shown(&mount.root), to = %mounts::shown(&root), "filemq mount moved");
         mount.root = root.clone();
         mount.error = None;
         let scanning = mount.scanning;
@@ -1141,8 +1183,11 @@ impl Filemq {
         }
     }
 
-    /// The command `MOUNTS DIR=/alias...` (a reloaded config file): publish
-    /// what is new, unpublish what is no longer listed, keep the rest.
+    /// The command `MOUNTS DIR=/alias...` (a reloaded config file, `DIR`
+    /// escaped): publish what is new, unpublish what is no longer listed,
+    /// keep the rest. Only the config's own mounts are replaced: run-time
+    /// ones stay, and an alias one of them holds is refused (the rest of
+    /// the list is still applied).
     fn mounts_command(
         &mut self,
         words: &[String],
@@ -1156,15 +1201,33 @@ impl Filemq {
             let alias = vpath::normalise(&format!("/{alias}"))
                 .ok()
                 .ok_or_else(|| format!("bad alias in {word:?}"))?;
-            wanted.push((PathBuf::from(root), alias));
+            let root = zbroker_proto::escape::unescape(root)
+                .map(|r| PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(r)))
+                .ok_or_else(|| format!("bad directory in {word:?}"))?;
+            wanted.push((root, alias));
         }
+        let mut refused = Vec::new();
+        wanted.retain(|(root, alias)| match self.runtime_holder(alias) {
+            Some(held) => {
+                refused.push(format!(
+                    "{alias} ({}) is published at run time from {held}: `zbroker unpublish` it first",
+                    mounts::shown(root)
+                ));
+                false
+            }
+            None => true,
+        });
+        let config = |m: &&Mount| m.origin == Origin::Config;
         // An alias that stays but moves to another directory keeps its
         // mount: the next scan's diff says what changed, and subscribers
         // are not sent a delete for every file first.
         let mut moved = 0;
         for (root, alias) in &wanted {
-            let Some(id) =
-                self.mounts.iter().find(|(_, m)| m.alias == *alias && m.root != *root).map(|(id, _)| *id)
+            let Some(id) = self
+                .mounts
+                .iter()
+                .find(|(_, m)| config(m) && m.alias == *alias && m.root != *root)
+                .map(|(id, _)| *id)
             else {
                 continue;
             };
@@ -1174,6 +1237,7 @@ impl Filemq {
         let stale: Vec<String> = self
             .mounts
             .values()
+            .filter(config)
             .filter(|m| !wanted.iter().any(|(root, alias)| *root == m.root && *alias == m.alias))
             .map(|m| m.alias.clone())
             .collect();
@@ -1187,29 +1251,15 @@ impl Filemq {
                 added += 1;
             }
         }
-        Ok(format!(
+        let done = format!(
             "mounts: {added} published, {moved} moved, {} unpublished, {} in all",
             stale.len(),
             self.mounts.len()
-        ))
-    }
-
-    /// The command `PUBLISH ROOT ALIAS` from the control endpoint.
-    fn publish_command(
-        &mut self,
-        words: &[String],
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) -> Result<String, String> {
-        let [_, root, alias] = words else {
-            return Err("usage: PUBLISH DIRECTORY ALIAS".into());
-        };
-        let root = PathBuf::from(root);
-        if !root.is_absolute() {
-            return Err(format!("{} is not an absolute path", root.display()));
+        );
+        match refused.is_empty() {
+            true => Ok(done),
+            false => Err(format!("{done}; not published: {}", refused.join("; "))),
         }
-        self.publish(root.clone(), alias, now, out)?;
-        Ok(format!("publishing {} as {}", root.display(), vpath::normalise(alias).unwrap_or_default()))
     }
 
     /// Connections with state (for leak checks).
@@ -1353,6 +1403,7 @@ impl Service for Filemq {
                 m.watching = false;
                 self.scan_at(mount, now + self.config.poll_rescan, out);
             }
+            (WorkFor::SaveMounts, Done::Saved(result)) => self.mounts_saved(result, now, out),
             (WorkFor::Icanhaz { conn, bytes }, done) => {
                 self.preparing.jobs -= 1;
                 self.preparing.bytes -= bytes;
@@ -1364,13 +1415,14 @@ impl Service for Filemq {
 
     fn command(
         &mut self,
+        request: u64,
         words: &[String],
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Option<Result<String, String>> {
+    ) -> Option<Answer> {
         match words.first().map(String::as_str) {
-            Some("PUBLISH") => Some(self.publish_command(words, now, out)),
-            Some("MOUNTS") => Some(self.mounts_command(words, now, out)),
+            Some("PUBLISH" | "UNPUBLISH") => Some(self.runtime_command(request, words, now, out)),
+            Some("MOUNTS") => Some(Answer::Now(self.mounts_command(words, now, out))),
             _ => None,
         }
     }
@@ -1419,21 +1471,7 @@ impl Service for Filemq {
     }
 
     fn status(&self) -> serde_json::Value {
-        let mounts: Vec<_> = self
-            .mounts
-            .values()
-            .map(|m| {
-                serde_json::json!({
-                    "alias": m.alias,
-                    "root": m.root.display().to_string(),
-                    "files": m.snapshot.files.len(),
-                    "bytes": m.total_bytes,
-                    "scanned": m.scanned,
-                    "watching": m.watching,
-                    "error": m.error,
-                })
-            })
-            .collect();
+        let mounts: Vec<_> = self.mounts.iter().map(|(id, m)| self.mount_status(*id, m)).collect();
         let mut subscribers: Vec<_> = self
             .conns
             .iter()

@@ -43,7 +43,8 @@ pub(super) fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::
         write(dir.path(), rel, data);
     }
     let mut sim = sim_of(Filemq::new(config));
-    let reply = sim.command(&["PUBLISH", dir.path().to_str().unwrap(), "/"]);
+    // As the command line or config file would: a reload may replace it.
+    let reply = sim.command(&["MOUNTS", &format!("{}=/", dir.path().to_str().unwrap())]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     (dir, sim)
 }

@@ -91,6 +91,9 @@ pub enum Job {
     /// Free a connection's large holdings (a million names take a while
     /// to free); no outcome.
     Discard(Garbage),
+    /// Replace the run-time mounts file at `path` with `contents`, whole
+    /// (`mounts::save`): written, synced and renamed into place.
+    SaveMounts { path: PathBuf, contents: Vec<u8> },
 }
 
 /// What a connection knew (and a prepared stale list), to be freed off
@@ -134,6 +137,8 @@ pub enum Done {
     },
     /// A large ICANHAZ, decoded and prepared; `Err` if it is malformed.
     Icanhaz(Result<Box<Prepared>, String>),
+    /// The run-time mounts file was saved, or why not.
+    Saved(Result<(), String>),
 }
 
 /// A subscription request prepared off the loop.
