@@ -44,9 +44,16 @@ pub struct NoBroker {
 #[error("{0}")]
 pub struct Refused(pub String);
 
-/// The exit status for an error: its kind, wherever it is in the chain.
-pub fn code(error: &anyhow::Error) -> u8 {
-    for cause in error.chain() {
+/// The exit status for an error, given its chain of causes (outermost
+/// first): its kind, wherever it is in the chain.
+pub fn code<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>) -> u8 {
+    for cause in chain {
+        if cause
+            .downcast_ref::<crate::error::ReactorError>()
+            .is_some_and(|e| matches!(e, crate::error::ReactorError::NameTaken(_)))
+        {
+            return NAME_TAKEN;
+        }
         if cause.is::<crate::config::Invalid>() || cause.is::<zbroker_client::endpoint::NameError>() {
             return USAGE;
         }

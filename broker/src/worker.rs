@@ -42,7 +42,7 @@ impl Worker {
     pub fn start(
         waker: Arc<Waker>,
         executors: Vec<(&str, Option<Arc<dyn Executor>>)>,
-    ) -> anyhow::Result<Worker> {
+    ) -> std::io::Result<Worker> {
         let shared = Arc::new(Shared {
             waker,
             results: Mutex::default(),
@@ -77,7 +77,7 @@ impl Worker {
         Ok(worker)
     }
 
-    fn spawn(&mut self, name: String, body: impl FnOnce() + Send + 'static) -> anyhow::Result<()> {
+    fn spawn(&mut self, name: String, body: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
         *lock(&self.shared.running) += 1;
         let shared = Arc::clone(&self.shared);
         let spawned = std::thread::Builder::new().name(name).spawn(move || {
@@ -91,7 +91,7 @@ impl Worker {
             }
             Err(e) => {
                 *lock(&self.shared.running) -= 1;
-                Err(e.into())
+                Err(e)
             }
         }
     }

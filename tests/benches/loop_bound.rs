@@ -95,7 +95,7 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
         let mut reactor = match Reactor::bind(settings, services) {
             Ok(reactor) => reactor,
             Err(e) => {
-                let _ = bound_tx.send(Err(e));
+                let _ = bound_tx.send(Err(e.into()));
                 return;
             }
         };

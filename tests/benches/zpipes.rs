@@ -214,7 +214,7 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         let mut reactor = match Reactor::bind(settings, services) {
             Ok(reactor) => reactor,
             Err(e) => {
-                let _ = bound_tx.send(Err(e));
+                let _ = bound_tx.send(Err(e.into()));
                 return;
             }
         };

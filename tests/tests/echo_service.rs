@@ -129,7 +129,7 @@ fn start(name: &str, make: fn() -> Vec<Box<dyn Service>>) -> anyhow::Result<()> 
             let _ = bound_tx.send(Err(e));
         }
     });
-    bound_rx.recv()?
+    Ok(bound_rx.recv()??)
 }
 
 fn ask(endpoint: &str, frame: Vec<u8>) -> Vec<u8> {

@@ -6,10 +6,10 @@ use super::*;
 
 /// What SIGHUP runs: it returns control commands (words, no token) for
 /// the services, e.g. FILEMQ's `MOUNTS` from a re-read config file.
-pub type Reload = Box<dyn FnMut() -> anyhow::Result<Vec<Vec<String>>>>;
+pub type Reload = Box<dyn FnMut() -> Result<Vec<Vec<String>>, crate::error::ReloadError>>;
 
 /// What SIGHUP runs as well when CURVE is on: the new allow-list.
-pub type AllowReload = Box<dyn FnMut() -> anyhow::Result<Allow>>;
+pub type AllowReload = Box<dyn FnMut() -> Result<Allow, crate::error::ReloadError>>;
 
 /// A control command's outcome as its JSON reply.
 fn control_reply(result: Result<String, String>) -> serde_json::Value {
@@ -115,14 +115,14 @@ impl Reactor {
         }
     }
 
-    pub(super) fn drain_control(&mut self) -> anyhow::Result<()> {
+    pub(super) fn drain_control(&mut self) -> Result<(), ReactorError> {
         while events(&self.control)?.contains(zmq::POLLIN) {
             self.recv_control()?;
         }
         Ok(())
     }
 
-    pub(super) fn recv_control(&mut self) -> anyhow::Result<()> {
+    pub(super) fn recv_control(&mut self) -> Result<(), ReactorError> {
         let mut parts = retry(|| self.control.recv_multipart(0))?;
         if parts.len() < 2 {
             return Ok(());

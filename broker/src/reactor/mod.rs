@@ -27,7 +27,7 @@ mod monitor;
 mod outbox;
 mod zap;
 
-use anyhow::{bail, Context as _};
+use crate::error::{Doing as _, ReactorError};
 use bytes::Bytes;
 pub use control::{AllowReload, Reload};
 use mio::unix::SourceFd;
@@ -215,7 +215,7 @@ pub struct Reactor {
     handshake_failures_logged: HashMap<(String, String), Instant>,
 }
 
-fn zmq_fd(socket: &zmq::Socket) -> anyhow::Result<i32> {
+fn zmq_fd(socket: &zmq::Socket) -> Result<i32, ReactorError> {
     Ok(socket.get_fd()?)
 }
 
@@ -238,7 +238,7 @@ fn events(socket: &zmq::Socket) -> zmq::Result<zmq::PollEvents> {
 impl Reactor {
     /// Binds every socket. Fails (before binding the front endpoints) if
     /// another broker already holds this name's control endpoint.
-    pub fn bind(settings: Settings, services: Vec<Box<dyn Service>>) -> anyhow::Result<Self> {
+    pub fn bind(settings: Settings, services: Vec<Box<dyn Service>>) -> Result<Self, ReactorError> {
         Self::bind_secure(settings, services, None)
     }
 
@@ -248,16 +248,15 @@ impl Reactor {
         settings: Settings,
         services: Vec<Box<dyn Service>>,
         curve: Option<Curve>,
-    ) -> anyhow::Result<Self> {
+    ) -> Result<Self, ReactorError> {
         let mut routes = HashMap::new();
         for (i, service) in services.iter().enumerate() {
             if let Some(other) = routes.insert(service.signature(), i) {
-                bail!(
-                    "services {} and {} both claim the signature {:#06X}",
-                    services[other].name(),
-                    service.name(),
-                    service.signature()
-                );
+                return Err(ReactorError::SignatureClash {
+                    first: services[other].name(),
+                    second: service.name(),
+                    signature: service.signature(),
+                });
             }
         }
         // The largest frame any service takes: a peer sending a larger one
@@ -283,7 +282,7 @@ impl Reactor {
                 }
                 .into());
             }
-            bail!("cannot bind {}: {e}", settings.control_endpoint);
+            return Err(ReactorError::Bind { endpoint: settings.control_endpoint.clone(), source: e });
         }
 
         let front = context.socket(zmq::ROUTER)?;
@@ -308,7 +307,7 @@ impl Reactor {
             Some(_) => {
                 let zap = context.socket(zmq::ROUTER)?;
                 zap.set_linger(0)?;
-                zap.bind(ZAP_ENDPOINT).context("binding the ZAP handler")?;
+                zap.bind(ZAP_ENDPOINT).doing("binding the ZAP handler")?;
                 Some(zap)
             }
             None => None,
@@ -332,15 +331,11 @@ impl Reactor {
                     continue;
                 }
                 front.bind(endpoint).map_err(|e| match e {
-                    zmq::Error::EADDRINUSE => {
-                        anyhow::anyhow!("cannot bind {endpoint}: address already in use")
-                    }
-                    e => anyhow::anyhow!("cannot bind {endpoint}: {e}"),
+                    zmq::Error::EADDRINUSE => ReactorError::AddressInUse { endpoint: endpoint.clone() },
+                    e => ReactorError::Bind { endpoint: endpoint.clone(), source: e },
                 })?;
                 // `tcp://host:*` binds a free port; record the real one.
-                let actual = front
-                    .get_last_endpoint()?
-                    .map_err(|raw| anyhow::anyhow!("endpoint name is not UTF-8: {raw:?}"))?;
+                let actual = front.get_last_endpoint()?.map_err(ReactorError::EndpointName)?;
                 if with_curve {
                     curve_endpoints.push(actual.clone());
                 }
@@ -352,13 +347,13 @@ impl Reactor {
         signals.set_nonblocking(true)?;
         for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
             signal_hook::low_level::pipe::register(signal, signal_writer.try_clone()?)
-                .context("installing signal handlers")?;
+                .doing("installing signal handlers")?;
         }
 
         let (reload_signals, reload_writer) = UnixStream::pair()?;
         reload_signals.set_nonblocking(true)?;
         signal_hook::low_level::pipe::register(signal_hook::consts::SIGHUP, reload_writer)
-            .context("installing the SIGHUP handler")?;
+            .doing("installing the SIGHUP handler")?;
 
         let poll = Poll::new()?;
         let registry = poll.registry();
@@ -381,7 +376,7 @@ impl Reactor {
 
         let waker = std::sync::Arc::new(mio::Waker::new(registry, WORK_DONE)?);
         let executors = services.iter().map(|s| (s.name(), s.executor())).collect();
-        let worker = Worker::start(waker, executors).context("starting the worker threads")?;
+        let worker = Worker::start(waker, executors).doing("starting the worker threads")?;
 
         let mut reactor = Reactor {
             name: settings.name,
@@ -454,7 +449,7 @@ impl Reactor {
     }
 
     /// Runs until SIGINT or SIGTERM.
-    pub fn run(&mut self) -> anyhow::Result<()> {
+    pub fn run(&mut self) -> Result<(), ReactorError> {
         let mut events = Events::with_capacity(64);
         self.drain_monitor()?;
         self.drain_control()?;
@@ -471,7 +466,7 @@ impl Reactor {
             match self.poll.poll(&mut events, timeout) {
                 Ok(()) => {}
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e).context("polling"),
+                Err(e) => return Err(e).doing("polling"),
             }
             self.passes.begin();
             for event in events.iter() {
@@ -499,7 +494,7 @@ impl Reactor {
     /// traffic cannot starve them. Each socket's `ZMQ_FD` edge is consumed
     /// only by calls on that socket, so the monitor and control sockets are
     /// drained when their own token fires, not on every pass.
-    fn drain_front(&mut self) -> anyhow::Result<()> {
+    fn drain_front(&mut self) -> Result<(), ReactorError> {
         let mut passes = 0u64;
         loop {
             // Each pass is timed on its own: a stream that keeps the socket
@@ -555,14 +550,14 @@ impl Reactor {
     }
 
     /// Receives up to a batch of frames from the front socket.
-    fn recv_front(&mut self) -> anyhow::Result<bool> {
+    fn recv_front(&mut self) -> Result<bool, ReactorError> {
         let mut any = false;
         for _ in 0..RECV_BATCH {
             let mut routing_id = zmq::Message::new();
             match retry(|| self.front.recv(&mut routing_id, zmq::DONTWAIT)) {
                 Ok(()) => {}
                 Err(zmq::Error::EAGAIN) => break,
-                Err(e) => return Err(e).context("receiving on the front socket"),
+                Err(e) => return Err(e).doing("receiving on the front socket"),
             }
             any = true;
             if !self.front.get_rcvmore()? {

@@ -6,14 +6,14 @@
 use super::*;
 
 impl Reactor {
-    pub(super) fn drain_monitor(&mut self) -> anyhow::Result<()> {
+    pub(super) fn drain_monitor(&mut self) -> Result<(), ReactorError> {
         while events(&self.monitor)?.contains(zmq::POLLIN) {
             self.recv_monitor_event()?;
         }
         Ok(())
     }
 
-    pub(super) fn recv_monitor_event(&mut self) -> anyhow::Result<()> {
+    pub(super) fn recv_monitor_event(&mut self) -> Result<(), ReactorError> {
         let event = retry(|| self.monitor.recv_msg(0))?;
         // The second frame: the endpoint (for a bound one, its local address).
         let mut local = None;

@@ -79,7 +79,7 @@ impl Reactor {
     }
 
     /// Retries parked replies; true if any left.
-    pub(super) fn flush_parked(&mut self) -> anyhow::Result<bool> {
+    pub(super) fn flush_parked(&mut self) -> Result<bool, ReactorError> {
         let mut sent = false;
         let conns: Vec<ConnId> = self.parked.keys().copied().collect();
         for conn in conns {

@@ -5,6 +5,7 @@
 //! interval.
 
 use super::*;
+use crate::error::Doing as _;
 
 /// Which CURVE clients may connect.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -70,7 +71,7 @@ pub(super) fn handshake_protocol_error(code: u32) -> String {
 
 impl Reactor {
     /// Answers every ZAP request waiting (there are none without CURVE).
-    pub(super) fn drain_zap(&mut self) -> anyhow::Result<()> {
+    pub(super) fn drain_zap(&mut self) -> Result<(), ReactorError> {
         loop {
             let Some(zap) = self.zap.as_ref() else {
                 return Ok(());
@@ -81,7 +82,7 @@ impl Reactor {
             let frames = match retry(|| zap.recv_multipart(zmq::DONTWAIT)) {
                 Ok(frames) => frames,
                 Err(zmq::Error::EAGAIN) => return Ok(()),
-                Err(e) => return Err(e).context("receiving on the ZAP socket"),
+                Err(e) => return Err(e).doing("receiving on the ZAP socket"),
             };
             let Some(reply) = self.zap_reply(frames) else { continue };
             if let Some(zap) = self.zap.as_ref() {

@@ -208,7 +208,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("zbroker: {}", one_line(&e));
-            ExitCode::from(exit::code(&e))
+            ExitCode::from(exit::code(e.chain()))
         }
     }
 }
@@ -536,7 +536,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 (Some(path), false) => config::load(path)?.allow_client_key.unwrap_or_default(),
                 _ => allow_paths.clone(),
             };
-            read_allow_list(&paths)
+            Ok(read_allow_list(&paths)?)
         }));
     }
     if let Some(allow) = allow_description {
