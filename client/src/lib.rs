@@ -7,10 +7,14 @@
 //! - [`curve`]: CURVE keys, key files and client socket security.
 //! - [`size`]: sizes with units (`8MB`, `8MiB`), one parser for every program.
 //! - [`log`]: the `--log LEVEL` filter every program shares.
+//!
+//! Inside, `link` is the one connection to a broker that every client is
+//! built on (socket, monitor, handshake, disconnects, heartbeat clock).
 
 pub mod curve;
 pub mod endpoint;
 pub mod filemq;
+mod link;
 pub mod log;
 pub mod size;
 pub mod zpipes;

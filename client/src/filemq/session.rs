@@ -4,8 +4,9 @@
 
 use super::inbox::{self, Deleted, FileError, Inbox, Incoming};
 use super::layout::{Layout, Placed};
-use super::link::{self, Link, NoLink};
+use super::link::{Link, WireError};
 use super::{Event, Kept, Options};
+use crate::link::{self, Heartbeat, PingWhen};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::mpsc::{SyncSender, TrySendError};
@@ -162,15 +163,18 @@ pub(crate) fn run(mut shared: Shared) {
                 }
                 end
             }
-            Err(NoLink::Stop) => End::Stop,
-            Err(NoLink::Handshake(why)) => {
+            Err(link::Error::Stopped) => End::Stop,
+            Err(e @ link::Error::Handshake { .. }) => {
                 // Keys that do not fit never start to: say so every time
                 // (the backoff keeps it to one line every few seconds).
+                let why = e.to_string();
                 tracing::warn!(target: "filemq::curve", "{why} (retrying)");
                 failed_attempts += 1;
                 End::Lost(why)
             }
-            Err(NoLink::Failed(why)) => {
+            // No server, or a local ZeroMQ failure: try again later.
+            Err(e) => {
+                let why = e.to_string();
                 if failed_attempts == 0 {
                     tracing::warn!("{why}; retrying");
                 } else {
@@ -232,11 +236,11 @@ enum Phase {
 
 /// Where a session's messages go: the connection, or (fuzzing) nowhere.
 pub(crate) trait Wire {
-    fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), String>;
+    fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), WireError>;
 }
 
 impl Wire for Link {
-    fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), String> {
+    fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), WireError> {
         Link::send(self, msg, patience)
     }
 }
@@ -272,10 +276,9 @@ struct Session<'a, W: Wire = Link> {
     /// Malformed frames and other oddities this session (only the first
     /// few are warned of).
     malformed: u32,
-    /// When the server last sent a valid message: garbage is no sign of
-    /// life.
-    last_heard: Instant,
-    last_hugz: Instant,
+    /// When the server last sent a valid message (garbage is no sign of
+    /// life) and we last sent HUGZ: HUGZ go out only while it is quiet.
+    beat: Heartbeat,
     /// How long to wait for OHAI-OK (less than `dead_after` before any
     /// session has existed: see [`UNREACHABLE_AFTER`]).
     greeting_patience: Duration,
@@ -285,7 +288,7 @@ impl<'a, W: Wire> Session<'a, W> {
     fn new(shared: &'a mut Shared, link: W) -> Session<'a, W> {
         let subscriptions = shared.layout.subscriptions().len();
         let greeting_patience = shared.opts.dead_after;
-        let now = Instant::now();
+        let beat = Heartbeat::new(shared.opts.heartbeat, PingWhen::Quiet);
         Session {
             shared,
             link,
@@ -301,8 +304,7 @@ impl<'a, W: Wire> Session<'a, W> {
             failures: HashMap::new(),
             partials_cleared: false,
             malformed: 0,
-            last_heard: now,
-            last_hugz: now,
+            beat,
             greeting_patience,
         }
     }
@@ -310,7 +312,7 @@ impl<'a, W: Wire> Session<'a, W> {
     fn send(&mut self, msg: &FilemqMsg) -> Result<(), End> {
         tracing::trace!("sending {}", msg.name());
         let patience = self.shared.opts.dead_after;
-        self.link.send(msg, patience).map_err(End::Lost)
+        self.link.send(msg, patience).map_err(|e| End::Lost(e.to_string()))
     }
 }
 
@@ -329,10 +331,10 @@ impl Session<'_, Link> {
         loop {
             let mut read_dry = false;
             for _ in 0..BATCH {
-                match self.link.try_recv().map_err(End::Lost)? {
+                match self.link.try_recv().map_err(|e| End::Lost(e.to_string()))? {
                     Some(frame) => {
                         if self.on_frame(frame)? {
-                            self.last_heard = Instant::now();
+                            self.beat.heard(Instant::now());
                         }
                     }
                     None => {
@@ -342,20 +344,20 @@ impl Session<'_, Link> {
                 }
             }
             // Frames that arrived before the drop are handled first.
-            if self.link.dropped && read_dry {
+            if self.link.dropped() && read_dry {
                 return Err(End::Lost("the connection dropped".into()));
             }
             let now = Instant::now();
             let opts = &self.shared.opts;
             let patience = if self.greeted_at.is_some() { opts.dead_after } else { self.greeting_patience };
-            let dead_at = self.last_heard + patience;
+            let dead_at = self.beat.dead_at(patience);
             if now >= dead_at {
                 return Err(End::Lost(format!("no word from the server for {} ms", patience.as_millis())));
             }
-            let hugz_at = self.last_heard.max(self.last_hugz) + opts.heartbeat;
+            let hugz_at = self.beat.ping_due();
             if self.greeted_at.is_some() && now >= hugz_at {
                 self.send(&FilemqMsg::Hugz {})?;
-                self.last_hugz = now;
+                self.beat.pinged(now);
                 continue;
             }
             if let Some(sub) = self.resubscribe_at.iter().position(|at| at.is_some_and(|at| now >= at)) {
@@ -370,19 +372,12 @@ impl Session<'_, Link> {
             if let Some(at) = self.resubscribe_at.iter().flatten().min() {
                 wake = wake.min(*at);
             }
-            let mut items = [
-                self.link.socket.as_poll_item(zmq::POLLIN),
-                self.link.monitor.as_poll_item(zmq::POLLIN),
-                self.shared.control.as_poll_item(zmq::POLLIN),
-            ];
-            link::poll(&mut items, wake.saturating_duration_since(now))
-                .map_err(|e| End::Lost(format!("ZeroMQ: {e}")))?;
-            let (monitor, control) = (items[1].is_readable(), items[2].is_readable());
-            if control {
+            let woke = self
+                .link
+                .wait(wake.saturating_duration_since(now), Some(&self.shared.control))
+                .map_err(|e| End::Lost(e.to_string()))?;
+            if woke.stop {
                 return Err(End::Stop);
-            }
-            if monitor {
-                while self.link.monitor_event().is_some() {}
             }
         }
     }

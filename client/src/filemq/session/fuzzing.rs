@@ -6,7 +6,7 @@ use super::*;
 
 struct Nowhere;
 impl Wire for Nowhere {
-    fn send(&mut self, _: &FilemqMsg, _: Duration) -> Result<(), String> {
+    fn send(&mut self, _: &FilemqMsg, _: Duration) -> Result<(), WireError> {
         Ok(())
     }
 }
@@ -15,9 +15,7 @@ impl Wire for Nowhere {
 /// frame to the session until it ends (as a real one would); then the
 /// session is left as on a disconnect. Returns the events it emitted.
 pub fn session(inbox: &std::path::Path, paths: &[&str], window: u64, frames: &[Vec<u8>]) -> Vec<Event> {
-    use std::sync::OnceLock;
-    static CONTEXT: OnceLock<zmq::Context> = OnceLock::new();
-    let context = CONTEXT.get_or_init(zmq::Context::new).clone();
+    let context = crate::link::context().clone();
     let paths: Vec<String> = paths.iter().map(|p| p.to_string()).collect();
     let mut opts = Options::endpoint("inproc://nowhere", paths.clone(), inbox.to_path_buf());
     opts.window = window.max(1);
