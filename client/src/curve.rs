@@ -46,9 +46,34 @@ pub enum KeyError {
     #[error("{0} already exists: not overwriting it")]
     Exists(PathBuf),
     #[error("key file {path}: {why}")]
-    Bad { path: PathBuf, why: String },
+    Bad { path: PathBuf, why: KeyTextError },
     #[error("libzmq cannot make CURVE keys: {0}")]
     Zmq(#[from] zmq::Error),
+}
+
+/// Why a text holds no usable key. Its `Display` is one line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KeyTextError {
+    #[error("a CURVE key is 40 characters of Z85, not {0}")]
+    Length(usize),
+    #[error("{0:?} is not a Z85 character")]
+    NotZ85(char),
+    #[error("not a valid Z85 key")]
+    OutOfRange,
+    #[error("the file is empty")]
+    Empty,
+    #[error("{SECRET_NOT_PUBLIC}")]
+    SecretNotPublic,
+    #[error("no `public-key = \"...\"` line (a secret key file holds both keys)")]
+    NoPublicKeyLine,
+    #[error("this is a public key file, not a secret key file")]
+    PublicNotSecret,
+    /// The secret key of a secret key file is unusable.
+    #[error("secret key: {0}")]
+    Secret(Box<KeyTextError>),
+    /// The public key of a secret key file is unusable.
+    #[error("public key: {0}")]
+    Public(Box<KeyTextError>),
 }
 
 /// `key` as 40 characters of Z85.
@@ -66,23 +91,20 @@ pub fn z85_encode(key: &Key) -> String {
     out
 }
 
-/// A key from 40 characters of Z85; why not, in words.
-pub fn z85_decode(text: &str) -> Result<Key, String> {
+/// A key from 40 characters of Z85, or why not.
+pub fn z85_decode(text: &str) -> Result<Key, KeyTextError> {
     let bytes = text.as_bytes();
     if bytes.len() != 40 {
-        return Err(format!("a CURVE key is 40 characters of Z85, not {}", text.chars().count()));
+        return Err(KeyTextError::Length(text.chars().count()));
     }
     let mut key = [0u8; 32];
     for (group, out) in bytes.chunks_exact(5).zip(key.chunks_exact_mut(4)) {
         let mut value: u64 = 0;
         for &c in group {
-            let digit = Z85
-                .iter()
-                .position(|&z| z == c)
-                .ok_or_else(|| format!("{:?} is not a Z85 character", c as char))?;
+            let digit = Z85.iter().position(|&z| z == c).ok_or(KeyTextError::NotZ85(c as char))?;
             value = value * 85 + digit as u64;
         }
-        let value = u32::try_from(value).map_err(|_| "not a valid Z85 key".to_string())?;
+        let value = u32::try_from(value).map_err(|_| KeyTextError::OutOfRange)?;
         out.copy_from_slice(&value.to_be_bytes());
     }
     Ok(key)
@@ -90,13 +112,13 @@ pub fn z85_decode(text: &str) -> Result<Key, String> {
 
 /// The key in a key file's text: the last token of the last non-empty
 /// line, quotes stripped.
-pub fn parse_key_text(text: &str) -> Result<Key, String> {
-    let line = text.lines().rev().find(|l| !l.trim().is_empty()).ok_or("the file is empty")?;
+pub fn parse_key_text(text: &str) -> Result<Key, KeyTextError> {
+    let line = text.lines().rev().find(|l| !l.trim().is_empty()).ok_or(KeyTextError::Empty)?;
     key_token(line)
 }
 
 /// The last whitespace-separated token of `line` as a key.
-fn key_token(line: &str) -> Result<Key, String> {
+fn key_token(line: &str) -> Result<Key, KeyTextError> {
     let token = line.split_whitespace().last().unwrap_or("");
     let token = token.trim_matches(|c| c == '"' || c == '\'');
     z85_decode(token)
@@ -106,8 +128,8 @@ fn read_text(path: &Path) -> Result<String, KeyError> {
     std::fs::read_to_string(path).map_err(|source| KeyError::Read { path: path.to_path_buf(), source })
 }
 
-fn bad(path: &Path, why: impl Into<String>) -> KeyError {
-    KeyError::Bad { path: path.to_path_buf(), why: why.into() }
+fn bad(path: &Path, why: KeyTextError) -> KeyError {
+    KeyError::Bad { path: path.to_path_buf(), why }
 }
 
 /// What is said when a secret key file is given where a public key is
@@ -115,20 +137,20 @@ fn bad(path: &Path, why: impl Into<String>) -> KeyError {
 pub const SECRET_NOT_PUBLIC: &str = "that is a secret key file; pass the broker's .pub file";
 
 /// The key in a public key file's text; a secret key file is refused.
-pub fn parse_public_key_text(text: &str) -> Result<Key, String> {
+pub fn parse_public_key_text(text: &str) -> Result<Key, KeyTextError> {
     let secret = text.lines().any(|l| {
         let first = l.split_whitespace().next().unwrap_or("");
         first == "secret-key" || first.starts_with("secret-key=")
     });
     if secret {
-        return Err(SECRET_NOT_PUBLIC.to_string());
+        return Err(KeyTextError::SecretNotPublic);
     }
     parse_key_text(text)
 }
 
 /// The key in a public key file (a `.pub` certificate, or any file whose
 /// last token is the key). A secret key file is refused with
-/// [`SECRET_NOT_PUBLIC`].
+/// [`SECRET_NOT_PUBLIC`] ([`KeyTextError::SecretNotPublic`]).
 pub fn read_public_key(path: &Path) -> Result<Key, KeyError> {
     parse_public_key_text(&read_text(path)?).map_err(|why| bad(path, why))
 }
@@ -189,8 +211,8 @@ impl KeyPair {
     /// Parses a secret key file's text: the secret key is the last token
     /// of the last non-empty line, the public key that of the last line
     /// before it whose first token is `public-key`.
-    pub fn parse(text: &str) -> Result<KeyPair, String> {
-        let secret = parse_key_text(text).map_err(|why| format!("secret key: {why}"))?;
+    pub fn parse(text: &str) -> Result<KeyPair, KeyTextError> {
+        let secret = parse_key_text(text).map_err(|why| KeyTextError::Secret(Box::new(why)))?;
         let line = text
             .lines()
             .rev()
@@ -198,10 +220,10 @@ impl KeyPair {
                 let first = l.split_whitespace().next().unwrap_or("");
                 first == "public-key" || first.starts_with("public-key=")
             })
-            .ok_or("no `public-key = \"...\"` line (a secret key file holds both keys)")?;
-        let public = key_token(line).map_err(|why| format!("public key: {why}"))?;
+            .ok_or(KeyTextError::NoPublicKeyLine)?;
+        let public = key_token(line).map_err(|why| KeyTextError::Public(Box::new(why)))?;
         if public == secret {
-            return Err("this is a public key file, not a secret key file".into());
+            return Err(KeyTextError::PublicNotSecret);
         }
         Ok(KeyPair { public, secret })
     }
@@ -347,7 +369,7 @@ mod tests {
     fn a_secret_key_file_is_no_public_key() {
         let pair = KeyPair::generate().unwrap();
         assert_eq!(parse_public_key_text(&pair.public_file_text()), Ok(pair.public));
-        assert_eq!(parse_public_key_text(&pair.secret_file_text()), Err(SECRET_NOT_PUBLIC.to_string()));
+        assert_eq!(parse_public_key_text(&pair.secret_file_text()), Err(KeyTextError::SecretNotPublic));
         let dir = tempfile::tempdir().unwrap();
         pair.write(&dir.path().join("server")).unwrap();
         let e = ClientKeys::from_files(&dir.path().join("server"), None).unwrap_err().to_string();

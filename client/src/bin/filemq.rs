@@ -164,7 +164,7 @@ fn init_logging(level: Option<&str>) -> Result<(), Failure> {
     // demand, but for a handshake refused again and again (wrong CURVE
     // keys), which would otherwise look like a silent hang.
     let filter = zbroker_client::log::filter(level, "error,filemq::curve=warn")
-        .map_err(|e| Failure::new(status::USAGE, e))?;
+        .map_err(|e| Failure::new(status::USAGE, e.to_string()))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr)

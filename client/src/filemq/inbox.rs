@@ -46,17 +46,21 @@ pub(crate) const MAX_PARTIALS: usize = 16;
 pub(crate) const MAX_PATH: usize = libc::PATH_MAX as usize - 1;
 
 /// Why one file could not be placed or removed; the subscriber goes on.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub(crate) enum FileError {
     /// The disk layout makes it unsafe or impossible (a symlink or a file
     /// in the way, a path too long): the name is refused.
+    #[error("{0}")]
     Refused(String),
     /// A file we did not write is in the way, and the user did not allow
     /// replacing it: it is kept.
+    #[error("a file this subscriber did not write is in the way")]
     NotOurs,
     /// The bytes received are not the file announced.
+    #[error("{0}")]
     Integrity(String),
     /// An I/O error.
+    #[error(transparent)]
     Io(io::Error),
 }
 

@@ -659,9 +659,10 @@ fn publishable(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
 }
 
 fn init_logging(level: Option<&str>, origin: &str) -> anyhow::Result<()> {
-    let filter = zbroker_client::log::filter(level, "info").map_err(|e| match e.strip_prefix("--log ") {
-        Some(rest) if origin != "--log" => Invalid(format!("{origin} {rest}")),
-        _ => Invalid(e),
+    let filter = zbroker_client::log::filter(level, "info").map_err(|e| match e.origin {
+        // The level came from the config file, not the command line.
+        "--log" if origin != "--log" => Invalid(format!("{origin} {:?}: {}", e.text, e.problem)),
+        _ => Invalid(e.to_string()),
     })?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
