@@ -5,6 +5,9 @@
 //! - [`codec`]: zproto wire types and the `protocol!` declaration macro.
 //! - [`zpipes_msg`]: the ZPIPES protocol, declared once.
 //! - [`filemq_msg`]: the FILEMQ protocol (v2 wire), declared once.
+//! - [`filemq_ext`]: our FILEMQ extensions both ends read alike
+//!   (capabilities, header names, attributes, symlink targets).
+//! - [`exclude`]: gitignore-style patterns of paths a subscriber leaves out.
 //! - [`zpipes`]: named-pipe reader and writer clients.
 //! - [`filemq`]: a FILEMQ subscriber mirroring published files into an inbox.
 //! - [`endpoint`]: broker names and their well-known endpoints.
@@ -18,7 +21,9 @@ pub mod codec;
 pub mod curve;
 pub mod endpoint;
 pub mod escape;
+pub mod exclude;
 pub mod filemq;
+pub mod filemq_ext;
 pub mod filemq_msg;
 pub mod log;
 pub mod size;
