@@ -479,7 +479,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f.txt"), b"hello world").expect("write");
         let meta = std::fs::metadata(dir.path().join("f.txt")).expect("stat");
-        let expect = FileMeta { size: meta.len(), mtime_ns: disk::mtime_ns(&meta), digest: String::new() };
+        let expect = FileMeta { size: meta.len(), mtime_ns: disk::mtime_ns(&meta), ..FileMeta::default() };
         let mut harness = Harness::new();
         harness.worker.submit(1, 10, scan_job(5, dir.path()));
         let read = Job::Read { root: dir.path().to_owned(), rel: "f.txt".into(), offset: 6, len: 5, expect };
@@ -567,7 +567,7 @@ mod tests {
             matches!(&scan, Some(Done::Scanned { mount: 6, result: Err(why) }) if why.contains("boom")),
             "{scan:?}"
         );
-        let expect = FileMeta { size: 0, mtime_ns: 0, digest: String::new() };
+        let expect = FileMeta::default();
         let read = Job::Read { root: dir.path().to_owned(), rel: "f".into(), offset: 0, len: 0, expect };
         let read = run_caught(read, |_| panic!("{}", String::from("bang")));
         assert!(

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 use zbroker_client::escape::escape;
-use zbroker_client::filemq::Kept;
 use zbroker_client::filemq::{self, Event, Options, Subscriber};
+use zbroker_client::filemq::{Kept, Mirrored};
 use zbroker_client::{curve, endpoint};
 
 /// The exit statuses, as `--help` shows them (see `mod status`).
@@ -443,6 +443,23 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 tally.deleted += 1;
                 tally.settled(&path);
                 output.change("deleted", &path, None)
+            }
+            Event::Mirrored { path, what } => {
+                tally.updated += 1;
+                tally.settled(&path);
+                let mut object = serde_json::json!({ "event": "updated", "path": path });
+                match what {
+                    Mirrored::Directory => object["kind"] = "directory".into(),
+                    Mirrored::Link { target } => {
+                        object["kind"] = "link".into();
+                        object["target"] = target.into();
+                    }
+                    Mirrored::Attributes => object["kind"] = "attributes".into(),
+                }
+                match output {
+                    Output::Json(_) => output.json(object),
+                    _ => output.line(&format!("updated {}", escape(path.as_bytes()))),
+                }
             }
             Event::Kept { path, reason } => {
                 let reason = match reason {

@@ -9,7 +9,11 @@
 //! ```
 //!
 //! `MARK` is `d` for a file we delivered, `-` for one we only found in the
-//! inbox. A mark belongs to the file, not the path: a file put at that
+//! inbox; `l` for a symlink we made (`DIGEST` that of its target); `D` for
+//! a directory the publisher has that we made or took its attributes for
+//! (`SIZE` and `MTIME_NS` are the mode and mtime it was published with),
+//! `p` for one we made only as a parent of something (removed once
+//! emptied by deletes). A mark belongs to the file, not the path: a file put at that
 //! path since (a new inode: the user saved their own, or an editor
 //! replaced it) is the user's. Each delivery is also appended at once to
 //! `.filemq/digests.log` (lines of the same form), which the next load
@@ -53,7 +57,8 @@ impl Stamp {
     }
 }
 
-/// A digest known for a file of a given stamp.
+/// A digest known for a file of a given stamp, or a link or directory we
+/// made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Known {
     pub stamp: Stamp,
@@ -61,6 +66,20 @@ pub(crate) struct Known {
     pub digest: String,
     /// This subscriber delivered the file (the one with `stamp.inode`).
     pub ours: bool,
+    pub what: What,
+}
+
+/// What a cache entry is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum What {
+    #[default]
+    File,
+    /// A symlink we made (always ours).
+    Link,
+    /// A directory we made or took the publisher's attributes for (always
+    /// ours): `published` if the publisher has it (kept when emptied),
+    /// else made only as a parent.
+    Dir { published: bool },
 }
 
 #[derive(Debug, Default)]
@@ -116,8 +135,16 @@ impl DigestCache {
     /// Records a file we delivered, durably: the journal line is written
     /// before this returns.
     pub fn delivered(&mut self, private: &Dir, rel: &str, stamp: Stamp, digest: String) -> io::Result<()> {
-        let line = line(rel, &Known { stamp, digest: digest.clone(), ours: true });
-        self.remember(rel, stamp, digest, true);
+        self.mark(private, rel, Known { stamp, digest, ours: true, what: What::File })
+    }
+
+    /// Records a link or directory we made (or a file we delivered),
+    /// durably, as [`DigestCache::delivered`].
+    pub fn mark(&mut self, private: &Dir, rel: &str, known: Known) -> io::Result<()> {
+        let line = line(rel, &known);
+        self.entries.insert(rel.to_string(), known);
+        self.census.seen.insert(rel.to_string());
+        self.dirty = true;
         if self.journal.is_none() {
             self.journal =
                 Some(private.open_file(JOURNAL, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, 0o600)?);
@@ -131,7 +158,7 @@ impl DigestCache {
     /// The digest of `rel` if the cache knows it for this stamp; counts
     /// `rel` as met by the census.
     pub fn lookup(&mut self, rel: &str, stamp: Stamp) -> Option<String> {
-        let known = self.entries.get(rel).filter(|k| k.stamp == stamp)?;
+        let known = self.entries.get(rel).filter(|k| k.stamp == stamp && k.what == What::File)?;
         self.census.seen.insert(rel.to_string());
         Some(known.digest.clone())
     }
@@ -142,7 +169,7 @@ impl DigestCache {
     /// path is not).
     pub fn remember(&mut self, rel: &str, stamp: Stamp, digest: String, ours: bool) {
         let ours = ours || self.is_ours(rel, stamp.inode);
-        self.entries.insert(rel.to_string(), Known { stamp, digest, ours });
+        self.entries.insert(rel.to_string(), Known { stamp, digest, ours, what: What::File });
         self.census.seen.insert(rel.to_string());
         self.dirty = true;
     }
@@ -151,6 +178,18 @@ impl DigestCache {
     /// `inode`).
     pub fn is_ours(&self, rel: &str, inode: u64) -> bool {
         self.entries.get(rel).is_some_and(|k| k.ours && k.stamp.inode == inode)
+    }
+
+    /// What the cache says of `rel`, if anything.
+    pub fn get(&self, rel: &str) -> Option<&Known> {
+        self.entries.get(rel)
+    }
+
+    /// The census met `rel` (a link or directory whose mark is kept).
+    pub fn met(&mut self, rel: &str) {
+        if self.entries.contains_key(rel) {
+            self.census.seen.insert(rel.to_string());
+        }
     }
 
     pub fn forget(&mut self, rel: &str) {
@@ -218,7 +257,13 @@ fn render(entries: &HashMap<String, Known>) -> String {
 
 /// One entry as a line of the cache or the journal.
 fn line(rel: &str, k: &Known) -> String {
-    let mark = if k.ours { 'd' } else { '-' };
+    let mark = match k.what {
+        What::File if k.ours => 'd',
+        What::File => '-',
+        What::Link => 'l',
+        What::Dir { published: true } => 'D',
+        What::Dir { published: false } => 'p',
+    };
     let Stamp { size, mtime_ns, inode } = k.stamp;
     format!("{size} {mtime_ns} {inode} {} {mark} {}\n", k.digest, escape(rel.as_bytes()))
 }
@@ -244,14 +289,17 @@ fn parse_line(line: &[u8]) -> Option<(String, Known)> {
     let mtime_ns = fields.next()?.parse().ok()?;
     let inode = fields.next()?.parse().ok()?;
     let digest = parse_digest(fields.next()?.as_bytes())?;
-    let ours = match fields.next()? {
-        "d" => true,
-        "-" => false,
+    let (ours, what) = match fields.next()? {
+        "d" => (true, What::File),
+        "-" => (false, What::File),
+        "l" => (true, What::Link),
+        "D" => (true, What::Dir { published: true }),
+        "p" => (true, What::Dir { published: false }),
         _ => return None,
     };
     let rel = String::from_utf8(unescape(fields.next()?)?).ok()?;
     let stamp = Stamp { size, mtime_ns, inode };
-    (!rel.is_empty()).then_some((rel, Known { stamp, digest, ours }))
+    (!rel.is_empty()).then_some((rel, Known { stamp, digest, ours, what }))
 }
 
 #[cfg(test)]
@@ -266,7 +314,7 @@ mod tests {
     }
 
     fn known(digest: &str, ours: bool) -> Known {
-        Known { stamp: stamp(1), digest: digest.into(), ours }
+        Known { stamp: stamp(1), digest: digest.into(), ours, what: What::File }
     }
 
     #[test]
@@ -279,8 +327,12 @@ mod tests {
             known(Y, false),
         );
         entries.insert("back\\slash and space".to_string(), known(X, false));
+        entries.insert("link".to_string(), Known { what: What::Link, ..known(X, true) });
+        entries.insert("dir".to_string(), Known { what: What::Dir { published: true }, ..known(X, true) });
+        entries
+            .insert("parent".to_string(), Known { what: What::Dir { published: false }, ..known(X, true) });
         let text = render(&entries);
-        assert_eq!(text.lines().count(), 5, "{text}");
+        assert_eq!(text.lines().count(), 8, "{text}");
         assert_eq!(parse(text.as_bytes()), entries);
     }
 

@@ -214,7 +214,13 @@ impl Link {
 
     /// Sends one message, waiting at most `patience` for room.
     pub fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), String> {
-        let frame = msg.encode();
+        self.send_with_bits(msg, 0, patience)
+    }
+
+    /// Sends `msg` with capability bits after its fields
+    /// (`filemq_ext::encode_with_bits`; none when 0).
+    pub fn send_with_bits(&mut self, msg: &FilemqMsg, bits: u8, patience: Duration) -> Result<(), String> {
+        let frame = crate::filemq_ext::encode_with_bits(msg, bits);
         match self.socket.send(&frame, zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => {

@@ -57,6 +57,11 @@
 //!   overrun its announced `X-SIZE` is discarded at once, not at its end.
 //! - A transfer cut short (even by SIGKILL) resumes where it stopped on the
 //!   next connection, with a server that supports it.
+//! - With a server that grants attributes (zbroker), the mirror keeps
+//!   permission bits (never setuid, setgid or sticky) and mtimes, empty
+//!   directories, and symlinks whose target stays inside the inbox (made
+//!   as links, never written through; any other is refused); a chmod or a
+//!   touch alone arrives as new attributes, not as the content again.
 //! - When the server goes silent, the connection drops, or the server has
 //!   forgotten our session (an RTFM after it greeted us), the subscriber
 //!   reconnects (100 ms, doubling to 5 s; the pause only starts again from
@@ -189,7 +194,11 @@ pub enum Event {
     Progress { path: String, offset: u64, size: Option<u64> },
     /// A file was created or replaced in the inbox, whole and verified.
     Updated { path: String, size: u64 },
-    /// A file was removed from the inbox.
+    /// A directory or symlink was made, or a file given new attributes
+    /// (permission bits, mtime) with its content unchanged: see
+    /// [`Mirrored`]. Only from a server that carries them (zbroker).
+    Mirrored { path: String, what: Mirrored },
+    /// A file (or symlink, or empty directory) was removed from the inbox.
     Deleted { path: String },
     /// Everything published under this subscription path when we
     /// (re)subscribed has arrived: every published file is in the inbox
@@ -229,6 +238,17 @@ pub enum Event {
     /// The inbox became unusable (not writable, disk full, …). The
     /// subscriber has stopped.
     Failed { why: String },
+}
+
+/// What [`Event::Mirrored`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mirrored {
+    /// A directory the publisher has (even an empty one).
+    Directory,
+    /// A symlink leading to `target` (relative, inside the inbox).
+    Link { target: String },
+    /// A file's permission bits or mtime changed, not its content.
+    Attributes,
 }
 
 /// Why a file of the inbox was kept: files this subscriber did not write

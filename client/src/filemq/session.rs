@@ -8,6 +8,7 @@ use super::link::{self, Link, NoLink};
 use super::{Event, Kept, Options};
 use crate::codec::{Hash, ShortStr};
 use crate::escape::{escape, escape_truncated};
+use crate::filemq_ext;
 use crate::filemq_msg::ceiling;
 use crate::filemq_msg::{CREATE, DELETE};
 use crate::FilemqMsg;
@@ -279,6 +280,8 @@ struct Session<'a, W: Wire = Link> {
     /// How long to wait for OHAI-OK (less than `dead_after` before any
     /// session has existed: see [`UNREACHABLE_AFTER`]).
     greeting_patience: Duration,
+    /// Capabilities the server granted in its OHAI-OK (`filemq_ext`).
+    granted: u8,
 }
 
 impl<'a, W: Wire> Session<'a, W> {
@@ -304,6 +307,7 @@ impl<'a, W: Wire> Session<'a, W> {
             last_heard: now,
             last_hugz: now,
             greeting_patience,
+            granted: 0,
         }
     }
 
@@ -325,7 +329,11 @@ impl Session<'_, Link> {
     /// Runs until the session ends; `Err` says why (`Ok` never comes back
     /// but keeps `?` usable throughout).
     fn session(&mut self) -> Result<(), End> {
-        self.send(&FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 })?;
+        // Our capabilities ride after OHAI's fields, which any server
+        // reads past (see `filemq_ext`).
+        let ohai = FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 };
+        let patience = self.shared.opts.dead_after;
+        self.link.send_with_bits(&ohai, filemq_ext::ALL, patience).map_err(End::Lost)?;
         loop {
             let mut read_dry = false;
             for _ in 0..BATCH {
@@ -430,7 +438,7 @@ impl<W: Wire> Session<'_, W> {
     /// Handles one frame; true if it was a valid message for this point of
     /// the session (progress, which keeps the session alive).
     fn on_frame(&mut self, frame: Bytes) -> Result<bool, End> {
-        let msg = match FilemqMsg::decode(frame) {
+        let msg = match FilemqMsg::decode(frame.clone()) {
             Ok(msg) => msg,
             Err(e) => {
                 self.oddity(format_args!("ignoring a malformed frame from the server: {e}"));
@@ -438,6 +446,9 @@ impl<W: Wire> Session<'_, W> {
             }
         };
         tracing::trace!("received {}", msg.name());
+        if matches!(msg, FilemqMsg::OhaiOk {}) && self.phase == Phase::Greeting {
+            self.granted = filemq_ext::trailer_bits(&frame, &msg) & filemq_ext::ALL;
+        }
         self.on_message(msg)
     }
 
@@ -507,17 +518,22 @@ impl<W: Wire> Session<'_, W> {
         let dir = self.shared.layout.mirror_dir(sub).to_string();
         let mut cache = Hash::default();
         let (mut bytes, mut left_out) = (0usize, 0usize);
-        for (rel, digest) in self.shared.inbox.holdings(&dir).map_err(local)? {
+        // A server that keeps attributes is told those of every entry held
+        // (directories and links too); any other, the files' digests.
+        let meta = self.granted & filemq_ext::META != 0;
+        for held in self.shared.inbox.entries(&dir, meta, None).map_err(local)? {
             // A key longer than a `string` cannot travel, and a cache past
             // the protocol's ceiling would be refused whole: those files
             // are simply sent again.
-            let Some(key) = self.shared.layout.cache_key(sub, &rel) else { continue };
-            let wire = 1 + key.len() + 4 + digest.len();
+            let Some(key) = self.shared.layout.cache_key(sub, &held.rel) else { continue };
+            let value =
+                if meta { filemq_ext::cache_value(&held.digest, held.kind, held.attrs) } else { held.digest };
+            let wire = 1 + key.len() + 4 + value.len();
             if cache.len() >= ceiling::CACHE_ENTRIES || bytes + wire > ceiling::CACHE_BYTES - 4 {
                 left_out += 1;
                 continue;
             }
-            if cache.insert(&key, digest).is_ok() {
+            if cache.insert(&key, value).is_ok() {
                 bytes += wire;
             }
         }

@@ -3,6 +3,9 @@
 //! says of files it refuses, keeps or fails to verify.
 
 use super::*;
+use crate::filemq::Mirrored;
+use crate::filemq_ext::Attrs;
+use inbox::Applied;
 
 impl<W: Wire> Session<'_, W> {
     #[allow(clippy::too_many_arguments)]
@@ -39,6 +42,8 @@ impl<W: Wire> Session<'_, W> {
         self.credit -= chunk.len() as u64;
         match operation {
             CREATE if name.is_empty() => self.on_marker(headers)?,
+            // A directory, a link, or a file's new attributes.
+            CREATE if headers.get(filemq_ext::TYPE).is_some() => self.on_entry(name, headers)?,
             // The original server marks the end with an empty chunk only.
             CREATE => self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?,
             // Offset and chunk of a delete may be stale (spec §14).
@@ -203,12 +208,124 @@ impl<W: Wire> Session<'_, W> {
                 None => return self.reject(name, "has a malformed X-SIZE header").map(|()| None),
             },
         };
+        let attrs = match self.attrs(headers) {
+            Ok(attrs) => attrs,
+            Err(why) => return self.reject(name, why).map(|()| None),
+        };
         if let Err(e) = self.shared.inbox.check_target(&placed.rel, self.shared.opts.overwrite) {
             return self.file_error(name, placed, e).map(|()| None);
         }
         match self.shared.inbox.begin(name.to_vec(), placed.clone(), size, digest, offset) {
-            Ok(incoming) => Ok(Some(incoming)),
+            Ok(mut incoming) => {
+                incoming.attrs = attrs;
+                Ok(Some(incoming))
+            }
             Err(e) => self.file_error(name, placed, e).map(|()| None),
+        }
+    }
+
+    /// `X-MODE` and `X-MTIME`, from a server granted attributes (none
+    /// from another: the original never sends them).
+    fn attrs(&self, headers: &Hash) -> Result<Option<Attrs>, &'static str> {
+        if self.granted & filemq_ext::META == 0 {
+            return Ok(None);
+        }
+        match (headers.get(filemq_ext::MODE), headers.get(filemq_ext::MTIME)) {
+            (None, None) => Ok(None),
+            (Some(mode), Some(mtime)) => Attrs::parse(mode.as_bytes(), mtime.as_bytes())
+                .map(Some)
+                .ok_or("has a malformed X-MODE or X-MTIME header"),
+            _ => Err("has X-MODE or X-MTIME without the other"),
+        }
+    }
+
+    /// A directory, a symlink, or a file's new attributes: one message,
+    /// no content.
+    fn on_entry(&mut self, name: &[u8], headers: &Hash) -> Result<(), End> {
+        if self.granted & filemq_ext::META == 0 {
+            self.oddity(format_args!("ignoring an X-TYPE entry from a server that did not offer them"));
+            return Ok(());
+        }
+        // The server never interleaves: a file in progress was abandoned.
+        if let Some(previous) = self.incoming.take() {
+            tracing::debug!("{} was left unfinished", shown(&previous.rel));
+            self.shared.inbox.abandon(previous, false);
+        }
+        self.skipping = None;
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why),
+        };
+        let overwrite = self.shared.opts.overwrite;
+        let kind = headers.get(filemq_ext::TYPE).map(|t| t.as_bytes().to_vec()).unwrap_or_default();
+        let mtime =
+            headers.get(filemq_ext::MTIME).and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok());
+        let outcome = match kind.as_slice() {
+            b"dir" => {
+                let attrs = match self.attrs(headers) {
+                    Ok(Some(attrs)) => attrs,
+                    Ok(None) => return self.reject(name, "is a directory without X-MODE and X-MTIME"),
+                    Err(why) => return self.reject(name, why),
+                };
+                match self.shared.inbox.make_dir(&placed.rel, attrs, overwrite) {
+                    Ok(true) => Ok(Some(Mirrored::Directory)),
+                    // Its attributes alone: not worth a line (every change
+                    // inside a directory moves its mtime).
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            b"link" => {
+                let target =
+                    headers.get(filemq_ext::TARGET).and_then(|t| std::str::from_utf8(t.as_bytes()).ok());
+                let (Some(target), Some(mtime)) = (target, mtime) else {
+                    return self.reject(name, "is a link without a UTF-8 X-TARGET and an X-MTIME");
+                };
+                let target = target.to_string();
+                self.shared
+                    .inbox
+                    .make_link(&placed.rel, &target, mtime, overwrite)
+                    .map(|()| Some(Mirrored::Link { target }))
+            }
+            b"attrs" => {
+                let digest = headers.get("X-SHA1").and_then(|d| inbox::parse_digest(d.as_bytes()));
+                let attrs = match self.attrs(headers) {
+                    Ok(Some(attrs)) => attrs,
+                    _ => return self.reject(name, "has new attributes without a valid X-MODE and X-MTIME"),
+                };
+                let Some(digest) = digest else {
+                    return self.reject(name, "has new attributes without X-SHA1");
+                };
+                match self.shared.inbox.set_attrs(&placed.rel, &digest, attrs, overwrite) {
+                    Ok(Applied::Done) => Ok(Some(Mirrored::Attributes)),
+                    Ok(Applied::Lacking) => {
+                        // Not as the server believes: a RESYNC fetches it.
+                        tracing::debug!(
+                            "{} is not held as announced; asking for it again",
+                            shown(&placed.rel)
+                        );
+                        let due = &mut self.resubscribe_at[placed.subscription];
+                        *due = Some(Instant::now());
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                let shown_kind = escape_truncated(&kind, NAME_SHOWN);
+                self.oddity(format_args!("ignoring an entry of unknown X-TYPE {shown_kind}"));
+                return Ok(());
+            }
+        };
+        match outcome {
+            Ok(Some(what)) => {
+                tracing::info!("updated {}", shown(&placed.rel));
+                self.delivered = true;
+                self.failures.remove(&placed.rel);
+                self.emit(Event::Mirrored { path: placed.rel, what })
+            }
+            Ok(None) => Ok(()),
+            Err(e) => self.file_error(name, placed, e),
         }
     }
 

@@ -1,0 +1,169 @@
+//! Faithful mirrors with the real programs: a tree with modes, old mtimes,
+//! links inside and out, an empty directory and a chmod, mirrored by
+//! `zbroker` + `filemq` exactly as `rsync -a` copies it (compared as
+//! `find DIR -printf '%P %m %T@ %y %l\n' | sort` lists them, the link
+//! that leads out left aside), and against a listing the test builds
+//! itself, so it proves something where rsync is missing.
+
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use zbroker_tests::{bin, put, wait_timeout, wait_until, Broker, Subscriber};
+
+fn path_arg(dir: &Path) -> &str {
+    dir.to_str().expect("temporary paths are UTF-8")
+}
+
+/// `find DIR -printf '%P %m %T@ %y %l\n' | sort`, without the root itself,
+/// our private `.filemq` and the names in `leave_out`.
+fn listing(dir: &Path, leave_out: &[&str]) -> Vec<String> {
+    let out = Command::new("find").arg(dir).args(["-printf", "%P %m %T@ %y %l\\n"]).output().expect("find");
+    assert!(out.status.success(), "find failed: {}", String::from_utf8_lossy(&out.stderr));
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            let name = l.split(' ').next().unwrap_or_default();
+            !name.is_empty()
+                && name != ".filemq"
+                && !name.starts_with(".filemq/")
+                && !leave_out.contains(&name)
+        })
+        .map(str::to_string)
+        .collect();
+    lines.sort();
+    lines
+}
+
+/// `touch -h -d @SECS`: the entry's own mtime (a link's, not its target's).
+fn set_mtime(path: &Path, secs: i64) {
+    let status =
+        Command::new("touch").args(["-h", "-d", &format!("@{secs}")]).arg(path).status().expect("touch");
+    assert!(status.success());
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+}
+
+/// The tree; returns the listing it must mirror to, as the test
+/// knows it (mode, mtime, type, target per entry).
+fn build(root: &Path, outside: &Path) -> Vec<String> {
+    put(root, "bin/run.sh", b"#!/bin/sh\necho hi\n");
+    put(root, "secret.txt", b"private");
+    put(root, "docs/readme", b"read me");
+    std::fs::create_dir(root.join("empty")).unwrap();
+    symlink("docs/readme", root.join("link-in")).unwrap();
+    symlink("docs", root.join("link-dir")).unwrap();
+    symlink(outside.join("elsewhere"), root.join("link-out")).unwrap();
+    let entries: [(&str, u32, i64, char, &str); 9] = [
+        ("bin/run.sh", 0o755, 1_000_000_001, 'f', ""),
+        ("secret.txt", 0o600, 1_000_000_002, 'f', ""),
+        ("docs/readme", 0o644, 1_000_000_003, 'f', ""),
+        ("link-in", 0o777, 1_000_000_004, 'l', "docs/readme"),
+        ("link-dir", 0o777, 1_000_000_005, 'l', "docs"),
+        // Directories last: what is made inside them moves their mtime.
+        ("bin", 0o755, 1_000_000_006, 'd', ""),
+        ("docs", 0o750, 1_000_000_007, 'd', ""),
+        ("empty", 0o700, 1_000_000_008, 'd', ""),
+        ("link-out", 0o777, 1_000_000_009, 'l', ""),
+    ];
+    let mut expect = Vec::new();
+    for (rel, mode, secs, kind, target) in entries {
+        let path = root.join(rel);
+        if kind != 'l' {
+            set_mode(&path, mode);
+        }
+        set_mtime(&path, secs);
+        if rel != "link-out" {
+            expect.push(format!("{rel} {mode:o} {secs}.0000000000 {kind} {target}"));
+        }
+    }
+    expect.sort();
+    expect
+}
+
+fn rsync_copy(from: &Path, to: &Path) -> bool {
+    if Command::new("rsync").arg("--version").output().is_err() {
+        eprintln!(
+            "SKIPPED the rsync comparison: rsync is not installed (the test's own listing is still checked)"
+        );
+        return false;
+    }
+    let status = Command::new("rsync")
+        .args(["-a", &format!("{}/", path_arg(from)), &format!("{}/", path_arg(to))])
+        .status()
+        .expect("rsync");
+    assert!(status.success(), "rsync -a failed");
+    true
+}
+
+fn once(broker: &Broker, inbox: &Path) -> std::process::Output {
+    let mut child = Command::new(bin("filemq"))
+        .args(["subscribe", "/", "--inbox", path_arg(inbox), "--broker", &broker.name, "--once"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "filemq --once did not finish");
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_tree_mirrors_as_rsync_copies_it_and_a_chmod_alone_follows() {
+    let publisher = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let inbox = tempfile::tempdir().unwrap();
+    let copy = tempfile::tempdir().unwrap();
+    let expect = build(publisher.path(), outside.path());
+    assert_eq!(listing(publisher.path(), &["link-out"]), expect, "the test's own tree");
+    let rsync = rsync_copy(publisher.path(), copy.path());
+
+    let broker = Broker::start(&["--publish", path_arg(publisher.path()), "--stable-age", "200"]);
+    let out = once(&broker, inbox.path());
+    assert!(out.status.success(), "filemq --once failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(listing(inbox.path(), &[]), expect, "the mirror");
+    assert!(std::fs::symlink_metadata(inbox.path().join("link-out")).is_err(), "a link out is not published");
+    if rsync {
+        assert_eq!(listing(copy.path(), &["link-out"]), expect, "rsync -a");
+    }
+    // Links as links, not copies of their targets: the content of the
+    // three files went once.
+    let files = 18 + 7 + 7;
+    assert_eq!(broker.filemq_bytes_sent(), files, "only the regular files' bytes");
+
+    // A chmod alone reaches a running subscriber, without the content.
+    let sub = Subscriber::start(&["/", "--inbox", path_arg(inbox.path()), "--broker", &broker.name]);
+    assert!(wait_until(Duration::from_secs(20), || broker.filemq()["subscribers"]
+        .as_array()
+        .is_some_and(|s| !s.is_empty())));
+    std::thread::sleep(Duration::from_millis(300));
+    set_mode(&publisher.path().join("secret.txt"), 0o640);
+    sub.expect_line("updated secret.txt", Duration::from_secs(20));
+    let expect: Vec<String> =
+        expect.iter().map(|l| l.replace("secret.txt 600 ", "secret.txt 640 ")).collect();
+    assert!(
+        wait_until(Duration::from_secs(10), || listing(inbox.path(), &[]) == expect),
+        "{:?}",
+        listing(inbox.path(), &[])
+    );
+    assert_eq!(broker.filemq_bytes_sent(), files, "no content sent again");
+    if rsync {
+        rsync_copy(publisher.path(), copy.path());
+        assert_eq!(listing(copy.path(), &["link-out"]), expect, "rsync -a after the chmod");
+    }
+    drop(sub);
+
+    // A touch alone, while nobody listens: the next session brings it.
+    set_mtime(&publisher.path().join("docs/readme"), 1_100_000_000);
+    std::thread::sleep(Duration::from_millis(400));
+    let out = once(&broker, inbox.path());
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let expect: Vec<String> = expect
+        .iter()
+        .map(|l| l.replace("docs/readme 644 1000000003.", "docs/readme 644 1100000000."))
+        .collect();
+    assert_eq!(listing(inbox.path(), &[]), expect);
+    assert_eq!(broker.filemq_bytes_sent(), files, "still no content sent again");
+    assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "updated docs/readme"));
+}
