@@ -695,8 +695,19 @@ impl Inbox {
             Some(e) if e.kind == Kind::Other => {
                 return Err(FileError::Refused(format!("{} is not a regular file or directory", shown(rel))))
             }
-            Some(_) if !ours && !replace_any => return Err(FileError::NotOurs),
+            // A directory with the publisher's mode is taken as the
+            // mirror's (older versions made them unmarked); it only takes
+            // the mtime. One with another mode is the user's.
+            Some(e)
+                if e.kind == Kind::Dir
+                    && !ours
+                    && !replace_any
+                    && e.mode & PERMISSIONS != dir_mode(attrs.mode) =>
+            {
+                return Err(FileError::NotOurs)
+            }
             Some(e) if e.kind == Kind::Dir => {}
+            Some(_) if !ours && !replace_any => return Err(FileError::NotOurs),
             Some(_) => {
                 parent.remove_file(leaf)?;
                 self.digests.forget(rel);
@@ -1493,6 +1504,12 @@ mod tests {
         std::os::unix::fs::symlink("file", root.join("link")).unwrap();
         assert!(matches!(inbox.make_dir("mine", attrs(0o777, 1), false), Err(FileError::NotOurs)));
         assert_eq!(stat(root, "mine").0, 0o700, "a directory of yours keeps its mode");
+        // One with the publisher's mode (as an older filemq made them) is
+        // taken as the mirror's.
+        fs::create_dir(root.join("old")).unwrap();
+        fs::set_permissions(root.join("old"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        assert!(!inbox.make_dir("old", attrs(0o755, 3), false).unwrap());
+        assert_eq!(stat(root, "old"), (0o755, 3));
         assert!(matches!(inbox.make_dir("file", attrs(0o755, 1), false), Err(FileError::NotOurs)));
         assert!(matches!(inbox.make_link("file", "mine", 1, false), Err(FileError::NotOurs)));
         assert!(matches!(inbox.make_link("link", "mine", 1, false), Err(FileError::NotOurs)));
