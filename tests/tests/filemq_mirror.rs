@@ -167,3 +167,60 @@ fn a_tree_mirrors_as_rsync_copies_it_and_a_chmod_alone_follows() {
     assert_eq!(broker.filemq_bytes_sent(), files, "still no content sent again");
     assert!(String::from_utf8_lossy(&out.stdout).lines().any(|l| l == "updated docs/readme"));
 }
+
+fn once_with(broker: &Broker, inbox: &Path, extra: &[&str]) -> std::process::Output {
+    let mut child = Command::new(bin("filemq"))
+        .args(["subscribe", "/", "--inbox", path_arg(inbox), "--broker", &broker.name, "--once"])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "filemq --once did not finish");
+    child.wait_with_output().unwrap()
+}
+
+/// `--exclude` against our broker: what is excluded is never sent (the
+/// broker's byte count says so), and a local file it covers survives a
+/// `--delete` of the publisher's delete.
+#[test]
+fn exclusions_are_never_sent_and_never_deleted() {
+    let publisher = tempfile::tempdir().unwrap();
+    let root = publisher.path();
+    put(root, "keep.txt", b"keep");
+    put(root, "big.log", &vec![b'l'; 2 << 20]);
+    put(root, "cache/c.bin", &vec![b'c'; 1 << 20]);
+    put(root, "sub/note.txt", b"note");
+    put(root, "sub/deep/x.log", b"x");
+    for rel in ["keep.txt", "big.log", "cache/c.bin", "sub/note.txt", "sub/deep/x.log"] {
+        set_mtime(&root.join(rel), 1_000_000_000);
+    }
+    let broker = Broker::start(&["--publish", path_arg(root), "--stable-age", "200"]);
+    let excludes = ["--exclude", "*.log", "--exclude", "cache/"];
+
+    let fresh = tempfile::tempdir().unwrap();
+    let out = once_with(&broker, fresh.path(), &excludes);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(broker.filemq_bytes_sent(), 8, "only keep.txt and sub/note.txt were sent");
+    let names: Vec<String> =
+        listing(fresh.path(), &[]).iter().map(|l| l.split(' ').next().unwrap().to_string()).collect();
+    assert_eq!(names, ["keep.txt", "sub", "sub/deep", "sub/note.txt"]);
+
+    // A full mirror, then the publisher deletes what is excluded: with
+    // --delete and the exclusions, the local copies stay.
+    let inbox = tempfile::tempdir().unwrap();
+    let out = once_with(&broker, inbox.path(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(root.join("big.log")).unwrap();
+    std::fs::remove_dir_all(root.join("cache")).unwrap();
+    std::fs::remove_file(root.join("keep.txt")).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut args = excludes.to_vec();
+    args.push("--delete");
+    let out = once_with(&broker, inbox.path(), &args);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "deleted keep.txt");
+    assert_eq!(std::fs::read(inbox.path().join("big.log")).unwrap().len(), 2 << 20);
+    assert!(inbox.path().join("cache/c.bin").exists());
+    assert!(!inbox.path().join("keep.txt").exists());
+}

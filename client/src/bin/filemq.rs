@@ -25,7 +25,9 @@ macro_rules! exit_status_help {
         5  in sync (--once), but some files could not be fetched (they failed\n     \
         verification again and again), were refused for safety, or were kept\n     \
         because a local file we did not write is in the way (see --overwrite)\n  \
-        6  (--once) nothing at all is published under a PATH (a misspelling?)"
+        6  (--once) nothing at all is published under a PATH (a misspelling?)\n  \
+        7  the server cannot honour --exclude (or --dry-run): it is the original\n     \
+        FileMQ or an older zbroker; nothing was changed"
     };
 }
 
@@ -111,6 +113,11 @@ struct SubscribeArgs {
     /// Replace files filemq did not write when the publisher has another version
     #[arg(long)]
     overwrite: bool,
+    /// Leave out paths matching PATTERN (gitignore-style: *, ?, **, a trailing / for
+    /// directories, a leading / to anchor, !PATTERN to take back), relative to each PATH;
+    /// repeatable. Excluded files are neither fetched nor deleted (not even with --delete)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
     /// Print one JSON object per event on standard output, for programs
     #[arg(long)]
     json: bool,
@@ -130,6 +137,7 @@ mod status {
     pub const REFUSED: u8 = 4;
     pub const INCOMPLETE: u8 = 5;
     pub const NOTHING_PUBLISHED: u8 = 6;
+    pub const UNSUPPORTED: u8 = 7;
 }
 
 /// At most this many names of files that did not make it are listed when
@@ -383,6 +391,7 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     opts.window = args.window;
     opts.delete = args.delete;
     opts.overwrite = args.overwrite;
+    opts.exclude = args.exclude.clone();
     if let Some(server_key) = &args.server_key {
         let keys = curve::ClientKeys::from_files(server_key, args.key.as_deref())
             .map_err(|e| Failure::new(status::USAGE, e.to_string()))?;
@@ -390,7 +399,9 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     }
     let subscriber = Subscriber::start(opts).map_err(|e| {
         let code = match e {
-            filemq::Error::BadPath { .. } | filemq::Error::BadOption(_) => status::USAGE,
+            filemq::Error::BadPath { .. } | filemq::Error::BadOption(_) | filemq::Error::BadExclude(_) => {
+                status::USAGE
+            }
             _ => status::IO,
         };
         Failure::new(code, e.to_string())
@@ -533,6 +544,7 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 break Err(Failure::new(status::REFUSED, format!("the broker refused us: {why}")))
             }
             Event::Failed { why } => break Err(Failure::new(status::IO, why)),
+            Event::Unsupported { why } => break Err(Failure::new(status::UNSUPPORTED, why)),
         };
         if !written {
             // The reader of our output went away (`| head`): not an error of ours.

@@ -109,6 +109,9 @@ pub enum Error {
     /// An option is out of range.
     #[error("bad option: {0}")]
     BadOption(&'static str),
+    /// An exclude pattern is unusable or there are too many.
+    #[error(transparent)]
+    BadExclude(#[from] crate::exclude::PatternError),
     /// The inbox cannot be created, locked or read.
     #[error("inbox {path}: {source}")]
     Inbox {
@@ -157,6 +160,12 @@ pub struct Options {
     /// Replace a file of the inbox that this subscriber did not write when
     /// the publisher has another version of it.
     pub overwrite: bool,
+    /// Gitignore-style patterns ([`crate::exclude`]) of paths, relative
+    /// to each subscription path, that are neither fetched nor deleted
+    /// nor reported as held. The server filters them (they never cost
+    /// credit), so a server that does not offer it (the original, an
+    /// older zbroker) is refused: [`Event::Unsupported`].
+    pub exclude: Vec<String>,
 }
 
 impl Options {
@@ -179,6 +188,7 @@ impl Options {
             curve: None,
             delete: false,
             overwrite: false,
+            exclude: Vec::new(),
         }
     }
 }
@@ -238,6 +248,11 @@ pub enum Event {
     /// The inbox became unusable (not writable, disk full, …). The
     /// subscriber has stopped.
     Failed { why: String },
+    /// The server cannot do what the options ask for (exclusions, a
+    /// listing): it did not grant that capability in its greeting (the
+    /// original FileMQ, an older zbroker). Nothing was subscribed; the
+    /// subscriber has stopped.
+    Unsupported { why: String },
 }
 
 /// What [`Event::Mirrored`] made.
@@ -279,6 +294,7 @@ impl Subscriber {
     /// there yet is not an error: the thread keeps trying.
     pub fn start(opts: Options) -> Result<Subscriber, Error> {
         let layout = layout::Layout::new(&opts.paths).map_err(|(path, why)| Error::BadPath { path, why })?;
+        let excludes = crate::exclude::Excludes::new(&opts.exclude)?;
         if opts.window == 0 {
             return Err(Error::BadOption("the credit window must be at least 1 byte"));
         }
@@ -300,7 +316,7 @@ impl Subscriber {
         let thread = std::thread::Builder::new()
             .name("filemq-subscriber".into())
             .spawn(move || {
-                session::run(session::Shared::new(opts, layout, inbox, tx, thread_control, context))
+                session::run(session::Shared::new(opts, layout, excludes, inbox, tx, thread_control, context))
             })
             .map_err(Error::Thread)?;
         Ok(Subscriber { control, events: Some(rx), thread: Some(thread), subscriptions })

@@ -8,6 +8,7 @@ use super::link::{self, Link, NoLink};
 use super::{Event, Kept, Options};
 use crate::codec::{Hash, ShortStr};
 use crate::escape::{escape, escape_truncated};
+use crate::exclude::Excludes;
 use crate::filemq_ext;
 use crate::filemq_msg::ceiling;
 use crate::filemq_msg::{CREATE, DELETE};
@@ -68,6 +69,8 @@ pub(crate) fn intake(window: u64) -> (i64, i32) {
 pub(crate) struct Shared {
     opts: Options,
     layout: Layout,
+    /// `opts.exclude`, compiled.
+    excludes: Excludes,
     inbox: Inbox,
     events: SyncSender<Event>,
     /// Readable when the subscriber is told to stop.
@@ -79,12 +82,30 @@ impl Shared {
     pub fn new(
         opts: Options,
         layout: Layout,
+        excludes: Excludes,
         inbox: Inbox,
         events: SyncSender<Event>,
         control: zmq::Socket,
         context: zmq::Context,
     ) -> Shared {
-        Shared { opts, layout, inbox, events, control, context }
+        Shared { opts, layout, excludes, inbox, events, control, context }
+    }
+
+    /// Is inbox-relative `rel`, placed under subscription `sub`, excluded
+    /// (as a directory if `is_dir`; `None`: as either, which protects
+    /// both)?
+    fn excluded(&self, sub: usize, rel: &str, is_dir: Option<bool>) -> bool {
+        if self.excludes.is_empty() {
+            return false;
+        }
+        let dir = self.layout.mirror_dir(sub);
+        let below =
+            if dir.is_empty() { Some(rel) } else { rel.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) };
+        let Some(below) = below else { return false };
+        match is_dir {
+            Some(is_dir) => self.excludes.excludes(below, is_dir),
+            None => self.excludes.excludes(below, false) || self.excludes.excludes(below, true),
+        }
     }
 
     /// Waits `pause` unless told to stop first; true if told to stop.
@@ -114,6 +135,8 @@ enum End {
     Refused(String),
     /// The inbox is unusable.
     Failed(String),
+    /// The server did not grant a capability the options need.
+    Unsupported(String),
 }
 
 /// The connection thread's body.
@@ -191,6 +214,11 @@ pub(crate) fn run(mut shared: Shared) {
             End::Failed(why) => {
                 tracing::warn!("{why}");
                 let _ = shared.events.send(Event::Failed { why });
+                break;
+            }
+            End::Unsupported(why) => {
+                tracing::warn!("{why}");
+                let _ = shared.events.send(Event::Unsupported { why });
                 break;
             }
             End::Lost(why) => {
@@ -457,6 +485,7 @@ impl<W: Wire> Session<'_, W> {
             FilemqMsg::OhaiOk {} if self.phase == Phase::Greeting => {
                 self.greeted_at = Some(Instant::now());
                 self.emit(Event::Connected)?;
+                self.check_granted()?;
                 self.subscribe_all()?;
             }
             // Also the answer to a RESYNC sent again once subscribed.
@@ -496,6 +525,19 @@ impl<W: Wire> Session<'_, W> {
         Ok(true)
     }
 
+    /// Refuses, before anything is subscribed, a server that did not grant
+    /// what the options need: filtering locally what it sends would cost
+    /// the credit and the transfer exclusions are there to save.
+    fn check_granted(&self) -> Result<(), End> {
+        if !self.shared.excludes.is_empty() && self.granted & filemq_ext::EXCLUDE == 0 {
+            return Err(End::Unsupported(
+                "the server does not offer exclusions (--exclude): it is not a zbroker, or an older one"
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+
     /// ICANHAZ for every subscription; the digest cache is saved (and
     /// pruned) once all holdings have been listed.
     fn subscribe_all(&mut self) -> Result<(), End> {
@@ -521,7 +563,10 @@ impl<W: Wire> Session<'_, W> {
         // A server that keeps attributes is told those of every entry held
         // (directories and links too); any other, the files' digests.
         let meta = self.granted & filemq_ext::META != 0;
-        for held in self.shared.inbox.entries(&dir, meta, None).map_err(local)? {
+        // What is excluded is not reported: the server then sends no
+        // delete for it, whatever --delete says.
+        let excludes = Some(&self.shared.excludes).filter(|e| !e.is_empty());
+        for held in self.shared.inbox.entries(&dir, meta, excludes).map_err(local)? {
             // A key longer than a `string` cannot travel, and a cache past
             // the protocol's ceiling would be refused whole: those files
             // are simply sent again.
@@ -548,6 +593,9 @@ impl<W: Wire> Session<'_, W> {
         let mut options = Hash::default();
         let _ = options.insert("RESYNC", "1");
         let _ = options.insert("X-ZBROKER", "1");
+        if !self.shared.excludes.is_empty() {
+            let _ = options.insert(filemq_ext::EXCLUDE_OPTION, self.shared.excludes.to_option());
+        }
         let resume: String = self
             .shared
             .inbox

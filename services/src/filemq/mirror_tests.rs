@@ -271,3 +271,110 @@ fn replacing_a_directory_or_a_link_reaches_clients_with_attributes_only() {
     assert_eq!(deleted(got(take(&mut sim, 1))), ["/d", "/dangling", "/to-keep"]);
     assert_eq!(deleted(got(take(&mut sim, 2))), ["/to-keep"], "only the copy it holds");
 }
+
+/// What a connection granted EXCLUDE asks to leave out never enters its
+/// queue: no content (no credit), no delete, live or on a RESYNC.
+#[test]
+fn excluded_entries_cost_nothing_and_are_never_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    fs::create_dir_all(root.join("logs/old")).unwrap();
+    fs::create_dir_all(root.join("src")).unwrap();
+    fs::write(root.join("keep.txt"), "keep").unwrap();
+    fs::write(root.join("big.log"), vec![0u8; 100_000]).unwrap();
+    fs::write(root.join("logs/old/a.txt"), "a").unwrap();
+    fs::write(root.join("src/x.tmp"), "x").unwrap();
+    fs::write(root.join("src/main.rs"), "fn main() {}").unwrap();
+    let mut sim = publish(root);
+    let options = [("RESYNC", "1"), ("X-ZBROKER", "1"), ("X-EXCLUDE", "*.log\nlogs/\n*.tmp\n!keep.tmp")];
+    // It holds an excluded file the publisher does not have: no delete.
+    let cache = [("gone.tmp", sha1_hex(b"g")), ("gone.txt", sha1_hex(b"g"))];
+    let cache: Vec<(&str, &str)> = cache.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let got = got(subscribe_with(&mut sim, 1, ext::ALL, "/", &options, &cache, 1_000_000));
+    let names: Vec<(u8, &str)> = got.iter().map(|g| (g.operation, g.name.as_str())).collect();
+    assert_eq!(
+        names,
+        [
+            (CREATE, "/keep.txt"),
+            (CREATE, "/keep.txt"),
+            (CREATE, "/src"),
+            (CREATE, "/src/main.rs"),
+            (CREATE, "/src/main.rs"),
+            (DELETE, "/gone.txt"),
+            (CREATE, ""),
+        ]
+    );
+    assert_eq!(sim.service.bytes_sent(), 4 + 12, "excluded content cost nothing");
+    assert_eq!(sim.service.status()["subscribers"][0]["excluding"], 4);
+    // Live: excluded creates and deletes are not sent either.
+    fs::write(root.join("new.log"), "n").unwrap();
+    fs::write(root.join("src/keep.tmp"), "k").unwrap();
+    fs::remove_file(root.join("big.log")).unwrap();
+    fs::remove_dir_all(root.join("logs")).unwrap();
+    rescan(&mut sim);
+    let names: Vec<String> =
+        super::mirror_tests::got(take(&mut sim, 1)).into_iter().map(|g| g.name).collect();
+    assert_eq!(names, ["/src", "/src/keep.tmp", "/src/keep.tmp"], "taken back by !keep.tmp");
+    // Another subscriber without exclusions gets everything.
+    let got = super::mirror_tests::got(subscribe_with(&mut sim, 2, ext::ALL, "/", EXTENDED, &[], 1_000_000));
+    assert!(got.iter().any(|g| g.name == "/new.log"));
+}
+
+#[test]
+fn exclusions_are_bounded_and_honoured_only_when_granted() {
+    let (_dir, mut sim) = world(&[("a.log", b"a"), ("b", b"b")]);
+    // Not granted: ignored, as the original would.
+    let got =
+        got(subscribe_with(&mut sim, 1, 0, "/", &[("RESYNC", "1"), ("X-EXCLUDE", "*.log")], &[], 1_000));
+    assert_eq!(got.iter().filter(|g| g.name == "/a.log").count(), 2);
+    // Too many, or an unusable one: SRSLY naming why, nothing subscribed.
+    let many = vec!["x"; zbroker_client::exclude::MAX_PATTERNS + 1].join("\n");
+    for (conn, patterns) in [(2, many.as_str()), (3, "ok\n"), (4, "\u{1}")] {
+        sim.send_raw(conn, filemq_ext::encode_with_bits(&ohai(), ext::ALL));
+        sim.take_raw(conn);
+        send(
+            &mut sim,
+            conn,
+            FilemqMsg::Icanhaz {
+                path: "/".into(),
+                options: hash(&[("RESYNC", "1"), ("X-EXCLUDE", patterns)]),
+                cache: Hash::default(),
+            },
+        );
+        match &take(&mut sim, conn)[..] {
+            [FilemqMsg::Srsly { reason }] => {
+                assert!(reason.to_string_lossy().contains("exclude"), "{reason:?}")
+            }
+            other => panic!("{patterns:?}: {other:?}"),
+        }
+        assert!(sim.service.conns[&crate::ConnId(conn)].subscriptions.is_empty());
+    }
+}
+
+/// A large cache is prepared off the loop, its stale list without regard
+/// to exclusions: they are checked as each delete is sent.
+#[test]
+fn a_large_cache_deletes_nothing_excluded() {
+    let (_dir, mut sim) = world(&[("kept", b"k")]);
+    let names: Vec<String> =
+        (0..600).map(|i| format!("gone-{i:03}.{}", if i % 2 == 0 { "log" } else { "txt" })).collect();
+    let digest = sha1_hex(b"x");
+    let cache: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), digest.as_str())).collect();
+    let options = [("RESYNC", "1"), ("X-ZBROKER", "1"), ("X-EXCLUDE", "*.log")];
+    sim.send_raw(1, filemq_ext::encode_with_bits(&ohai(), ext::ALL));
+    sim.take_raw(1);
+    let frame = icanhaz_frame("/", &options, &cache);
+    assert!(frame.len() > cache::INLINE_BYTES, "prepared off the loop");
+    sim.send_raw(1, frame);
+    sim.run_work();
+    send(&mut sim, 1, nom(1_000_000));
+    sim.advance(Duration::from_millis(10));
+    let deleted: Vec<String> =
+        got(take(&mut sim, 1)).into_iter().filter(|g| g.operation == DELETE).map(|g| g.name).collect();
+    assert_eq!(deleted.len(), 300);
+    assert!(deleted.iter().all(|n| n.ends_with(".txt")), "{deleted:?}");
+}
+
+fn icanhaz_frame(path: &str, options: &[(&str, &str)], cache: &[(&str, &str)]) -> Vec<u8> {
+    FilemqMsg::Icanhaz { path: path.into(), options: hash(options), cache: hash(cache) }.encode()
+}

@@ -193,6 +193,10 @@ impl<W: Wire> Session<'_, W> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why).map(|()| None),
         };
+        if self.shared.excluded(placed.subscription, &placed.rel, Some(false)) {
+            self.oddity(format_args!("ignoring {}, which we excluded", shown(&placed.rel)));
+            return Ok(None);
+        }
         let digest = match headers.get("X-SHA1") {
             None => None,
             Some(text) => match inbox::parse_digest(text.as_bytes()) {
@@ -256,8 +260,12 @@ impl<W: Wire> Session<'_, W> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why),
         };
-        let overwrite = self.shared.opts.overwrite;
         let kind = headers.get(filemq_ext::TYPE).map(|t| t.as_bytes().to_vec()).unwrap_or_default();
+        if self.shared.excluded(placed.subscription, &placed.rel, Some(kind == b"dir")) {
+            self.oddity(format_args!("ignoring {}, which we excluded", shown(&placed.rel)));
+            return Ok(());
+        }
+        let overwrite = self.shared.opts.overwrite;
         let mtime =
             headers.get(filemq_ext::MTIME).and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok());
         let outcome = match kind.as_slice() {
@@ -344,6 +352,11 @@ impl<W: Wire> Session<'_, W> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why),
         };
+        if self.shared.excluded(placed.subscription, &placed.rel, None) {
+            // Excluded is protected, --delete or not.
+            tracing::debug!("not deleting {}, which we excluded", shown(&placed.rel));
+            return Ok(());
+        }
         match self.shared.inbox.delete(&placed.rel, self.shared.opts.delete) {
             Ok(Deleted::Removed) => {
                 tracing::info!("deleted {}", shown(&placed.rel));
