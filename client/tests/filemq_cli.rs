@@ -44,6 +44,8 @@ fn help_names_every_option_and_exit_status() {
         "refused for safety",
         "updated PATH",
         "--exclude",
+        "--dry-run",
+        "create PATH",
         "7  the server cannot honour --exclude",
     ] {
         assert!(help.contains(word), "help lacks {word}: {help}");
@@ -450,6 +452,38 @@ fn exclude_against_an_original_server_exits_7_before_subscribing() {
         !heard.iter().any(|m| matches!(m, FilemqMsg::Icanhaz { .. } | FilemqMsg::Nom { .. })),
         "{heard:?}"
     );
+}
+
+/// A dry run against a server that cannot list: refused with status 7,
+/// before subscribing, and nothing at all made on disk.
+#[test]
+fn dry_run_against_an_original_server_exits_7_and_writes_nothing() {
+    let endpoint = unique_endpoint();
+    let server = original_server(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("not-yet");
+    let out = Command::new(env!("CARGO_BIN_EXE_filemq"))
+        .args([
+            "subscribe",
+            "/data",
+            "--inbox",
+            inbox.to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+            "--dry-run",
+        ])
+        .args(["--timeout", "10000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.trim().lines().count() == 1 && err.contains("does not offer listings (--dry-run)"), "{err}");
+    let heard = server.join().unwrap();
+    assert!(
+        !heard.iter().any(|m| matches!(m, FilemqMsg::Icanhaz { .. } | FilemqMsg::Nom { .. })),
+        "{heard:?}"
+    );
+    assert!(!inbox.exists(), "a dry run makes nothing, not even the inbox");
 }
 
 #[test]

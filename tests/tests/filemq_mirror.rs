@@ -224,3 +224,102 @@ fn exclusions_are_never_sent_and_never_deleted() {
     assert!(inbox.path().join("cache/c.bin").exists());
     assert!(!inbox.path().join("keep.txt").exists());
 }
+
+/// Every entry under `dir`, `.filemq` included, with its mode, mtime,
+/// kind, target and content: what "changes nothing" is checked against.
+fn everything(dir: &Path) -> Vec<String> {
+    let out =
+        Command::new("find").arg(dir).args(["-printf", "%P %m %T@ %y %l %s\\n"]).output().expect("find");
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let name = l.split(' ').next().unwrap_or_default();
+            match std::fs::read(dir.join(name)) {
+                Ok(bytes) if !name.is_empty() => format!("{l} {}", zbroker_tests::sha1_hex(&bytes)),
+                _ => l.to_string(),
+            }
+        })
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn sorted_lines(out: &std::process::Output) -> Vec<String> {
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect();
+    lines.sort();
+    lines
+}
+
+/// `--dry-run` against our broker: it lists what a run would create,
+/// update and delete, changes nothing (not even `.filemq/`), costs the
+/// broker no read; the run that follows does exactly that.
+#[test]
+fn a_dry_run_lists_what_a_run_would_do_and_changes_nothing() {
+    let publisher = tempfile::tempdir().unwrap();
+    let root = publisher.path();
+    for (rel, data) in [("a.txt", "a"), ("b.txt", "b"), ("d/c.txt", "c")] {
+        put(root, rel, data.as_bytes());
+        set_mtime(&root.join(rel), 1_000_000_000);
+    }
+    symlink("a.txt", root.join("link")).unwrap();
+    let broker = Broker::start(&["--publish", path_arg(root), "--stable-age", "200"]);
+
+    // Nothing there yet: everything would be created, and nothing is.
+    let parent = tempfile::tempdir().unwrap();
+    let absent = parent.path().join("absent");
+    let out = once_with(&broker, &absent, &["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        sorted_lines(&out),
+        ["create a.txt", "create b.txt", "create d", "create d/c.txt", "create link"]
+    );
+    assert!(!absent.exists(), "no inbox made");
+
+    let inbox = tempfile::tempdir().unwrap();
+    let out = once_with(&broker, inbox.path(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    put(inbox.path(), "mine.txt", b"mine");
+    put(root, "b.txt", b"b, changed");
+    put(root, "new.txt", b"new");
+    set_mode(&root.join("a.txt"), 0o600);
+    std::fs::remove_dir_all(root.join("d")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = broker.filemq_bytes_sent();
+    let before = everything(inbox.path());
+
+    let out = once_with(&broker, inbox.path(), &["--dry-run"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let plan = sorted_lines(&out);
+    assert_eq!(plan, ["create new.txt", "delete d", "delete d/c.txt", "update a.txt", "update b.txt"]);
+    let summary = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        summary.contains(
+            "dry run, nothing changed: 1 to create, 2 to update, 2 to delete; kept 1 local file(s)"
+        ),
+        "{summary}"
+    );
+    assert_eq!(everything(inbox.path()), before, "a dry run changes nothing, .filemq included");
+    assert_eq!(broker.filemq_bytes_sent(), sent, "a listing reads and sends no content");
+
+    let out = once_with(&broker, inbox.path(), &["--dry-run", "--json"]);
+    assert!(out.status.success());
+    let events: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(events.contains(&serde_json::json!({ "event": "create", "path": "new.txt", "size": 3 })));
+    let summary = events.last().unwrap();
+    assert_eq!((summary["dry_run"].as_bool(), summary["create"].as_u64()), (Some(true), Some(1)));
+    assert_eq!(everything(inbox.path()), before);
+
+    // The run does what was listed.
+    let out = once_with(&broker, inbox.path(), &[]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let done: Vec<String> = sorted_lines(&out)
+        .iter()
+        .map(|l| l.replacen("updated ", "", 1).replacen("deleted ", "", 1))
+        .collect();
+    let listed: Vec<String> = plan.iter().map(|l| l.split_once(' ').unwrap().1.to_string()).collect();
+    let (mut done, mut listed) = (done, listed);
+    done.sort();
+    listed.sort();
+    assert_eq!(done, listed);
+}

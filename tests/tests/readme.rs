@@ -91,6 +91,15 @@ fn plans() -> Vec<Plan> {
             ..RUN
         },
         Plan {
+            first: "filemq subscribe / --inbox ./mirror --broker hub --dry-run",
+            setup: "mkdir -p outbox && echo a > outbox/a.txt\n\
+                    zbroker $HUB --publish ./outbox >/dev/null 2>>.bg.log &\n\
+                    up $HUB",
+            check: "[ ! -e mirror ]",
+            stdout: "create a.txt",
+            ..RUN
+        },
+        Plan {
             first: "zbroker relay --upstream tcp://hub:5670 --subscribe / --inbox ./relay --publish ./relay --bind 'tcp://*:5670'",
             setup: "mkdir -p outbox && echo hello > outbox/a.txt\n\
                     zbroker $HUB --publish ./outbox --bind tcp://127.0.0.1:$HUB_PORT >/dev/null 2>>.bg.log &\n\

@@ -13,7 +13,8 @@
 //! a directory the publisher has that we made or took its attributes for
 //! (`SIZE` and `MTIME_NS` are the mode and mtime it was published with),
 //! `p` for one we made only as a parent of something (removed once
-//! emptied by deletes). A mark belongs to the file, not the path: a file put at that
+//! emptied by deletes), `x` for one the publisher deleted while it still
+//! held something (removed, and reported, once emptied). A mark belongs to the file, not the path: a file put at that
 //! path since (a new inode: the user saved their own, or an editor
 //! replaced it) is the user's. Each delivery is also appended at once to
 //! `.filemq/digests.log` (lines of the same form), which the next load
@@ -77,9 +78,20 @@ pub(crate) enum What {
     /// A symlink we made (always ours).
     Link,
     /// A directory we made or took the publisher's attributes for (always
-    /// ours): `published` if the publisher has it (kept when emptied),
-    /// else made only as a parent.
-    Dir { published: bool },
+    /// ours).
+    Dir(DirMark),
+}
+
+/// What became of a directory of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirMark {
+    /// The publisher has it: kept even when emptied.
+    Published,
+    /// Made only as a parent of something: goes once emptied.
+    Parent,
+    /// The publisher deleted it while it still held something: goes once
+    /// emptied, and that is reported as its delete.
+    Deleted,
 }
 
 #[derive(Debug, Default)]
@@ -261,8 +273,9 @@ fn line(rel: &str, k: &Known) -> String {
         What::File if k.ours => 'd',
         What::File => '-',
         What::Link => 'l',
-        What::Dir { published: true } => 'D',
-        What::Dir { published: false } => 'p',
+        What::Dir(DirMark::Published) => 'D',
+        What::Dir(DirMark::Parent) => 'p',
+        What::Dir(DirMark::Deleted) => 'x',
     };
     let Stamp { size, mtime_ns, inode } = k.stamp;
     format!("{size} {mtime_ns} {inode} {} {mark} {}\n", k.digest, escape(rel.as_bytes()))
@@ -293,8 +306,9 @@ fn parse_line(line: &[u8]) -> Option<(String, Known)> {
         "d" => (true, What::File),
         "-" => (false, What::File),
         "l" => (true, What::Link),
-        "D" => (true, What::Dir { published: true }),
-        "p" => (true, What::Dir { published: false }),
+        "D" => (true, What::Dir(DirMark::Published)),
+        "p" => (true, What::Dir(DirMark::Parent)),
+        "x" => (true, What::Dir(DirMark::Deleted)),
         _ => return None,
     };
     let rel = String::from_utf8(unescape(fields.next()?)?).ok()?;
@@ -328,11 +342,11 @@ mod tests {
         );
         entries.insert("back\\slash and space".to_string(), known(X, false));
         entries.insert("link".to_string(), Known { what: What::Link, ..known(X, true) });
-        entries.insert("dir".to_string(), Known { what: What::Dir { published: true }, ..known(X, true) });
-        entries
-            .insert("parent".to_string(), Known { what: What::Dir { published: false }, ..known(X, true) });
+        entries.insert("dir".to_string(), Known { what: What::Dir(DirMark::Published), ..known(X, true) });
+        entries.insert("gone".to_string(), Known { what: What::Dir(DirMark::Deleted), ..known(X, true) });
+        entries.insert("parent".to_string(), Known { what: What::Dir(DirMark::Parent), ..known(X, true) });
         let text = render(&entries);
-        assert_eq!(text.lines().count(), 8, "{text}");
+        assert_eq!(text.lines().count(), 9, "{text}");
         assert_eq!(parse(text.as_bytes()), entries);
     }
 

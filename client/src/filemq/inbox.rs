@@ -29,7 +29,7 @@
 //! ours is replaced (or given other attributes) only with `overwrite`,
 //! and removed only with `delete`.
 
-use super::digests::{DigestCache, Known, Stamp, What};
+use super::digests::{DigestCache, DirMark, Known, Stamp, What};
 use super::dirfd::{self, Dir, Kind};
 use crate::escape::escape;
 use crate::exclude::Excludes;
@@ -194,7 +194,7 @@ pub(crate) enum Applied {
 /// The mode a directory is given: the publisher's, but searchable and
 /// writable by us unless we are root, so that the mirror can still be
 /// changed inside it.
-fn dir_mode(mode: u32) -> u32 {
+pub(crate) fn dir_mode(mode: u32) -> u32 {
     if dirfd::euid() == 0 {
         mode & PERMISSIONS
     } else {
@@ -242,9 +242,17 @@ pub(crate) struct Inbox {
     #[cfg(test)]
     partial_path: PathBuf,
     digests: DigestCache,
+    /// Directories the publisher had deleted that a delete since emptied
+    /// and removed: reported as deletes by the session
+    /// ([`Inbox::take_removed_dirs`]).
+    removed_dirs: Vec<String>,
     /// Held open for its `flock`: one subscriber per inbox.
     _lock: File,
 }
+
+/// Directories removed by one delete that are reported (a delete removes
+/// at most as many as it has parents).
+const MAX_REMOVED_REPORTED: usize = 256;
 
 /// Creates (mode 0700) or opens one of our private directories, refusing a
 /// symlink, a non-directory or one another user owns; tightens its mode.
@@ -300,6 +308,7 @@ impl Inbox {
             #[cfg(test)]
             partial_path,
             digests,
+            removed_dirs: Vec::new(),
             _lock: lock,
         };
         for name in inbox.partial_names()? {
@@ -633,7 +642,7 @@ impl Inbox {
                     stamp: Stamp { size: 0, mtime_ns: 0, inode: entry.inode },
                     digest: EMPTY_SHA1.to_string(),
                     ours: true,
-                    what: What::Dir { published: false },
+                    what: What::Dir(DirMark::Parent),
                 };
                 if let Err(e) = self.digests.mark(&self.private, &dir_rel, known) {
                     tracing::warn!("cannot record {}: {e}", shown(&dir_rel));
@@ -656,7 +665,7 @@ impl Inbox {
     /// with, if it is ours and the publisher has it.
     fn published_mtime(&self, rel: &str, inode: u64) -> Option<i64> {
         let known = self.digests.get(rel)?;
-        (known.what == What::Dir { published: true } && known.stamp.inode == inode)
+        (known.what == What::Dir(DirMark::Published) && known.stamp.inode == inode)
             .then_some(known.stamp.mtime_ns as i64)
     }
 
@@ -736,7 +745,7 @@ impl Inbox {
             },
             digest: EMPTY_SHA1.to_string(),
             ours: true,
-            what: What::Dir { published: true },
+            what: What::Dir(DirMark::Published),
         };
         self.digests.mark(&self.private, rel, known)?;
         Ok(created)
@@ -866,6 +875,12 @@ impl Inbox {
         Ok(())
     }
 
+    /// Directories the publisher deleted that the last deletes removed
+    /// once they emptied them.
+    pub fn take_removed_dirs(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.removed_dirs)
+    }
+
     /// Removes the file `rel` if we delivered it (or `any`), and the
     /// directories its removal left empty, up to but not including the
     /// inbox root.
@@ -893,7 +908,7 @@ impl Inbox {
                     // Not published any more, but something is still in
                     // it: it goes once emptied, as a parent does.
                     if let Some(known) = self.digests.get(rel).filter(|_| ours).cloned() {
-                        let known = Known { what: What::Dir { published: false }, ..known };
+                        let known = Known { what: What::Dir(DirMark::Deleted), ..known };
                         self.digests.mark(&self.private, rel, known)?;
                     }
                     tracing::debug!("{} is not empty: kept until it is", shown(rel));
@@ -917,6 +932,10 @@ impl Inbox {
             if parent.remove_dir(walk.components[depth]).is_err() {
                 break;
             }
+            let deleted = self.digests.get(&dir_rel).is_some_and(|k| k.what == What::Dir(DirMark::Deleted));
+            if deleted && self.removed_dirs.len() < MAX_REMOVED_REPORTED {
+                self.removed_dirs.push(dir_rel.clone());
+            }
             self.digests.forget(&dir_rel);
         }
         self.settle_dirs(&walk, rel);
@@ -931,17 +950,58 @@ impl Inbox {
         Ok(self.entries(dir, false, None)?.into_iter().map(|h| (h.rel, h.digest)).collect())
     }
 
-    /// What is held under inbox-relative directory `dir` (empty: the
-    /// whole inbox): the files, and with `all_kinds` the directories (not
-    /// `dir` itself) and symlinks, sorted. Hidden entries (our `.filemq`
-    /// among them) and what `exclude` leaves out (matched relative to
-    /// `dir`; an excluded directory with all it holds) are left out;
-    /// digests come from the cache
-    /// when size and mtime are unchanged. An entry that cannot be read
-    /// (no permission, a path too long, an I/O error) is left out with a
-    /// warning: we do not hold it as far as the server is told. Only an
-    /// unreadable inbox root is an error.
+    /// What is held under inbox-relative directory `dir`: see [`list`].
     pub fn entries(
+        &mut self,
+        dir: &str,
+        all_kinds: bool,
+        exclude: Option<&Excludes>,
+    ) -> io::Result<Vec<Holding>> {
+        list(&self.root_path, &mut self.digests, dir, all_kinds, exclude)
+    }
+
+    /// Starts a census: the digests of files that [`Inbox::holdings`] (or a
+    /// delivery) meets from now on are the ones a pruning save keeps.
+    pub fn start_census(&mut self) {
+        self.digests.start_census();
+    }
+
+    /// Writes the digest cache if it changed. With `prune`, entries not
+    /// met since [`Inbox::start_census`] (files no longer there) go.
+    pub fn save_digests(&mut self, prune: bool) -> io::Result<()> {
+        self.digests.save(&self.private, prune)
+    }
+}
+
+/// What is held under inbox-relative directory `dir` (empty: the
+/// whole inbox): the files, and with `all_kinds` the directories (not
+/// `dir` itself) and symlinks, sorted. Hidden entries (our `.filemq`
+/// among them) and what `exclude` leaves out (matched relative to
+/// `dir`; an excluded directory with all it holds) are left out;
+/// digests come from the cache
+/// when size and mtime are unchanged. An entry that cannot be read
+/// (no permission, a path too long, an I/O error) is left out with a
+/// warning: we do not hold it as far as the server is told. Only an
+/// unreadable inbox root is an error.
+pub(crate) fn list(
+    root_path: &Path,
+    digests: &mut DigestCache,
+    dir: &str,
+    all_kinds: bool,
+    exclude: Option<&Excludes>,
+) -> io::Result<Vec<Holding>> {
+    Lister { root_path, digests }.entries(dir, all_kinds, exclude)
+}
+
+/// The walk of [`list`]: what it needs of an inbox (its path and digest
+/// cache), so that a real inbox and a dry run's look at one share it.
+struct Lister<'a> {
+    root_path: &'a Path,
+    digests: &'a mut DigestCache,
+}
+
+impl Lister<'_> {
+    fn entries(
         &mut self,
         dir: &str,
         all_kinds: bool,
@@ -950,7 +1010,7 @@ impl Inbox {
         let skip = dir.len() + usize::from(!dir.is_empty());
         let mut found = Vec::new();
         self.digests.walked(dir);
-        let start = if dir.is_empty() { self.root_path.clone() } else { self.root_path.join(dir) };
+        let start = if dir.is_empty() { self.root_path.to_path_buf() } else { self.root_path.join(dir) };
         match fs::symlink_metadata(&start) {
             Ok(meta) if meta.is_file() => {
                 match self.digest_of(dir, &meta) {
@@ -1070,7 +1130,7 @@ impl Inbox {
         let attrs = Attrs::of(meta);
         match self.digests.get(rel) {
             Some(known)
-                if known.what == (What::Dir { published: true })
+                if known.what == What::Dir(DirMark::Published)
                     && known.stamp.inode == meta.ino()
                     && dir_mode(known.stamp.size as u32) == attrs.mode =>
             {
@@ -1102,18 +1162,6 @@ impl Inbox {
     fn unreadable(&mut self, rel: &str, path: &Path, e: &io::Error) {
         tracing::warn!("skipping {}, which cannot be read: {e}", escape(path.as_os_str().as_encoded_bytes()));
         self.digests.unreadable(rel);
-    }
-
-    /// Starts a census: the digests of files that [`Inbox::holdings`] (or a
-    /// delivery) meets from now on are the ones a pruning save keeps.
-    pub fn start_census(&mut self) {
-        self.digests.start_census();
-    }
-
-    /// Writes the digest cache if it changed. With `prune`, entries not
-    /// met since [`Inbox::start_census`] (files no longer there) go.
-    pub fn save_digests(&mut self, prune: bool) -> io::Result<()> {
-        self.digests.save(&self.private, prune)
     }
 }
 
@@ -1476,6 +1524,7 @@ mod tests {
         // Deleted by the publisher: removed once empty.
         assert_eq!(inbox.delete("e/mpty", false).unwrap(), Deleted::Removed);
         assert!(!root.join("e").exists(), "its parent, made only as a parent, goes with it");
+        assert!(inbox.take_removed_dirs().is_empty(), "and that is no delete of the publisher's");
         assert_eq!(inbox.delete("d", false).unwrap(), Deleted::Removed);
         assert!(!root.join("d").exists());
     }
@@ -1491,6 +1540,7 @@ mod tests {
         assert!(dir.path().join("d/f").exists());
         assert_eq!(inbox.delete("d/f", false).unwrap(), Deleted::Removed);
         assert!(!dir.path().join("d").exists());
+        assert_eq!(inbox.take_removed_dirs(), ["d"], "its delete is reported then");
     }
 
     #[test]

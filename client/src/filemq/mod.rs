@@ -83,6 +83,7 @@ mod dirfd;
 mod inbox;
 mod layout;
 mod link;
+mod preview;
 mod session;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -166,6 +167,14 @@ pub struct Options {
     /// credit), so a server that does not offer it (the original, an
     /// older zbroker) is refused: [`Event::Unsupported`].
     pub exclude: Vec<String>,
+    /// Change nothing: ask the server for a listing (no content is sent
+    /// or read) and report what a real run would do with each path
+    /// ([`Event::Planned`], [`Event::Kept`], [`Event::Rejected`]), then
+    /// [`Event::InSync`] as usual. The inbox is only looked at: nothing
+    /// is created in it, not even `.filemq/`, and it need not exist. A
+    /// server that does not offer listings is refused
+    /// ([`Event::Unsupported`]).
+    pub dry_run: bool,
 }
 
 impl Options {
@@ -189,6 +198,7 @@ impl Options {
             delete: false,
             overwrite: false,
             exclude: Vec::new(),
+            dry_run: false,
         }
     }
 }
@@ -210,6 +220,9 @@ pub enum Event {
     Mirrored { path: String, what: Mirrored },
     /// A file (or symlink, or empty directory) was removed from the inbox.
     Deleted { path: String },
+    /// (Dry run) what a real run would do at `path`; `size` for a file's
+    /// content.
+    Planned { path: String, plan: Plan, size: Option<u64> },
     /// Everything published under this subscription path when we
     /// (re)subscribed has arrived: every published file is in the inbox
     /// (files of the inbox that are not published may be there too, see
@@ -253,6 +266,18 @@ pub enum Event {
     /// original FileMQ, an older zbroker). Nothing was subscribed; the
     /// subscriber has stopped.
     Unsupported { why: String },
+}
+
+/// What a dry run says a real one would do ([`Event::Planned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Make a file, link or directory that is not there.
+    Create,
+    /// Replace one (a file of ours, or with `overwrite`), or give it new
+    /// attributes.
+    Update,
+    /// Remove one the publisher no longer has.
+    Delete,
 }
 
 /// What [`Event::Mirrored`] made.
@@ -301,8 +326,12 @@ impl Subscriber {
         if opts.heartbeat.is_zero() || opts.dead_after.is_zero() || opts.refetch_delay.is_zero() {
             return Err(Error::BadOption("heartbeat, dead_after and refetch_delay must be more than 0"));
         }
-        let inbox = inbox::Inbox::open(&opts.inbox)
-            .map_err(|source| Error::Inbox { path: opts.inbox.clone(), source })?;
+        let opened = if opts.dry_run {
+            preview::Preview::open(&opts.inbox).map(session::Disk::Preview)
+        } else {
+            inbox::Inbox::open(&opts.inbox).map(session::Disk::Inbox)
+        };
+        let disk = opened.map_err(|source| Error::Inbox { path: opts.inbox.clone(), source })?;
         // One context per subscriber: dropping it waits (briefly) for the
         // KTHXBAI to leave before the process may exit.
         let context = zmq::Context::new();
@@ -316,7 +345,7 @@ impl Subscriber {
         let thread = std::thread::Builder::new()
             .name("filemq-subscriber".into())
             .spawn(move || {
-                session::run(session::Shared::new(opts, layout, excludes, inbox, tx, thread_control, context))
+                session::run(session::Shared::new(opts, layout, excludes, disk, tx, thread_control, context))
             })
             .map_err(Error::Thread)?;
         Ok(Subscriber { control, events: Some(rx), thread: Some(thread), subscriptions })

@@ -5,6 +5,7 @@
 use super::inbox::{self, Deleted, FileError, Inbox, Incoming};
 use super::layout::{Layout, Placed};
 use super::link::{self, Link, NoLink};
+use super::preview::Preview;
 use super::{Event, Kept, Options};
 use crate::codec::{Hash, ShortStr};
 use crate::escape::{escape, escape_truncated};
@@ -71,7 +72,7 @@ pub(crate) struct Shared {
     layout: Layout,
     /// `opts.exclude`, compiled.
     excludes: Excludes,
-    inbox: Inbox,
+    disk: Disk,
     events: SyncSender<Event>,
     /// Readable when the subscriber is told to stop.
     control: zmq::Socket,
@@ -83,12 +84,30 @@ impl Shared {
         opts: Options,
         layout: Layout,
         excludes: Excludes,
-        inbox: Inbox,
+        disk: Disk,
         events: SyncSender<Event>,
         control: zmq::Socket,
         context: zmq::Context,
     ) -> Shared {
-        Shared { opts, layout, excludes, inbox, events, control, context }
+        Shared { opts, layout, excludes, disk, events, control, context }
+    }
+
+    /// The inbox a real run writes to; a dry run has none (and never gets
+    /// here: its CHEEZBURGERs go to `on_planned`).
+    fn inbox(&mut self) -> Result<&mut Inbox, End> {
+        match &mut self.disk {
+            Disk::Inbox(inbox) => Ok(inbox),
+            Disk::Preview(_) => Err(End::Failed("a dry run writes nothing".into())),
+        }
+    }
+
+    /// Writes the digest cache, unless this is a dry run.
+    fn save_digests(&mut self, prune: bool) {
+        if let Disk::Inbox(inbox) = &mut self.disk {
+            if let Err(e) = inbox.save_digests(prune) {
+                tracing::warn!("cannot save the digest cache: {e}");
+            }
+        }
     }
 
     /// Is inbox-relative `rel`, placed under subscription `sub`, excluded
@@ -122,6 +141,13 @@ impl Shared {
             }
         }
     }
+}
+
+/// Where a subscriber's entries go: the inbox, or (a dry run) nowhere, the
+/// inbox only looked at.
+pub(crate) enum Disk {
+    Inbox(Inbox),
+    Preview(Preview),
 }
 
 /// Why a session ended.
@@ -244,9 +270,7 @@ pub(crate) fn run(mut shared: Shared) {
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    if let Err(e) = shared.inbox.save_digests(false) {
-        tracing::warn!("cannot save the digest cache: {e}");
-    }
+    shared.save_digests(false);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -437,12 +461,10 @@ impl<W: Wire> Session<'_, W> {
     /// Saves what the session leaves: a file being received stays for a
     /// resume, and the digest cache is written.
     fn leave(&mut self) {
-        if let Some(incoming) = self.incoming.take() {
-            self.shared.inbox.abandon(incoming, true);
+        if let (Some(incoming), Disk::Inbox(inbox)) = (self.incoming.take(), &mut self.shared.disk) {
+            inbox.abandon(incoming, true);
         }
-        if let Err(e) = self.shared.inbox.save_digests(false) {
-            tracing::warn!("cannot save the digest cache: {e}");
-        }
+        self.shared.save_digests(false);
     }
     fn emit(&self, event: Event) -> Result<(), End> {
         tracing::debug!("event {event:?}");
@@ -535,7 +557,17 @@ impl<W: Wire> Session<'_, W> {
                     .into(),
             ));
         }
+        if self.dry_run() && self.granted & filemq_ext::LIST == 0 {
+            return Err(End::Unsupported(
+                "the server does not offer listings (--dry-run): it is not a zbroker, or an older one".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// A dry run: the server lists, the inbox is only looked at.
+    fn dry_run(&self) -> bool {
+        matches!(self.shared.disk, Disk::Preview(_))
     }
 
     /// ICANHAZ for every subscription; the digest cache is saved (and
@@ -543,13 +575,13 @@ impl<W: Wire> Session<'_, W> {
     fn subscribe_all(&mut self) -> Result<(), End> {
         let count = self.shared.layout.subscriptions().len();
         self.phase = Phase::Subscribing { oks_due: count };
-        self.shared.inbox.start_census();
+        if let Disk::Inbox(inbox) = &mut self.shared.disk {
+            inbox.start_census();
+        }
         for sub in 0..count {
             self.subscribe(sub)?;
         }
-        if let Err(e) = self.shared.inbox.save_digests(true) {
-            tracing::warn!("cannot save the digest cache: {e}");
-        }
+        self.shared.save_digests(true);
         Ok(())
     }
 
@@ -566,7 +598,11 @@ impl<W: Wire> Session<'_, W> {
         // What is excluded is not reported: the server then sends no
         // delete for it, whatever --delete says.
         let excludes = Some(&self.shared.excludes).filter(|e| !e.is_empty());
-        for held in self.shared.inbox.entries(&dir, meta, excludes).map_err(local)? {
+        let held = match &mut self.shared.disk {
+            Disk::Inbox(inbox) => inbox.entries(&dir, meta, excludes),
+            Disk::Preview(preview) => preview.entries(&dir, meta, excludes),
+        };
+        for held in held.map_err(local)? {
             // A key longer than a `string` cannot travel, and a cache past
             // the protocol's ceiling would be refused whole: those files
             // are simply sent again.
@@ -596,16 +632,22 @@ impl<W: Wire> Session<'_, W> {
         if !self.shared.excludes.is_empty() {
             let _ = options.insert(filemq_ext::EXCLUDE_OPTION, self.shared.excludes.to_option());
         }
-        let resume: String = self
-            .shared
-            .inbox
-            .resumable()
-            .map_err(local)?
-            .iter()
-            .map(|(digest, held)| format!("{digest} {held}\n"))
-            .collect();
-        if !resume.is_empty() {
-            let _ = options.insert("X-RESUME", resume);
+        match &self.shared.disk {
+            Disk::Inbox(inbox) => {
+                let resume: String = inbox
+                    .resumable()
+                    .map_err(local)?
+                    .iter()
+                    .map(|(digest, held)| format!("{digest} {held}\n"))
+                    .collect();
+                if !resume.is_empty() {
+                    let _ = options.insert("X-RESUME", resume);
+                }
+            }
+            // A listing: no content is sent, so nothing resumes.
+            Disk::Preview(_) => {
+                let _ = options.insert(filemq_ext::LIST_OPTION, "1");
+            }
         }
         tracing::debug!("subscribing to {path} holding {} files", cache.len());
         self.send(&FilemqMsg::Icanhaz { path: path.as_str().into(), options, cache })?;
@@ -616,7 +658,9 @@ impl<W: Wire> Session<'_, W> {
     /// Keeps `window` bytes of credit granted: tops up once the estimate
     /// falls a slice (or half a small window) below it.
     fn top_up(&mut self) -> Result<(), End> {
-        if self.phase != Phase::Subscribed {
+        // A listing costs no credit: a dry run grants none, so content
+        // sent anyway ends the session (a chunk beyond the credit).
+        if self.phase != Phase::Subscribed || self.dry_run() {
             return Ok(());
         }
         let window = self.shared.opts.window;

@@ -378,3 +378,51 @@ fn a_large_cache_deletes_nothing_excluded() {
 fn icanhaz_frame(path: &str, options: &[(&str, &str)], cache: &[(&str, &str)]) -> Vec<u8> {
     FilemqMsg::Icanhaz { path: path.into(), options: hash(options), cache: hash(cache) }.encode()
 }
+
+/// A listing connection (`X-LIST`) is told what a RESYNC would send, every
+/// file announced by one empty CHEEZBURGER with its headers: nothing is
+/// read, no credit is needed.
+#[test]
+fn a_listing_reads_nothing_and_needs_no_credit() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("big"), vec![7u8; 3_000_000]).unwrap();
+    fs::write(dir.path().join("held"), "same").unwrap();
+    fs::create_dir(dir.path().join("d")).unwrap();
+    symlink("big", dir.path().join("l")).unwrap();
+    let mut sim = publish(dir.path());
+    let held = filemq_ext::cache_value(
+        &sha1_hex(b"same"),
+        EntryKind::File,
+        Attrs::of(&fs::metadata(dir.path().join("held")).unwrap()),
+    );
+    let options = [("RESYNC", "1"), ("X-ZBROKER", "1"), ("X-LIST", "1")];
+    let cache = [("held", held.as_str()), ("gone", sha1_hex(b"g").leak())];
+    // No NOM at all: a listing costs none.
+    sim.send_raw(1, filemq_ext::encode_with_bits(&ohai(), ext::ALL));
+    sim.take_raw(1);
+    send(&mut sim, 1, FilemqMsg::Icanhaz { path: "/".into(), options: hash(&options), cache: hash(&cache) });
+    sim.run_work();
+    let got = got(take(&mut sim, 1)[1..].to_vec());
+    let summary: Vec<(u8, &str, Option<&str>, usize)> = got
+        .iter()
+        .map(|g| (g.operation, g.name.as_str(), g.headers.get("X-TYPE").map(String::as_str), g.chunk.len()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (CREATE, "/big", None, 0),
+            (CREATE, "/d", Some("dir"), 0),
+            (CREATE, "/l", Some("link"), 0),
+            (DELETE, "/gone", None, 0),
+            (CREATE, "", None, 0),
+        ]
+    );
+    assert_eq!(got[0].headers["X-SIZE"], "3000000");
+    assert_eq!(got[0].headers["X-SHA1"], sha1_hex(&vec![7u8; 3_000_000]));
+    assert_eq!(got[0].eof, 1);
+    assert_eq!((sim.service.bytes_sent(), sim.service.reads_in_flight()), (0, 0));
+    // Not granted LIST: the option is ignored (content is sent as usual).
+    let got =
+        super::mirror_tests::got(subscribe_with(&mut sim, 2, ext::META, "/", &options, &[], 10_000_000));
+    assert!(got.iter().any(|g| g.name == "/big" && !g.chunk.is_empty()));
+}

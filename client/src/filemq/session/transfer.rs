@@ -3,6 +3,7 @@
 //! says of files it refuses, keeps or fails to verify.
 
 use super::*;
+use crate::filemq::preview::Planned;
 use crate::filemq::Mirrored;
 use crate::filemq_ext::Attrs;
 use inbox::Applied;
@@ -40,6 +41,17 @@ impl<W: Wire> Session<'_, W> {
         // The server spent credit on every payload byte it sent, whatever we
         // make of them: counting only what we keep would drift (spec §7).
         self.credit -= chunk.len() as u64;
+        if self.dry_run() {
+            // A listing: every entry is one message without content.
+            return match operation {
+                CREATE if name.is_empty() => self.on_marker(headers),
+                CREATE | DELETE => self.on_planned(operation, name, headers),
+                other => {
+                    self.oddity(format_args!("ignoring a CHEEZBURGER with operation {other}"));
+                    Ok(())
+                }
+            };
+        }
         match operation {
             CREATE if name.is_empty() => self.on_marker(headers)?,
             // A directory, a link, or a file's new attributes.
@@ -83,7 +95,9 @@ impl<W: Wire> Session<'_, W> {
         if !self.partials_cleared && settled {
             // Every offered resume had its chance: what is left is stale.
             self.partials_cleared = true;
-            self.shared.inbox.remove_stale_partials(self.incoming.as_ref());
+            if let Disk::Inbox(inbox) = &self.shared.disk {
+                inbox.remove_stale_partials(self.incoming.as_ref());
+            }
         }
         if published {
             tracing::info!("{path} is in sync");
@@ -127,7 +141,7 @@ impl<W: Wire> Session<'_, W> {
                 // being sent, and a new version follows): its part is of no
                 // more use.
                 tracing::debug!("{} was left unfinished", shown(&previous.rel));
-                self.shared.inbox.abandon(previous, false);
+                self.shared.inbox()?.abandon(previous, false);
             }
             match self.begin(name, offset, headers)? {
                 Some(incoming) => self.incoming = Some(incoming),
@@ -151,7 +165,7 @@ impl<W: Wire> Session<'_, W> {
             // as soon as it overruns, not once the disk is full.
             let Some(incoming) = self.incoming.take() else { return Ok(()) };
             let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
-            self.shared.inbox.abandon(incoming, false);
+            self.shared.inbox()?.abandon(incoming, false);
             self.skip(name, offset, end, headers, data.len());
             return self.file_error(name, placed, e);
         }
@@ -166,7 +180,8 @@ impl<W: Wire> Session<'_, W> {
         if end {
             let Some(incoming) = self.incoming.take() else { return Ok(()) };
             let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
-            match self.shared.inbox.deliver(incoming, self.shared.opts.overwrite) {
+            let overwrite = self.shared.opts.overwrite;
+            match self.shared.inbox()?.deliver(incoming, overwrite) {
                 Ok(size) => {
                     tracing::info!("updated {}", shown(&placed.rel));
                     self.delivered = true;
@@ -216,15 +231,66 @@ impl<W: Wire> Session<'_, W> {
             Ok(attrs) => attrs,
             Err(why) => return self.reject(name, why).map(|()| None),
         };
-        if let Err(e) = self.shared.inbox.check_target(&placed.rel, self.shared.opts.overwrite) {
+        let overwrite = self.shared.opts.overwrite;
+        if let Err(e) = self.shared.inbox()?.check_target(&placed.rel, overwrite) {
             return self.file_error(name, placed, e).map(|()| None);
         }
-        match self.shared.inbox.begin(name.to_vec(), placed.clone(), size, digest, offset) {
+        match self.shared.inbox()?.begin(name.to_vec(), placed.clone(), size, digest, offset) {
             Ok(mut incoming) => {
                 incoming.attrs = attrs;
                 Ok(Some(incoming))
             }
             Err(e) => self.file_error(name, placed, e).map(|()| None),
+        }
+    }
+
+    /// (Dry run) what a real run would do with a listed entry or a delete,
+    /// by the inbox's rules, reported and not done.
+    fn on_planned(&mut self, operation: u8, name: &[u8], headers: &Hash) -> Result<(), End> {
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why),
+        };
+        let kind = headers.get(filemq_ext::TYPE).map(|t| t.as_bytes().to_vec());
+        let is_dir = (operation == CREATE).then_some(kind.as_deref() == Some(b"dir"));
+        if self.shared.excluded(placed.subscription, &placed.rel, is_dir) {
+            return Ok(());
+        }
+        let attrs = self.attrs(headers);
+        let (overwrite, any) = (self.shared.opts.overwrite, self.shared.opts.delete);
+        let Disk::Preview(preview) = &self.shared.disk else { return Ok(()) };
+        let rel = placed.rel.as_str();
+        let planned = match (operation, kind.as_deref()) {
+            (DELETE, _) => preview.delete(rel, any),
+            (_, None) => preview.file(rel, overwrite),
+            (_, Some(b"dir")) => match attrs {
+                Ok(Some(attrs)) => preview.dir(rel, attrs, overwrite),
+                _ => Planned::Refused("is a directory without a valid X-MODE and X-MTIME".into()),
+            },
+            (_, Some(b"link")) => {
+                match headers.get(filemq_ext::TARGET).map(|t| std::str::from_utf8(t.as_bytes())) {
+                    Some(Ok(target)) => preview.link(rel, target, overwrite),
+                    _ => Planned::Refused("is a link without a UTF-8 X-TARGET".into()),
+                }
+            }
+            (_, Some(b"attrs")) => preview.attrs(rel, overwrite),
+            (_, Some(other)) => {
+                let shown_kind = escape_truncated(other, NAME_SHOWN);
+                self.oddity(format_args!("ignoring an entry of unknown X-TYPE {shown_kind}"));
+                return Ok(());
+            }
+        };
+        let size = match kind {
+            None if operation == CREATE => {
+                headers.get("X-SIZE").and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok())
+            }
+            _ => None,
+        };
+        match planned {
+            Planned::Do(plan) => self.emit(Event::Planned { path: placed.rel, plan, size }),
+            Planned::Keep(reason) => self.emit(Event::Kept { path: placed.rel, reason }),
+            Planned::Refused(why) => self.reject(name, &why),
+            Planned::Nothing => Ok(()),
         }
     }
 
@@ -253,7 +319,7 @@ impl<W: Wire> Session<'_, W> {
         // The server never interleaves: a file in progress was abandoned.
         if let Some(previous) = self.incoming.take() {
             tracing::debug!("{} was left unfinished", shown(&previous.rel));
-            self.shared.inbox.abandon(previous, false);
+            self.shared.inbox()?.abandon(previous, false);
         }
         self.skipping = None;
         let placed = match self.shared.layout.place(name) {
@@ -275,7 +341,7 @@ impl<W: Wire> Session<'_, W> {
                     Ok(None) => return self.reject(name, "is a directory without X-MODE and X-MTIME"),
                     Err(why) => return self.reject(name, why),
                 };
-                match self.shared.inbox.make_dir(&placed.rel, attrs, overwrite) {
+                match self.shared.inbox()?.make_dir(&placed.rel, attrs, overwrite) {
                     Ok(true) => Ok(Some(Mirrored::Directory)),
                     // Its attributes alone: not worth a line (every change
                     // inside a directory moves its mtime).
@@ -291,7 +357,7 @@ impl<W: Wire> Session<'_, W> {
                 };
                 let target = target.to_string();
                 self.shared
-                    .inbox
+                    .inbox()?
                     .make_link(&placed.rel, &target, mtime, overwrite)
                     .map(|()| Some(Mirrored::Link { target }))
             }
@@ -304,7 +370,7 @@ impl<W: Wire> Session<'_, W> {
                 let Some(digest) = digest else {
                     return self.reject(name, "has new attributes without X-SHA1");
                 };
-                match self.shared.inbox.set_attrs(&placed.rel, &digest, attrs, overwrite) {
+                match self.shared.inbox()?.set_attrs(&placed.rel, &digest, attrs, overwrite) {
                     Ok(Applied::Done) => Ok(Some(Mirrored::Attributes)),
                     Ok(Applied::Lacking) => {
                         // Not as the server believes: a RESYNC fetches it.
@@ -342,7 +408,7 @@ impl<W: Wire> Session<'_, W> {
             // The server gave up sending it: its part is of no more use.
             if let Some(incoming) = self.incoming.take() {
                 tracing::debug!("{} was deleted while being received", shown(&incoming.rel));
-                self.shared.inbox.abandon(incoming, false);
+                self.shared.inbox()?.abandon(incoming, false);
             }
         }
         if self.skipping.as_ref().is_some_and(|s| s.name == name) {
@@ -357,11 +423,18 @@ impl<W: Wire> Session<'_, W> {
             tracing::debug!("not deleting {}, which we excluded", shown(&placed.rel));
             return Ok(());
         }
-        match self.shared.inbox.delete(&placed.rel, self.shared.opts.delete) {
+        let any = self.shared.opts.delete;
+        match self.shared.inbox()?.delete(&placed.rel, any) {
             Ok(Deleted::Removed) => {
                 tracing::info!("deleted {}", shown(&placed.rel));
                 self.delivered = true;
-                self.emit(Event::Deleted { path: placed.rel })
+                self.emit(Event::Deleted { path: placed.rel })?;
+                // Directories the publisher deleted before emptying them.
+                for dir in self.shared.inbox()?.take_removed_dirs() {
+                    tracing::info!("deleted {}", shown(&dir));
+                    self.emit(Event::Deleted { path: dir })?;
+                }
+                Ok(())
             }
             Ok(Deleted::Absent) => {
                 tracing::debug!("nothing to delete at {}", shown(&placed.rel));
