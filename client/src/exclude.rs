@@ -56,7 +56,19 @@ enum Token {
 enum Segment {
     /// `**`: any number of components, none included.
     AnyDirs,
+    /// A name without wildcards: compared, not matched.
+    Literal(String),
     Glob(Vec<Token>),
+}
+
+impl Segment {
+    fn matches(&self, name: &str) -> bool {
+        match self {
+            Segment::AnyDirs => true,
+            Segment::Literal(literal) => literal == name,
+            Segment::Glob(tokens) => glob(tokens, name),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,7 +227,12 @@ fn compile(pattern: &str) -> Result<Rule, PatternError> {
                 c => Token::Literal(c),
             });
         }
-        segments.push(Segment::Glob(tokens));
+        let literal: Option<String> =
+            tokens.iter().map(|t| if let Token::Literal(c) = t { Some(*c) } else { None }).collect();
+        segments.push(match literal {
+            Some(literal) => Segment::Literal(literal),
+            None => Segment::Glob(tokens),
+        });
     }
     if segments.is_empty() {
         return Err(PatternError::Empty(pattern.to_string()));
@@ -233,15 +250,59 @@ impl Rule {
             return false;
         }
         if !self.anchored {
-            // One glob, against the name (ancestors are checked as
-            // directories of their own).
+            // One name, against the last component (ancestors are checked
+            // as directories of their own).
             return match (&self.segments[..], parts.last()) {
-                ([Segment::Glob(tokens)], Some(name)) => glob(tokens, name),
+                ([segment], Some(name)) => segment.matches(name),
                 _ => false,
             };
         }
-        // Which numbers of leading components the segments so far can
-        // consume, walked segment by segment.
+        if parts.len() < 128 {
+            self.reach_bits(parts)
+        } else {
+            self.reach_vec(parts)
+        }
+    }
+
+    /// Which numbers of leading components the segments so far can
+    /// consume, walked segment by segment, as the bits of a `u128` (no
+    /// allocation: this runs for every published file a RESYNC queues).
+    fn reach_bits(&self, parts: &[&str]) -> bool {
+        let last = self.segments.len() - 1;
+        let mut reach: u128 = 1;
+        for (index, segment) in self.segments.iter().enumerate() {
+            reach = match segment {
+                Segment::AnyDirs => {
+                    // A trailing `**` is what is inside: one component at
+                    // least (`a/**` does not match `a`).
+                    let first = reach.trailing_zeros() as usize + usize::from(index == last);
+                    let all =
+                        if parts.len() + 1 >= 128 { u128::MAX } else { (1u128 << (parts.len() + 1)) - 1 };
+                    if reach == 0 || first > parts.len() {
+                        0
+                    } else {
+                        all & !((1u128 << first) - 1)
+                    }
+                }
+                glob => {
+                    let mut next = 0;
+                    for (i, part) in parts.iter().enumerate() {
+                        if reach & (1 << i) != 0 && glob.matches(part) {
+                            next |= 1 << (i + 1);
+                        }
+                    }
+                    next
+                }
+            };
+            if reach == 0 {
+                return false;
+            }
+        }
+        reach & (1 << parts.len()) != 0
+    }
+
+    /// `reach_bits` for paths of 128 components or more.
+    fn reach_vec(&self, parts: &[&str]) -> bool {
         let mut reach = vec![false; parts.len() + 1];
         reach[0] = true;
         let last = self.segments.len() - 1;
@@ -249,16 +310,14 @@ impl Rule {
             let mut next = vec![false; parts.len() + 1];
             match segment {
                 Segment::AnyDirs => {
-                    // A trailing `**` is what is inside: one component
-                    // at least (`a/**` does not match `a`).
                     if let Some(first) = reach.iter().position(|&r| r) {
                         let from = if index == last { first + 1 } else { first };
                         next.iter_mut().skip(from).for_each(|n| *n = true);
                     }
                 }
-                Segment::Glob(tokens) => {
+                glob => {
                     for (i, part) in parts.iter().enumerate() {
-                        if reach[i] && glob(tokens, part) {
+                        if reach[i] && glob.matches(part) {
                             next[i + 1] = true;
                         }
                     }
@@ -272,11 +331,13 @@ impl Rule {
 
 /// Does one component match a glob? Greedy with one backtracking point,
 /// as `*` cannot cross a `/`: at most the glob's length times the name's.
+/// Walks the name by byte offsets (`?` takes one character), allocating
+/// nothing.
 fn glob(tokens: &[Token], name: &str) -> bool {
-    let name: Vec<char> = name.chars().collect();
+    let char_at = |at: usize| name[at..].chars().next();
     let (mut t, mut n) = (0, 0);
     let mut star: Option<(usize, usize)> = None;
-    while n < name.len() {
+    while let Some(c) = char_at(n) {
         match tokens.get(t) {
             Some(Token::Run) => {
                 star = Some((t, n));
@@ -284,17 +345,18 @@ fn glob(tokens: &[Token], name: &str) -> bool {
             }
             Some(Token::One) => {
                 t += 1;
-                n += 1;
+                n += c.len_utf8();
             }
-            Some(Token::Literal(c)) if *c == name[n] => {
+            Some(Token::Literal(l)) if *l == c => {
                 t += 1;
-                n += 1;
+                n += c.len_utf8();
             }
             _ => match star {
                 Some((st, sn)) => {
+                    let skipped = sn + char_at(sn).map_or(1, char::len_utf8);
                     t = st + 1;
-                    n = sn + 1;
-                    star = Some((st, sn + 1));
+                    n = skipped;
+                    star = Some((st, skipped));
                 }
                 None => return false,
             },
@@ -368,6 +430,22 @@ mod tests {
         assert!(!e.excludes("Xstar", false));
         assert!(e.excludes("a?", false));
         assert!(!e.excludes("ab", false));
+    }
+
+    #[test]
+    fn long_paths_and_wide_characters() {
+        let long = format!("{}z", "a/".repeat(140));
+        let e = ex(&["**/z"]);
+        assert!(e.excludes(&long, false));
+        assert!(ex(&["a/**"]).excludes(&long, false));
+        assert!(!ex(&["/a/b"]).excludes(&long, false));
+        assert!(ex(&["/a/a/**/z"]).excludes(&long, false));
+        assert!(!ex(&["/a/a/**/y"]).excludes(&long, false));
+        let medium = format!("{}z", "a/".repeat(126));
+        assert!(ex(&["/a/**/z"]).excludes(&medium, false), "127 components: the last bits");
+        assert!(ex(&["?.c", "*é*"]).excludes("é.c", false));
+        assert!(ex(&["*é*"]).excludes("cafés", false));
+        assert!(!ex(&["??.c"]).excludes("é.c", false), "? is one character, not one byte");
     }
 
     #[test]
