@@ -323,3 +323,50 @@ fn a_dry_run_lists_what_a_run_would_do_and_changes_nothing() {
     listed.sort();
     assert_eq!(done, listed);
 }
+
+/// Subscriptions below the published root, one (the inbox mirrors that
+/// directory) or several (full paths): directories arrive with their
+/// attributes, and the subscribed directory itself is the inbox's, never
+/// an entry refused in it.
+#[test]
+fn subscriptions_below_the_root_mirror_their_directories() {
+    let publisher = tempfile::tempdir().unwrap();
+    let root = publisher.path();
+    put(root, "photos/2024/a.jpg", b"a");
+    put(root, "docs/readme", b"r");
+    std::fs::create_dir(root.join("photos/empty")).unwrap();
+    for rel in ["photos/2024/a.jpg", "photos/2024", "photos/empty", "photos", "docs/readme", "docs"] {
+        set_mtime(&root.join(rel), 1_000_000_000);
+    }
+    let broker = Broker::start(&["--publish", path_arg(root), "--stable-age", "200"]);
+    let one = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("filemq"))
+        .args(["subscribe", "/photos", "--inbox", path_arg(one.path()), "--broker", &broker.name, "--once"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let names = |dir: &Path| -> Vec<String> {
+        listing(dir, &[]).iter().map(|l| l.split(' ').take(3).collect::<Vec<_>>().join(" ")).collect()
+    };
+    let mode =
+        |rel: &str| format!("{:o}", std::fs::metadata(root.join(rel)).unwrap().permissions().mode() & 0o777);
+    assert_eq!(
+        names(one.path()),
+        [
+            format!("2024 {} 1000000000.0000000000", mode("photos/2024")),
+            "2024/a.jpg 644 1000000000.0000000000".to_string(),
+            format!("empty {} 1000000000.0000000000", mode("photos/empty")),
+        ]
+    );
+    let both = tempfile::tempdir().unwrap();
+    let out = Command::new(bin("filemq"))
+        .args(["subscribe", "/photos", "/docs", "--inbox", path_arg(both.path()), "--broker", &broker.name])
+        .args(["--once"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = names(both.path());
+    assert!(got.contains(&"docs/readme 644 1000000000.0000000000".to_string()), "{got:?}");
+    assert!(got.contains(&"photos/2024/a.jpg 644 1000000000.0000000000".to_string()), "{got:?}");
+    assert!(got.iter().any(|l| l.starts_with("photos/empty ")), "{got:?}");
+}

@@ -426,3 +426,27 @@ fn a_listing_reads_nothing_and_needs_no_credit() {
         super::mirror_tests::got(subscribe_with(&mut sim, 2, ext::META, "/", &options, &[], 10_000_000));
     assert!(got.iter().any(|g| g.name == "/big" && !g.chunk.is_empty()));
 }
+
+/// The directory a subscription names is the client's mirror root, not an
+/// entry of it: never sent, created or deleted, whatever its changes.
+#[test]
+fn the_subscribed_directory_itself_is_not_an_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir_all(dir.path().join("photos/2024")).unwrap();
+    fs::write(dir.path().join("photos/2024/a.jpg"), "a").unwrap();
+    let mut sim = publish(dir.path());
+    let got = got(subscribe_with(&mut sim, 1, ext::ALL, "/photos", EXTENDED, &[], 1_000_000));
+    let names: Vec<&str> = got.iter().map(|g| g.name.as_str()).collect();
+    assert_eq!(names, ["/photos/2024", "/photos/2024/a.jpg", "/photos/2024/a.jpg", ""]);
+    // Its mtime moves with a new file; removed, its files' deletes say it.
+    fs::write(dir.path().join("photos/b.jpg"), "b").unwrap();
+    rescan(&mut sim);
+    let names: Vec<String> =
+        super::mirror_tests::got(take(&mut sim, 1)).into_iter().map(|g| g.name).collect();
+    assert_eq!(names, ["/photos/b.jpg", "/photos/b.jpg"]);
+    fs::remove_dir_all(dir.path().join("photos")).unwrap();
+    rescan(&mut sim);
+    let names: Vec<String> =
+        super::mirror_tests::got(take(&mut sim, 1)).into_iter().map(|g| g.name).collect();
+    assert_eq!(names, ["/photos/2024", "/photos/2024/a.jpg", "/photos/b.jpg"]);
+}

@@ -257,9 +257,12 @@ impl Conn {
     /// directory if `is_dir`; `None`: whatever it was, as for a delete of
     /// something no longer known, which an exclusion of either kind
     /// protects).
+    /// The directory a subscription names is the client's mirror root,
+    /// not an entry of it.
     fn wants(&self, vpath: &str, is_dir: Option<bool>) -> bool {
         self.subscriptions.iter().any(|s| {
             covers(s, vpath)
+                && !(is_dir == Some(true) && vpath == s)
                 && self.excludes.get(s).is_none_or(|e| {
                     let rel = path_in(s, vpath);
                     match is_dir {
@@ -712,6 +715,10 @@ impl Filemq {
                 // With nested mounts, a file shadowed by a longer alias is
                 // not what that virtual path serves.
                 if nested && self.resolve(&vpath).map(|(m, _)| m) != Some(*id) {
+                    continue;
+                }
+                // The subscribed directory is the client's mirror root.
+                if vpath == path && meta.kind == Kind::Dir {
                     continue;
                 }
                 if let Some(filter) = filter.as_mut() {
