@@ -183,17 +183,6 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
     Ok(config)
 }
 
-/// The largest message a client may legitimately send (the front socket's
-/// `ZMQ_MAXMSGSIZE`): a WRITE of `pipe_limit` bytes, or FILEMQ's largest
-/// ICANHAZ (a million cached files). Each service bounds every other
-/// message by its type, right after its header.
-pub fn max_message_size(pipe_limit: usize) -> i64 {
-    use zbroker_client::codec::Chunk;
-    use zbroker_client::zpipes_msg::ZpipesMsg;
-    let write = ZpipesMsg::Write { chunk: Chunk::default(), timeout: 0 }.encoded_len() + pipe_limit;
-    write.max(zbroker_client::filemq_msg::MAX_CLIENT_MESSAGE) as i64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,9 +9,9 @@ pub const FAILURE: u8 = 1;
 pub const USAGE: u8 = 2;
 /// Another broker already runs under this name.
 pub const NAME_TAKEN: u8 = 3;
-/// `zbroker status` / `zbroker publish`: no broker of that name answers.
+/// `zbroker status` / `publish` / `unpublish`: no broker of that name answers.
 pub const NO_BROKER: u8 = 4;
-/// `zbroker publish`: the broker refused the request.
+/// `zbroker publish` / `unpublish`: the broker refused the request.
 pub const REFUSED: u8 = 5;
 
 /// The table as `--help` shows it.
@@ -20,8 +20,8 @@ pub const TABLE: &str = "Exit status:\n  \
     1  run-time or I/O failure (cannot bind, cannot read or write a file or directory)\n  \
     2  bad command line or config file\n  \
     3  another broker already runs under this name\n  \
-    4  status, publish: no broker of that name answers\n  \
-    5  publish: the broker refused the request";
+    4  status, publish, unpublish: no broker of that name answers\n  \
+    5  publish, unpublish: the broker refused the request";
 
 /// Another broker holds the name (the control endpoint is taken).
 #[derive(Debug, thiserror::Error)]
@@ -44,9 +44,16 @@ pub struct NoBroker {
 #[error("{0}")]
 pub struct Refused(pub String);
 
-/// The exit status for an error: its kind, wherever it is in the chain.
-pub fn code(error: &anyhow::Error) -> u8 {
-    for cause in error.chain() {
+/// The exit status for an error, given its chain of causes (outermost
+/// first): its kind, wherever it is in the chain.
+pub fn code<'a>(chain: impl IntoIterator<Item = &'a (dyn std::error::Error + 'static)>) -> u8 {
+    for cause in chain {
+        if cause
+            .downcast_ref::<crate::error::ReactorError>()
+            .is_some_and(|e| matches!(e, crate::error::ReactorError::NameTaken(_)))
+        {
+            return NAME_TAKEN;
+        }
         if cause.is::<crate::config::Invalid>() || cause.is::<zbroker_client::endpoint::NameError>() {
             return USAGE;
         }

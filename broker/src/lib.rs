@@ -3,6 +3,7 @@
 //! thin command line over it; the bench harness embeds it.
 
 pub mod config;
+pub mod error;
 pub mod exit;
 pub mod memory;
 mod passes;

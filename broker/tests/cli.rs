@@ -135,13 +135,15 @@ fn exit_statuses_are_documented_and_kept() {
         "1  run-time or I/O failure",
         "2  bad command line or config file",
         "3  another broker already runs under this name",
-        "4  status, publish: no broker",
+        "4  status, publish, unpublish: no broker",
+        "5  publish, unpublish: the broker refused",
     ] {
         assert!(table.contains(line), "{table}");
     }
     refused(&["x", "--pipe-limit", "512KiB"], 2, &["at least 1MiB"]);
     assert_eq!(zbroker(&["x", "--pipe-limit", "8furlongs"]).status.code(), Some(2));
     refused(&["status", &unique("absent"), "--timeout", "200"], 4, &["no broker named"]);
+    refused(&["unpublish", &unique("absent"), "/photos"], 4, &["no broker named"]);
     // keygen into a directory that does not exist: one line, said once.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nodir/x");
@@ -269,4 +271,23 @@ fn the_readme_config_example_parses_and_names_every_key() {
             "the README example lacks {key}"
         );
     }
+}
+
+/// A damaged run-time mounts file stops the broker at start, naming the
+/// file and the line, rather than dropping mounts (and with them, files
+/// downstream).
+#[test]
+fn a_damaged_mounts_file_is_one_line_and_nothing_starts() {
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("mounts");
+    let name = unique("mounts");
+    let dir = state.path().to_str().unwrap();
+    std::fs::write(&file, "zbroker-mounts 1\n/photos /srv/photos\n").unwrap();
+    refused(
+        &[&name, "--state-dir", dir],
+        1,
+        &["run-time mounts: ", "mounts: line 2: expected ALIAS<TAB>DIRECTORY"],
+    );
+    std::fs::write(&file, "zbroker-mounts 2\n").unwrap();
+    refused(&[&name, "--state-dir", dir], 1, &["format 2, written by another version of zbroker"]);
 }

@@ -115,12 +115,12 @@ fn check(endpoint: &str, bind: bool) -> Result<(), EndpointError> {
 
 /// The ZPIPES endpoint of the broker called `name`.
 pub fn zpipes(name: &str) -> String {
-    format!("ipc://@/zpipes/{name}")
+    zbroker_proto::zpipes::local_endpoint(name)
 }
 
 /// The FILEMQ endpoint of the broker called `name`.
 pub fn filemq(name: &str) -> String {
-    format!("ipc://@/filemq/{name}")
+    zbroker_proto::filemq::local_endpoint(name)
 }
 
 /// The control endpoint of the broker called `name` (status queries).

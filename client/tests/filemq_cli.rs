@@ -7,9 +7,9 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{CREATE, DELETE};
-use zbroker_client::FilemqMsg;
+use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_proto::filemq::Operation::{self, Create, Delete};
+use zbroker_proto::FilemqMsg;
 
 fn filemq(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_filemq")).args(args).output().unwrap()
@@ -162,7 +162,7 @@ fn fake_server(
 
 fn burger(
     sequence: u64,
-    operation: u8,
+    operation: Operation,
     name: &str,
     offset: u64,
     eof: u8,
@@ -203,10 +203,10 @@ fn hello_and_a_delete(send: &mut dyn FnMut(FilemqMsg)) {
     let digest: String = Sha1::digest(b"hello").iter().map(|b| format!("{b:02X}")).collect();
     let mut headers = header("X-SHA1", &digest);
     headers.insert("X-SIZE", "5").unwrap();
-    send(burger(0, CREATE, "/data/a/hello.txt", 0, 0, headers.clone(), b"hello"));
-    send(burger(1, CREATE, "/data/a/hello.txt", 5, 1, headers, b""));
-    send(burger(2, DELETE, "/data/stale.txt", 0, 0, Hash::default(), b""));
-    send(burger(3, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+    send(burger(0, Create, "/data/a/hello.txt", 0, 0, headers.clone(), b"hello"));
+    send(burger(1, Create, "/data/a/hello.txt", 5, 1, headers, b""));
+    send(burger(2, Delete, "/data/stale.txt", 0, 0, Hash::default(), b""));
+    send(burger(3, Create, "", 0, 1, header("X-SYNCED", "/data"), b""));
 }
 
 #[test]
@@ -244,8 +244,8 @@ fn json_lines_and_escaped_names_cannot_be_forged() {
     let dir = tempfile::tempdir().unwrap();
     let forged = "/data/x\ndeleted important.txt\x1b]0;TITLE\x07";
     let server = fake_server(&endpoint, move |send| {
-        send(burger(0, CREATE, forged, 0, 1, Hash::default(), b"x"));
-        send(burger(1, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+        send(burger(0, Create, forged, 0, 1, Hash::default(), b"x"));
+        send(burger(1, Create, "", 0, 1, header("X-SYNCED", "/data"), b""));
     });
     let out = once_at(&endpoint, dir.path(), &[]);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
@@ -254,9 +254,9 @@ fn json_lines_and_escaped_names_cannot_be_forged() {
 
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(&endpoint, move |send| {
-        send(burger(0, CREATE, forged, 0, 1, Hash::default(), b"x"));
-        send(burger(1, CREATE, "/data/../up", 0, 1, Hash::default(), b"x"));
-        send(burger(2, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+        send(burger(0, Create, forged, 0, 1, Hash::default(), b"x"));
+        send(burger(1, Create, "/data/../up", 0, 1, Hash::default(), b"x"));
+        send(burger(2, Create, "", 0, 1, header("X-SYNCED", "/data"), b""));
     });
     let out = once_at(&endpoint, dir.path(), &["--json"]);
     assert_eq!(out.status.code(), Some(5), "{}", stderr(&out));
@@ -280,10 +280,10 @@ fn once_says_when_nothing_is_published_under_a_path() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("thesis.txt"), b"mine").unwrap();
     let server = fake_server(&endpoint, |send| {
-        send(burger(0, DELETE, "/data/thesis.txt", 0, 0, Hash::default(), b""));
+        send(burger(0, Delete, "/data/thesis.txt", 0, 0, Hash::default(), b""));
         let mut marker = header("X-SYNCED", "/data");
         marker.insert("X-PUBLISHED", "0").unwrap();
-        send(burger(1, CREATE, "", 0, 1, marker, b""));
+        send(burger(1, Create, "", 0, 1, marker, b""));
     });
     let out = once_at(&endpoint, dir.path(), &[]);
     assert_eq!(out.status.code(), Some(6), "{}", stderr(&out));
@@ -323,9 +323,9 @@ fn once_with_a_refused_file_exits_5() {
     let endpoint = unique_endpoint();
     let dir = tempfile::tempdir().unwrap();
     let server = fake_server(&endpoint, |send| {
-        send(burger(0, CREATE, "/data/../escape", 0, 1, Hash::default(), b"evil"));
-        send(burger(1, CREATE, "/data/fine", 0, 1, Hash::default(), b"fine"));
-        send(burger(2, CREATE, "", 0, 1, header("X-SYNCED", "/data"), b""));
+        send(burger(0, Create, "/data/../escape", 0, 1, Hash::default(), b"evil"));
+        send(burger(1, Create, "/data/fine", 0, 1, Hash::default(), b"fine"));
+        send(burger(2, Create, "", 0, 1, header("X-SYNCED", "/data"), b""));
     });
     let out = filemq(&[
         "subscribe",

@@ -4,15 +4,14 @@
 //! /proc.
 
 use bytes::Bytes;
-use sha1::{Digest, Sha1};
 use std::fs;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, Hash, LongStr};
-use zbroker_client::filemq_msg::CREATE;
-use zbroker_client::FilemqMsg;
+use zbroker_proto::codec::{Chunk, Hash, LongStr};
+use zbroker_proto::filemq::Operation::Create;
+use zbroker_proto::FilemqMsg;
 
 /// The credit window the subscriber is run with.
 const WINDOW: u64 = 8_000_000;
@@ -24,9 +23,7 @@ fn unique_endpoint() -> String {
     format!("ipc://@/filemq-hostile/{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-fn sha1_hex(data: &[u8]) -> String {
-    Sha1::digest(data).iter().map(|b| format!("{b:02X}")).collect()
-}
+use zbroker_proto::codec::testing::sha1_hex;
 
 fn header(entries: &[(&str, &str)]) -> Hash {
     let mut h = Hash::default();
@@ -39,7 +36,7 @@ fn header(entries: &[(&str, &str)]) -> Hash {
 fn burger(sequence: u64, name: &[u8], offset: u64, eof: u8, headers: Hash, data: &[u8]) -> Vec<u8> {
     FilemqMsg::Cheezburger {
         sequence,
-        operation: CREATE,
+        operation: Create,
         filename: LongStr(Bytes::copy_from_slice(name)),
         offset,
         eof,

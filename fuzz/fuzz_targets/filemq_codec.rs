@@ -22,8 +22,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use zbroker_client::codec::{Chunk, DecodeError, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{FilemqMsg as M, Generation};
+use zbroker_proto::codec::{Chunk, DecodeError, Hash, LongStr, ShortStr};
+use zbroker_proto::filemq::{FilemqMsg as M, Generation, Operation};
 
 const IDS: [u8; 12] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 128, 129, 130];
 
@@ -133,7 +133,11 @@ fn build(m: Msg) -> M {
         Msg::Nom(credit, sequence) => M::Nom { credit, sequence },
         Msg::Cheezburger { sequence, operation, filename, offset, eof, headers, chunk } => M::Cheezburger {
             sequence,
-            operation,
+            operation: match operation {
+                1 => Operation::Create,
+                2 => Operation::Delete,
+                code => Operation::Other(code),
+            },
             filename: long(filename),
             offset,
             eof,

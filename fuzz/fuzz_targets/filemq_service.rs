@@ -35,10 +35,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
-use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{FilemqMsg as M, CREATE, DELETE};
+use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_proto::filemq::{
+    FilemqMsg as M,
+    Operation::{self, Create, Delete},
+};
+use zbroker_proto::vpath::covers;
 use zbroker_services::budget::Budget;
-use zbroker_services::filemq::{covers, Config, Filemq};
+use zbroker_services::filemq::executor::DiskExecutor;
+use zbroker_services::filemq::{Config, Filemq};
 use zbroker_services::sim::Sim;
 use zbroker_services::Service;
 
@@ -200,7 +205,11 @@ fn any_msg(id: u8, text: Vec<u8>, a: u64, b: u64) -> M {
         4 => M::Nom { credit: a, sequence: b },
         5 => M::Cheezburger {
             sequence: a,
-            operation: b as u8,
+            operation: match b as u8 {
+                1 => Create,
+                2 => Delete,
+                code => Operation::Other(code),
+            },
             filename: long(&text[..split]),
             offset: b >> 8,
             eof: (a >> 8) as u8,
@@ -283,15 +292,15 @@ impl World {
                         let name = filename.to_string_lossy();
                         let chunk = &chunk.0;
                         match operation {
-                            DELETE => {
+                            Delete => {
                                 assert!(!name.is_empty() && offset == 0 && eof == 0, "unclean delete");
                                 assert!(headers.is_empty() && chunk.is_empty(), "unclean delete");
                             }
-                            CREATE if name.is_empty() => {
+                            Create if name.is_empty() => {
                                 assert!(eof == 1 && offset == 0 && chunk.is_empty(), "bad marker");
                                 assert!(headers.get("X-SYNCED").is_some(), "marker without X-SYNCED");
                             }
-                            CREATE => {
+                            Create => {
                                 let len = chunk.len() as u64;
                                 assert!(len as usize <= CHUNK_SIZE, "chunk of {len} bytes");
                                 assert!(
@@ -324,7 +333,7 @@ impl World {
                                     "chunk of {name} at {offset} (eof {eof}, {len} bytes) is not the file's"
                                 );
                             }
-                            other => panic!("operation {other}"),
+                            other => panic!("operation {other:?}"),
                         }
                     }
                 }
@@ -337,7 +346,11 @@ impl World {
         assert!(s.connections() <= CONNS as usize);
         let used = self.budget.used();
         assert!(used <= BUDGET, "{used} bytes of reads in flight, over the budget of {BUDGET}");
-        assert!(used <= s.reads_in_flight() * CHUNK_SIZE, "{used} bytes budgeted for {} reads", s.reads_in_flight());
+        assert!(
+            used <= s.reads_in_flight() * CHUNK_SIZE,
+            "{used} bytes budgeted for {} reads",
+            s.reads_in_flight()
+        );
         let most_files = ALIASES.len() * tree().files.len();
         for (id, queued, subscriptions, credit) in s.queue_lengths() {
             assert!(credit <= MAX_CREDIT, "credit {credit}");
@@ -363,11 +376,12 @@ fuzz_target!(|steps: Vec<Step>| {
     };
     let budget = config.budget.clone();
     let mut w = World {
-        sim: Sim::new(Filemq::new(config)),
+        sim: Sim::with_executor(Filemq::new(config), std::sync::Arc::new(DiskExecutor::recording())),
         peers: vec![Peer::default(); CONNS as usize],
         budget: budget.clone(),
     };
-    let reply = w.sim.command(&["PUBLISH", root, "/"]);
+    // A config mount, which `Step::Mounts` replaces.
+    let reply = w.sim.command(&["MOUNTS", &format!("{root}=/")]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     for step in steps.into_iter().take(300) {
         match step {

@@ -29,14 +29,36 @@ use libfuzzer_sys::fuzz_target;
 use sha1::{Digest as _, Sha1};
 use std::fs;
 use std::path::Path;
-use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
 use zbroker_client::filemq::{fuzzing, Event};
-use zbroker_client::filemq_msg::{FilemqMsg as M, CREATE, DELETE};
+use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_proto::filemq::{
+    FilemqMsg as M,
+    Operation::{self, Create, Delete},
+};
 
 /// Pieces names are made of, so the interesting ones are common.
 const PIECES: &[&str] = &[
-    "/", "data", "a", "b", "..", ".", ".filemq", "partial", "digests", "digests.new", "lock", "link", "mine.txt",
-    "\n", "\r", "\x1b]0;T\x07", "\u{202e}", "\\", "\0", " ", "é",
+    "/",
+    "data",
+    "a",
+    "b",
+    "..",
+    ".",
+    ".filemq",
+    "partial",
+    "digests",
+    "digests.new",
+    "lock",
+    "link",
+    "mine.txt",
+    "\n",
+    "\r",
+    "\x1b]0;T\x07",
+    "\u{202e}",
+    "\\",
+    "\0",
+    " ",
+    "é",
 ];
 
 const CONTENTS: &[&[u8]] = &[b"", b"x", b"hello", b"0123456789abcdef", b"mine"];
@@ -148,7 +170,7 @@ fn encode(frame: &Frame, sequence: &mut u64) -> Vec<u8> {
             let sequence = seq.unwrap_or_else(&mut next);
             M::Cheezburger {
                 sequence,
-                operation: operation.unwrap_or(if *delete { DELETE } else { CREATE }),
+                operation: operation.map_or(if *delete { Delete } else { Create }, Operation::Other),
                 filename: LongStr(Bytes::from(name.bytes())),
                 offset: *offset as u64,
                 eof: *eof % 2,
@@ -165,7 +187,7 @@ fn encode(frame: &Frame, sequence: &mut u64) -> Vec<u8> {
             }
             M::Cheezburger {
                 sequence: next(),
-                operation: CREATE,
+                operation: Create,
                 filename: LongStr::default(),
                 offset: 0,
                 eof: 1,
@@ -237,12 +259,15 @@ fuzz_target!(|input: Input| {
     let mut entries = Vec::new();
     listing(&inbox, &mut entries, "");
     for (name, kind) in &entries {
-        if name == "link" || name.starts_with(".filemq/partial/") && input.plant_partial_link && kind.is_symlink() {
+        if name == "link"
+            || name.starts_with(".filemq/partial/") && input.plant_partial_link && kind.is_symlink()
+        {
             continue; // planted by us
         }
         assert!(kind.is_file() || kind.is_dir(), "{name:?} is neither a file nor a directory");
     }
-    let partials = entries.iter().filter(|(n, k)| n.starts_with(".filemq/partial/") && !k.is_symlink()).count();
+    let partials =
+        entries.iter().filter(|(n, k)| n.starts_with(".filemq/partial/") && !k.is_symlink()).count();
     assert!(partials <= 16 + 1, "{partials} partial files");
 
     for event in &events {

@@ -18,8 +18,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use zbroker_client::codec::{Chunk, DecodeError, EncodeError, ShortStr};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, DecodeError, EncodeError, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 
 fn check_decode(frame: &[u8]) {
     match M::decode(Bytes::copy_from_slice(frame)) {
@@ -29,7 +29,7 @@ fn check_decode(frame: &[u8]) {
             assert!(frame.starts_with(&encoded), "not canonical: {msg:?}");
             assert_eq!(M::decode(encoded).as_ref(), Ok(&msg));
             assert_eq!(frame[2], msg.id());
-            let _ = (msg.name(), msg.is_request());
+            let _ = (msg.name(), msg.sender());
         }
         Err(error) => {
             let _ = error.to_string();

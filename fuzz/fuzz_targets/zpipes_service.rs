@@ -26,8 +26,8 @@ use arbitrary::Arbitrary;
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
-use zbroker_client::codec::{Chunk, ShortStr};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_services::budget::Budget;
 use zbroker_services::sim::Sim;
 use zbroker_services::zpipes::{Config, Zpipes};
@@ -147,7 +147,7 @@ impl World {
         let refusal = self.sim.service.refusal(&frame, "the broker is at its connection limit");
         if let Some(refusal) = refusal {
             let reply = M::decode(refusal).expect("a refusal decodes");
-            assert!(!reply.is_request(), "{reply:?}");
+            assert!(!reply.sender().client_may_send(), "{reply:?}");
         }
         self.sim.send_raw(c, frame);
     }
@@ -164,7 +164,7 @@ impl World {
                 let msg =
                     M::decode(frame.clone()).unwrap_or_else(|e| panic!("a sent frame does not decode: {e}"));
                 assert_eq!(msg.encode(), frame, "not canonical: {msg:?}");
-                assert!(!msg.is_request(), "the service sent a request: {msg:?}");
+                assert!(!msg.sender().client_may_send(), "the service sent a request: {msg:?}");
                 self.replies[c as usize] += 1;
                 assert!(
                     self.replies[c as usize] <= self.requests[c as usize],

@@ -8,11 +8,13 @@
 //! number of services, each reached by its protocol signature.
 
 use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Instant;
 
 pub mod budget;
 pub mod filemq;
 pub mod sim;
+pub mod work;
 pub mod zpipes;
 
 /// One peer connection, as numbered by the reactor. Never reused while the
@@ -20,11 +22,57 @@ pub mod zpipes;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
 pub struct ConnId(pub u64);
 
+/// A number a service keeps, typed for `zbroker status` (where it appears
+/// under the service, beside [`Service::status`]) and later for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Counter {
+    /// `snake_case`, unique within the service.
+    pub name: &'static str,
+    /// One line for an operator.
+    pub help: &'static str,
+    pub kind: CounterKind,
+    pub value: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CounterKind {
+    /// Only ever grows (bytes sent since start).
+    Total,
+    /// Goes up and down (connections now).
+    Gauge,
+    /// A setting, constant while the broker runs.
+    Setting,
+}
+
+impl Counter {
+    pub const fn total(name: &'static str, help: &'static str, value: u64) -> Counter {
+        Counter { name, help, kind: CounterKind::Total, value }
+    }
+    pub const fn gauge(name: &'static str, help: &'static str, value: u64) -> Counter {
+        Counter { name, help, kind: CounterKind::Gauge, value }
+    }
+    pub const fn setting(name: &'static str, help: &'static str, value: u64) -> Counter {
+        Counter { name, help, kind: CounterKind::Setting, value }
+    }
+}
+
+/// A service's part of `zbroker status`: what its `status` shows, and its
+/// counters by name.
+pub fn status_of(service: &dyn Service) -> serde_json::Value {
+    let mut status = service.status();
+    if let Some(fields) = status.as_object_mut() {
+        for counter in service.counters() {
+            fields.insert(counter.name.to_string(), counter.value.into());
+        }
+    }
+    status
+}
+
 /// A timer owned by one service; the service chooses what the key means.
 pub type TimerKey = u64;
 
 /// What a service asks the reactor to do.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Action {
     /// Send one frame to a connection. If the peer has gone, the frame is
     /// dropped and the service gets [`Service::on_disconnect`].
@@ -34,36 +82,72 @@ pub enum Action {
     SetTimer { key: TimerKey, at: Instant },
     /// Forget the timer with this key, if any.
     CancelTimer { key: TimerKey },
-    /// Run `job` off the event loop; its outcome comes back through
-    /// [`Service::on_work`] with the same `key`.
-    Work { key: u64, job: filemq::work::Job },
+    /// The answer to control request `request`, which
+    /// [`Service::command`] left open ([`Answer::Later`]).
+    Reply { request: u64, result: Result<String, String> },
+    /// Run `job` off the event loop, on the service's [`Service::executor`];
+    /// its outcome comes back through [`Service::on_work`] with the same
+    /// `key`.
+    Work { key: u64, job: work::Job },
+}
+
+/// What a service says to a control command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Answer {
+    /// The reply (`Err` is shown to the operator as the failure).
+    Now(Result<String, String>),
+    /// The reply comes later as an [`Action::Reply`] with the request's
+    /// number: the command waits for work off the loop (a file saved).
+    Later,
 }
 
 /// A protocol service hosted by the reactor.
 pub trait Service {
     /// Name for logs and status ("zpipes").
     fn name(&self) -> &'static str;
-    /// The protocol signature that opens every frame meant for this service.
+    /// The protocol signature that opens every frame meant for this service
+    /// (two services with one signature are refused at start-up).
     fn signature(&self) -> u16;
+    /// The service's well-known local endpoint on the broker called
+    /// `broker` (`ipc://@/zpipes/NAME`), bound besides every `--bind`.
+    fn local_endpoint(&self, broker: &str) -> String;
+    /// The largest frame a client may legitimately send it: the front
+    /// socket refuses larger ones before buffering them.
+    fn max_frame(&self) -> usize;
+    /// Reply bytes the host may hold for one peer that is slow to read
+    /// (the largest reply or two, or the most a peer may have asked for);
+    /// a peer past it has stopped reading and is dropped.
+    fn max_parked(&self) -> usize;
+    /// What runs this service's [`Action::Work`]: the one place it does
+    /// blocking I/O. `None` for a service that asks for none.
+    fn executor(&self) -> Option<Arc<dyn work::Executor>> {
+        None
+    }
+    /// The host is up: work to start with (first scans of the mounts
+    /// given on the command line).
+    fn start(&mut self, now: Instant, out: &mut Vec<Action>) {
+        let _ = (now, out);
+    }
     /// A frame from `conn` whose first two bytes are [`Service::signature`].
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>);
     /// A timer set by this service has come due.
     fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>);
     /// The outcome of an [`Action::Work`] this service asked for (or, for a
     /// watch, a change it reports).
-    fn on_work(&mut self, key: u64, done: filemq::work::Done, now: Instant, out: &mut Vec<Action>) {
+    fn on_work(&mut self, key: u64, done: work::Done, now: Instant, out: &mut Vec<Action>) {
         let _ = (key, done, now, out);
     }
     /// A command from the control endpoint (`zbroker publish …`), split into
-    /// words. `None` if this service does not know it; otherwise the reply
-    /// (`Err` is shown to the operator as the failure).
+    /// words, numbered `request` by the host. `None` if this service does
+    /// not know it; otherwise its answer, now or later.
     fn command(
         &mut self,
+        request: u64,
         words: &[String],
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Option<Result<String, String>> {
-        let _ = (words, now, out);
+    ) -> Option<Answer> {
+        let _ = (request, words, now, out);
         None
     }
     /// The protocol's "no" to the first frame of a connection the broker
@@ -96,6 +180,11 @@ pub trait Service {
     }
     /// The peer behind `conn` has disconnected; forget it.
     fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>);
-    /// A snapshot for `zbroker status`.
+    /// What `zbroker status` shows of the service beyond its
+    /// [`Service::counters`] (lists, names: structure that is no number).
     fn status(&self) -> serde_json::Value;
+    /// The numbers the service keeps.
+    fn counters(&self) -> Vec<Counter> {
+        Vec::new()
+    }
 }

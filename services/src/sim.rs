@@ -1,14 +1,42 @@
 //! A simulated world for driving a [`Service`] without sockets: a clock
-//! that moves only when told, a timer table, and per-connection inboxes of
-//! the frames the service sent. Unit tests, property tests and fuzz targets
-//! share it.
+//! that moves only when told, a timer table, per-connection inboxes of the
+//! frames the service sent, and an injected [`Executor`] that runs the
+//! service's work inline. Unit tests, property tests and fuzz targets share
+//! it.
 
-use crate::filemq::disk;
-use crate::filemq::work::{Done, Job, MountId};
+use crate::work::{Done, Executor, Job, Reporter};
 use crate::{Action, ConnId, Service, TimerKey};
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
+
+/// Reports an executor makes outside a job's return, kept until the
+/// simulation delivers them.
+#[derive(Default)]
+struct Reports {
+    waiting: Mutex<Waiting>,
+}
+
+#[derive(Default)]
+struct Waiting {
+    reports: VecDeque<(u64, Done)>,
+    /// Tags of `report_once` reports among them.
+    tags: HashSet<u64>,
+}
+
+impl Reporter for Reports {
+    fn report(&self, key: u64, done: Done) {
+        self.waiting.lock().unwrap_or_else(PoisonError::into_inner).reports.push_back((key, done));
+    }
+
+    fn report_once(&self, key: u64, tag: u64, done: Done) {
+        let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
+        if waiting.tags.insert(tag) {
+            waiting.reports.push_back((key, done));
+        }
+    }
+}
 
 pub struct Sim<S: Service> {
     pub service: S,
@@ -22,14 +50,20 @@ pub struct Sim<S: Service> {
     inboxes: BTreeMap<ConnId, VecDeque<Vec<u8>>>,
     /// Work the service asked for, not yet run.
     work: VecDeque<(u64, Job)>,
-    /// When set, work waits for [`Sim::run_work`]; otherwise it runs (on
-    /// the real disk, inline) as soon as it is asked for.
+    /// When set, work waits for [`Sim::run_work`]; otherwise it runs
+    /// inline as soon as it is asked for.
     pub hold_work: bool,
-    /// Mounts the service asked to watch.
-    pub watched: BTreeMap<MountId, u64>,
+    executor: Option<Arc<dyn Executor>>,
+    /// The same executor, for tests that look into it.
+    executor_any: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    reports: Arc<Reports>,
+    /// Answers to control commands that came later, by request number.
+    replies: HashMap<u64, Result<String, String>>,
+    next_request: u64,
 }
 
 impl<S: Service> Sim<S> {
+    /// A simulation of a service that asks for no work.
     pub fn new(service: S) -> Self {
         Sim {
             service,
@@ -40,8 +74,24 @@ impl<S: Service> Sim<S> {
             inboxes: BTreeMap::new(),
             work: VecDeque::new(),
             hold_work: false,
-            watched: BTreeMap::new(),
+            executor: None,
+            executor_any: None,
+            reports: Arc::default(),
+            replies: HashMap::new(),
+            next_request: 0,
         }
+    }
+
+    /// A simulation whose work `executor` runs inline (FILEMQ's
+    /// `DiskExecutor::recording()`: the real disk, watches only recorded).
+    pub fn with_executor<E: Executor + 'static>(service: S, executor: Arc<E>) -> Self {
+        let any: Arc<dyn std::any::Any + Send + Sync> = Arc::clone(&executor) as _;
+        Sim { executor: Some(executor), executor_any: Some(any), ..Sim::new(service) }
+    }
+
+    /// The executor given to [`Sim::with_executor`], if it is an `E`.
+    pub fn executor<E: Executor + 'static>(&self) -> Option<&E> {
+        self.executor_any.as_ref()?.downcast_ref::<E>()
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
@@ -60,11 +110,8 @@ impl<S: Service> Sim<S> {
                     self.timers.remove(&key);
                     self.next_pass.remove(&key);
                 }
-                Action::Work { key, job: Job::Watch { mount, .. } } => {
-                    self.watched.insert(mount, key);
-                }
-                Action::Work { job: Job::Unwatch { mount }, .. } => {
-                    self.watched.remove(&mount);
+                Action::Reply { request, result } => {
+                    self.replies.insert(request, result);
                 }
                 Action::Work { key, job } => self.work.push_back((key, job)),
             }
@@ -78,9 +125,21 @@ impl<S: Service> Sim<S> {
     /// order, delivering each outcome before the next job starts.
     pub fn run_work(&mut self) {
         while let Some((key, job)) = self.work.pop_front() {
-            if let Some(done) = disk::run(job) {
+            let executor =
+                self.executor.as_ref().expect("work asked for in a simulation without an executor");
+            let reporter: Arc<dyn Reporter> = Arc::clone(&self.reports) as Arc<dyn Reporter>;
+            if let Some(done) = executor.run(key, job, &reporter) {
                 self.deliver(key, done);
             }
+        }
+    }
+
+    /// Delivers what the executor reported outside a job's return.
+    pub fn deliver_reports(&mut self) {
+        let reports =
+            std::mem::take(&mut *self.reports.waiting.lock().unwrap_or_else(PoisonError::into_inner));
+        for (key, done) in reports.reports {
+            self.deliver(key, done);
         }
     }
 
@@ -105,13 +164,31 @@ impl<S: Service> Sim<S> {
         self.apply(out);
     }
 
-    /// Sends a control command, as `zbroker publish` does.
+    /// Sends a control command, as `zbroker publish` does, and returns its
+    /// answer: `None` if the service does not know the command, or (with
+    /// `hold_work`) if the answer waits for work not run yet (then see
+    /// [`Sim::reply`] with [`Sim::last_request`]).
     pub fn command(&mut self, words: &[&str]) -> Option<Result<String, String>> {
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
         let mut out = Vec::new();
-        let reply = self.service.command(&words, self.now, &mut out);
+        let request = self.next_request;
+        self.next_request += 1;
+        let answer = self.service.command(request, &words, self.now, &mut out);
         self.apply(out);
-        reply
+        match answer? {
+            crate::Answer::Now(result) => Some(result),
+            crate::Answer::Later => self.replies.remove(&request),
+        }
+    }
+
+    /// The number of the last control command sent.
+    pub fn last_request(&self) -> u64 {
+        self.next_request.saturating_sub(1)
+    }
+
+    /// The answer that came later to control request `request`, if it has.
+    pub fn reply(&mut self, request: u64) -> Option<Result<String, String>> {
+        self.replies.remove(&request)
     }
 
     /// Delivers a raw frame from `conn`.
@@ -156,6 +233,11 @@ impl<S: Service> Sim<S> {
     /// Takes every frame sent to `conn` so far.
     pub fn take_raw(&mut self, conn: u64) -> Vec<Vec<u8>> {
         self.inboxes.get_mut(&ConnId(conn)).map(|q| q.drain(..).collect()).unwrap_or_default()
+    }
+
+    /// The service's part of `zbroker status`, counters included.
+    pub fn status(&self) -> serde_json::Value {
+        crate::status_of(&self.service)
     }
 
     /// Number of armed timers (for leak checks).

@@ -386,14 +386,11 @@ impl Broker {
         };
         let settings = Settings {
             name: name.clone(),
-            endpoints: vec!["tcp://127.0.0.1:*".to_string()],
+            binds: vec!["tcp://127.0.0.1:*".to_string()],
             control_endpoint: endpoint::control(&name),
-            // As the zbroker program: the most credit a subscriber may hold, plus a chunk.
-            max_parked_bytes: defaults.max_credit as usize + defaults.chunk_size + 4096,
-            // As the zbroker program.
-            max_message_size: zbroker::config::max_message_size(8 << 20),
             // STATUS needs no token; the bench sends nothing else.
             control_token: None,
+            state_dir: None,
             max_connections: 100_000,
             budget: Default::default(),
         };
@@ -406,11 +403,12 @@ impl Broker {
             .spawn(move || {
                 let _stopped = stopped_tx;
                 let mut filemq = Filemq::new(config);
-                let mut startup = Vec::new();
                 let now = Instant::now();
                 for (root, alias) in mounts {
                     let root = std::fs::canonicalize(&root).expect("a published tree is missing");
-                    filemq.publish(root, alias, now, &mut startup).expect("cannot publish a tree");
+                    filemq
+                        .publish_at_start(root, alias, zbroker_services::filemq::mounts::Origin::Config, now)
+                        .expect("cannot publish a tree");
                 }
                 let mut reactor = match Reactor::bind(settings, vec![Box::new(filemq)]) {
                     Ok(reactor) => reactor,
@@ -419,7 +417,6 @@ impl Broker {
                         return;
                     }
                 };
-                reactor.start_work(0, startup);
                 let _ = bound_tx.send(Ok(reactor.endpoints().to_vec()));
                 let result = reactor.run();
                 drop(reactor);

@@ -17,10 +17,10 @@ use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 use zbroker::reactor::{Reactor, Settings};
-use zbroker_client::codec::ShortStr;
 use zbroker_client::endpoint;
-use zbroker_client::filemq_msg::FilemqMsg;
 use zbroker_client::zpipes::{Options, Reader, Writer};
+use zbroker_proto::codec::ShortStr;
+use zbroker_proto::filemq::FilemqMsg;
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
 use zbroker_tests::bomb::{bomb, million_files};
@@ -68,15 +68,12 @@ fn main() {
 /// Starts a broker with both services on its own thread (for the rest of
 /// the process), publishing an empty directory.
 fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
-    let pipe_limit = zpipes::Config::default().pipe_limit;
     let settings = Settings {
         name: name.to_string(),
-        endpoints: vec![endpoint::zpipes(name), endpoint::filemq(name)],
+        binds: Vec::new(),
         control_endpoint: endpoint::control(name),
-        max_parked_bytes: 2 * pipe_limit + 4096,
-        // As the zbroker program.
-        max_message_size: zbroker::config::max_message_size(pipe_limit),
         control_token: None,
+        state_dir: None,
         max_connections: 100_000,
         budget: Default::default(),
     };
@@ -84,8 +81,12 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
     // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
     thread::Builder::new().name("broker".into()).spawn(move || {
         let mut filemq = Filemq::new(filemq::Config::default());
-        let mut startup = Vec::new();
-        if let Err(e) = filemq.publish(root, "/", Instant::now(), &mut startup) {
+        if let Err(e) = filemq.publish_at_start(
+            root,
+            "/",
+            zbroker_services::filemq::mounts::Origin::Config,
+            Instant::now(),
+        ) {
             let _ = bound_tx.send(Err(anyhow::anyhow!(e)));
             return;
         }
@@ -94,11 +95,10 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
         let mut reactor = match Reactor::bind(settings, services) {
             Ok(reactor) => reactor,
             Err(e) => {
-                let _ = bound_tx.send(Err(e));
+                let _ = bound_tx.send(Err(e.into()));
                 return;
             }
         };
-        reactor.start_work(1, startup);
         let _ = bound_tx.send(Ok(()));
         if let Err(e) = reactor.run() {
             eprintln!("loop_bound bench: broker failed: {e:#}");

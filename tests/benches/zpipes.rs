@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use zbroker::reactor::{Reactor, Settings};
 use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Options, ReadOutcome, Reader, WriteOutcome, Writer};
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::ZpipesMsg;
 use zbroker_services::zpipes::{self, Zpipes};
 
 #[path = "zpipes_parts/rtt.rs"]
@@ -199,12 +199,10 @@ fn start_watchdog(limit: Duration) {
 fn start_broker(name: &str) -> anyhow::Result<()> {
     let settings = Settings {
         name: name.to_string(),
-        endpoints: vec![endpoint::zpipes(name)],
+        binds: Vec::new(),
         control_endpoint: endpoint::control(name),
-        max_parked_bytes: 2 * zpipes::Config::default().pipe_limit + 4096,
-        // As the zbroker program.
-        max_message_size: zbroker::config::max_message_size(zpipes::Config::default().pipe_limit),
         control_token: None,
+        state_dir: None,
         max_connections: 100_000,
         budget: Default::default(),
     };
@@ -216,7 +214,7 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         let mut reactor = match Reactor::bind(settings, services) {
             Ok(reactor) => reactor,
             Err(e) => {
-                let _ = bound_tx.send(Err(e));
+                let _ = bound_tx.send(Err(e.into()));
                 return;
             }
         };

@@ -4,9 +4,9 @@
 //! directory trees by digest.
 //!
 //! The binaries are the ones `cargo test --workspace` builds into the same
-//! target directory as the test executables; `ZBROKER_BIN_DIR` overrides.
+//! target directory as the test executables (built on demand when a test
+//! runs alone); `ZBROKER_BIN_DIR` overrides.
 
-use sha1::{Digest as _, Sha1};
 use std::collections::BTreeMap;
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -14,9 +14,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::ZpipesMsg;
 
-/// Path of one of the workspace's programs (`zbroker`, `zpipes`).
+/// Path of one of the workspace's programs (`zbroker`, `zpipes`, `filemq`).
+/// A test run alone (`cargo test -p zbroker-tests --test NAME`) does not
+/// build them, so the first test that finds one missing builds them all
+/// into the same target directory and profile, once per test process.
 pub fn bin(name: &str) -> PathBuf {
     if let Some(dir) = std::env::var_os("ZBROKER_BIN_DIR") {
         return PathBuf::from(dir).join(name);
@@ -25,12 +28,32 @@ pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
     let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile>");
     let path = profile_dir.join(name);
-    assert!(
-        path.exists(),
-        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
-        path.display()
-    );
+    if !path.exists() {
+        build_programs(profile_dir);
+    }
+    assert!(path.exists(), "{} is missing and `cargo build` did not make it", path.display());
     path
+}
+
+/// Builds the workspace's programs into `profile_dir` (`target/debug` or
+/// `target/release`).
+fn build_programs(profile_dir: &Path) {
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let target_dir = profile_dir.parent().expect("target directory");
+        let mut command = Command::new(cargo);
+        command
+            .args(["build", "--bins", "-p", "zbroker", "-p", "zbroker-client", "--target-dir"])
+            .arg(target_dir)
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if profile_dir.file_name().is_some_and(|p| p == "release") {
+            command.arg("--release");
+        }
+        eprintln!("building the programs the tests start: {command:?}");
+        let status = command.status().expect("run cargo build");
+        assert!(status.success(), "cargo build of the programs failed: {status}");
+    });
 }
 
 /// A broker name no other test uses.
@@ -72,9 +95,19 @@ impl Broker {
     /// `start_named`, with `configure` applied to the command last (to
     /// capture its standard error, say).
     pub fn start_with(name: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Broker {
+        Self::spawn(name, args, !args.contains(&"--state-dir"), configure)
+    }
+
+    /// `start_with`, without a `--state-dir` of the harness's: the test's
+    /// config file (or the default) says where the state goes.
+    pub fn start_as_configured(name: &str, args: &[&str], configure: impl FnOnce(&mut Command)) -> Broker {
+        Self::spawn(name, args, false, configure)
+    }
+
+    fn spawn(name: &str, args: &[&str], own_state: bool, configure: impl FnOnce(&mut Command)) -> Broker {
         let mut command = Command::new(bin("zbroker"));
         command.arg(name).args(args);
-        let state = if args.contains(&"--state-dir") {
+        let state = if !own_state {
             None
         } else {
             let dir = tempfile::tempdir().expect("a state directory");
@@ -301,10 +334,7 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
     out
 }
 
-/// Bytes from the spec's hex notation ("AA A3 01 ...").
-pub fn hex(text: &str) -> Vec<u8> {
-    text.split_whitespace().map(|b| u8::from_str_radix(b, 16).expect("a hex byte")).collect()
-}
+pub use zbroker_proto::codec::testing::{hex, sha1_hex};
 
 /// SHA-1 (upper-case hex) of every file under `root`, by path relative to
 /// it, skipping hidden entries as a publisher does.
@@ -328,10 +358,6 @@ pub fn tree_digests(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     walk(root, root, &mut out);
     out
-}
-
-pub fn sha1_hex(data: &[u8]) -> String {
-    Sha1::digest(data).iter().map(|b| format!("{b:02X}")).collect()
 }
 
 /// Waits until the two trees hold the same files with the same digests.
@@ -430,8 +456,8 @@ pub fn assert_same_tree(publisher: &Path, inbox: &Path) {
 /// The ICANHAZ frames of the "one client freezes the loop" attack, for the
 /// test (`tests/loop_bound.rs`) and the bench (`benches/loop_bound.rs`).
 pub mod bomb {
-    use zbroker_client::codec::{Hash, LongStr};
-    use zbroker_client::filemq_msg::{ceiling, FilemqMsg};
+    use zbroker_proto::codec::{Hash, LongStr};
+    use zbroker_proto::filemq::{ceiling, FilemqMsg};
 
     /// ICANHAZ header: path, then an options hash with RESYNC (if asked).
     pub fn icanhaz_head(path: &str, resync: bool) -> Vec<u8> {

@@ -5,9 +5,9 @@
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, ShortStr};
 use zbroker_client::zpipes::{Options, Reader, Writer};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_tests::{pseudo_random, Broker};
 
 const PIPES: usize = 1000;

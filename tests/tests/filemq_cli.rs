@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, Hash, LongStr};
-use zbroker_client::filemq_msg::{FilemqMsg, CREATE};
+use zbroker_proto::codec::{Chunk, Hash, LongStr};
+use zbroker_proto::filemq::{FilemqMsg, Operation::Create};
 use zbroker_tests::{
     assert_same_tree, bin, pseudo_random, put, tree_digests, unique_name, wait_converged, wait_timeout,
     wait_until, Broker, Subscriber,
@@ -228,7 +228,7 @@ fn a_hostile_server_cannot_write_outside_the_inbox() {
         for (offset, eof, chunk) in [(0u64, 0u8, &b"evil"[..]), (4, 1, &b""[..])] {
             let msg = FilemqMsg::Cheezburger {
                 sequence,
-                operation: CREATE,
+                operation: Create,
                 filename: LongStr(bytes::Bytes::copy_from_slice(name.as_bytes())),
                 offset,
                 eof,

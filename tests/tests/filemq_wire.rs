@@ -3,9 +3,9 @@
 //! the one front door shared with ZPIPES.
 
 use bytes::Bytes;
-use zbroker_client::codec::{Hash, LongStr, ShortStr};
-use zbroker_client::filemq_msg::{FilemqMsg, DELETE};
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::codec::{Hash, LongStr, ShortStr};
+use zbroker_proto::filemq::{FilemqMsg, Operation::Delete};
+use zbroker_proto::ZpipesMsg;
 use zbroker_tests::{hex, pseudo_random, put, Broker, Raw};
 
 fn recv(raw: &Raw, ms: i64) -> Option<FilemqMsg> {
@@ -158,7 +158,7 @@ fn a_plain_subscriber_gets_changes_with_clean_deletes() {
              00 00 00 00 00 00 00 00 00"
         )
     );
-    assert!(matches!(delete, FilemqMsg::Cheezburger { operation: DELETE, .. }));
+    assert!(matches!(delete, FilemqMsg::Cheezburger { operation: Delete, .. }));
 
     // Directories, links to them and a chmod alone are nothing to a client
     // that did not offer attributes (the original): it hears of the next

@@ -1,9 +1,9 @@
 //! Stopping and reloading a running broker.
 
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, ShortStr};
-use zbroker_client::filemq_msg::FilemqMsg;
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::filemq::FilemqMsg;
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_tests::{signal, wait_timeout, wait_until, Broker, Raw};
 
 fn pipe(name: &str) -> ShortStr {

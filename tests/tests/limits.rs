@@ -1,9 +1,9 @@
 //! Bounds the broker enforces on whole connections.
 
 use std::time::Duration;
-use zbroker_client::codec::ShortStr;
-use zbroker_client::filemq_msg::FilemqMsg;
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::ShortStr;
+use zbroker_proto::filemq::FilemqMsg;
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_tests::{wait_until, Broker, Raw};
 
 fn pipe(name: &str) -> ShortStr {

@@ -8,9 +8,9 @@
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, ShortStr};
 use zbroker_client::filemq::{Event, Options, Subscriber};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_tests::{assert_same_tree, pseudo_random, put, Broker};
 
 fn full() -> bool {

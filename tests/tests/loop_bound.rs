@@ -8,9 +8,9 @@ use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zbroker_client::codec::ShortStr;
-use zbroker_client::filemq_msg::FilemqMsg;
 use zbroker_client::zpipes::{Options, Reader, Writer};
+use zbroker_proto::codec::ShortStr;
+use zbroker_proto::filemq::FilemqMsg;
 use zbroker_tests::bomb::{bomb, million_files};
 use zbroker_tests::{pseudo_random, Broker};
 

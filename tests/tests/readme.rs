@@ -7,7 +7,8 @@
 //! mechanical translation that keeps the commands as written:
 //! `cargo run [-q] --release --bin X --` becomes `X` (the built program,
 //! first on `PATH`); the broker names `hub`, `relay` and the default
-//! `local` become names of this run; `tcp://hub:5670` and
+//! `local` become names of this run (also after `zbroker status`,
+//! `publish` and `unpublish`); `tcp://hub:5670` and
 //! `'tcp://*:5670'` become free loopback ports; `/restore` becomes
 //! `./restore`. Commands that run until stopped (a broker, a `filemq
 //! subscribe` without `--once`, a writer waiting for its reader) go to the
@@ -111,6 +112,17 @@ fn plans() -> Vec<Plan> {
                     until_file leaf/a.txt && diff -r -x .filemq outbox relay && diff -r -x .filemq outbox leaf",
             ..RUN
         },
+        Plan {
+            first: "zbroker publish hub ./photos /photos",
+            setup: "mkdir -p outbox photos && echo hi > photos/p.jpg\n\
+                    zbroker $HUB --publish ./outbox >/dev/null 2>>.bg.log &\n\
+                    up $HUB",
+            // Published (the status says run-time), then unpublished: the
+            // kept list is empty again.
+            check: "grep -qx 'zbroker-mounts 1' .state/zbroker/$HUB/mounts && ! grep -q photos .state/zbroker/$HUB/mounts",
+            stdout: "run-time",
+            ..RUN
+        },
     ]
 }
 
@@ -165,6 +177,8 @@ fn translate(text: &str) -> String {
         .replace("zbroker hub ", "zbroker $HUB ")
         .replace("zbroker relay ", "zbroker $RELAY ")
         .replace("--broker hub", "--broker $HUB")
+        .replace("publish hub ", "publish $HUB ")
+        .replace("zbroker status hub", "zbroker status $HUB")
         .replace("zpipes write", "zpipes --broker $LOCAL write")
         .replace("zpipes read", "zpipes --broker $LOCAL read")
         .replace("/restore", "./restore");

@@ -8,9 +8,9 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use zbroker_client::codec::Chunk;
 use zbroker_client::zpipes::{Options, ReadOutcome, Reader};
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::codec::Chunk;
+use zbroker_proto::ZpipesMsg;
 use zbroker_tests::{bin, pseudo_random, wait_timeout, Broker};
 
 const LINES: usize = 20;

@@ -6,8 +6,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use zbroker_client::codec::{Chunk, ShortStr};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_tests::{Broker, Raw};
 
 fn name(s: &str) -> ShortStr {

@@ -1,13 +1,11 @@
 //! The real broker driven by raw DEALER sockets sending the spec's bytes:
 //! these pin the wire and the selftest behaviour of spec §11.
 
-use zbroker_client::codec::{Chunk, ShortStr};
-use zbroker_client::ZpipesMsg as M;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::ZpipesMsg as M;
 use zbroker_tests::{wait_until, Broker, Raw};
 
-fn hex(s: &str) -> Vec<u8> {
-    s.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
-}
+use zbroker_proto::codec::testing::hex;
 
 fn name(s: &str) -> ShortStr {
     ShortStr::new(s.as_bytes().to_vec()).unwrap()

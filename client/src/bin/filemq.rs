@@ -9,10 +9,10 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use zbroker_client::escape::escape;
 use zbroker_client::filemq::{self, Event, Options, Subscriber};
 use zbroker_client::filemq::{Kept, Mirrored, Plan};
 use zbroker_client::{curve, endpoint};
+use zbroker_proto::escape::escape;
 
 /// The exit statuses, as `--help` shows them (see `mod status`).
 macro_rules! exit_status_help {

@@ -20,7 +20,7 @@
 //! `.filemq/digests.log` (lines of the same form), which the next load
 //! replays and the next save empties: a subscriber killed between two
 //! saves still knows which files it wrote. `PATH` is inbox-relative and
-//! written with [`crate::escape`], so that no name (a newline, a carriage
+//! written with [`zbroker_proto::escape`], so that no name (a newline, a carriage
 //! return, a backslash in it) can break, forge or shadow a line: a line
 //! that does not read back exactly is dropped, and that file is simply
 //! hashed again. A cache in the first format (no header line) is dropped
@@ -28,12 +28,10 @@
 //! by names ending in CR.
 
 use super::dirfd::Dir;
-use super::inbox::parse_digest;
-use crate::escape::{escape, unescape};
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
+use zbroker_proto::digest::{CacheLine, Digest, CACHE_HEADER};
 
-const HEADER: &str = "filemq-digests 2";
 const FILE: &str = "digests";
 const NEW_FILE: &str = "digests.new";
 const JOURNAL: &str = "digests.log";
@@ -260,7 +258,7 @@ impl DigestCache {
 fn render(entries: &HashMap<String, Known>) -> String {
     let mut sorted: Vec<_> = entries.iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(b.0));
-    let mut text = format!("{HEADER}\n");
+    let mut text = format!("{CACHE_HEADER}\n");
     for (rel, k) in sorted {
         text.push_str(&line(rel, k));
     }
@@ -278,13 +276,14 @@ fn line(rel: &str, k: &Known) -> String {
         What::Dir(DirMark::Deleted) => 'x',
     };
     let Stamp { size, mtime_ns, inode } = k.stamp;
-    format!("{size} {mtime_ns} {inode} {} {mark} {}\n", k.digest, escape(rel.as_bytes()))
+    let digest = Digest::parse(&k.digest).unwrap_or_default();
+    CacheLine { size, mtime_ns, inode, digest, mark, path: rel.to_string() }.format()
 }
 
 fn parse(text: &[u8]) -> HashMap<String, Known> {
     let mut entries = HashMap::new();
     let mut lines = text.split(|&b| b == b'\n');
-    if lines.next() != Some(HEADER.as_bytes()) {
+    if lines.next() != Some(CACHE_HEADER.as_bytes()) {
         return entries;
     }
     for line in lines {
@@ -296,24 +295,17 @@ fn parse(text: &[u8]) -> HashMap<String, Known> {
 }
 
 fn parse_line(line: &[u8]) -> Option<(String, Known)> {
-    let line = std::str::from_utf8(line).ok()?;
-    let mut fields = line.splitn(6, ' ');
-    let size = fields.next()?.parse().ok()?;
-    let mtime_ns = fields.next()?.parse().ok()?;
-    let inode = fields.next()?.parse().ok()?;
-    let digest = parse_digest(fields.next()?.as_bytes())?;
-    let (ours, what) = match fields.next()? {
-        "d" => (true, What::File),
-        "-" => (false, What::File),
-        "l" => (true, What::Link),
-        "D" => (true, What::Dir(DirMark::Published)),
-        "p" => (true, What::Dir(DirMark::Parent)),
-        "x" => (true, What::Dir(DirMark::Deleted)),
-        _ => return None,
+    let CacheLine { size, mtime_ns, inode, digest, mark, path } = CacheLine::parse(line)?;
+    let (ours, what) = match mark {
+        'd' => (true, What::File),
+        'l' => (true, What::Link),
+        'D' => (true, What::Dir(DirMark::Published)),
+        'p' => (true, What::Dir(DirMark::Parent)),
+        'x' => (true, What::Dir(DirMark::Deleted)),
+        _ => (false, What::File),
     };
-    let rel = String::from_utf8(unescape(fields.next()?)?).ok()?;
     let stamp = Stamp { size, mtime_ns, inode };
-    (!rel.is_empty()).then_some((rel, Known { stamp, digest, ours, what }))
+    Some((path, Known { stamp, digest: digest.to_string(), ours, what }))
 }
 
 #[cfg(test)]
@@ -355,7 +347,7 @@ mod tests {
         let legacy = format!("64 1 {X} dup\r\n");
         assert!(parse(legacy.as_bytes()).is_empty());
         let text = format!(
-            "{HEADER}\n64 1 1 {X} d ok\n64 1 1 {X} d raw\rcr\n64 1 1 {X} ? what\n64 1 1 nothex d f\n64 1 1 {X} d \n"
+            "{CACHE_HEADER}\n64 1 1 {X} d ok\n64 1 1 {X} d raw\rcr\n64 1 1 {X} ? what\n64 1 1 nothex d f\n64 1 1 {X} d \n"
         );
         let parsed = parse(text.as_bytes());
         assert_eq!(parsed.len(), 1);

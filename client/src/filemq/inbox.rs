@@ -31,15 +31,16 @@
 
 use super::digests::{DigestCache, DirMark, Known, Stamp, What};
 use super::dirfd::{self, Dir, Kind};
-use crate::escape::escape;
-use crate::exclude::Excludes;
-use crate::filemq_ext::{link_digest, link_target, Attrs, EntryKind, EMPTY_SHA1, PERMISSIONS};
-use sha1::{Digest, Sha1};
+use sha1::{Digest as _, Sha1};
 use std::fs::{self, File};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use zbroker_proto::digest::Digest;
+use zbroker_proto::escape::escape;
+use zbroker_proto::exclude::Excludes;
+use zbroker_proto::filemq_ext::{link_digest, link_target, Attrs, EntryKind, EMPTY_SHA1, PERMISSIONS};
 
 /// Our private directory inside the inbox.
 pub(crate) const PRIVATE_DIR: &str = ".filemq";
@@ -86,22 +87,6 @@ pub(crate) fn is_fatal(e: &io::Error) -> bool {
             | io::ErrorKind::ReadOnlyFilesystem
             | io::ErrorKind::QuotaExceeded
     )
-}
-
-/// Upper-case hex, as CZMQ's `zdigest` writes digests.
-pub(crate) fn hex_upper(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    bytes
-        .iter()
-        .flat_map(|b| [DIGITS[(b >> 4) as usize] as char, DIGITS[(b & 15) as usize] as char])
-        .collect()
-}
-
-/// A server-sent digest, if it is one: 40 hex digits, returned upper-case.
-/// It names a file in our private area, so nothing else may pass.
-pub(crate) fn parse_digest(text: &[u8]) -> Option<String> {
-    (text.len() == 40 && text.iter().all(u8::is_ascii_hexdigit))
-        .then(|| String::from_utf8_lossy(text).to_ascii_uppercase())
 }
 
 /// SHA-1 of everything `reader` yields.
@@ -312,7 +297,7 @@ impl Inbox {
             _lock: lock,
         };
         for name in inbox.partial_names()? {
-            if parse_digest(name.as_bytes()).is_none() {
+            if Digest::parse(&name).is_none() {
                 let _ = inbox.partial.remove_file(&name);
             }
         }
@@ -438,7 +423,7 @@ impl Inbox {
     pub fn resumable(&self) -> io::Result<Vec<(String, u64)>> {
         let mut found = Vec::new();
         for name in self.partial_names()? {
-            let Some(digest) = parse_digest(name.as_bytes()) else { continue };
+            let Some(digest) = Digest::normalise(&name) else { continue };
             if let Some(entry) = self.partial.entry(&name)? {
                 if entry.kind == Kind::File && entry.size > 0 {
                     found.push((digest, entry.size));
@@ -573,7 +558,7 @@ impl Inbox {
         }
         let meta = file.metadata();
         drop(file);
-        let digest = hex_upper(&hasher.finalize());
+        let digest = Digest::from_hasher(hasher).to_string();
         let mismatch = match (expected_size, &expected_digest) {
             (Some(size), _) if size != written => Some(format!("{written} bytes received, {size} announced")),
             (_, Some(expected)) if *expected != digest => {
@@ -846,7 +831,7 @@ impl Inbox {
             Some(held) => held,
             None => {
                 let file = parent.open_file(leaf, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
-                hex_upper(&hash_reader(file, u64::MAX)?.0.finalize())
+                Digest::from_hasher(hash_reader(file, u64::MAX)?.0).to_string()
             }
         };
         if held != digest {
@@ -1152,7 +1137,7 @@ impl Lister<'_> {
             .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(self.root_path.join(rel))?;
         let (hasher, _) = hash_reader(file, u64::MAX)?;
-        let digest = hex_upper(&hasher.finalize());
+        let digest = Digest::from_hasher(hasher).to_string();
         self.digests.remember(rel, stamp, digest.clone(), false);
         Ok(digest)
     }
@@ -1183,20 +1168,10 @@ mod tests {
     use super::*;
     use crate::filemq::layout::Placed;
 
-    fn sha1_hex(data: &[u8]) -> String {
-        hex_upper(&Sha1::digest(data))
-    }
+    use zbroker_proto::codec::testing::sha1_hex;
 
     fn placed(rel: &str) -> Placed {
         Placed { subscription: 0, rel: rel.to_string() }
-    }
-
-    #[test]
-    fn digests_are_upper_case_hex_and_parsed_strictly() {
-        assert_eq!(sha1_hex(b"abc"), "A9993E364706816ABA3E25717850C26C9CD0D89D");
-        assert_eq!(parse_digest(b"a9993e364706816aba3e25717850c26c9cd0d89d").unwrap(), sha1_hex(b"abc"));
-        assert!(parse_digest(b"../../../../../../../../../../../etc/x").is_none());
-        assert!(parse_digest(b"A9993E36").is_none());
     }
 
     #[test]

@@ -7,8 +7,7 @@
 //! refused with a reason. (The inbox module then checks the disk itself for
 //! symlinks on the way.)
 
-/// Longest path component most file systems take.
-const MAX_COMPONENT: usize = 255;
+use zbroker_proto::vpath;
 
 /// How the subscriptions map virtual paths into the inbox.
 ///
@@ -33,24 +32,9 @@ pub(crate) struct Placed {
 }
 
 /// Checks a subscription path given by the user and brings it to the one
-/// form we send and compare: a leading `/`, no trailing `/` (except the
-/// root itself).
+/// form we send and compare (the virtual-path rules of `zbroker-proto`).
 pub(crate) fn normalise_subscription(path: &str) -> Result<String, &'static str> {
-    if !path.starts_with('/') {
-        return Err("must start with '/'");
-    }
-    let trimmed = path.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Ok("/".to_string());
-    }
-    check_components(&trimmed[1..])?;
-    Ok(trimmed.to_string())
-}
-
-/// True if subscription `sub` covers virtual path `vpath` (component-wise:
-/// `/photo` does not cover `/photos/x`).
-fn covers(sub: &str, vpath: &str) -> bool {
-    sub == "/" || vpath == sub || (vpath.starts_with(sub) && vpath.as_bytes().get(sub.len()) == Some(&b'/'))
+    vpath::normalise(path).map_err(vpath::PathError::reason)
 }
 
 /// The checks every inbox-relative path passes.
@@ -58,23 +42,10 @@ fn check_components(rel: &str) -> Result<(), &'static str> {
     if rel.is_empty() {
         return Err("names no file below the subscription");
     }
-    if rel.contains('\0') {
-        return Err("contains a NUL byte");
-    }
     if rel.starts_with('/') {
         return Err("is absolute after stripping the subscription");
     }
-    for component in rel.split('/') {
-        match component {
-            "" => return Err("has an empty path component"),
-            "." | ".." => return Err("has a '.' or '..' component"),
-            // Publishers never publish hidden files, and `.filemq` is ours.
-            c if c.starts_with('.') => return Err("has a hidden component"),
-            c if c.len() > MAX_COMPONENT => return Err("has a component longer than 255 bytes"),
-            _ => {}
-        }
-    }
-    Ok(())
+    vpath::check_relative(rel).map_err(vpath::PathError::reason)
 }
 
 impl Layout {
@@ -96,7 +67,7 @@ impl Layout {
         let full_paths = normalised.len() > 1;
         let subscriptions: Vec<String> = normalised
             .iter()
-            .filter(|p| !normalised.iter().any(|q| q != *p && covers(q, p)))
+            .filter(|p| !normalised.iter().any(|q| q != *p && vpath::covers(q, p)))
             .cloned()
             .collect();
         Ok(Layout { subscriptions, full_paths })
@@ -126,8 +97,11 @@ impl Layout {
         if !name.starts_with('/') {
             return Err("is not an absolute virtual path");
         }
-        let subscription =
-            self.subscriptions.iter().position(|s| covers(s, name)).ok_or("matches no subscription")?;
+        let subscription = self
+            .subscriptions
+            .iter()
+            .position(|s| vpath::covers(s, name))
+            .ok_or("matches no subscription")?;
         let rel = if self.full_paths {
             &name[1..]
         } else {

@@ -4,10 +4,10 @@
 //! reconnects (`ZMQ_RECONNECT_IVL` -1), so a session never goes on, unaware,
 //! over a connection the server does not know.
 
-use crate::FilemqMsg;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use zbroker_proto::FilemqMsg;
 use zmq::SocketEvent::{
     CLOSED, CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_FAILED_AUTH, HANDSHAKE_FAILED_NO_DETAIL,
     HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,
@@ -220,7 +220,7 @@ impl Link {
     /// Sends `msg` with capability bits after its fields
     /// (`filemq_ext::encode_with_bits`; none when 0).
     pub fn send_with_bits(&mut self, msg: &FilemqMsg, bits: u8, patience: Duration) -> Result<(), String> {
-        let frame = crate::filemq_ext::encode_with_bits(msg, bits);
+        let frame = zbroker_proto::filemq_ext::encode_with_bits(msg, bits);
         match self.socket.send(&frame, zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => {

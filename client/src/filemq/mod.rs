@@ -112,7 +112,7 @@ pub enum Error {
     BadOption(&'static str),
     /// An exclude pattern is unusable or there are too many.
     #[error(transparent)]
-    BadExclude(#[from] crate::exclude::PatternError),
+    BadExclude(#[from] zbroker_proto::exclude::PatternError),
     /// The inbox cannot be created, locked or read.
     #[error("inbox {path}: {source}")]
     Inbox {
@@ -161,7 +161,7 @@ pub struct Options {
     /// Replace a file of the inbox that this subscriber did not write when
     /// the publisher has another version of it.
     pub overwrite: bool,
-    /// Gitignore-style patterns ([`crate::exclude`]) of paths, relative
+    /// Gitignore-style patterns ([`zbroker_proto::exclude`]) of paths, relative
     /// to each subscription path, that are neither fetched nor deleted
     /// nor reported as held. The server filters them (they never cost
     /// credit), so a server that does not offer it (the original, an
@@ -236,7 +236,7 @@ pub enum Event {
     Kept { path: String, reason: Kept },
     /// A name the server sent was refused for safety (see the module
     /// documentation); nothing was written. `name` is the server's, shown
-    /// with [`crate::escape::escape`] and cut to 200 characters.
+    /// with [`zbroker_proto::escape::escape`] and cut to 200 characters.
     Rejected { name: String, why: String },
     /// No server has answered for 2 s since the subscriber started (sent
     /// once, before any session); it goes on trying.
@@ -319,7 +319,7 @@ impl Subscriber {
     /// there yet is not an error: the thread keeps trying.
     pub fn start(opts: Options) -> Result<Subscriber, Error> {
         let layout = layout::Layout::new(&opts.paths).map_err(|(path, why)| Error::BadPath { path, why })?;
-        let excludes = crate::exclude::Excludes::new(&opts.exclude)?;
+        let excludes = zbroker_proto::exclude::Excludes::new(&opts.exclude)?;
         if opts.window == 0 {
             return Err(Error::BadOption("the credit window must be at least 1 byte"));
         }

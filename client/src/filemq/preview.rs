@@ -10,11 +10,11 @@ use super::digests::DigestCache;
 use super::dirfd::{Dir, Entry, Kind};
 use super::inbox::{self, Holding, MAX_PATH, PRIVATE_DIR};
 use super::{Kept, Plan};
-use crate::escape::escape;
-use crate::exclude::Excludes;
-use crate::filemq_ext::{link_target, Attrs, PERMISSIONS};
 use std::io;
 use std::path::{Path, PathBuf};
+use zbroker_proto::escape::escape;
+use zbroker_proto::exclude::Excludes;
+use zbroker_proto::filemq_ext::{link_target, Attrs, PERMISSIONS};
 
 /// What a dry run says of one entry.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,17 +7,18 @@ use super::layout::{Layout, Placed};
 use super::link::{self, Link, NoLink};
 use super::preview::Preview;
 use super::{Event, Kept, Options};
-use crate::codec::{Hash, ShortStr};
-use crate::escape::{escape, escape_truncated};
-use crate::exclude::Excludes;
-use crate::filemq_ext;
-use crate::filemq_msg::ceiling;
-use crate::filemq_msg::{CREATE, DELETE};
-use crate::FilemqMsg;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::mpsc::{SyncSender, TrySendError};
 use std::time::{Duration, Instant};
+use zbroker_proto::codec::{Hash, ShortStr};
+use zbroker_proto::digest::Digest;
+use zbroker_proto::escape::{escape, escape_truncated};
+use zbroker_proto::exclude::Excludes;
+use zbroker_proto::filemq::ceiling;
+use zbroker_proto::filemq::{ext, Operation};
+use zbroker_proto::filemq_ext;
+use zbroker_proto::FilemqMsg;
 
 /// Credit is granted in at least this many bytes at a time (the original's
 /// slice), so that a stream of chunks does not become a stream of NOMs.
@@ -42,13 +43,12 @@ const UNREACHABLE_AFTER: Duration = Duration::from_secs(2);
 /// A frame may hold this much beside its chunk: the filename (names longer
 /// than a path are refused anyway) and the headers (within their declared
 /// ceiling).
-const HEADER_ROOM: u64 = 4096 + crate::filemq_msg::ceiling::HEADERS_BYTES as u64 + 1024;
+const HEADER_ROOM: u64 = 4096 + zbroker_proto::filemq::ceiling::HEADERS_BYTES as u64 + 1024;
 /// What libzmq may hold for us in received, unread frames: the receive
 /// queue is cut to fit it (at least 2 frames).
 const INTAKE_BUDGET: u64 = 32 << 20;
 /// Header of our in-sync marker: `0` when nothing at all is published
 /// under the path (no mount covers it, and no file lies under it).
-const PUBLISHED: &str = "X-PUBLISHED";
 /// Warnings a server can cause per session (malformed frames, refused
 /// names, failed files); the rest are logged at debug.
 const SERVER_WARNINGS: u32 = 20;
@@ -627,10 +627,10 @@ impl<W: Wire> Session<'_, W> {
             );
         }
         let mut options = Hash::default();
-        let _ = options.insert("RESYNC", "1");
-        let _ = options.insert("X-ZBROKER", "1");
+        let _ = options.insert(ext::RESYNC, "1");
+        let _ = options.insert(ext::ZBROKER, "1");
         if !self.shared.excludes.is_empty() {
-            let _ = options.insert(filemq_ext::EXCLUDE_OPTION, self.shared.excludes.to_option());
+            let _ = options.insert(ext::EXCLUDE_OPTION, self.shared.excludes.to_option());
         }
         match &self.shared.disk {
             Disk::Inbox(inbox) => {
@@ -638,15 +638,15 @@ impl<W: Wire> Session<'_, W> {
                     .resumable()
                     .map_err(local)?
                     .iter()
-                    .map(|(digest, held)| format!("{digest} {held}\n"))
+                    .map(|(digest, held)| ext::resume_line(digest, *held) + "\n")
                     .collect();
                 if !resume.is_empty() {
-                    let _ = options.insert("X-RESUME", resume);
+                    let _ = options.insert(ext::RESUME, resume);
                 }
             }
             // A listing: no content is sent, so nothing resumes.
             Disk::Preview(_) => {
-                let _ = options.insert(filemq_ext::LIST_OPTION, "1");
+                let _ = options.insert(ext::LIST_OPTION, "1");
             }
         }
         tracing::debug!("subscribing to {path} holding {} files", cache.len());

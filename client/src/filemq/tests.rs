@@ -1,17 +1,15 @@
 //! The subscriber against fake servers: a ROUTER socket driven by the test
 //! thread, speaking the FILEMQ codec, polite or hostile.
 
-use super::inbox::hex_upper;
 use super::*;
-use crate::codec::{Chunk, Hash};
-use crate::filemq_msg::{CREATE, DELETE};
-use crate::FilemqMsg;
 use bytes::Bytes;
-use sha1::{Digest, Sha1};
 use std::fs;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
+use zbroker_proto::codec::{Chunk, Hash};
+use zbroker_proto::filemq::Operation::{self, Create, Delete};
+use zbroker_proto::FilemqMsg;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -20,9 +18,7 @@ fn unique_endpoint() -> String {
     format!("ipc://@/filemq-test/{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed))
 }
 
-fn sha1_hex(data: &[u8]) -> String {
-    hex_upper(&Sha1::digest(data))
-}
+use zbroker_proto::codec::testing::sha1_hex;
 
 fn hash(entries: &[(&str, &str)]) -> Hash {
     let mut h = Hash::default();
@@ -94,7 +90,7 @@ impl FakeServer {
             assert_eq!(frames.len(), 2, "one body frame per message");
             let msg = FilemqMsg::decode(frames[1].clone()).expect("the client sends valid frames");
             if matches!(msg, FilemqMsg::Ohai { .. }) {
-                self.offered = crate::filemq_ext::trailer_bits(&frames[1], &msg);
+                self.offered = zbroker_proto::filemq_ext::trailer_bits(&frames[1], &msg);
             }
             if frames[0] != self.peer {
                 self.peer = frames[0].clone();
@@ -151,7 +147,7 @@ impl FakeServer {
             other => panic!("expected OHAI, got {other:?}"),
         }
         self.next_sequence = 0;
-        self.send_raw(&crate::filemq_ext::encode_with_bits(&FilemqMsg::OhaiOk {}, self.grant));
+        self.send_raw(&zbroker_proto::filemq_ext::encode_with_bits(&FilemqMsg::OhaiOk {}, self.grant));
         let mut icanhaz = Vec::new();
         for _ in 0..subscriptions {
             match self.recv() {
@@ -169,14 +165,22 @@ impl FakeServer {
         icanhaz
     }
 
-    fn burger(&mut self, operation: u8, name: &[u8], offset: u64, eof: u8, headers: Hash, data: &[u8]) {
+    fn burger(
+        &mut self,
+        operation: Operation,
+        name: &[u8],
+        offset: u64,
+        eof: u8,
+        headers: Hash,
+        data: &[u8],
+    ) {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         self.spent += data.len() as u64;
         self.send(&FilemqMsg::Cheezburger {
             sequence,
             operation,
-            filename: crate::codec::LongStr(Bytes::copy_from_slice(name)),
+            filename: zbroker_proto::codec::LongStr(Bytes::copy_from_slice(name)),
             offset,
             eof,
             headers,
@@ -195,10 +199,10 @@ impl FakeServer {
         let mut offset = from;
         while offset < data.len() {
             let end = (offset + chunk).min(data.len());
-            self.burger(CREATE, name.as_bytes(), offset as u64, 0, headers(), &data[offset..end]);
+            self.burger(Create, name.as_bytes(), offset as u64, 0, headers(), &data[offset..end]);
             offset = end;
         }
-        self.burger(CREATE, name.as_bytes(), data.len() as u64, 1, headers(), b"");
+        self.burger(Create, name.as_bytes(), data.len() as u64, 1, headers(), b"");
     }
 
     /// A whole file with truthful X-SHA1/X-SIZE.
@@ -209,11 +213,11 @@ impl FakeServer {
 
     fn delete(&mut self, name: &str) {
         // Stale offset and chunk, as the original server sends them.
-        self.burger(DELETE, name.as_bytes(), 12345, 0, Hash::default(), b"");
+        self.burger(Delete, name.as_bytes(), 12345, 0, Hash::default(), b"");
     }
 
     fn synced(&mut self, path: &str) {
-        self.burger(CREATE, b"", 0, 1, hash(&[("X-SYNCED", path)]), b"");
+        self.burger(Create, b"", 0, 1, hash(&[("X-SYNCED", path)]), b"");
     }
 }
 
@@ -322,8 +326,8 @@ fn a_multi_chunk_file_and_a_delete_arrive() {
 
     // The original server's form: no headers, the end is an empty chunk
     // (eof 0 here, as its newest client reads it).
-    server.burger(CREATE, b"/data/hello.txt", 0, 0, Hash::default(), b"Hello");
-    server.burger(CREATE, b"/data/hello.txt", 5, 0, Hash::default(), b"");
+    server.burger(Create, b"/data/hello.txt", 0, 0, Hash::default(), b"Hello");
+    server.burger(Create, b"/data/hello.txt", 5, 0, Hash::default(), b"");
     let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
     assert_eq!(events, [Event::Updated { path: "hello.txt".into(), size: 5 }]);
     assert_eq!(fs::read(inbox.join("hello.txt")).unwrap(), b"Hello");
@@ -366,19 +370,19 @@ fn a_hostile_server_cannot_touch_anything_outside_the_inbox() {
     ];
     for name in evil_creates {
         // Two chunks and the end: one refusal per file, not per chunk.
-        server.burger(CREATE, name, 0, 0, Hash::default(), b"evil");
-        server.burger(CREATE, name, 4, 0, Hash::default(), b"evil");
-        server.burger(CREATE, name, 8, 1, Hash::default(), b"");
+        server.burger(Create, name, 0, 0, Hash::default(), b"evil");
+        server.burger(Create, name, 4, 0, Hash::default(), b"evil");
+        server.burger(Create, name, 8, 1, Hash::default(), b"");
     }
     // A digest header that would name a file outside our private area.
     let traversal = hash(&[("X-SHA1", "../../../../../../../../../../../../../../../escape")]);
-    server.burger(CREATE, b"/data/ok-name", 0, 0, traversal.clone(), b"evil");
-    server.burger(CREATE, b"/data/ok-name", 4, 1, traversal, b"");
-    server.burger(CREATE, b"/data/sized", 0, 1, hash(&[("X-SIZE", "-1")]), b"evil");
+    server.burger(Create, b"/data/ok-name", 0, 0, traversal.clone(), b"evil");
+    server.burger(Create, b"/data/ok-name", 4, 1, traversal, b"");
+    server.burger(Create, b"/data/sized", 0, 1, hash(&[("X-SIZE", "-1")]), b"evil");
     for name in
         [&b"/data/link/victim"[..], b"/data/victim", b"/data/../outside/victim", b"/data/.filemq/lock"]
     {
-        server.burger(DELETE, name, 0, 0, Hash::default(), b"");
+        server.burger(Delete, name, 0, 0, Hash::default(), b"");
     }
     // Garbage and messages a server never sends are dropped, not fatal.
     server.send_raw(b"garbage");
@@ -409,14 +413,14 @@ fn a_hostile_server_cannot_touch_anything_outside_the_inbox() {
 
 /// An entry without content, as a server granting attributes sends it.
 fn entry(server: &mut FakeServer, name: &[u8], headers: &[(&str, &str)]) {
-    server.burger(CREATE, name, 0, 1, hash(headers), b"");
+    server.burger(Create, name, 0, 1, hash(headers), b"");
 }
 
 #[test]
 fn links_directories_and_attributes_from_a_hostile_server_stay_inside() {
     let endpoint = unique_endpoint();
     let mut server = FakeServer::bind(&endpoint);
-    server.grant = crate::filemq_ext::ALL;
+    server.grant = zbroker_proto::filemq_ext::ALL;
     let base = tempfile::tempdir().unwrap();
     let inbox = base.path().join("inbox");
     let outside = base.path().join("outside");
@@ -426,12 +430,12 @@ fn links_directories_and_attributes_from_a_hostile_server_stay_inside() {
     std::os::unix::fs::symlink(&outside, inbox.join("planted")).unwrap();
     let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
     let icanhaz = server.handshake(1);
-    assert_eq!(server.offered, crate::filemq_ext::ALL, "our client offers every capability");
+    assert_eq!(server.offered, zbroker_proto::filemq_ext::ALL, "our client offers every capability");
     // Granted attributes, the cache carries them: the planted link, as a
     // link of the user's, with its own target's digest.
     let planted = text(&icanhaz[0].2, "planted").expect("links are held");
     let target = outside.to_str().unwrap();
-    assert!(planted.starts_with(&crate::filemq_ext::link_digest(target)), "{planted}");
+    assert!(planted.starts_with(&zbroker_proto::filemq_ext::link_digest(target)), "{planted}");
 
     let evil_links: [(&[u8], &str); 8] = [
         (b"/data/up", ".."),
@@ -475,8 +479,8 @@ fn links_directories_and_attributes_from_a_hostile_server_stay_inside() {
     let digest = sha1_hex(b"ff");
     let headers =
         || hash(&[("X-SHA1", &digest), ("X-SIZE", "2"), ("X-MODE", "640"), ("X-MTIME", "7000000000")]);
-    server.burger(CREATE, b"/data/f", 0, 0, headers(), b"ff");
-    server.burger(CREATE, b"/data/f", 2, 1, headers(), b"");
+    server.burger(Create, b"/data/f", 0, 0, headers(), b"ff");
+    server.burger(Create, b"/data/f", 2, 1, headers(), b"");
 
     let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
     let rejected = events.iter().filter(|e| matches!(e, Event::Rejected { .. })).count();
@@ -513,7 +517,7 @@ fn entries_from_a_server_that_did_not_grant_them_are_ignored() {
     entry(&mut server, b"/d", &[("X-TYPE", "dir"), ("X-MODE", "755"), ("X-MTIME", "1")]);
     entry(&mut server, b"/l", &[("X-TYPE", "link"), ("X-TARGET", "d"), ("X-MTIME", "1")]);
     let headers = hash(&[("X-MODE", "600"), ("X-MTIME", "1")]);
-    server.burger(CREATE, b"/f", 0, 1, headers, b"");
+    server.burger(Create, b"/f", 0, 1, headers, b"");
     let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
     assert_eq!(events.last(), Some(&Event::Updated { path: "f".into(), size: 0 }));
     assert_eq!(listing(inbox.path()), ["f"]);
@@ -591,7 +595,7 @@ fn an_interrupted_transfer_resumes_where_it_stopped() {
     // First session: one chunk arrives, then the subscriber stops.
     let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
     server.handshake(1);
-    server.burger(CREATE, b"/data/big", 0, 0, hash(&[("X-SHA1", &digest)]), &data[..1_000_000]);
+    server.burger(Create, b"/data/big", 0, 0, hash(&[("X-SHA1", &digest)]), &data[..1_000_000]);
     let deadline = Instant::now() + WAIT;
     while fs::metadata(inbox.join(".filemq/partial").join(&digest)).map_or(0, |m| m.len()) < 1_000_000 {
         assert!(Instant::now() < deadline, "the first chunk never reached the disk");
@@ -710,8 +714,8 @@ fn credit_counts_every_payload_byte_the_server_sent() {
     // Refused chunks cost credit at the server: they must here too, or the
     // two would drift apart and the transfer stall (spec §7).
     let junk = content(1_000_000);
-    server.burger(CREATE, b"/other/junk", 0, 0, Hash::default(), &junk);
-    server.burger(CREATE, b"/other/junk", 1_000_000, 1, Hash::default(), b"");
+    server.burger(Create, b"/other/junk", 0, 0, Hash::default(), &junk);
+    server.burger(Create, b"/other/junk", 1_000_000, 1, Hash::default(), b"");
     let data = content(1_700_000);
     server.publish("/data/f", &data);
     events_until(&sub, |e| matches!(e, Event::Updated { .. }));
@@ -819,14 +823,14 @@ fn files_started_and_never_finished_leave_no_parts_behind() {
         let data = format!("part of file {i}");
         let digest = sha1_hex(format!("whole file {i}").as_bytes());
         let name = format!("/data/f{i}");
-        server.burger(CREATE, name.as_bytes(), 0, 0, hash(&[("X-SHA1", &digest)]), data.as_bytes());
+        server.burger(Create, name.as_bytes(), 0, 0, hash(&[("X-SHA1", &digest)]), data.as_bytes());
     }
     server.publish("/data/last", b"last");
     events_until(&sub, |e| matches!(e, Event::Updated { .. }));
     assert!(partial_files(&inbox).is_empty(), "{} parts left", partial_files(&inbox).len());
     // One cut by a disconnect is kept for a resume.
     let digest = sha1_hex(b"whole");
-    server.burger(CREATE, b"/data/cut", 0, 0, hash(&[("X-SHA1", &digest)]), b"who");
+    server.burger(Create, b"/data/cut", 0, 0, hash(&[("X-SHA1", &digest)]), b"who");
     // Its first chunk is written once the subscriber reports progress on it.
     let deadline = Instant::now() + WAIT;
     while !matches!(sub.recv_timeout(Duration::from_millis(50)), Ok(Event::Progress { path, .. }) if path == "cut")
@@ -844,9 +848,9 @@ fn a_gap_in_the_sequence_starts_a_new_session() {
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
     server.handshake(1);
-    server.burger(CREATE, b"/data/a", 0, 0, Hash::default(), b"abc");
+    server.burger(Create, b"/data/a", 0, 0, Hash::default(), b"abc");
     server.next_sequence += 3;
-    server.burger(CREATE, b"/data/a", 3, 1, Hash::default(), b"");
+    server.burger(Create, b"/data/a", 3, 1, Hash::default(), b"");
     let events = events_until(&sub, |e| matches!(e, Event::Disconnected { .. }));
     assert!(matches!(&events[1], Event::Disconnected { why } if why.contains("lost")), "{events:?}");
     server.handshake(1);
@@ -860,7 +864,7 @@ fn a_refusal_stops_the_subscriber() {
     let dir = tempfile::tempdir().unwrap();
     let sub = Subscriber::start(options(&endpoint, &["/data"], &dir.path().join("inbox"))).unwrap();
     assert!(matches!(server.recv(), FilemqMsg::Ohai { .. }));
-    server.send(&FilemqMsg::Rtfm { reason: crate::codec::ShortStr::lossy("go away") });
+    server.send(&FilemqMsg::Rtfm { reason: zbroker_proto::codec::ShortStr::lossy("go away") });
     let events = events_until(&sub, |e| matches!(e, Event::Refused { .. }));
     assert_eq!(events, [Event::Refused { why: "RTFM: go away".into() }]);
     assert_eq!(sub.recv(), None, "the subscriber has ended");
@@ -902,7 +906,7 @@ fn timed_recv(server: &mut FakeServer) -> (FilemqMsg, Duration) {
 }
 
 fn rtfm(server: &FakeServer, why: &str) {
-    server.send(&FilemqMsg::Rtfm { reason: crate::codec::ShortStr::lossy(why) });
+    server.send(&FilemqMsg::Rtfm { reason: zbroker_proto::codec::ShortStr::lossy(why) });
 }
 
 #[test]
@@ -952,7 +956,7 @@ fn an_srsly_to_a_subscription_stops_the_subscriber() {
     assert!(matches!(server.recv(), FilemqMsg::Ohai { .. }));
     server.send(&FilemqMsg::OhaiOk {});
     assert!(matches!(server.recv(), FilemqMsg::Icanhaz { .. }));
-    server.send(&FilemqMsg::Srsly { reason: crate::codec::ShortStr::lossy("no such path") });
+    server.send(&FilemqMsg::Srsly { reason: zbroker_proto::codec::ShortStr::lossy("no such path") });
     let events = events_until(&sub, |e| matches!(e, Event::Refused { .. }));
     assert_eq!(events, [Event::Connected, Event::Refused { why: "SRSLY: no such path".into() }]);
     assert_eq!(sub.recv(), None, "the subscriber has ended");
@@ -1037,7 +1041,7 @@ fn a_new_version_at_the_old_offset_is_not_appended_to_the_old_one() {
     // (it changed), and resumes the new one at 1000: same name, same
     // offset, another digest.
     let old_headers = hash(&[("X-SHA1", &old_digest), ("X-SIZE", "3000")]);
-    server.burger(CREATE, b"/data/f", 0, 0, old_headers, &old[..1000]);
+    server.burger(Create, b"/data/f", 0, 0, old_headers, &old[..1000]);
     server.file("/data/f", &new, 1000, 1000, Some((&new_digest, new.len() as u64)));
     let events = events_until(&sub, |e| matches!(e, Event::Updated { .. } | Event::IntegrityFailed { .. }));
     assert_eq!(events, [Event::Connected, Event::Updated { path: "f".into(), size: 3500 }]);
@@ -1061,11 +1065,11 @@ fn a_file_abandoned_mid_transfer_leaves_no_part() {
     let a_headers = || hash(&[("X-SHA1", &a_digest), ("X-SIZE", "3000")]);
     // Part of A, then B from 0 without A's end (A changed on the server,
     // which sends its new version later).
-    server.burger(CREATE, b"/data/a", 0, 0, a_headers(), &a[..1000]);
+    server.burger(Create, b"/data/a", 0, 0, a_headers(), &a[..1000]);
     server.publish("/data/b", b"bee");
     // Part of C, then C is deleted (it went from the publisher while being
     // sent), then B2.
-    server.burger(CREATE, b"/data/c", 0, 0, hash(&[("X-SHA1", &c_digest)]), &c[..500]);
+    server.burger(Create, b"/data/c", 0, 0, hash(&[("X-SHA1", &c_digest)]), &c[..500]);
     server.delete("/data/c");
     server.publish("/data/b2", b"bee two");
     let events = events_until(&sub, |e| *e == Event::Updated { path: "b2".into(), size: 7 });
@@ -1091,15 +1095,15 @@ fn a_file_longer_than_announced_is_refused_at_once() {
     server.handshake(1);
     let data = content(4000);
     let headers = || hash(&[("X-SHA1", "0123456789ABCDEF0123456789ABCDEF01234567"), ("X-SIZE", "1500")]);
-    server.burger(CREATE, b"/data/huge", 0, 0, headers(), &data[..1000]);
-    server.burger(CREATE, b"/data/huge", 1000, 0, headers(), &data[1000..2000]);
+    server.burger(Create, b"/data/huge", 0, 0, headers(), &data[..1000]);
+    server.burger(Create, b"/data/huge", 1000, 0, headers(), &data[1000..2000]);
     // No end yet: the overrun alone is enough.
     let events = events_until(&sub, |e| matches!(e, Event::IntegrityFailed { .. }));
     assert_eq!(events, [Event::Connected, Event::IntegrityFailed { path: "huge".into() }]);
     assert!(partial_files(&inbox).is_empty(), "nothing of it is kept");
     // The rest of it is ignored, not refused again.
-    server.burger(CREATE, b"/data/huge", 2000, 0, headers(), &data[2000..]);
-    server.burger(CREATE, b"/data/huge", 4000, 1, headers(), b"");
+    server.burger(Create, b"/data/huge", 2000, 0, headers(), &data[2000..]);
+    server.burger(Create, b"/data/huge", 4000, 1, headers(), b"");
     server.publish("/data/fine", b"fine");
     let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
     assert_eq!(events, [Event::Updated { path: "fine".into(), size: 4 }]);

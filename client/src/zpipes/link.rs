@@ -2,13 +2,13 @@
 //! monitor, heartbeats, and request/reply with PING_OK filtered out.
 
 use super::{Error, Options, Result};
-use crate::codec::ShortStr;
-use crate::zpipes_msg::PARTIAL_READ;
-use crate::ZpipesMsg;
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+use zbroker_proto::codec::ShortStr;
+use zbroker_proto::zpipes::PARTIAL_READ;
+use zbroker_proto::ZpipesMsg;
 use zmq::SocketEvent::{
     CONNECTED, CONNECT_RETRIED, DISCONNECTED, HANDSHAKE_FAILED_AUTH, HANDSHAKE_FAILED_NO_DETAIL,
     HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,

@@ -22,15 +22,15 @@
 //! that dies or restarts ends the wait with [`Error::BrokerGone`] instead of
 //! a hang.
 
-use crate::byte_queue::ByteQueue;
-use crate::codec::{Chunk, ShortStr};
 use crate::endpoint;
-use crate::zpipes_msg::PARTIAL_READ;
-use crate::ZpipesMsg;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
+use zbroker_proto::byte_queue::ByteQueue;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::zpipes::PARTIAL_READ;
+use zbroker_proto::ZpipesMsg;
 
 mod link;
 use link::{ms, Link};

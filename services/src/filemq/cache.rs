@@ -11,15 +11,17 @@
 //! ones are handled at once, as before.
 
 use super::work::{Done, Job, MountView, Prepared};
-use super::{covers, join, normalise_vpath, ConnId, Filemq, WorkFor};
+use super::{ConnId, Filemq, WorkFor};
 use crate::Action;
 use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
-use zbroker_client::codec::{Ceiling, Field as _, FieldError, Hash, LongStr, Reader, ShortStr};
-use zbroker_client::filemq_ext::{parse_cache_value, Attrs, EntryKind, PERMISSIONS};
-use zbroker_client::filemq_msg::{self, ceiling, FilemqMsg};
+use zbroker_proto::codec::{Ceiling, Field as _, FieldError, Hash, LongStr, Reader, ShortStr};
+use zbroker_proto::digest::Digest;
+use zbroker_proto::filemq::{self, ceiling, FilemqMsg};
+use zbroker_proto::filemq_ext::{parse_cache_value, Attrs, EntryKind, PERMISSIONS};
+use zbroker_proto::vpath::{self, covers, join};
 
 /// ICANHAZ frames up to this size are handled on the loop (a few hundred
 /// entries: tens of microseconds, so even a full pass of such frames is
@@ -38,10 +40,7 @@ const BUSY: &str = "busy: subscribe again later";
 /// bytes (one more ICANHAZ of the largest size): past either, it is
 /// refused (SRSLY) and forgotten.
 pub const MAX_HELD_FRAMES: usize = 64;
-pub const MAX_HELD_BYTES: usize = filemq_msg::MAX_CLIENT_MESSAGE;
-
-/// SHA-1 digest, binary: half the memory of its hex form.
-pub type Digest = [u8; 20];
+pub const MAX_HELD_BYTES: usize = filemq::MAX_CLIENT_MESSAGE;
 
 /// What a client holds at a path: a digest and, from a client with
 /// attributes (`filemq_ext::META`), what the entry is and its
@@ -83,33 +82,18 @@ impl Holding {
     }
 }
 
-/// A digest from 40 hex digits (either case).
-pub fn digest(hex: &str) -> Option<Digest> {
-    let hex = hex.as_bytes();
-    if hex.len() != 40 {
-        return None;
-    }
-    let nibble = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
-    let mut out = [0u8; 20];
-    for (byte, pair) in out.iter_mut().zip(hex.chunks_exact(2)) {
-        *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
-    }
-    Some(out)
-}
-
 /// One cache entry as what the client holds under `path`: its virtual
 /// path and what it holds there, unless its name or value is bad or it
 /// lies outside.
 fn entry(path: &str, key: &ShortStr, value: &LongStr) -> Option<(String, Holding)> {
     let key = std::str::from_utf8(key.as_bytes()).ok()?;
-    let (hex, attrs) = parse_cache_value(value.as_bytes())?;
-    let digest = digest(&hex)?;
+    let (digest, attrs) = parse_cache_value(value.as_bytes())?;
     let digest = match attrs {
         Some((kind, attrs)) => Holding::with(digest, kind, attrs),
         None => Holding::plain(digest),
     };
     let vpath = if key.starts_with('/') { key.to_string() } else { join(path, key) };
-    let vpath = normalise_vpath(&vpath).filter(|v| covers(path, v))?;
+    let vpath = vpath::normalise(&vpath).ok().filter(|v| covers(path, v))?;
     Some((vpath, digest))
 }
 
@@ -143,7 +127,7 @@ pub fn prepare(frame: Bytes, mounts: &[MountView]) -> Result<Box<Prepared>, Stri
     let options =
         Hash::get_within(&mut r, Ceiling::NONE.with(ceiling::OPTIONS_ENTRIES, ceiling::OPTIONS_BYTES))
             .map_err(|e| malformed("options", e))?;
-    let normal = std::str::from_utf8(path.as_bytes()).ok().and_then(normalise_vpath);
+    let normal = std::str::from_utf8(path.as_bytes()).ok().and_then(|p| vpath::normalise(p).ok());
     let cache_ceiling = Ceiling::NONE.with(ceiling::CACHE_ENTRIES, ceiling::CACHE_BYTES);
     let known = Hash::visit_within(
         &mut r,
@@ -157,7 +141,7 @@ pub fn prepare(frame: Bytes, mounts: &[MountView]) -> Result<Box<Prepared>, Stri
     )
     .map_err(|e| malformed("cache", e))?;
     drop(frame);
-    let resync = options.get(super::ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
+    let resync = options.get(zbroker_proto::filemq::ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
     let stale = match &normal {
         Some(p) if resync => {
             let ready = mounts.iter().filter(|m| covers(p, &m.alias) || covers(&m.alias, p)).all(|m| m.ready);
@@ -232,7 +216,10 @@ const DISCARD_OFF_LOOP: usize = 10_000;
 pub(super) fn discard(known: BTreeMap<String, Holding>, out: &mut Vec<Action>) {
     if known.len() >= DISCARD_OFF_LOOP {
         // Nobody waits for its outcome: any key will do.
-        out.push(Action::Work { key: u64::MAX, job: Job::Discard(super::work::Garbage(known, Vec::new())) });
+        out.push(Action::Work {
+            key: u64::MAX,
+            job: Box::new(Job::Discard(super::work::Garbage(known, Vec::new()))),
+        });
     }
 }
 
@@ -243,7 +230,7 @@ pub(super) fn discard_prepared(prepared: Prepared, out: &mut Vec<Action>) {
     let stale = prepared.stale.unwrap_or_default();
     if prepared.known.len() + stale.len() >= DISCARD_OFF_LOOP {
         let garbage = super::work::Garbage(prepared.known, stale);
-        out.push(Action::Work { key: u64::MAX, job: Job::Discard(garbage) });
+        out.push(Action::Work { key: u64::MAX, job: Box::new(Job::Discard(garbage)) });
     }
 }
 
@@ -252,7 +239,7 @@ pub(super) fn discard_names(names: Vec<String>, out: &mut Vec<Action>) {
     if names.len() >= DISCARD_OFF_LOOP {
         out.push(Action::Work {
             key: u64::MAX,
-            job: Job::Discard(super::work::Garbage(BTreeMap::new(), names)),
+            job: Box::new(Job::Discard(super::work::Garbage(BTreeMap::new(), names))),
         });
     }
 }

@@ -21,7 +21,7 @@
 
 use super::work::{Attrs, Change, Done, FileMeta, Job, Kind, LinkedFile, ReadError, Scanned, Snapshot};
 use bytes::Bytes;
-use sha1::{Digest, Sha1};
+use sha1::{Digest as _, Sha1};
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
 use std::io::{self, BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
-use zbroker_client::filemq_ext::{link_digest, link_target, EMPTY_SHA1, PERMISSIONS};
+use zbroker_proto::digest::{CacheLine, Digest, CACHE_HEADER};
+use zbroker_proto::filemq_ext::{link_digest, link_target, EMPTY_SHA1, PERMISSIONS};
 
 /// Files are hashed through a buffer this large: big enough that reading a
 /// large file costs few system calls, small enough to keep per scan.
@@ -42,9 +43,6 @@ const HASH_BUFFER: usize = 1 << 20;
 /// timestamps are coarser than the clock, and clocks of file servers drift.
 /// Further in the future, the file is treated as being written.
 const FUTURE_SLACK: Duration = Duration::from_secs(2);
-
-/// First line of the digest cache file; a file without it is ignored.
-const CACHE_HEADER: &str = "zbroker-filemq-digests 1";
 
 /// Runs one job on the calling thread. `None` for the jobs only the
 /// reactor can run (`Watch`, `Unwatch`).
@@ -57,6 +55,7 @@ pub fn run(job: Job) -> Option<Done> {
             Some(Done::Read(read(&root, &rel, offset, len, &expect)))
         }
         Job::Icanhaz { frame, mounts } => Some(Done::Icanhaz(super::cache::prepare(frame, &mounts))),
+        Job::SaveMounts { path, contents } => Some(Done::Saved(super::mounts::save(&path, &contents))),
         Job::Watch { .. } | Job::Unwatch { .. } | Job::Discard(_) => None,
     }
 }
@@ -435,7 +434,7 @@ impl Walk<'_> {
         if total != size || !unchanged(&file.metadata()?) {
             return Ok(None);
         }
-        Ok(Some(upper_hex(&hasher.finalize())))
+        Ok(Some(Digest::from_hasher(hasher).to_string()))
     }
 }
 
@@ -455,20 +454,6 @@ fn inside(root: &Path, path: &Path) -> bool {
         }),
         Err(_) => false,
     }
-}
-
-fn upper_hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789ABCDEF";
-    let mut hex = String::with_capacity(bytes.len() * 2);
-    for byte in bytes {
-        hex.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        hex.push(char::from(DIGITS[usize::from(byte & 0xF)]));
-    }
-    hex
-}
-
-fn is_digest(text: &str) -> bool {
-    text.len() == 40 && text.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
 }
 
 /// When the file last changed, in nanoseconds since the Unix epoch (0
@@ -531,37 +516,9 @@ fn load_cache(path: &Path) -> BTreeMap<String, FileMeta> {
 }
 
 fn parse_cache_line(line: &str) -> Option<(String, FileMeta)> {
-    let mut fields = line.splitn(4, ' ');
-    let size = fields.next()?.parse().ok()?;
-    let mtime_ns = fields.next()?.parse().ok()?;
-    let digest = fields.next()?;
-    let key = unescape(fields.next()?)?;
-    if !is_digest(digest) || key.is_empty() {
-        return None;
-    }
-    Some((key, FileMeta { size, mtime_ns, digest: digest.to_owned(), ..FileMeta::default() }))
-}
-
-fn escape(key: &str) -> String {
-    key.replace('\\', "\\\\").replace('\n', "\\n").replace('\r', "\\r")
-}
-
-fn unescape(text: &str) -> Option<String> {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c != '\\' {
-            out.push(c);
-            continue;
-        }
-        match chars.next()? {
-            '\\' => out.push('\\'),
-            'n' => out.push('\n'),
-            'r' => out.push('\r'),
-            _ => return None,
-        }
-    }
-    Some(out)
+    let CacheLine { size, mtime_ns, digest, path, .. } = CacheLine::parse(line.as_bytes())?;
+    let mtime_ns = u64::try_from(mtime_ns).ok()?;
+    Some((path, FileMeta { size, mtime_ns, digest: digest.to_string(), ..FileMeta::default() }))
 }
 
 /// Replaces the digest cache atomically (temporary file, then rename), so
@@ -590,7 +547,11 @@ fn write_cache(temp: &Path, files: &BTreeMap<String, FileMeta>) -> io::Result<()
     let mut out = BufWriter::new(File::create(temp)?);
     writeln!(out, "{CACHE_HEADER}")?;
     for (key, meta) in files.iter().filter(|(_, meta)| meta.is_file()) {
-        writeln!(out, "{} {} {} {}", meta.size, meta.mtime_ns, meta.digest, escape(key))?;
+        let digest = Digest::parse(&meta.digest).unwrap_or_default();
+        let (size, mtime_ns) = (meta.size, i128::from(meta.mtime_ns));
+        // The broker keys its cache by path alone: no inode, no mark.
+        let line = CacheLine { size, mtime_ns, inode: 0, digest, mark: '-', path: key.clone() };
+        out.write_all(line.format().as_bytes())?;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()
@@ -600,8 +561,7 @@ fn write_cache(temp: &Path, files: &BTreeMap<String, FileMeta>) -> io::Result<()
 pub fn read(root: &Path, rel: &str, offset: u64, len: usize, expect: &FileMeta) -> Result<Bytes, ReadError> {
     // Snapshots only hold plain relative keys; anything else was not
     // announced by us.
-    let plain = |part: &str| !part.is_empty() && !part.starts_with('.');
-    if !rel.split('/').all(plain) {
+    if zbroker_proto::vpath::check_relative(rel).is_err() {
         return Err(ReadError::Changed);
     }
     let fail =
@@ -685,9 +645,7 @@ mod tests {
         scan(root, previous, stable_age, cache).expect("scan")
     }
 
-    fn sha1_hex(content: &[u8]) -> String {
-        upper_hex(&Sha1::digest(content))
-    }
+    use zbroker_proto::codec::testing::sha1_hex;
 
     /// Every entry's key.
     fn keys(scanned: &Scanned) -> Vec<&str> {
@@ -1087,15 +1045,6 @@ mod tests {
         scan_ok(dir.path(), &first.snapshot, Duration::ZERO, Some(&cache));
         let text = fs::read_to_string(&cache).expect("read cache");
         assert!(text.contains("a.txt") && !text.contains("b.txt"), "{text}");
-    }
-
-    #[test]
-    fn cache_lines_survive_odd_names() {
-        let odd = "new\nline \\ back slash\r";
-        let meta = FileMeta { size: 3, mtime_ns: 4, digest: sha1_hex(b"x"), ..FileMeta::default() };
-        let line = format!("3 4 {} {}", meta.digest, escape(odd));
-        assert!(!line.contains('\n'));
-        assert_eq!(parse_cache_line(&line), Some((odd.to_owned(), meta)));
     }
 
     fn meta_of(root: &Path, rel: &str) -> FileMeta {

@@ -14,7 +14,7 @@ use work::Attrs;
 /// A received CHEEZBURGER: name, headers (as text), chunk.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Got {
-    pub operation: u8,
+    pub operation: Operation,
     pub name: String,
     pub headers: BTreeMap<String, String>,
     pub chunk: Vec<u8>,
@@ -71,8 +71,8 @@ fn set_mtime(root: &Path, rel: &str, secs: u64) {
 }
 
 fn rescan(sim: &mut Sim<Filemq>) {
-    let key = *sim.watched.values().next().expect("the mount is watched");
-    sim.deliver(key, Done::Dirty { mount: 0 });
+    let key = *super::tests::watched(sim).values().next().expect("the mount is watched");
+    sim.deliver(key, Box::new(Done::Dirty { mount: 0 }));
     sim.advance(Duration::from_millis(100));
 }
 
@@ -97,8 +97,8 @@ fn tree(outside: &Path) -> (tempfile::TempDir, Sim<Filemq>) {
 
 /// A broker publishing `root` as `/` (scanned at once).
 fn publish(root: &Path) -> Sim<Filemq> {
-    let mut sim = Sim::new(Filemq::new(super::tests::config()));
-    let reply = sim.command(&["PUBLISH", root.to_str().unwrap(), "/"]);
+    let mut sim = super::tests::sim_of(Filemq::new(super::tests::config()));
+    let reply = sim.command(&["MOUNTS", &format!("{}=/", root.to_str().unwrap())]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     sim
 }
@@ -235,18 +235,18 @@ fn a_cache_with_attributes_spares_what_matches_and_corrects_the_rest() {
     ];
     let cache: Vec<(&str, &str)> = cache.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let got = got(subscribe_with(&mut sim, 1, ext::ALL, "/", EXTENDED, &cache, 1_000_000));
-    let summary: Vec<(u8, &str, Option<&str>)> = got
+    let summary: Vec<(Operation, &str, Option<&str>)> = got
         .iter()
         .map(|g| (g.operation, g.name.as_str(), g.headers.get("X-TYPE").map(String::as_str)))
         .collect();
     assert_eq!(
         summary,
         [
-            (CREATE, "/changed", None),
-            (CREATE, "/changed", None),
-            (CREATE, "/chmodded", Some("attrs")),
-            (DELETE, "/gone", None),
-            (CREATE, "", None),
+            (Operation::Create, "/changed", None),
+            (Operation::Create, "/changed", None),
+            (Operation::Create, "/chmodded", Some("attrs")),
+            (Operation::Delete, "/gone", None),
+            (Operation::Create, "", None),
         ]
     );
 }
@@ -266,7 +266,7 @@ fn replacing_a_directory_or_a_link_reaches_clients_with_attributes_only() {
     fs::remove_file(dir.path().join("to-keep")).unwrap();
     rescan(&mut sim);
     let deleted = |g: Vec<Got>| -> Vec<String> {
-        g.into_iter().filter(|g| g.operation == DELETE).map(|g| g.name).collect()
+        g.into_iter().filter(|g| g.operation == Operation::Delete).map(|g| g.name).collect()
     };
     assert_eq!(deleted(got(take(&mut sim, 1))), ["/d", "/dangling", "/to-keep"]);
     assert_eq!(deleted(got(take(&mut sim, 2))), ["/to-keep"], "only the copy it holds");
@@ -291,17 +291,17 @@ fn excluded_entries_cost_nothing_and_are_never_deleted() {
     let cache = [("gone.tmp", sha1_hex(b"g")), ("gone.txt", sha1_hex(b"g"))];
     let cache: Vec<(&str, &str)> = cache.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let got = got(subscribe_with(&mut sim, 1, ext::ALL, "/", &options, &cache, 1_000_000));
-    let names: Vec<(u8, &str)> = got.iter().map(|g| (g.operation, g.name.as_str())).collect();
+    let names: Vec<(Operation, &str)> = got.iter().map(|g| (g.operation, g.name.as_str())).collect();
     assert_eq!(
         names,
         [
-            (CREATE, "/keep.txt"),
-            (CREATE, "/keep.txt"),
-            (CREATE, "/src"),
-            (CREATE, "/src/main.rs"),
-            (CREATE, "/src/main.rs"),
-            (DELETE, "/gone.txt"),
-            (CREATE, ""),
+            (Operation::Create, "/keep.txt"),
+            (Operation::Create, "/keep.txt"),
+            (Operation::Create, "/src"),
+            (Operation::Create, "/src/main.rs"),
+            (Operation::Create, "/src/main.rs"),
+            (Operation::Delete, "/gone.txt"),
+            (Operation::Create, ""),
         ]
     );
     assert_eq!(sim.service.bytes_sent(), 4 + 12, "excluded content cost nothing");
@@ -328,7 +328,7 @@ fn exclusions_are_bounded_and_honoured_only_when_granted() {
         got(subscribe_with(&mut sim, 1, 0, "/", &[("RESYNC", "1"), ("X-EXCLUDE", "*.log")], &[], 1_000));
     assert_eq!(got.iter().filter(|g| g.name == "/a.log").count(), 2);
     // Too many, or an unusable one: SRSLY naming why, nothing subscribed.
-    let many = vec!["x"; zbroker_client::exclude::MAX_PATTERNS + 1].join("\n");
+    let many = vec!["x"; zbroker_proto::exclude::MAX_PATTERNS + 1].join("\n");
     for (conn, patterns) in [(2, many.as_str()), (3, "ok\n"), (4, "\u{1}")] {
         sim.send_raw(conn, filemq_ext::encode_with_bits(&ohai(), ext::ALL));
         sim.take_raw(conn);
@@ -369,8 +369,11 @@ fn a_large_cache_deletes_nothing_excluded() {
     sim.run_work();
     send(&mut sim, 1, nom(1_000_000));
     sim.advance(Duration::from_millis(10));
-    let deleted: Vec<String> =
-        got(take(&mut sim, 1)).into_iter().filter(|g| g.operation == DELETE).map(|g| g.name).collect();
+    let deleted: Vec<String> = got(take(&mut sim, 1))
+        .into_iter()
+        .filter(|g| g.operation == Operation::Delete)
+        .map(|g| g.name)
+        .collect();
     assert_eq!(deleted.len(), 300);
     assert!(deleted.iter().all(|n| n.ends_with(".txt")), "{deleted:?}");
 }
@@ -403,18 +406,18 @@ fn a_listing_reads_nothing_and_needs_no_credit() {
     send(&mut sim, 1, FilemqMsg::Icanhaz { path: "/".into(), options: hash(&options), cache: hash(&cache) });
     sim.run_work();
     let got = got(take(&mut sim, 1)[1..].to_vec());
-    let summary: Vec<(u8, &str, Option<&str>, usize)> = got
+    let summary: Vec<(Operation, &str, Option<&str>, usize)> = got
         .iter()
         .map(|g| (g.operation, g.name.as_str(), g.headers.get("X-TYPE").map(String::as_str), g.chunk.len()))
         .collect();
     assert_eq!(
         summary,
         [
-            (CREATE, "/big", None, 0),
-            (CREATE, "/d", Some("dir"), 0),
-            (CREATE, "/l", Some("link"), 0),
-            (DELETE, "/gone", None, 0),
-            (CREATE, "", None, 0),
+            (Operation::Create, "/big", None, 0),
+            (Operation::Create, "/d", Some("dir"), 0),
+            (Operation::Create, "/l", Some("link"), 0),
+            (Operation::Delete, "/gone", None, 0),
+            (Operation::Create, "", None, 0),
         ]
     );
     assert_eq!(got[0].headers["X-SIZE"], "3000000");

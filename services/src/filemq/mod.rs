@@ -28,6 +28,8 @@
 
 pub mod cache;
 pub mod disk;
+pub mod executor;
+pub mod mounts;
 pub mod work;
 
 #[cfg(test)]
@@ -35,46 +37,24 @@ mod cache_tests;
 #[cfg(test)]
 mod mirror_tests;
 #[cfg(test)]
+mod mounts_tests;
+#[cfg(test)]
 mod tests;
 
-use crate::{Action, ConnId, Service, TimerKey};
+use crate::{Action, Answer, ConnId, Counter, Service, TimerKey};
 use bytes::Bytes;
-use sha1::{Digest as _, Sha1};
+use mounts::Origin;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use work::{Change, Done, EntryKind, FileMeta, Job, Kind, MountId, ReadError, Snapshot};
-use zbroker_client::codec::{Chunk, Hash, LongStr, ShortStr};
-use zbroker_client::exclude::Excludes;
-use zbroker_client::filemq_ext;
-use zbroker_client::filemq_msg::{self, FilemqMsg, Generation, CREATE, DELETE};
-
-/// Option keys and header names of our wire extensions.
-pub mod ext {
-    /// ICANHAZ option: the client understands the extensions.
-    pub const ZBROKER: &str = "X-ZBROKER";
-    /// ICANHAZ option: partial files held, lines `SHA1 OFFSET`.
-    pub const RESUME: &str = "X-RESUME";
-    /// ICANHAZ option of the spec: send what is published now.
-    pub const RESYNC: &str = "RESYNC";
-    /// CHEEZBURGER header: SHA-1 of the whole file.
-    pub const SHA1: &str = "X-SHA1";
-    /// CHEEZBURGER header: size of the whole file.
-    pub const SIZE: &str = "X-SIZE";
-    /// CHEEZBURGER header of the in-sync marker: the subscription path.
-    pub const SYNCED: &str = "X-SYNCED";
-    /// CHEEZBURGER header of the in-sync marker: `1` if anything is
-    /// published under the path (a mount at or below it, even empty, or a
-    /// file under it), `0` if nothing is (a misspelled path).
-    pub const PUBLISHED: &str = "X-PUBLISHED";
-    /// Capabilities (OHAI / OHAI-OK trailer bits), and the options and
-    /// headers that come with them: `zbroker_client::filemq_ext`.
-    pub use zbroker_client::filemq_ext::{
-        ALL, EXCLUDE, EXCLUDE_OPTION, LIST, LIST_OPTION, META, MODE, MTIME, TARGET, TYPE, TYPE_ATTRS,
-        TYPE_DIR, TYPE_LINK,
-    };
-}
+use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
+use zbroker_proto::digest::Digest;
+use zbroker_proto::exclude::Excludes;
+use zbroker_proto::filemq::{self, ext, FilemqMsg, Generation, Operation};
+use zbroker_proto::filemq_ext;
+use zbroker_proto::vpath::{self, covers, join};
 
 /// Settings of the FILEMQ service.
 #[derive(Debug, Clone)]
@@ -123,7 +103,6 @@ impl Default for Config {
 }
 
 /// Longest subscription path accepted.
-const MAX_PATH: usize = 4096;
 /// Most partial files a client may announce for resume.
 const MAX_RESUME: usize = 10_000;
 /// Longest an in-sync marker waits for files that keep changing under its
@@ -134,6 +113,7 @@ const MARKER_WAIT: Duration = Duration::from_secs(30);
 struct Mount {
     alias: String,
     root: PathBuf,
+    origin: Origin,
     snapshot: Arc<Snapshot>,
     /// Entries of the snapshot by kind, kept for the status: files,
     /// directories, links.
@@ -264,10 +244,10 @@ impl Conn {
             covers(s, vpath)
                 && !(is_dir == Some(true) && vpath == s)
                 && self.excludes.get(s).is_none_or(|e| {
-                    let rel = path_in(s, vpath);
+                    let rel = vpath::relative(s, vpath);
                     match is_dir {
-                        Some(is_dir) => !e.excludes(&rel, is_dir),
-                        None => !e.excludes(&rel, false) && !e.excludes(&rel, true),
+                        Some(is_dir) => !e.excludes(rel, is_dir),
+                        None => !e.excludes(rel, false) && !e.excludes(rel, true),
                     }
                 })
         })
@@ -283,10 +263,10 @@ impl Conn {
     /// and a directory, or a link to no file).
     fn held_form(&self, meta: &FileMeta) -> Option<cache::Holding> {
         if self.meta() {
-            return Some(cache::Holding::with(cache::digest(&meta.digest)?, meta.entry_kind(), meta.attrs));
+            return Some(cache::Holding::with(Digest::parse(&meta.digest)?, meta.entry_kind(), meta.attrs));
         }
         let (_, copy) = meta.as_copy("")?;
-        cache::digest(&copy.digest).map(cache::Holding::plain)
+        Digest::parse(&copy.digest).map(cache::Holding::plain)
     }
 
     /// Queues `op` for `vpath`, replacing a queued op for the same file.
@@ -322,6 +302,7 @@ enum WorkFor {
     Scan { mount: MountId },
     Watch { mount: MountId },
     Icanhaz { conn: ConnId, bytes: usize },
+    SaveMounts,
 }
 
 /// The FILEMQ service.
@@ -345,7 +326,14 @@ pub struct Filemq {
     now: Option<Instant>,
     /// ICANHAZ caches being prepared off the loop, service-wide.
     preparing: cache::Preparing,
+    /// Work for mounts published before the host started ([`Service::start`]).
+    startup: Vec<Action>,
+    /// Run-time mount changes being saved, and overlaps warned of.
+    runtime: mounts::Runtime,
 }
+
+/// Threads the host gives chunk reads (scans and caches have one each).
+const READ_THREADS: usize = 2;
 
 /// Queue entries one pump call sends at most: a queue of a million deletes
 /// (a RESYNC whose cache lists a million files no longer published) goes
@@ -365,17 +353,6 @@ fn send(out: &mut Vec<Action>, to: ConnId, msg: &FilemqMsg) {
     out.push(Action::Send { to, frame: msg.encode() });
 }
 
-/// Does the subscription `path` cover the virtual path `vpath`? Whole
-/// components only: `/photo` does not cover `/photos/x` (the original's
-/// plain string prefix did).
-pub fn covers(path: &str, vpath: &str) -> bool {
-    if path == "/" {
-        return vpath.starts_with('/');
-    }
-    vpath == path || (vpath.starts_with(path) && vpath.as_bytes().get(path.len()) == Some(&b'/'))
-}
-
-/// The virtual path of `rel` under the mount `alias`.
 /// True if anything is published under subscription path `path`: a mount
 /// at or below it (even an empty one), or a file under it in the mount
 /// that serves it (the longest alias covering it). A mount that could not
@@ -385,54 +362,7 @@ fn publishes(mounts: &BTreeMap<MountId, Mount>, path: &str) -> bool {
         return true;
     }
     let serving = mounts.values().filter(|m| covers(&m.alias, path)).max_by_key(|m| m.alias.len());
-    serving.is_some_and(|m| m.error.is_some() || m.snapshot.has_under(&path_in(&m.alias, path)))
-}
-
-/// `vpath` relative to mount `alias`, which covers it.
-fn path_in(alias: &str, vpath: &str) -> String {
-    let rest = if alias == "/" { &vpath[1..] } else { vpath.get(alias.len()..).unwrap_or("") };
-    rest.trim_start_matches('/').to_string()
-}
-
-fn join(alias: &str, rel: &str) -> String {
-    if alias == "/" {
-        format!("/{rel}")
-    } else {
-        format!("{alias}/{rel}")
-    }
-}
-
-/// A virtual path made of plain components: starts with `/`, no empty,
-/// `.` or `..` component, no NUL, not too long. Returns it without a
-/// trailing `/` (except for the root).
-pub fn normalise_vpath(path: &str) -> Option<String> {
-    if !path.starts_with('/') || path.len() > MAX_PATH || path.contains('\0') {
-        return None;
-    }
-    let trimmed = path.trim_end_matches('/');
-    if trimmed.is_empty() {
-        return Some("/".to_string());
-    }
-    let plain = trimmed[1..].split('/').all(|c| !c.is_empty() && c != "." && c != "..");
-    plain.then(|| trimmed.to_string())
-}
-
-fn upper_hex_digest(value: &LongStr) -> Option<String> {
-    let text = std::str::from_utf8(value.as_bytes()).ok()?;
-    (text.len() == 40 && text.bytes().all(|b| b.is_ascii_hexdigit())).then(|| text.to_ascii_uppercase())
-}
-
-/// Parses the `X-RESUME` option: lines `SHA1 OFFSET`; bad lines are
-/// skipped.
-fn parse_resume(value: &LongStr) -> Vec<(String, u64)> {
-    let text = String::from_utf8_lossy(value.as_bytes());
-    text.lines()
-        .filter_map(|line| {
-            let (digest, offset) = line.trim().split_once(' ')?;
-            let digest = upper_hex_digest(&LongStr::from(digest))?;
-            Some((digest, offset.trim().parse().ok()?))
-        })
-        .collect()
+    serving.is_some_and(|m| m.error.is_some() || m.snapshot.has_under(vpath::relative(&m.alias, path)))
 }
 
 impl Filemq {
@@ -444,6 +374,7 @@ impl Filemq {
             conns: HashMap::new(),
             work: HashMap::new(),
             next_work: 0,
+            startup: Vec::new(),
             bytes_sent: 0,
             files_sent: 0,
             entries_sent: 0,
@@ -453,6 +384,7 @@ impl Filemq {
             budget_blocked: BTreeSet::new(),
             now: None,
             preparing: cache::Preparing::default(),
+            runtime: mounts::Runtime::default(),
         }
     }
 
@@ -465,20 +397,20 @@ impl Filemq {
     fn untracked_work(&mut self, out: &mut Vec<Action>, job: Job) {
         let key = self.next_work;
         self.next_work += 1;
-        out.push(Action::Work { key, job });
+        out.push(Action::Work { key, job: Box::new(job) });
     }
 
     fn work(&mut self, out: &mut Vec<Action>, what: WorkFor, job: Job) -> u64 {
         let key = self.next_work;
         self.next_work += 1;
         self.work.insert(key, what);
-        out.push(Action::Work { key, job });
+        out.push(Action::Work { key, job: Box::new(job) });
         key
     }
 
-    /// Publishes `root` (an absolute directory path) as `alias`. The
-    /// first scan starts at once; subscribers that asked for RESYNC wait
-    /// for it.
+    /// Publishes `root` (an absolute directory path) as `alias`, as the
+    /// command line or config file does. The first scan starts at once;
+    /// subscribers that asked for RESYNC wait for it.
     pub fn publish(
         &mut self,
         root: PathBuf,
@@ -486,21 +418,35 @@ impl Filemq {
         now: Instant,
         out: &mut Vec<Action>,
     ) -> Result<(), String> {
-        let alias = normalise_vpath(alias).ok_or_else(|| {
+        self.publish_as(root, alias, Origin::Config, now, out)
+    }
+
+    /// [`Filemq::publish`], saying where the mount comes from: a reload
+    /// replaces only `Origin::Config` mounts.
+    pub fn publish_as(
+        &mut self,
+        root: PathBuf,
+        alias: &str,
+        origin: Origin,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<(), String> {
+        let alias = vpath::normalise(alias).ok().ok_or_else(|| {
             format!("alias {alias:?} must be an absolute virtual path such as / or /photos")
         })?;
         if let Some(m) = self.mounts.values().find(|m| m.alias == alias) {
-            return Err(format!("{alias} is already published from {}", m.root.display()));
+            return Err(format!("{alias} is already published from {}", mounts::shown(&m.root)));
         }
         let id = self.next_mount;
         self.next_mount += 1;
-        tracing::info!(alias = %alias, root = %root.display(), "filemq publishing");
+        tracing::info!(alias = %alias, root = %mounts::shown(&root), ?origin, "filemq publishing");
         self.work(out, WorkFor::Watch { mount: id }, Job::Watch { mount: id, root: root.clone() });
         self.mounts.insert(
             id,
             Mount {
                 alias,
                 root,
+                origin,
                 snapshot: Arc::default(),
                 counts: (0, 0, 0),
                 scanned: false,
@@ -514,13 +460,28 @@ impl Filemq {
             },
         );
         self.start_scan(id, now, out);
+        self.warn_of_overlaps(id);
         Ok(())
+    }
+
+    /// [`Filemq::publish`] before the host runs: the first scan and the
+    /// watch start with [`Service::start`].
+    pub fn publish_at_start(
+        &mut self,
+        root: PathBuf,
+        alias: &str,
+        origin: Origin,
+        now: Instant,
+    ) -> Result<(), String> {
+        let mut out = std::mem::take(&mut self.startup);
+        let published = self.publish_as(root, alias, origin, now, &mut out);
+        self.startup = out;
+        published
     }
 
     fn digest_cache(&self, root: &std::path::Path) -> Option<PathBuf> {
         let dir = self.config.state_dir.as_ref()?;
-        let name: String =
-            Sha1::digest(root.as_os_str().as_encoded_bytes()).iter().map(|b| format!("{b:02X}")).collect();
+        let name: String = Digest::of(root.as_os_str().as_encoded_bytes()).to_string();
         Some(dir.join(format!("{name}.digests")))
     }
 
@@ -595,8 +556,11 @@ impl Filemq {
                     tracing::info!(alias = %mount.alias, files = mount.counts.0, "filemq mount scanned");
                 }
                 let alias = mount.alias.clone();
-                let snapshot = mount.snapshot.clone();
-                self.apply_changes(&alias, &snapshot, &scan.changes);
+                self.apply_changes(id, &alias, &scan.changes);
+                if first {
+                    self.announce_hidden(id);
+                }
+                self.warn_of_overlaps(id);
             }
         }
         if self.mounts.get(&id).is_some_and(|m| m.dirty) {
@@ -608,7 +572,11 @@ impl Filemq {
         self.pump_all(out);
     }
 
-    fn apply_changes(&mut self, alias: &str, snapshot: &Snapshot, changes: &[Change]) {
+    fn apply_changes(&mut self, id: MountId, alias: &str, changes: &[Change]) {
+        // A file a longer alias hides is not what its path serves (the
+        // rule of `resolve`): its delete must not reach the file that is.
+        let inner = self.nested_in(id);
+        let Some(snapshot) = self.mounts.get(&id).map(|m| m.snapshot.clone()) else { return };
         for change in changes {
             // A delete of what only clients with attributes see goes to
             // them alone (the original client never hears of directories).
@@ -621,6 +589,9 @@ impl Filemq {
                 Change::Removed { rel, dir } => (rel, Op::Delete, *dir, false),
             };
             let vpath = join(alias, rel);
+            if inner.iter().any(|a| covers(a, &vpath) && vpath != *a) {
+                continue;
+            }
             for conn in self.conns.values_mut() {
                 if conn.state == State::Ready && (all || conn.meta()) && conn.wants(&vpath, Some(is_dir)) {
                     // The version in transfer is stale: stop sending it (a
@@ -722,7 +693,7 @@ impl Filemq {
                     continue;
                 }
                 if let Some(filter) = filter.as_mut() {
-                    if filter.excludes(&path_in(path, &vpath), meta.kind == Kind::Dir) {
+                    if filter.excludes(vpath::relative(path, &vpath), meta.kind == Kind::Dir) {
                         continue;
                     }
                 }
@@ -750,7 +721,7 @@ impl Filemq {
     fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, checked: bool, now: Instant) {
         let Some(conn) = self.conns.get(&id) else { return };
         let creates = self.published_under(path, conn);
-        let stale: Vec<String> = if !publishes(&self.mounts, path) {
+        let stale: Vec<String> = if !publishes(&self.mounts, path) || self.unread_under(path) {
             Vec::new()
         } else if checked {
             candidates
@@ -889,7 +860,7 @@ impl Filemq {
                         for _ in 0..count {
                             let msg = FilemqMsg::Cheezburger {
                                 sequence: conn.next_sequence(),
-                                operation: CREATE,
+                                operation: Operation::Create,
                                 filename: LongStr::default(),
                                 offset: 0,
                                 eof: 1,
@@ -927,7 +898,7 @@ impl Filemq {
         conn.known.remove(vpath);
         let msg = FilemqMsg::Cheezburger {
             sequence: conn.next_sequence(),
-            operation: DELETE,
+            operation: Operation::Delete,
             filename: LongStr::from(vpath),
             offset: 0,
             eof: 0,
@@ -1016,7 +987,7 @@ impl Filemq {
         }
         let msg = FilemqMsg::Cheezburger {
             sequence: conn.next_sequence(),
-            operation: CREATE,
+            operation: Operation::Create,
             filename: LongStr::from(vpath),
             offset: 0,
             eof: 1,
@@ -1053,7 +1024,7 @@ impl Filemq {
         let Some(transfer) = conn.current.take() else { return };
         let msg = FilemqMsg::Cheezburger {
             sequence: conn.next_sequence(),
-            operation: CREATE,
+            operation: Operation::Create,
             filename: LongStr::from(transfer.vpath.as_str()),
             offset: transfer.meta.size,
             eof: 1,
@@ -1088,7 +1059,7 @@ impl Filemq {
                 let len = data.len() as u64;
                 let msg = FilemqMsg::Cheezburger {
                     sequence: conn.sequence,
-                    operation: CREATE,
+                    operation: Operation::Create,
                     filename: LongStr::from(transfer.vpath.as_str()),
                     offset: transfer.offset,
                     eof: 0,
@@ -1207,9 +1178,16 @@ impl Filemq {
             tracing::debug!(conn = id.0, why, "filemq refuses a subscription");
             send(out, id, &FilemqMsg::Srsly { reason: ShortStr::lossy(why) });
         };
-        let Some(path) = std::str::from_utf8(path.as_bytes()).ok().and_then(normalise_vpath) else {
-            refuse(out, "the path must start with / and have no empty, . or .. parts");
+        let Ok(text) = std::str::from_utf8(path.as_bytes()) else {
+            refuse(out, "the path is not UTF-8");
             return None;
+        };
+        let path = match vpath::normalise(text) {
+            Ok(path) => path,
+            Err(why) => {
+                refuse(out, &format!("the path {why}"));
+                return None;
+            }
         };
         let max = self.config.max_subscriptions;
         let conn = self.conns.get_mut(&id)?;
@@ -1246,7 +1224,7 @@ impl Filemq {
         if let Some(value) = options.get(ext::RESUME) {
             // The client lists every partial file it holds: this replaces
             // any earlier list.
-            conn.resume = parse_resume(value).into_iter().take(MAX_RESUME).collect();
+            conn.resume = ext::parse_resume(value.as_bytes()).into_iter().take(MAX_RESUME).collect();
         }
         // The client re-subscribes when it lost or refused a file: the one
         // in transfer under this path may be the one, so the cache below,
@@ -1345,7 +1323,8 @@ impl Filemq {
             return Err(format!("nothing is published as {alias}"));
         };
         let Some(mount) = self.mounts.remove(&id) else { return Ok(()) };
-        tracing::info!(alias = %mount.alias, root = %mount.root.display(), "filemq no longer publishing");
+        tracing::info!(alias = %mount.alias, root = %mounts::shown(&mount.root), "filemq no longer publishing");
+        self.forget_overlaps(id);
         out.push(Action::CancelTimer { key: scan_key(id) });
         self.untracked_work(out, Job::Unwatch { mount: id });
         self.work
@@ -1372,6 +1351,7 @@ impl Filemq {
                 }
             }
         }
+        self.announce_revealed(&mount.alias);
         self.pump_all(out);
         Ok(())
     }
@@ -1380,7 +1360,7 @@ impl Filemq {
     /// scan it against the snapshot subscribers were sent from.
     fn reroot(&mut self, id: MountId, root: PathBuf, now: Instant, out: &mut Vec<Action>) {
         let Some(mount) = self.mounts.get_mut(&id) else { return };
-        tracing::info!(alias = %mount.alias, from = %mount.root.display(), to = %root.display(), "filemq mount moved");
+        tracing::info!(alias = %mount.alias, from = %mounts::shown(&mount.root), to = %mounts::shown(&root), "filemq mount moved");
         mount.root = root.clone();
         mount.error = None;
         let scanning = mount.scanning;
@@ -1403,8 +1383,11 @@ impl Filemq {
         }
     }
 
-    /// The command `MOUNTS DIR=/alias...` (a reloaded config file): publish
-    /// what is new, unpublish what is no longer listed, keep the rest.
+    /// The command `MOUNTS DIR=/alias...` (a reloaded config file, `DIR`
+    /// escaped): publish what is new, unpublish what is no longer listed,
+    /// keep the rest. Only the config's own mounts are replaced: run-time
+    /// ones stay, and an alias one of them holds is refused (the rest of
+    /// the list is still applied).
     fn mounts_command(
         &mut self,
         words: &[String],
@@ -1415,17 +1398,36 @@ impl Filemq {
         for word in &words[1..] {
             let (root, alias) =
                 word.rsplit_once("=/").ok_or_else(|| format!("{word:?} is not DIR=/alias"))?;
-            let alias =
-                normalise_vpath(&format!("/{alias}")).ok_or_else(|| format!("bad alias in {word:?}"))?;
-            wanted.push((PathBuf::from(root), alias));
+            let alias = vpath::normalise(&format!("/{alias}"))
+                .ok()
+                .ok_or_else(|| format!("bad alias in {word:?}"))?;
+            let root = zbroker_proto::escape::unescape(root)
+                .map(|r| PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(r)))
+                .ok_or_else(|| format!("bad directory in {word:?}"))?;
+            wanted.push((root, alias));
         }
+        let mut refused = Vec::new();
+        wanted.retain(|(root, alias)| match self.runtime_holder(alias) {
+            Some(held) => {
+                refused.push(format!(
+                    "{alias} ({}) is published at run time from {held}: `zbroker unpublish` it first",
+                    mounts::shown(root)
+                ));
+                false
+            }
+            None => true,
+        });
+        let config = |m: &&Mount| m.origin == Origin::Config;
         // An alias that stays but moves to another directory keeps its
         // mount: the next scan's diff says what changed, and subscribers
         // are not sent a delete for every file first.
         let mut moved = 0;
         for (root, alias) in &wanted {
-            let Some(id) =
-                self.mounts.iter().find(|(_, m)| m.alias == *alias && m.root != *root).map(|(id, _)| *id)
+            let Some(id) = self
+                .mounts
+                .iter()
+                .find(|(_, m)| config(m) && m.alias == *alias && m.root != *root)
+                .map(|(id, _)| *id)
             else {
                 continue;
             };
@@ -1435,6 +1437,7 @@ impl Filemq {
         let stale: Vec<String> = self
             .mounts
             .values()
+            .filter(config)
             .filter(|m| !wanted.iter().any(|(root, alias)| *root == m.root && *alias == m.alias))
             .map(|m| m.alias.clone())
             .collect();
@@ -1448,29 +1451,15 @@ impl Filemq {
                 added += 1;
             }
         }
-        Ok(format!(
+        let done = format!(
             "mounts: {added} published, {moved} moved, {} unpublished, {} in all",
             stale.len(),
             self.mounts.len()
-        ))
-    }
-
-    /// The command `PUBLISH ROOT ALIAS` from the control endpoint.
-    fn publish_command(
-        &mut self,
-        words: &[String],
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) -> Result<String, String> {
-        let [_, root, alias] = words else {
-            return Err("usage: PUBLISH DIRECTORY ALIAS".into());
-        };
-        let root = PathBuf::from(root);
-        if !root.is_absolute() {
-            return Err(format!("{} is not an absolute path", root.display()));
+        );
+        match refused.is_empty() {
+            true => Ok(done),
+            false => Err(format!("{done}; not published: {}", refused.join("; "))),
         }
-        self.publish(root.clone(), alias, now, out)?;
-        Ok(format!("publishing {} as {}", root.display(), normalise_vpath(alias).unwrap_or_default()))
     }
 
     /// Connections with state (for leak checks).
@@ -1504,11 +1493,32 @@ impl Service for Filemq {
         FilemqMsg::SIGNATURE
     }
 
+    fn local_endpoint(&self, broker: &str) -> String {
+        filemq::local_endpoint(broker)
+    }
+
+    fn max_frame(&self) -> usize {
+        filemq::MAX_CLIENT_MESSAGE
+    }
+
+    fn max_parked(&self) -> usize {
+        // The most credit a subscriber may hold, plus a chunk.
+        self.config.max_credit as usize + self.config.chunk_size
+    }
+
+    fn executor(&self) -> Option<Arc<dyn crate::work::Executor>> {
+        Some(Arc::new(executor::DiskExecutor::new(READ_THREADS)))
+    }
+
+    fn start(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        out.append(&mut self.startup);
+    }
+
     fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
         self.now = Some(now);
         // Sized by its header before anything else: a frame larger than its
         // message can be is dropped unread.
-        if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq_msg::max_client_len(*id)) {
+        if frame.len() > frame.get(2).map_or(usize::MAX, |id| filemq::max_client_len(*id)) {
             self.malformed += 1;
             tracing::debug!(conn = conn.0, len = frame.len(), "filemq dropped an oversized frame");
             return;
@@ -1566,8 +1576,13 @@ impl Service for Filemq {
         }
     }
 
-    fn on_work(&mut self, key: u64, done: Done, now: Instant, out: &mut Vec<Action>) {
+    fn on_work(&mut self, key: u64, done: crate::work::Done, now: Instant, out: &mut Vec<Action>) {
         self.now = Some(now);
+        let Ok(done) = done.downcast::<Done>() else {
+            tracing::error!("filemq: the outcome of another service's work");
+            return;
+        };
+        let done = *done;
         let Some(what) = self.work.get(&key).copied() else { return };
         if !matches!(what, WorkFor::Watch { .. }) {
             self.work.remove(&key);
@@ -1595,6 +1610,7 @@ impl Service for Filemq {
                 m.watching = false;
                 self.scan_at(mount, now + self.config.poll_rescan, out);
             }
+            (WorkFor::SaveMounts, Done::Saved(result)) => self.mounts_saved(result, now, out),
             (WorkFor::Icanhaz { conn, bytes }, done) => {
                 self.preparing.jobs -= 1;
                 self.preparing.bytes -= bytes;
@@ -1606,13 +1622,14 @@ impl Service for Filemq {
 
     fn command(
         &mut self,
+        request: u64,
         words: &[String],
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Option<Result<String, String>> {
+    ) -> Option<Answer> {
         match words.first().map(String::as_str) {
-            Some("PUBLISH") => Some(self.publish_command(words, now, out)),
-            Some("MOUNTS") => Some(self.mounts_command(words, now, out)),
+            Some("PUBLISH" | "UNPUBLISH") => Some(self.runtime_command(request, words, now, out)),
+            Some("MOUNTS") => Some(Answer::Now(self.mounts_command(words, now, out))),
             _ => None,
         }
     }
@@ -1661,23 +1678,7 @@ impl Service for Filemq {
     }
 
     fn status(&self) -> serde_json::Value {
-        let mounts: Vec<_> = self
-            .mounts
-            .values()
-            .map(|m| {
-                serde_json::json!({
-                    "alias": m.alias,
-                    "root": m.root.display().to_string(),
-                    "files": m.counts.0,
-                    "directories": m.counts.1,
-                    "links": m.counts.2,
-                    "bytes": m.total_bytes,
-                    "scanned": m.scanned,
-                    "watching": m.watching,
-                    "error": m.error,
-                })
-            })
-            .collect();
+        let mounts: Vec<_> = self.mounts.iter().map(|(id, m)| self.mount_status(*id, m)).collect();
         let mut subscribers: Vec<_> = self
             .conns
             .iter()
@@ -1700,15 +1701,28 @@ impl Service for Filemq {
         subscribers.sort_by_key(|s| s["connection"].as_u64());
         serde_json::json!({
             "mounts": mounts,
-            "connections": self.conns.len(),
             "subscribers": subscribers,
-            "bytes_sent": self.bytes_sent,
-            "files_sent": self.files_sent,
-            "entries_sent": self.entries_sent,
-            "deletes_sent": self.deletes_sent,
-            "read_errors": self.read_errors,
-            "malformed_frames": self.malformed,
-            "expiry_ms": self.config.expiry.as_millis() as u64,
         })
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        vec![
+            Counter::gauge("connections", "peers connected", self.conns.len() as u64),
+            Counter::total("bytes_sent", "chunk bytes sent to subscribers", self.bytes_sent),
+            Counter::total("files_sent", "files sent whole", self.files_sent),
+            Counter::total(
+                "entries_sent",
+                "directories, links, attributes alone and listed files sent",
+                self.entries_sent,
+            ),
+            Counter::total("deletes_sent", "deletes sent", self.deletes_sent),
+            Counter::total("read_errors", "chunk reads that failed", self.read_errors),
+            Counter::total("malformed_frames", "frames dropped as malformed", self.malformed),
+            Counter::setting(
+                "expiry_ms",
+                "silence after which a peer is forgotten",
+                self.config.expiry.as_millis() as u64,
+            ),
+        ]
     }
 }

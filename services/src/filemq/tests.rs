@@ -6,10 +6,9 @@ use crate::sim::Sim;
 use proptest::prelude::*;
 use std::fs;
 use std::path::Path;
+use zbroker_proto::filemq::Operation::{Create, Delete};
 
-fn hex(text: &str) -> Vec<u8> {
-    text.split_whitespace().map(|b| u8::from_str_radix(b, 16).unwrap()).collect()
-}
+use zbroker_proto::codec::testing::hex;
 
 pub(super) fn config() -> Config {
     Config { stable_age: Duration::ZERO, ..Config::default() }
@@ -21,13 +20,21 @@ fn write(root: &Path, rel: &str, data: &[u8]) {
     fs::write(path, data).unwrap();
 }
 
-pub(super) fn sha1_hex(data: &[u8]) -> String {
-    Sha1::digest(data).iter().map(|b| format!("{b:02X}")).collect()
-}
+pub(super) use zbroker_proto::codec::testing::sha1_hex;
 
 /// A broker publishing a fresh temporary directory as `/`.
 pub(super) fn world(files: &[(&str, &[u8])]) -> (tempfile::TempDir, Sim<Filemq>) {
     world_with(files, config())
+}
+
+/// A simulation running FILEMQ's disk work inline, watches recorded.
+pub(super) fn sim_of(service: Filemq) -> Sim<Filemq> {
+    Sim::with_executor(service, Arc::new(executor::DiskExecutor::recording()))
+}
+
+/// The mounts the service asked to watch, and the key of each.
+pub(super) fn watched(sim: &Sim<Filemq>) -> BTreeMap<MountId, u64> {
+    sim.executor::<executor::DiskExecutor>().expect("FILEMQ's executor").watched()
 }
 
 pub(super) fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::TempDir, Sim<Filemq>) {
@@ -35,8 +42,9 @@ pub(super) fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::
     for (rel, data) in files {
         write(dir.path(), rel, data);
     }
-    let mut sim = Sim::new(Filemq::new(config));
-    let reply = sim.command(&["PUBLISH", dir.path().to_str().unwrap(), "/"]);
+    let mut sim = sim_of(Filemq::new(config));
+    // As the command line or config file would: a reload may replace it.
+    let reply = sim.command(&["MOUNTS", &format!("{}=/", dir.path().to_str().unwrap())]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     (dir, sim)
 }
@@ -95,7 +103,7 @@ fn subscribe(
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Burger {
     sequence: u64,
-    operation: u8,
+    operation: Operation,
     filename: String,
     offset: u64,
     eof: u8,
@@ -128,7 +136,7 @@ fn reassemble(stream: &[Burger]) -> BTreeMap<String, Vec<u8>> {
     for (i, b) in stream.iter().enumerate() {
         assert_eq!(b.sequence, stream[0].sequence + i as u64, "sequence gap at {b:?}");
         match b.operation {
-            DELETE => {
+            Delete => {
                 files.remove(&b.filename);
             }
             _ if b.filename.is_empty() => {}
@@ -149,8 +157,8 @@ fn reassemble(stream: &[Burger]) -> BTreeMap<String, Vec<u8>> {
 }
 
 fn trigger_rescan(sim: &mut Sim<Filemq>) {
-    let key = *sim.watched.values().next().expect("the mount is watched");
-    sim.deliver(key, Done::Dirty { mount: 0 });
+    let key = *watched(sim).values().next().expect("the mount is watched");
+    sim.deliver(key, Box::new(Done::Dirty { mount: 0 }));
     sim.advance(Duration::from_millis(100));
 }
 
@@ -219,7 +227,7 @@ fn resync_sends_what_is_published_and_plain_subscribers_get_only_changes() {
         got,
         vec![Burger {
             sequence: 2,
-            operation: DELETE,
+            operation: Delete,
             filename: "/c.txt".into(),
             offset: 0,
             eof: 0,
@@ -298,7 +306,7 @@ fn zero_credit_still_carries_deletes_and_empty_files() {
     let got = burgers(take(&mut sim, 1));
     assert_eq!(
         got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
-        vec![("/gone", DELETE)]
+        vec![("/gone", Delete)]
     );
 }
 
@@ -321,7 +329,7 @@ fn the_cache_spares_what_the_client_holds_and_prunes_what_is_gone() {
     let summary: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
     assert_eq!(
         summary,
-        vec![("/photos/b.txt", CREATE, 0), ("/photos/b.txt", CREATE, 1), ("/photos/stale.txt", DELETE, 0)]
+        vec![("/photos/b.txt", Create, 0), ("/photos/b.txt", Create, 1), ("/photos/stale.txt", Delete, 0)]
     );
 }
 
@@ -359,7 +367,7 @@ fn extended_clients_get_digests_sizes_and_an_in_sync_marker() {
         got[2],
         Burger {
             sequence: 2,
-            operation: CREATE,
+            operation: Create,
             filename: String::new(),
             offset: 0,
             eof: 1,
@@ -397,7 +405,7 @@ fn a_million_deletes_go_out_over_many_passes() {
     send(&mut sim, 1, icanhaz("/", &[("RESYNC", "1"), ("X-ZBROKER", "1")], &cache));
     send(&mut sim, 1, nom(1_000_000));
     let deletes = |msgs: Vec<FilemqMsg>| {
-        msgs.iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { operation: DELETE, .. })).count()
+        msgs.iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { operation: Delete, .. })).count()
     };
     let first = deletes(take(&mut sim, 1));
     assert!((1000..=1100).contains(&first), "one pass sends a batch, not everything: {first}");
@@ -436,12 +444,12 @@ fn a_misspelled_path_deletes_nothing() {
     let got = burgers(
         take(&mut sim, 1).into_iter().filter(|m| matches!(m, FilemqMsg::Cheezburger { .. })).collect(),
     );
-    assert!(got.iter().any(|b| b.operation == DELETE && b.filename == "/photos/gone.jpg"), "{got:?}");
+    assert!(got.iter().any(|b| b.operation == Delete && b.filename == "/photos/gone.jpg"), "{got:?}");
 }
 
 #[test]
 fn resync_waits_for_the_first_scan() {
-    let mut sim = Sim::new(Filemq::new(config()));
+    let mut sim = sim_of(Filemq::new(config()));
     let dir = tempfile::tempdir().unwrap();
     write(dir.path(), "a", b"abc");
     sim.hold_work = true;
@@ -738,10 +746,10 @@ fn a_reloaded_mount_list_publishes_and_unpublishes() {
     let got = burgers(take(&mut sim, 1));
     assert_eq!(
         got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
-        vec![("/photos/p", DELETE)]
+        vec![("/photos/p", Delete)]
     );
-    assert_eq!(sim.service.status()["mounts"].as_array().unwrap().len(), 1);
-    assert_eq!(sim.watched.len(), 1, "the dropped mount is no longer watched");
+    assert_eq!(sim.status()["mounts"].as_array().unwrap().len(), 1);
+    assert_eq!(watched(&sim).len(), 1, "the dropped mount is no longer watched");
 }
 
 /// A reference model of credit and chunking (spec §7–§8 with the §5.1
@@ -848,7 +856,7 @@ struct PatchModel {
     /// (name, size, offset)
     current: Option<(String, usize, usize)>,
     credit: u64,
-    sent: Vec<(String, u8, u64, usize, u8)>,
+    sent: Vec<(String, Operation, u64, usize, u8)>,
 }
 
 impl PatchModel {
@@ -865,7 +873,7 @@ impl PatchModel {
         loop {
             if let Some((name, size, offset)) = self.current.clone() {
                 if offset == size {
-                    self.sent.push((name, CREATE, size as u64, 0, 1));
+                    self.sent.push((name, Create, size as u64, 0, 1));
                     self.current = None;
                     continue;
                 }
@@ -873,7 +881,7 @@ impl PatchModel {
                     return;
                 }
                 let len = 1000u64.min(self.credit).min((size - offset) as u64) as usize;
-                self.sent.push((name.clone(), CREATE, offset as u64, len, 0));
+                self.sent.push((name.clone(), Create, offset as u64, len, 0));
                 self.credit -= len as u64;
                 self.current = Some((name, size, offset + len));
                 continue;
@@ -881,7 +889,7 @@ impl PatchModel {
             let Some(name) = self.queue.pop_front() else { return };
             let Some(create) = self.ops.remove(&name) else { continue };
             if !create {
-                self.sent.push((name, DELETE, 0, 0, 0));
+                self.sent.push((name, Delete, 0, 0, 0));
             } else if let Some(size) = self.files.get(&name) {
                 self.current = Some((name, *size, 0));
             }
@@ -957,6 +965,6 @@ fn a_mount_moved_to_another_directory_sends_only_the_difference() {
     assert!(matches!(&reply, Some(Ok(m)) if m.contains("1 moved")), "{reply:?}");
     let got = burgers(take(&mut sim, 1));
     let ops: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
-    assert_eq!(ops, vec![("/new-only", CREATE, 0), ("/new-only", CREATE, 1), ("/old-only", DELETE, 0)]);
-    assert_eq!(sim.watched.len(), 1);
+    assert_eq!(ops, vec![("/new-only", Create, 0), ("/new-only", Create, 1), ("/old-only", Delete, 0)]);
+    assert_eq!(watched(&sim).len(), 1);
 }

@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use zbroker_client::codec::{Hash, LongStr};
-pub use zbroker_client::filemq_ext::{Attrs, EntryKind};
+use zbroker_proto::codec::{Hash, LongStr};
+pub use zbroker_proto::filemq_ext::{Attrs, EntryKind};
 
 /// A mount, numbered by the service. Never reused while the broker runs.
 pub type MountId = u32;
@@ -163,6 +163,9 @@ pub enum Job {
     /// Free a connection's large holdings (a million names take a while
     /// to free); no outcome.
     Discard(Garbage),
+    /// Replace the run-time mounts file at `path` with `contents`, whole
+    /// (`mounts::save`): written, synced and renamed into place.
+    SaveMounts { path: PathBuf, contents: Vec<u8> },
 }
 
 /// What a connection knew (and a prepared stale list), to be freed off
@@ -206,6 +209,8 @@ pub enum Done {
     },
     /// A large ICANHAZ, decoded and prepared; `Err` if it is malformed.
     Icanhaz(Result<Box<Prepared>, String>),
+    /// The run-time mounts file was saved, or why not.
+    Saved(Result<(), String>),
 }
 
 /// A subscription request prepared off the loop.

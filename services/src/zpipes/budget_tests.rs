@@ -46,7 +46,7 @@ fn the_pipe_holding_most_waits_and_a_newcomer_still_moves() {
     // Pipe a holds 40 of the 20 left: its next WRITE waits.
     assert_eq!(ask(&mut sim, 2, write(&[3; 20], 0)), []);
     assert!(budget.at_limit());
-    assert_eq!(sim.service.status()["waiting_for_memory"], 1);
+    assert_eq!(sim.status()["waiting_for_memory"], 1);
     // Pipe c holds nothing: 10 fit.
     assert_eq!(ask(&mut sim, 6, write(&[4; 10], 0)), [M::WriteOk {}]);
     assert_eq!(budget.used(), 90);

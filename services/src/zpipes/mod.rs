@@ -29,6 +29,9 @@
 //!   filled (outside the budget), so an exact-size READ can complete;
 //! - a peer that disconnects is forgotten at once, like an expiry.
 
+mod requests;
+mod service;
+
 #[cfg(test)]
 mod budget_tests;
 #[cfg(test)]
@@ -37,14 +40,14 @@ mod partial_tests;
 mod tests;
 
 use crate::budget::Budget;
-use crate::{Action, ConnId, Service, TimerKey};
+use crate::{Action, ConnId, Counter, Service, TimerKey};
 use bytes::Bytes;
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::time::{Duration, Instant};
-use zbroker_client::byte_queue::ByteQueue;
-use zbroker_client::codec::{Chunk, ShortStr};
-use zbroker_client::zpipes_msg::PARTIAL_READ;
-use zbroker_client::ZpipesMsg;
+use zbroker_proto::byte_queue::ByteQueue;
+use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::zpipes::PARTIAL_READ;
+use zbroker_proto::ZpipesMsg;
 
 /// Settings of the ZPIPES service.
 #[derive(Debug, Clone)]
@@ -247,113 +250,6 @@ impl Zpipes {
         ))
     }
 
-    /// Takes the next request a connection can act on; false when it must
-    /// wait.
-    fn advance(&mut self, id: ConnId, now: Instant, out: &mut Vec<Action>) -> bool {
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return false;
-        };
-        if conn.pending.is_some() {
-            if self.try_complete(id, out) {
-                return true;
-            }
-            // Only CLOSE and PING may pass a pending request.
-            let conn = self.conns.get_mut(&id).expect("checked above");
-            let Some(at) =
-                conn.mailbox.iter().position(|(m, _)| matches!(m, ZpipesMsg::Close {} | ZpipesMsg::Ping {}))
-            else {
-                return false;
-            };
-            let (msg, bits) = conn.mailbox.remove(at).expect("position is in range");
-            if let ZpipesMsg::Ping {} = msg {
-                let granted = grant(conn, bits);
-                pong_frame(out, id, granted);
-                return true;
-            }
-            self.unwait_budget(id);
-            let conn = self.conns.get_mut(&id).expect("checked above");
-            let reason = ShortStr::lossy("closed while the request was pending");
-            match conn.pending.take() {
-                Some(Pending::Read { .. }) => reply(out, id, ZpipesMsg::ReadFailed { reason }),
-                Some(Pending::Write { .. }) => reply(out, id, ZpipesMsg::WriteFailed { reason }),
-                None => {}
-            }
-            self.cancel_request_timer(id, out);
-            self.close(id, out);
-            return true;
-        }
-        let Some((msg, bits)) = conn.mailbox.pop_front() else {
-            return false;
-        };
-        if let ZpipesMsg::Write { chunk, .. } = &msg {
-            conn.mailbox_bytes -= chunk.0.len();
-            self.config.budget.give(chunk.0.len());
-        }
-        let role = conn.role;
-        tracing::debug!(conn = id.0, ?role, request = msg.name(), "zpipes request");
-        match (role, msg) {
-            (_, ZpipesMsg::Ping {}) => {
-                let granted = grant(conn, bits);
-                pong_frame(out, id, granted);
-            }
-            (Role::Idle, ZpipesMsg::Input { .. }) if self.shutting_down => {
-                reply(out, id, ZpipesMsg::InputFailed { reason: ShortStr::lossy(SHUTTING_DOWN) })
-            }
-            (Role::Idle, ZpipesMsg::Output { .. }) if self.shutting_down => {
-                reply(out, id, ZpipesMsg::OutputFailed { reason: ShortStr::lossy(SHUTTING_DOWN) })
-            }
-            (Role::Idle, ZpipesMsg::Input { pipename }) => self.open(id, pipename, Role::Reader, out),
-            (Role::Idle, ZpipesMsg::Output { pipename }) => self.open(id, pipename, Role::Writer, out),
-            (Role::Reader, ZpipesMsg::Read { size, timeout }) => {
-                let size = size as usize;
-                if size == 0 {
-                    // Pinned by the original selftest: "end of pipe".
-                    reply(out, id, ZpipesMsg::ReadEnd {});
-                } else if size > self.config.pipe_limit {
-                    let reason = self.too_big("read", size);
-                    reply(out, id, ZpipesMsg::ReadFailed { reason });
-                } else {
-                    // The flag counts only once granted: a client that never
-                    // asked gets exactly the original's READ.
-                    let partial = conn.partial_reads && bits & PARTIAL_READ != 0;
-                    self.start_pending(id, Pending::Read { size, partial }, timeout, now, out);
-                }
-            }
-            (Role::Writer, ZpipesMsg::Write { chunk, timeout }) => {
-                if chunk.0.len() > self.config.pipe_limit {
-                    // Refused, and the writer is cut off from its pipe: a
-                    // smaller WRITE after it must not go through and leave
-                    // a hole in the stream.
-                    let reason = self.too_big("write", chunk.0.len());
-                    reply(out, id, ZpipesMsg::WriteFailed { reason });
-                    self.detach(id);
-                } else {
-                    self.start_pending(
-                        id,
-                        Pending::Write { chunk: chunk.0, partly_queued: false },
-                        timeout,
-                        now,
-                        out,
-                    );
-                }
-            }
-            // The wrong half of a pipe: refused, but the connection lives.
-            (Role::Writer, ZpipesMsg::Read { .. }) | (Role::Reader, ZpipesMsg::Write { .. }) => {
-                reply(out, id, ZpipesMsg::Invalid {})
-            }
-            (Role::Reader | Role::Writer, ZpipesMsg::Close {}) => {
-                self.close(id, out);
-            }
-            // Anything else is not valid here: INVALID, and the
-            // connection's state (pipe end included) is gone.
-            (_, _) => {
-                reply(out, id, ZpipesMsg::Invalid {});
-                self.terminate(id, out);
-            }
-        }
-        true
-    }
-
     fn open(&mut self, id: ConnId, name: ShortStr, role: Role, out: &mut Vec<Action>) {
         let pipe = self.pipes.entry(name.clone()).or_default();
         let (end, other) = match role {
@@ -382,151 +278,6 @@ impl Zpipes {
         match role {
             Role::Reader => reply(out, id, ZpipesMsg::InputOk {}),
             _ => reply(out, id, ZpipesMsg::OutputOk {}),
-        }
-    }
-
-    fn start_pending(
-        &mut self,
-        id: ConnId,
-        pending: Pending,
-        timeout: u32,
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) {
-        let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
-        conn.pending = Some(pending);
-        if !self.try_complete(id, out) && timeout > 0 {
-            let conn = self.conns.get_mut(&id).expect("still live");
-            if let Some(Pending::Write { partly_queued: true, .. }) = conn.pending {
-                return;
-            }
-            conn.request_timer = true;
-            let at = now + Duration::from_millis(timeout.into());
-            out.push(Action::SetTimer { key: request_key(id), at });
-        }
-    }
-
-    /// Completes the pending request if it can be now.
-    fn try_complete(&mut self, id: ConnId, out: &mut Vec<Action>) -> bool {
-        let limit = self.config.pipe_limit;
-        // Decided anew below: waiting again re-registers.
-        self.unwait_budget(id);
-        let conn = self.conns.get_mut(&id).expect("caller holds a live connection");
-        match conn.pending {
-            None => false,
-            // Stopping: what was acknowledged goes out (even short of the
-            // size asked for: no more is coming), then the reader is told.
-            Some(Pending::Read { .. }) if self.shutting_down && conn.queue.is_empty() => {
-                conn.pending = None;
-                reply(out, id, ZpipesMsg::ReadFailed { reason: ShortStr::lossy(SHUTTING_DOWN) });
-                self.cancel_request_timer(id, out);
-                true
-            }
-            Some(Pending::Write { .. }) if self.shutting_down => {
-                conn.pending = None;
-                reply(out, id, ZpipesMsg::WriteFailed { reason: ShortStr::lossy(SHUTTING_DOWN) });
-                self.cancel_request_timer(id, out);
-                true
-            }
-            Some(Pending::Read { size, partial }) => {
-                let detached = conn.pipe.is_none() || self.shutting_down;
-                let enough = conn.queue.len() >= size || (partial && !conn.queue.is_empty());
-                if !enough && !detached {
-                    // This READ may be filled outside the budget: a writer
-                    // waiting for room can go on.
-                    let writer = conn.pipe.as_ref().and_then(|p| self.pipes.get(p)).and_then(|p| p.writer);
-                    if let Some(w) =
-                        writer.filter(|w| self.conns.get(w).is_some_and(|c| c.budget_wait.is_some()))
-                    {
-                        self.ready.push_back(w);
-                    }
-                    return false;
-                }
-                conn.pending = None;
-                if conn.queue.is_empty() {
-                    reply(out, id, ZpipesMsg::ReadEnd {});
-                } else {
-                    let chunk = conn.queue.take(size);
-                    self.bytes_moved += chunk.len() as u64;
-                    self.queued_bytes -= chunk.len();
-                    self.config.budget.give(chunk.len());
-                    reply(out, id, ZpipesMsg::ReadOk { chunk: Chunk(chunk) });
-                    // The writer may be waiting for room.
-                    if let Some(writer) =
-                        conn.pipe.as_ref().and_then(|p| self.pipes.get(p)).and_then(|p| p.writer)
-                    {
-                        self.ready.push_back(writer);
-                    }
-                }
-                self.cancel_request_timer(id, out);
-                true
-            }
-            Some(Pending::Write { ref chunk, .. }) => {
-                let Some(name) = &conn.pipe else {
-                    conn.pending = None;
-                    let reason = ShortStr::lossy("the reader has gone before reading everything");
-                    reply(out, id, ZpipesMsg::WriteFailed { reason });
-                    self.cancel_request_timer(id, out);
-                    return true;
-                };
-                let Some(reader_id) = self.pipes.get(name).and_then(|p| p.reader) else {
-                    return false;
-                };
-                let len = chunk.len();
-                let reader = self.conns.get(&reader_id).expect("a pipe's reader is live");
-                let queued = reader.queue.len();
-                let pipe_room = limit.saturating_sub(queued);
-                // Room in the budget (the pipe's whole share, or nothing),
-                // or else what the reader's pending READ still lacks.
-                let need = len.min(pipe_room);
-                let room = if self.config.budget.admits(queued, need) {
-                    pipe_room
-                } else {
-                    match reader.pending {
-                        Some(Pending::Read { size, .. }) => size.saturating_sub(queued).min(pipe_room),
-                        _ => 0,
-                    }
-                };
-                if len > room {
-                    if room == 0 {
-                        if pipe_room > 0 {
-                            self.wait_budget(id, queued, need);
-                        }
-                        return false;
-                    }
-                    // Fill the queue to the bound and keep the rest pending:
-                    // a reader waiting for more than is queued could
-                    // otherwise wait for ever on a writer waiting for room.
-                    // Part of the chunk is now delivered, so the write can
-                    // no longer time out; it ends in WRITE_OK, or
-                    // WRITE_FAILED if the reader leaves.
-                    let conn = self.conns.get_mut(&id).expect("still live");
-                    let Some(Pending::Write { chunk, partly_queued }) = conn.pending.as_mut() else {
-                        unreachable!()
-                    };
-                    *partly_queued = true;
-                    let part = chunk.split_to(room);
-                    let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
-                    reader.queue.push(part);
-                    self.queue_in(room);
-                    self.ready.push_back(reader_id);
-                    self.cancel_request_timer(id, out);
-                    return false;
-                }
-                let conn = self.conns.get_mut(&id).expect("still live");
-                let Some(Pending::Write { chunk, .. }) = conn.pending.take() else { unreachable!() };
-                let reader = self.conns.get_mut(&reader_id).expect("a pipe's reader is live");
-                reader.queue.push(chunk);
-                self.queue_in(len);
-                // The data is queued before anything else happens; the
-                // reader is marked ready and answered once this
-                // connection's turn ends (spec §7 asks only that no machine
-                // runs re-entrantly).
-                self.ready.push_back(reader_id);
-                reply(out, id, ZpipesMsg::WriteOk {});
-                self.cancel_request_timer(id, out);
-                true
-            }
         }
     }
 
@@ -681,152 +432,5 @@ impl Zpipes {
     /// The pipe limit in force.
     pub fn pipe_limit(&self) -> usize {
         self.config.pipe_limit
-    }
-}
-
-impl Service for Zpipes {
-    fn name(&self) -> &'static str {
-        "zpipes"
-    }
-
-    fn signature(&self) -> u16 {
-        ZpipesMsg::SIGNATURE
-    }
-
-    fn handle(&mut self, conn: ConnId, frame: Bytes, now: Instant, out: &mut Vec<Action>) {
-        // Every message but WRITE (bounded by the pipe limit, answered
-        // WRITE_FAILED) has a size its fields bound: a larger frame is
-        // dropped unread.
-        let oversized = frame
-            .get(2)
-            .and_then(|id| ZpipesMsg::max_len(*id))
-            .is_some_and(|max| frame.len() > max + zbroker_client::codec::TRAILING_SLACK);
-        if oversized {
-            self.malformed += 1;
-            tracing::debug!(conn = conn.0, len = frame.len(), "zpipes dropped an oversized frame");
-            return;
-        }
-        match ZpipesMsg::decode_ext(frame) {
-            Ok((msg, bits)) => self.receive(conn, msg, bits, now, out),
-            Err(error) => {
-                // Dropped: one bad peer must not stop the broker (spec §3).
-                self.malformed += 1;
-                tracing::debug!(conn = conn.0, %error, "zpipes dropped a malformed frame");
-            }
-        }
-    }
-
-    fn on_timer(&mut self, key: TimerKey, now: Instant, out: &mut Vec<Action>) {
-        let id = ConnId(key >> 1);
-        let Some(conn) = self.conns.get_mut(&id) else {
-            return;
-        };
-        if key == expiry_key(id) {
-            if now < conn.expires_at {
-                let at = conn.expires_at;
-                out.push(Action::SetTimer { key, at });
-            } else {
-                tracing::debug!(conn = id.0, "zpipes connection expired");
-                self.terminate(id, out);
-                self.run_ready(now, out);
-            }
-            return;
-        }
-        conn.request_timer = false;
-        self.unwait_budget(id);
-        let conn = self.conns.get_mut(&id).expect("checked above");
-        match conn.pending.take() {
-            Some(Pending::Read { .. }) => reply(out, id, ZpipesMsg::ReadTimeout {}),
-            Some(Pending::Write { .. }) => reply(out, id, ZpipesMsg::WriteTimeout {}),
-            None => return,
-        }
-        self.ready.push_back(id);
-        self.run_ready(now, out);
-    }
-
-    fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.shutting_down = true;
-        // Every pending request is decided anew: writes fail, reads get
-        // what is queued or fail.
-        let pending: Vec<ConnId> =
-            self.conns.iter().filter(|(_, c)| c.pending.is_some()).map(|(id, _)| *id).collect();
-        self.ready.extend(pending);
-        self.run_ready(now, out);
-    }
-
-    fn drained(&self) -> bool {
-        self.queued_bytes == 0
-    }
-
-    fn refusal(&self, frame: &[u8], why: &str) -> Option<Vec<u8>> {
-        let reason = ShortStr::lossy(why);
-        let reply = match ZpipesMsg::decode(Bytes::copy_from_slice(frame)).ok()? {
-            ZpipesMsg::Input { .. } => ZpipesMsg::InputFailed { reason },
-            ZpipesMsg::Output { .. } => ZpipesMsg::OutputFailed { reason },
-            ZpipesMsg::Read { .. } => ZpipesMsg::ReadFailed { reason },
-            ZpipesMsg::Write { .. } => ZpipesMsg::WriteFailed { reason },
-            _ => ZpipesMsg::Invalid {},
-        };
-        Some(reply.encode())
-    }
-
-    fn on_disconnect(&mut self, conn: ConnId, now: Instant, out: &mut Vec<Action>) {
-        if self.conns.contains_key(&conn) {
-            tracing::debug!(conn = conn.0, "zpipes peer disconnected");
-            self.terminate(conn, out);
-            self.run_ready(now, out);
-        }
-    }
-
-    fn budget_freed(&mut self, now: Instant, out: &mut Vec<Action>) {
-        self.run_ready(now, out);
-    }
-
-    fn holders(&self) -> Vec<(ConnId, usize, String)> {
-        self.conns
-            .iter()
-            .filter_map(|(id, c)| {
-                let pending = match &c.pending {
-                    Some(Pending::Write { chunk, .. }) => chunk.len(),
-                    _ => 0,
-                };
-                let held = c.queue.len() + c.mailbox_bytes + pending;
-                let role = match c.role {
-                    Role::Reader => "reader",
-                    Role::Writer => "writer",
-                    Role::Idle => "no end",
-                };
-                let pipe = c.pipe.as_ref().map_or("(none)".into(), |p| format!("{:?}", p.to_string_lossy()));
-                (held > 0).then(|| (*id, held, format!("ZPIPES {role} of pipe {pipe}")))
-            })
-            .collect()
-    }
-
-    fn status(&self) -> serde_json::Value {
-        let mut pipes: Vec<_> = self
-            .pipes
-            .iter()
-            .map(|(name, pipe)| {
-                let queued = pipe.reader.and_then(|r| self.conns.get(&r)).map_or(0, |c| c.queue.len());
-                serde_json::json!({
-                    "name": name.to_string_lossy(),
-                    "reader": pipe.reader.is_some(),
-                    "writer": pipe.writer.is_some(),
-                    "queued_bytes": queued,
-                })
-            })
-            .collect();
-        pipes.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
-        serde_json::json!({
-            "connections": self.conns.len(),
-            "pipes": pipes,
-            "queued_bytes": self.queued_bytes,
-            "peak_queued_bytes": self.peak_queued_bytes,
-            "waiting_for_memory": self.budget_waiters.len(),
-            "bytes_moved": self.bytes_moved,
-            "malformed_frames": self.malformed,
-            "pipe_limit": self.config.pipe_limit,
-            "expiry_ms": self.config.expiry.as_millis() as u64,
-        })
     }
 }

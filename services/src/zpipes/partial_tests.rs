@@ -1,9 +1,9 @@
 //! Our "what is there, up to n" READ (the extension trailer of
-//! `zbroker_client::zpipes_msg`): granted by PING, ignored unless granted.
+//! `zbroker_proto::zpipes`): granted by PING, ignored unless granted.
 
 use super::*;
 use crate::sim::Sim;
-use zbroker_client::zpipes_msg::PARTIAL_READ;
+use zbroker_proto::zpipes::PARTIAL_READ;
 use ZpipesMsg as M;
 
 const R: u64 = 1;

@@ -5,15 +5,15 @@
 use super::*;
 use crate::filemq::preview::Planned;
 use crate::filemq::Mirrored;
-use crate::filemq_ext::Attrs;
 use inbox::Applied;
+use zbroker_proto::filemq_ext::Attrs;
 
 impl<W: Wire> Session<'_, W> {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn on_cheezburger(
         &mut self,
         sequence: u64,
-        operation: u8,
+        operation: Operation,
         name: &[u8],
         offset: u64,
         eof: u8,
@@ -44,23 +44,27 @@ impl<W: Wire> Session<'_, W> {
         if self.dry_run() {
             // A listing: every entry is one message without content.
             return match operation {
-                CREATE if name.is_empty() => self.on_marker(headers),
-                CREATE | DELETE => self.on_planned(operation, name, headers),
-                other => {
-                    self.oddity(format_args!("ignoring a CHEEZBURGER with operation {other}"));
+                Operation::Create if name.is_empty() => self.on_marker(headers),
+                Operation::Create | Operation::Delete => self.on_planned(operation, name, headers),
+                Operation::Other(code) => {
+                    self.oddity(format_args!("ignoring a CHEEZBURGER with operation {code}"));
                     Ok(())
                 }
             };
         }
         match operation {
-            CREATE if name.is_empty() => self.on_marker(headers)?,
+            Operation::Create if name.is_empty() => self.on_marker(headers)?,
             // A directory, a link, or a file's new attributes.
-            CREATE if headers.get(filemq_ext::TYPE).is_some() => self.on_entry(name, headers)?,
+            Operation::Create if headers.get(ext::TYPE).is_some() => self.on_entry(name, headers)?,
             // The original server marks the end with an empty chunk only.
-            CREATE => self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?,
+            Operation::Create => {
+                self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?
+            }
             // Offset and chunk of a delete may be stale (spec §14).
-            DELETE => self.on_delete(name)?,
-            other => self.oddity(format_args!("ignoring a CHEEZBURGER with operation {other}")),
+            Operation::Delete => self.on_delete(name)?,
+            Operation::Other(code) => {
+                self.oddity(format_args!("ignoring a CHEEZBURGER with operation {code}"))
+            }
         }
         self.top_up()
     }
@@ -68,7 +72,7 @@ impl<W: Wire> Session<'_, W> {
     /// The in-sync marker: everything the last RESYNC for a path asked
     /// for has come.
     fn on_marker(&mut self, headers: &Hash) -> Result<(), End> {
-        let Some(synced) = headers.get("X-SYNCED") else {
+        let Some(synced) = headers.get(ext::SYNCED) else {
             self.oddity(format_args!("ignoring a CHEEZBURGER without a filename"));
             return Ok(());
         };
@@ -83,7 +87,7 @@ impl<W: Wire> Session<'_, W> {
         let path = subs[sub].clone();
         // Our server says whether anything is published there at all; a
         // server that does not say is taken to publish the path.
-        let published = headers.get(PUBLISHED).is_none_or(|v| v.as_bytes() != b"0");
+        let published = headers.get(ext::PUBLISHED).is_none_or(|v| v.as_bytes() != b"0");
         self.markers_due[sub] = self.markers_due[sub].saturating_sub(1);
         if self.markers_due[sub] > 0 || self.resubscribe_at[sub].is_some() {
             // A later RESYNC (a file being fetched again) was sent, or is
@@ -212,14 +216,14 @@ impl<W: Wire> Session<'_, W> {
             self.oddity(format_args!("ignoring {}, which we excluded", shown(&placed.rel)));
             return Ok(None);
         }
-        let digest = match headers.get("X-SHA1") {
+        let digest = match headers.get(ext::SHA1) {
             None => None,
-            Some(text) => match inbox::parse_digest(text.as_bytes()) {
+            Some(text) => match Digest::normalise(text.as_bytes()) {
                 Some(digest) => Some(digest),
                 None => return self.reject(name, "has a malformed X-SHA1 header").map(|()| None),
             },
         };
-        let size = match headers.get("X-SIZE") {
+        let size = match headers.get(ext::SIZE) {
             None => None,
             Some(text) => match std::str::from_utf8(text.as_bytes()).ok().and_then(|t| t.parse::<u64>().ok())
             {
@@ -246,13 +250,13 @@ impl<W: Wire> Session<'_, W> {
 
     /// (Dry run) what a real run would do with a listed entry or a delete,
     /// by the inbox's rules, reported and not done.
-    fn on_planned(&mut self, operation: u8, name: &[u8], headers: &Hash) -> Result<(), End> {
+    fn on_planned(&mut self, operation: Operation, name: &[u8], headers: &Hash) -> Result<(), End> {
         let placed = match self.shared.layout.place(name) {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why),
         };
         let kind = headers.get(filemq_ext::TYPE).map(|t| t.as_bytes().to_vec());
-        let is_dir = (operation == CREATE).then_some(kind.as_deref() == Some(b"dir"));
+        let is_dir = (operation == Operation::Create).then_some(kind.as_deref() == Some(b"dir"));
         if self.shared.excluded(placed.subscription, &placed.rel, is_dir) {
             return Ok(());
         }
@@ -261,7 +265,7 @@ impl<W: Wire> Session<'_, W> {
         let Disk::Preview(preview) = &self.shared.disk else { return Ok(()) };
         let rel = placed.rel.as_str();
         let planned = match (operation, kind.as_deref()) {
-            (DELETE, _) => preview.delete(rel, any),
+            (Operation::Delete, _) => preview.delete(rel, any),
             (_, None) => preview.file(rel, overwrite),
             (_, Some(b"dir")) => match attrs {
                 Ok(Some(attrs)) => preview.dir(rel, attrs, overwrite),
@@ -281,7 +285,7 @@ impl<W: Wire> Session<'_, W> {
             }
         };
         let size = match kind {
-            None if operation == CREATE => {
+            None if operation == Operation::Create => {
                 headers.get("X-SIZE").and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok())
             }
             _ => None,
@@ -362,7 +366,7 @@ impl<W: Wire> Session<'_, W> {
                     .map(|()| Some(Mirrored::Link { target }))
             }
             b"attrs" => {
-                let digest = headers.get("X-SHA1").and_then(|d| inbox::parse_digest(d.as_bytes()));
+                let digest = headers.get(ext::SHA1).and_then(|d| Digest::normalise(d.as_bytes()));
                 let attrs = match self.attrs(headers) {
                     Ok(Some(attrs)) => attrs,
                     _ => return self.reject(name, "has new attributes without a valid X-MODE and X-MTIME"),
@@ -542,5 +546,5 @@ impl Skipping {
 /// A chunk's `X-SHA1`: `None` if it has none, `Some(None)` if it is
 /// malformed.
 fn said_digest(headers: &Hash) -> Option<Option<String>> {
-    headers.get("X-SHA1").map(|text| inbox::parse_digest(text.as_bytes()))
+    headers.get(ext::SHA1).map(|text| Digest::normalise(text.as_bytes()))
 }

@@ -9,52 +9,42 @@ crate::protocol! {
     /// share one id space, as in the original `zpipes_msg.xml`.
     pub enum ZpipesMsg, signature 0xAAA0 {
         /// Open a pipe for reading.
-        Input = 1 { pipename: ShortStr },
-        InputOk = 2 {},
+        Input = 1 from client { pipename: ShortStr },
+        InputOk = 2 from server {},
         /// The pipe already has a reader.
-        InputFailed = 3 { reason: ShortStr },
+        InputFailed = 3 from server { reason: ShortStr },
         /// Open a pipe for writing.
-        Output = 4 { pipename: ShortStr },
-        OutputOk = 5 {},
+        Output = 4 from client { pipename: ShortStr },
+        OutputOk = 5 from server {},
         /// The pipe already has a writer.
-        OutputFailed = 6 { reason: ShortStr },
+        OutputFailed = 6 from server { reason: ShortStr },
         /// Read exactly `size` bytes (fewer only once the writer has gone);
         /// `timeout` in ms, 0 = no limit.
-        Read = 7 { size: u32, timeout: u32 },
-        ReadOk = 8 { chunk: Chunk },
+        Read = 7 from client { size: u32, timeout: u32 },
+        ReadOk = 8 from server { chunk: Chunk },
         /// The writer has gone and nothing is left, or `size` was 0.
-        ReadEnd = 9 {},
-        ReadTimeout = 10 {},
-        ReadFailed = 11 { reason: ShortStr },
+        ReadEnd = 9 from server {},
+        ReadTimeout = 10 from server {},
+        ReadFailed = 11 from server { reason: ShortStr },
         /// Write a chunk; `timeout` in ms, 0 = no limit. The chunk comes
         /// before the timeout on the wire.
-        Write = 12 { chunk: Chunk, timeout: u32 },
-        WriteOk = 13 {},
-        WriteTimeout = 14 {},
-        WriteFailed = 15 { reason: ShortStr },
-        Close = 16 {},
-        CloseOk = 17 {},
-        CloseFailed = 18 { reason: ShortStr },
-        Ping = 19 {},
-        PingOk = 20 {},
+        Write = 12 from client { chunk: Chunk, timeout: u32 },
+        WriteOk = 13 from server {},
+        WriteTimeout = 14 from server {},
+        WriteFailed = 15 from server { reason: ShortStr },
+        Close = 16 from client {},
+        CloseOk = 17 from server {},
+        CloseFailed = 18 from server { reason: ShortStr },
+        Ping = 19 from client {},
+        PingOk = 20 from server {},
         /// The request is not valid in the connection's state.
-        Invalid = 21 {},
+        Invalid = 21 from server {},
     }
 }
 
-impl ZpipesMsg {
-    /// True for the ids a client may send; the others come only from a server.
-    pub fn is_request(&self) -> bool {
-        matches!(
-            self,
-            ZpipesMsg::Input { .. }
-                | ZpipesMsg::Output { .. }
-                | ZpipesMsg::Read { .. }
-                | ZpipesMsg::Write { .. }
-                | ZpipesMsg::Close {}
-                | ZpipesMsg::Ping {}
-        )
-    }
+/// The well-known local endpoint of ZPIPES on the broker called `broker`.
+pub fn local_endpoint(broker: &str) -> String {
+    format!("ipc://@/zpipes/{broker}")
 }
 
 /// Our extension of the wire (ARCHITECTURE.md, "ZPIPES: how we extend the
@@ -103,7 +93,7 @@ mod tests {
     use crate::codec::DecodeError;
     use bytes::Bytes;
 
-    use crate::codec::test_util::{hex, short as pipe};
+    use crate::codec::testing::{hex, short as pipe};
 
     fn chunk(s: &str) -> Chunk {
         Chunk(Bytes::copy_from_slice(s.as_bytes()))

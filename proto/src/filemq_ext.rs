@@ -11,8 +11,8 @@
 //! (the original, an older zbroker) grants nothing, and a client that
 //! offers nothing (the original C client) gets exactly the original wire.
 
+use crate::digest::Digest;
 use crate::FilemqMsg;
-use sha1::{Digest as _, Sha1};
 
 /// First bytes of a trailer; one byte of capability bits follows.
 pub const EXT_MAGIC: [u8; 2] = *b"ZB";
@@ -145,17 +145,13 @@ pub fn cache_value(digest: &str, kind: EntryKind, attrs: Attrs) -> String {
     format!("{digest} {} {} {}", kind.letter(), attrs.mode_text(), attrs.mtime_ns)
 }
 
-/// Reads a cache value: the digest (upper-case), and the kind and
+/// Reads a cache value: the digest, and the kind and
 /// attributes when the value has them (a plain digest, as the original
 /// wire has it, has none). `None` if it is malformed.
-pub fn parse_cache_value(value: &[u8]) -> Option<(String, Option<(EntryKind, Attrs)>)> {
+pub fn parse_cache_value(value: &[u8]) -> Option<(Digest, Option<(EntryKind, Attrs)>)> {
     let text = std::str::from_utf8(value).ok()?;
     let mut fields = text.split(' ');
-    let digest = fields.next()?;
-    if digest.len() != 40 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    let digest = digest.to_ascii_uppercase();
+    let digest = Digest::parse(fields.next()?)?;
     let Some(kind) = fields.next() else { return Some((digest, None)) };
     let kind = EntryKind::of_letter(kind)?;
     let attrs = Attrs::parse(fields.next()?.as_bytes(), fields.next()?.as_bytes())?;
@@ -165,7 +161,7 @@ pub fn parse_cache_value(value: &[u8]) -> Option<(String, Option<(EntryKind, Att
 /// The digest a symlink is compared by: SHA-1 of its target, upper-case
 /// hex.
 pub fn link_digest(target: &str) -> String {
-    Sha1::digest(target.as_bytes()).iter().map(|b| format!("{b:02X}")).collect()
+    Digest::of(target.as_bytes()).to_string()
 }
 
 /// Checks the target of a symlink at `link` (a relative path of plain
@@ -236,12 +232,10 @@ mod tests {
         let attrs = Attrs { mode: 0o755, mtime_ns: -1_500_000_000 };
         let value = cache_value(EMPTY_SHA1, EntryKind::Dir, attrs);
         assert_eq!(value, format!("{EMPTY_SHA1} d 755 -1500000000"));
-        assert_eq!(
-            parse_cache_value(value.as_bytes()),
-            Some((EMPTY_SHA1.into(), Some((EntryKind::Dir, attrs))))
-        );
+        let empty = Digest::parse(EMPTY_SHA1).unwrap();
+        assert_eq!(parse_cache_value(value.as_bytes()), Some((empty, Some((EntryKind::Dir, attrs)))));
         let lower = EMPTY_SHA1.to_ascii_lowercase();
-        assert_eq!(parse_cache_value(lower.as_bytes()), Some((EMPTY_SHA1.into(), None)));
+        assert_eq!(parse_cache_value(lower.as_bytes()), Some((empty, None)));
         for bad in [
             "xyz".to_string(),
             format!("{EMPTY_SHA1} "),

@@ -53,6 +53,23 @@ impl Ceiling {
     }
 }
 
+/// Which end of a connection may send a message, as its declaration says
+/// (`Input = 1 from client { … }`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sender {
+    Client,
+    Server,
+    /// Either end (heartbeats).
+    Either,
+}
+
+impl Sender {
+    /// True if a client may send it (what a server accepts).
+    pub fn client_may_send(self) -> bool {
+        self != Sender::Server
+    }
+}
+
 /// Why one field could not be read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FieldError {
@@ -347,9 +364,10 @@ impl Hash {
     }
 }
 
-/// Helpers for the protocols' tests: the spec writes vectors as hex.
-#[cfg(test)]
-pub(crate) mod test_util {
+/// Helpers for tests of every crate and the fuzz targets: the protocol
+/// documents write vectors as hex, and FILEMQ names files by SHA-1.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing {
     use super::ShortStr;
 
     /// "AA A0 01" → [0xAA, 0xA0, 0x01]
@@ -357,14 +375,20 @@ pub(crate) mod test_util {
         text.split_whitespace().map(|b| u8::from_str_radix(b, 16).expect("hex byte")).collect()
     }
 
+    /// A `string` field from text of at most 255 bytes.
     pub fn short(text: &str) -> ShortStr {
         ShortStr::new(text.as_bytes().to_vec()).expect("a short string")
+    }
+
+    /// The SHA-1 of `data` as the wire writes it.
+    pub fn sha1_hex(data: &[u8]) -> String {
+        crate::digest::Digest::of(data).to_string()
     }
 }
 
 /// Proptest strategies for each field type, used by the generated
 /// `arbitrary()` of every protocol.
-#[cfg(any(test, feature = "proptest"))]
+#[cfg(any(test, feature = "testing"))]
 pub mod strategy {
     use super::*;
     use proptest::prelude::*;
@@ -410,7 +434,7 @@ pub mod strategy {
 }
 
 /// Declares a protocol once; generates the message enum (one struct variant
-/// per message), `id`, `name`, `encode`, `decode` and, with the `proptest`
+/// per message), `id`, `name`, `encode`, `decode` and, with the `testing`
 /// feature, `arbitrary()`.
 ///
 /// ```ignore
@@ -418,8 +442,8 @@ pub mod strategy {
 ///     /// doc
 ///     pub enum Msg, signature 0xAAA0 {
 ///         /// doc
-///         Input = 1 { pipename: ShortStr },
-///         InputOk = 2 {},
+///         Input = 1 from client { pipename: ShortStr },
+///         InputOk = 2 from server {},
 ///     }
 /// }
 /// ```
@@ -430,7 +454,7 @@ macro_rules! protocol {
         pub enum $name:ident, signature $sig:literal {
             $(
                 $(#[$vmeta:meta])*
-                $variant:ident = $id:literal {
+                $variant:ident = $id:literal from $from:ident {
                     $( $field:ident : $fty:ty $( [max $entries:expr, $bytes:expr] )? ),* $(,)?
                 }
             ),* $(,)?
@@ -445,6 +469,19 @@ macro_rules! protocol {
         impl $name {
             /// The two signature bytes that open every frame of this protocol.
             pub const SIGNATURE: u16 = $sig;
+
+            /// Who may send this message.
+            pub fn sender(&self) -> $crate::codec::Sender {
+                Self::sender_of(self.id()).unwrap_or($crate::codec::Sender::Either)
+            }
+
+            /// Who may send the message with id `id`; `None` for an unknown id.
+            pub fn sender_of(id: u8) -> Option<$crate::codec::Sender> {
+                match id {
+                    $( $id => Some($crate::sender!($from)), )*
+                    _ => None,
+                }
+            }
 
             /// The message id on the wire.
             pub fn id(&self) -> u8 {
@@ -532,22 +569,54 @@ macro_rules! protocol {
                 }
             }
 
-            /// A strategy over every message with arbitrary field values.
-            #[cfg(any(test, feature = "proptest"))]
-            pub fn arbitrary() -> proptest::strategy::BoxedStrategy<Self> {
-                #[allow(unused_imports)]
-                use $crate::codec::strategy::ArbitraryField;
-                use proptest::strategy::Strategy;
-                let variants: Vec<proptest::strategy::BoxedStrategy<Self>> = vec![ $(
-                    // The leading `Just(())` keeps field-less messages a tuple too.
-                    ( proptest::strategy::Just(()), $( <$fty as ArbitraryField>::strategy(), )* )
-                        .prop_map(|((), $( $field, )* )| $name::$variant { $( $field ),* })
-                        .boxed()
-                ),* ];
-                proptest::strategy::Union::new(variants).boxed()
+            $crate::if_testing! {
+                /// A strategy over every message with arbitrary field values.
+                pub fn arbitrary() -> $crate::proptest::strategy::BoxedStrategy<Self> {
+                    #[allow(unused_imports)]
+                    use $crate::codec::strategy::ArbitraryField;
+                    use $crate::proptest::strategy::Strategy;
+                    let variants: Vec<$crate::proptest::strategy::BoxedStrategy<Self>> = vec![ $(
+                        // The leading `Just(())` keeps field-less messages a tuple too.
+                        ( $crate::proptest::strategy::Just(()), $( <$fty as ArbitraryField>::strategy(), )* )
+                            .prop_map(|((), $( $field, )* )| $name::$variant { $( $field ),* })
+                            .boxed()
+                    ),* ];
+                    $crate::proptest::strategy::Union::new(variants).boxed()
+                }
             }
         }
     };
 }
 
 pub use crate::protocol;
+
+/// What `protocol!` generates for tests (strategies), only where this
+/// crate is built for tests or with its `testing` feature: decided here, not
+/// in the crate that declares a protocol.
+#[cfg(any(test, feature = "testing"))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! if_testing {
+    ($($item:tt)*) => { $($item)* };
+}
+#[cfg(not(any(test, feature = "testing")))]
+#[doc(hidden)]
+#[macro_export]
+macro_rules! if_testing {
+    ($($item:tt)*) => {};
+}
+
+/// Maps a declaration's `from client|server|either` to a [`Sender`].
+#[doc(hidden)]
+#[macro_export]
+macro_rules! sender {
+    (client) => {
+        $crate::codec::Sender::Client
+    };
+    (server) => {
+        $crate::codec::Sender::Server
+    };
+    (either) => {
+        $crate::codec::Sender::Either
+    };
+}

@@ -1,17 +1,26 @@
 //! `zbroker`: the broker daemon and its status command.
 
+mod cascade;
+mod control;
+
 use anyhow::{bail, Context as _};
+use cascade::Upstream;
 use clap::{Args, Parser, Subcommand};
-use std::path::PathBuf;
+use control::*;
+use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 use zbroker::config::Invalid;
 use zbroker::{config, exit, reactor};
 use zbroker_client::curve::KeyPair;
 use zbroker_client::endpoint;
+use zbroker_proto::escape::{escape, unescape};
 use zbroker_services::budget::Budget;
+use zbroker_services::filemq::mounts::{self, Origin};
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
+use zbroker_services::Service;
 
 /// Examples (each comment line says what the command under it does) and
 /// the exit statuses.
@@ -27,6 +36,9 @@ const EXAMPLES: &str = "Examples:\n  \
     --inbox ./mirror --publish ./mirror\n  \
     # machine-readable status\n  \
     zbroker status hub --json\n  \
+    # publish one more directory on the running hub (kept across restarts)\n  \
+    zbroker publish hub /srv/photos /photos\n  \
+    zbroker unpublish hub /photos\n  \
     # CURVE key pair: hub (secret) and hub.pub\n  \
     zbroker keygen /etc/zbroker/hub\n  \
     # TCP clients then need hub.pub and an allowed key\n  \
@@ -47,7 +59,8 @@ const EXAMPLES: &str = "Examples:\n  \
         and every later create, change and delete, reaches them. A second broker with the same \
         name refuses to start. SIGINT or SIGTERM stops it cleanly.\n\n\
         `zbroker status NAME` asks a running broker what it is doing; `zbroker publish NAME DIR \
-        /alias` publishes one more directory at run time.\n\n\
+        /alias` publishes one more directory at run time, kept in the broker's state directory \
+        across reloads and restarts until `zbroker unpublish NAME /alias`.\n\n\
         CURVE: `zbroker keygen PATH` makes a key pair; --curve-secret-key PATH then requires \
         CURVE on the TCP endpoints (clients need PATH.pub, and with --allow-client-key a key \
         of their own that is listed; SIGHUP re-reads the list). The ipc:// endpoints stay \
@@ -150,7 +163,8 @@ enum Command {
         #[arg(value_name = "PATH")]
         path: PathBuf,
     },
-    /// Publish a directory to FILEMQ subscribers of a running broker
+    /// Publish a directory to FILEMQ subscribers of a running broker, until unpublished (kept in
+    /// its state directory across reloads and restarts)
     Publish {
         /// Name of the broker
         #[arg(value_name = "NAME")]
@@ -161,7 +175,19 @@ enum Command {
         /// Virtual path subscribers see it under, e.g. / or /photos
         #[arg(value_name = "ALIAS")]
         alias: String,
-        /// The broker's --state-dir, if it was given one (its control token is there)
+        /// Read the control token from DIR [default: the state directory the broker says it uses]
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+    },
+    /// Stop publishing a directory that `zbroker publish` published
+    Unpublish {
+        /// Name of the broker
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// The virtual path it was published as, e.g. /photos
+        #[arg(value_name = "ALIAS")]
+        alias: String,
+        /// Read the control token from DIR [default: the state directory the broker says it uses]
         #[arg(long, value_name = "DIR")]
         state_dir: Option<PathBuf>,
     },
@@ -174,6 +200,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Status { name, json, timeout }) => status(&name, json, Duration::from_millis(timeout)),
         Some(Command::Publish { name, dir, alias, state_dir }) => publish(&name, &dir, &alias, state_dir),
+        Some(Command::Unpublish { name, alias, state_dir }) => unpublish(&name, &alias, state_dir),
         Some(Command::Keygen { path }) => keygen(&path),
         None => run(cli.run),
     };
@@ -181,7 +208,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("zbroker: {}", one_line(&e));
-            ExitCode::from(exit::code(&e))
+            ExitCode::from(exit::code(e.chain()))
         }
     }
 }
@@ -304,11 +331,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     let fdefaults = filemq::Config::default();
     let stable_age = args.stable_age.or(file.stable_age).map_or(fdefaults.stable_age, Duration::from_millis);
     let state_dir = args.state_dir.or(file.state_dir).or_else(|| default_state_dir(&name));
+    // Absolute: the status tells it to `zbroker publish`, which may run
+    // elsewhere.
+    let state_dir = match state_dir {
+        Some(dir) => {
+            Some(std::path::absolute(&dir).with_context(|| format!("state directory {}", dir.display()))?)
+        }
+        None => None,
+    };
     // Written aside now, put in place only once this broker holds its name
     // (binding the control endpoint): a second broker refused for the same
     // name must not replace the running one's token.
     let token_file = match &state_dir {
-        Some(dir) => Some(write_control_token(dir)?),
+        Some(dir) => Some(write_control_token(dir, &name)?),
         None => None,
     };
     let control_token = match &token_file {
@@ -362,13 +397,18 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         })?;
     }
     let now = std::time::Instant::now();
-    let mut startup_work = Vec::new();
     for config::Publish { dir, alias } in publish {
         let root = publishable(&dir)?;
         filemq
-            .publish(root, &alias, now, &mut startup_work)
+            .publish_at_start(root, &alias, Origin::Config, now)
             .map_err(|e| anyhow::anyhow!("--publish: {e}"))?;
     }
+    // The run-time mounts to write back, if some of the kept ones were
+    // dropped.
+    let runtime_kept = match &state_dir {
+        Some(dir) => restore_runtime_mounts(&mut filemq, dir, now)?,
+        None => None,
+    };
 
     let max_connections = match args.max_connections.or(file.max_connections) {
         Some(0) => {
@@ -442,26 +482,19 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let curve_on = curve.is_some();
 
-    let mut endpoints = vec![endpoint::zpipes(&name), endpoint::filemq(&name)];
-    endpoints.extend(binds);
     let settings = reactor::Settings {
         control_endpoint: endpoint::control(&name),
         name: name.clone(),
-        endpoints,
-        // Room for a couple of the largest replies (a READ_OK of the
-        // whole pipe); more means the peer is not reading.
-        // (or the most credit a FILEMQ subscriber may hold, plus a chunk).
-        max_parked_bytes: (2 * pipe_limit).max(fdefaults.max_credit as usize + fdefaults.chunk_size) + 4096,
-        // The largest legitimate message: a WRITE of the pipe limit, or an
-        // ICANHAZ at every ceiling (a million cached files). Each service
-        // then bounds every other message by its type.
-        max_message_size: config::max_message_size(pipe_limit),
+        binds,
         control_token,
+        state_dir: state_dir.clone(),
         max_connections,
         budget,
     };
     let allow_description = curve.as_ref().map(|c| c.allow.describe());
-    let bound = reactor::Reactor::bind_secure(settings, vec![Box::new(zpipes), Box::new(filemq)], curve);
+    // The services, each registered by one line.
+    let services: Vec<Box<dyn Service>> = vec![Box::new(zpipes), Box::new(filemq)];
+    let bound = reactor::Reactor::bind_secure(settings, services, curve);
     if let Some((_, aside)) = &token_file {
         let result = match &bound {
             Ok(_) => std::fs::rename(aside, aside.with_file_name(CONTROL_TOKEN_FILE)),
@@ -472,8 +505,13 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     }
     let mut reactor = bound?;
-    // The FILEMQ service is the second one handed to the reactor.
-    reactor.start_work(1, startup_work);
+    // Only once this broker holds its name: a second one refused for it
+    // must not rewrite the running one's file.
+    if let (Some(kept), Some(dir)) = (runtime_kept, &state_dir) {
+        if let Err(e) = mounts::save(&dir.join(mounts::FILE_NAME), &mounts::format(&kept)) {
+            tracing::warn!("run-time mounts: {e}");
+        }
+    }
     // SIGHUP re-reads the config file: its mounts replace the running ones
     // (unless --publish flags, which override the file, were given).
     if let (Some(path), false) = (args.config.clone(), flags_publish) {
@@ -483,8 +521,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
             for text in file.publish.unwrap_or_default() {
                 let config::Publish { dir, alias } = config::parse_publish(&text)?;
                 let root = publishable(&dir)?;
-                let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
-                words.push(format!("{root}={alias}"));
+                words.push(format!("{}={alias}", escape(root.as_os_str().as_bytes())));
             }
             tracing::info!("SIGHUP: reloaded {}", path.display());
             Ok(vec![words])
@@ -499,7 +536,7 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
                 (Some(path), false) => config::load(path)?.allow_client_key.unwrap_or_default(),
                 _ => allow_paths.clone(),
             };
-            read_allow_list(&paths)
+            Ok(read_allow_list(&paths)?)
         }));
     }
     if let Some(allow) = allow_description {
@@ -556,87 +593,6 @@ fn keygen(path: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The cascade: a FILEMQ subscription to an upstream broker, mirrored into
-/// a directory (which this broker usually publishes in turn), running on a
-/// thread of its own beside the event loop.
-struct Upstream {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Upstream {
-    fn start(
-        endpoint: &str,
-        paths: Vec<String>,
-        inbox: PathBuf,
-        curve: Option<zbroker_client::curve::ClientKeys>,
-    ) -> anyhow::Result<Upstream> {
-        use std::sync::atomic::Ordering;
-        use zbroker_client::escape::escape;
-        use zbroker_client::filemq::{Event, Kept, Options, Subscriber};
-        let options = Options { curve, ..Options::endpoint(endpoint, paths.clone(), inbox.clone()) };
-        let subscriber = Subscriber::start(options)
-            .with_context(|| format!("cannot mirror {endpoint} into {}", inbox.display()))?;
-        tracing::info!("mirroring {} from {endpoint} into {}", paths.join(" "), inbox.display());
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stopping = stop.clone();
-        let endpoint = endpoint.to_string();
-        let thread = std::thread::Builder::new().name("upstream".into()).spawn(move || {
-            while !stopping.load(Ordering::Relaxed) {
-                match subscriber.recv_timeout(Duration::from_millis(200)) {
-                    Ok(Event::Updated { path, size }) => {
-                        tracing::debug!(path = %escape(path.as_bytes()), size, "upstream file updated")
-                    }
-                    Ok(Event::Deleted { path }) => {
-                        tracing::debug!(path = %escape(path.as_bytes()), "upstream file deleted")
-                    }
-                    Ok(Event::InSync { path, published: true }) => {
-                        tracing::info!(path = %escape(path.as_bytes()), "in sync with {endpoint}")
-                    }
-                    Ok(Event::InSync { path, published: false }) => tracing::warn!(
-                        path = %escape(path.as_bytes()),
-                        "in sync with {endpoint}, which publishes nothing there"
-                    ),
-                    Ok(Event::Kept { path, reason }) => tracing::info!(
-                        path = %escape(path.as_bytes()),
-                        "kept a file of the inbox the relay did not write ({})",
-                        match reason {
-                            Kept::NotPublished => "upstream does not have it",
-                            Kept::Differs => "upstream has another version",
-                        }
-                    ),
-                    Ok(Event::Unreachable { why }) => {
-                        tracing::warn!("upstream {endpoint}: {why}; still trying")
-                    }
-                    Ok(Event::Disconnected { why }) => {
-                        tracing::warn!("upstream {endpoint}: {why}; reconnecting")
-                    }
-                    Ok(Event::Rejected { name, why }) => {
-                        tracing::warn!("upstream sent {name}: refused ({why})")
-                    }
-                    Ok(Event::IntegrityFailed { path }) => tracing::warn!(
-                        path = %escape(path.as_bytes()),
-                        "upstream file failed verification; fetching again"
-                    ),
-                    Ok(Event::Refused { why }) | Ok(Event::Failed { why }) => {
-                        tracing::error!("upstream {endpoint}: {why}; mirroring stopped");
-                        return;
-                    }
-                    Ok(_) | Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
-                }
-            }
-            subscriber.stop();
-        })?;
-        Ok(Upstream { stop, thread })
-    }
-
-    fn stop(self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        let _ = self.thread.join();
-    }
-}
-
 const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 
 /// Each connection is a file descriptor in libzmq's I/O thread: raise the
@@ -659,39 +615,38 @@ fn raise_open_file_limit(connections: usize) {
     }
 }
 
-/// The file in the state directory holding the control token.
-const CONTROL_TOKEN_FILE: &str = "control-token";
-
-/// Makes a fresh random control token, readable by this user only, in a
-/// file beside the real one (renamed over it once the broker is up).
-fn write_control_token(dir: &std::path::Path) -> anyhow::Result<(String, PathBuf)> {
-    use std::io::{Read as _, Write as _};
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("cannot create the state directory {}", dir.display()))?;
-    let mut random = [0u8; 16];
-    std::fs::File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut random))
-        .context("reading /dev/urandom")?;
-    let token: String = random.iter().map(|b| format!("{b:02x}")).collect();
-    let path = dir.join(format!(".{CONTROL_TOKEN_FILE}.{}", std::process::id()));
-    let _ = std::fs::remove_file(&path);
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .and_then(|mut f| f.write_all(token.as_bytes()))
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok((token, path))
-}
-
-/// Where digests are kept between runs when `--state-dir` is not given.
-fn default_state_dir(name: &str) -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_STATE_HOME")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".local/state")))?;
-    Some(base.join("zbroker").join(name))
+/// Publishes the run-time mounts kept in the state directory. One whose
+/// alias the command line or config file now publishes is dropped with a
+/// warning (they win); the list to save then comes back. One whose
+/// directory is missing stays published (status shows the error;
+/// subscribers delete nothing for it) until `zbroker unpublish`.
+fn restore_runtime_mounts(
+    filemq: &mut Filemq,
+    dir: &Path,
+    now: std::time::Instant,
+) -> anyhow::Result<Option<Vec<mounts::Saved>>> {
+    let saved = mounts::load(&dir.join(mounts::FILE_NAME))
+        .map_err(|e| anyhow::anyhow!("run-time mounts: {e} (fix the file, or remove it to forget them)"))?;
+    let mut dropped = false;
+    for m in saved {
+        let root = escape(m.root.as_os_str().as_bytes());
+        match filemq.publish_at_start(m.root.clone(), &m.alias, Origin::Runtime, now) {
+            Ok(()) if !m.root.is_dir() => tracing::warn!(
+                "run-time mount {}: {root} is not a directory now; it stays published (nothing is deleted \
+                 downstream) until it is back or `zbroker unpublish`",
+                m.alias
+            ),
+            Ok(()) => tracing::info!("run-time mount {} ({root}) restored", m.alias),
+            Err(why) => {
+                tracing::warn!(
+                    "run-time mount {} ({root}) dropped: {why}, by the command line or config file",
+                    m.alias
+                );
+                dropped = true;
+            }
+        }
+    }
+    Ok(dropped.then(|| filemq.runtime_mounts()))
 }
 
 /// The absolute path of a directory to publish, or why it cannot be.
@@ -701,46 +656,6 @@ fn publishable(dir: &std::path::Path) -> anyhow::Result<PathBuf> {
         bail!("cannot publish {}: not a directory", dir.display());
     }
     Ok(root)
-}
-
-/// Asks a running broker to publish one more directory.
-fn publish(name: &str, dir: &std::path::Path, alias: &str, state_dir: Option<PathBuf>) -> anyhow::Result<()> {
-    endpoint::check_name(name)?;
-    let root = publishable(dir)?;
-    let root = root.to_str().with_context(|| format!("{} is not valid UTF-8", root.display()))?;
-    let state_dir = state_dir
-        .or_else(|| default_state_dir(name))
-        .context("no state directory: pass the broker's --state-dir")?;
-    let token_path = state_dir.join(CONTROL_TOKEN_FILE);
-    let token = std::fs::read_to_string(&token_path).with_context(|| {
-        format!(
-            "cannot read the broker's control token {} (run as the broker's user, with its --state-dir)",
-            token_path.display()
-        )
-    })?;
-    let reply = control_request(name, &["PUBLISH", token.trim(), root, alias], Duration::from_secs(2))?;
-    match (reply["ok"].as_str(), reply["error"].as_str()) {
-        (Some(ok), _) => {
-            println!("{ok}");
-            Ok(())
-        }
-        (_, Some(error)) => Err(exit::Refused(error.to_string()).into()),
-        _ => bail!("unexpected reply from the broker: {reply}"),
-    }
-}
-
-/// Sends one request to a broker's control endpoint and returns its JSON reply.
-fn control_request(name: &str, words: &[&str], timeout: Duration) -> anyhow::Result<serde_json::Value> {
-    let context = zmq::Context::new();
-    let socket = context.socket(zmq::DEALER)?;
-    socket.set_linger(0)?;
-    socket.connect(&endpoint::control(name))?;
-    socket.send_multipart(words.iter().map(|w| w.as_bytes()), 0)?;
-    if socket.poll(zmq::POLLIN, timeout.as_millis() as i64)? == 0 {
-        return Err(exit::NoBroker { name: name.to_string(), endpoint: endpoint::control(name) }.into());
-    }
-    let reply = socket.recv_bytes(0)?;
-    serde_json::from_slice(&reply).context("the broker's reply is not JSON")
 }
 
 fn init_logging(level: Option<&str>, origin: &str) -> anyhow::Result<()> {
@@ -755,144 +670,4 @@ fn init_logging(level: Option<&str>, origin: &str) -> anyhow::Result<()> {
         .with_target(false)
         .init();
     Ok(())
-}
-
-/// Asks the broker's control endpoint for its status and prints it.
-fn status(name: &str, json: bool, timeout: Duration) -> anyhow::Result<()> {
-    endpoint::check_name(name)?;
-    let status = control_request(name, &["STATUS"], timeout)?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
-    } else {
-        print!("{}", describe(&status));
-    }
-    Ok(())
-}
-
-/// The status as a person reads it.
-fn describe(s: &serde_json::Value) -> String {
-    use std::fmt::Write;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "broker {} (pid {}, up {} s, version {})",
-        s["name"].as_str().unwrap_or("?"),
-        s["pid"],
-        s["uptime_ms"].as_u64().unwrap_or(0) / 1000,
-        s["version"].as_str().unwrap_or("?")
-    );
-    let endpoints: Vec<&str> =
-        s["endpoints"].as_array().into_iter().flatten().filter_map(|e| e.as_str()).collect();
-    let _ = writeln!(out, "endpoints: {}", endpoints.join(", "));
-    let _ = writeln!(out, "peers: {}, dropped frames: {}", s["peers"], s["dropped_frames"]);
-    let m = &s["memory"];
-    if m.is_object() {
-        let holders: Vec<String> = m["holders"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .map(|h| {
-                format!(
-                    "connection {} ({}) {} bytes",
-                    h["connection"],
-                    h["what"].as_str().unwrap_or("?"),
-                    h["bytes"]
-                )
-            })
-            .collect();
-        let _ = writeln!(
-            out,
-            "memory: {} of {} bytes held (peak {}){}{}",
-            m["used"],
-            m["limit"],
-            m["peak"],
-            match m["at_limit"].as_bool() {
-                Some(true) => format!(", AT THE BUDGET: {} requests wait for room", m["waiting"]),
-                _ => String::new(),
-            },
-            if holders.is_empty() {
-                String::new()
-            } else {
-                format!("; holding most: {}", holders.join(", "))
-            }
-        );
-    }
-    if let Some(longest) = s["longest_pass_ms"].as_f64() {
-        let cause = match (s["longest_pass_cause"].as_str(), s["longest_pass_cause_ms"].as_f64()) {
-            (Some(what), Some(ms)) => format!(": {what} took {ms:.2} ms"),
-            _ => String::new(),
-        };
-        let _ = writeln!(
-            out,
-            "event loop: {} passes, the longest {longest:.2} ms at {:.1} s{cause}",
-            s["passes"],
-            s["longest_pass_at_ms"].as_u64().unwrap_or(0) as f64 / 1000.0
-        );
-    }
-    let z = &s["services"]["zpipes"];
-    if z.is_object() {
-        let _ = writeln!(
-            out,
-            "zpipes: {} connections, {} bytes queued (peak {}, limit {} per pipe), {} bytes moved, {} malformed frames",
-            z["connections"], z["queued_bytes"], z["peak_queued_bytes"], z["pipe_limit"], z["bytes_moved"], z["malformed_frames"]
-        );
-        for pipe in z["pipes"].as_array().into_iter().flatten() {
-            let yes = |v: &serde_json::Value| {
-                if v.as_bool() == Some(true) {
-                    "attached"
-                } else {
-                    "none"
-                }
-            };
-            let _ = writeln!(
-                out,
-                "  pipe {:?}: reader {}, writer {}, {} bytes queued",
-                pipe["name"].as_str().unwrap_or("?"),
-                yes(&pipe["reader"]),
-                yes(&pipe["writer"]),
-                pipe["queued_bytes"]
-            );
-        }
-    }
-    let f = &s["services"]["filemq"];
-    if f.is_object() {
-        let _ = writeln!(
-            out,
-            "filemq: {} subscribers, {} files and {} bytes sent, {} deletes sent, {} malformed frames",
-            f["subscribers"].as_array().map_or(0, Vec::len),
-            f["files_sent"],
-            f["bytes_sent"],
-            f["deletes_sent"],
-            f["malformed_frames"]
-        );
-        for mount in f["mounts"].as_array().into_iter().flatten() {
-            let state = match (mount["error"].as_str(), mount["scanned"].as_bool()) {
-                (Some(error), _) => format!("error: {error}"),
-                (None, Some(true)) => format!("{} files, {} bytes", mount["files"], mount["bytes"]),
-                _ => "scanning".to_string(),
-            };
-            let _ = writeln!(
-                out,
-                "  mount {} <- {} ({state}{})",
-                mount["alias"].as_str().unwrap_or("?"),
-                mount["root"].as_str().unwrap_or("?"),
-                if mount["watching"].as_bool() == Some(false) { ", polling" } else { "" }
-            );
-        }
-        for sub in f["subscribers"].as_array().into_iter().flatten() {
-            let paths: Vec<&str> =
-                sub["subscriptions"].as_array().into_iter().flatten().filter_map(|p| p.as_str()).collect();
-            let _ = writeln!(
-                out,
-                "  subscriber #{}: {}, {} bytes sent, {} queued, credit {}{}",
-                sub["connection"],
-                paths.join(" "),
-                sub["bytes_sent"],
-                sub["queued"],
-                sub["credit"],
-                sub["sending"].as_str().map(|f| format!(", sending {f}")).unwrap_or_default()
-            );
-        }
-    }
-    out
 }

@@ -1,7 +1,59 @@
 //! The FILEMQ protocol (signature `AA A3`), v2-newest wire, declared once:
 //! see `docs/protocol/FILEMQ.md`. Every message is one ZeroMQ frame.
 
-use crate::codec::{Chunk, Hash, LongStr, ShortStr};
+use crate::codec::{Ceiling, Chunk, Field, Hash, LongStr, Reader, ShortStr};
+
+/// The well-known local endpoint of FILEMQ on the broker called `broker`.
+pub fn local_endpoint(broker: &str) -> String {
+    format!("ipc://@/filemq/{broker}")
+}
+
+/// Option keys and header names of our wire extensions, and their values.
+/// A server offers them only to a client that asked with [`ext::ZBROKER`];
+/// the original client never sees one.
+pub mod ext {
+    /// ICANHAZ option: the client understands the extensions (value `1`).
+    pub const ZBROKER: &str = "X-ZBROKER";
+    /// ICANHAZ option: partial files held, lines `SHA1 OFFSET`.
+    pub const RESUME: &str = "X-RESUME";
+    /// ICANHAZ option of the original protocol: send what is published now.
+    pub const RESYNC: &str = "RESYNC";
+    /// CHEEZBURGER header: SHA-1 of the whole file (see `crate::digest`).
+    pub const SHA1: &str = "X-SHA1";
+    /// CHEEZBURGER header: size of the whole file, decimal.
+    pub const SIZE: &str = "X-SIZE";
+    /// CHEEZBURGER header of the in-sync marker: the subscription path.
+    pub const SYNCED: &str = "X-SYNCED";
+    /// CHEEZBURGER header of the in-sync marker: `1` if anything is
+    /// published under the path (a mount at or below it, even empty, or a
+    /// file under it), `0` if nothing is (a misspelled path).
+    pub const PUBLISHED: &str = "X-PUBLISHED";
+    /// Capability bits (the OHAI / OHAI-OK trailer), the options they
+    /// allow and the headers of entries with attributes: see
+    /// `crate::filemq_ext`.
+    pub use crate::filemq_ext::{
+        ALL, EXCLUDE, EXCLUDE_OPTION, LIST, LIST_OPTION, META, MODE, MTIME, TARGET, TYPE, TYPE_ATTRS,
+        TYPE_DIR, TYPE_LINK,
+    };
+
+    /// An `X-RESUME` line: a partial file's digest and how many bytes of
+    /// it are held.
+    pub fn resume_line(digest: &str, offset: u64) -> String {
+        format!("{digest} {offset}")
+    }
+
+    /// The lines of an `X-RESUME` value that are well formed; the others
+    /// are skipped.
+    pub fn parse_resume(value: &[u8]) -> Vec<(String, u64)> {
+        String::from_utf8_lossy(value)
+            .lines()
+            .filter_map(|line| {
+                let (digest, offset) = line.trim().split_once(' ')?;
+                Some((crate::digest::Digest::normalise(digest)?, offset.trim().parse().ok()?))
+            })
+            .collect()
+    }
+}
 
 /// Ceilings of the `hash` fields, declared with the protocol below and
 /// enforced by the decoder on both sides: a frame over one is malformed.
@@ -19,8 +71,8 @@ pub mod ceiling {
     /// simply sent again).
     pub const CACHE_ENTRIES: usize = 1 << 20;
     pub const CACHE_BYTES: usize = 128 << 20;
-    /// ICANHAZ path: a server refuses one longer than 4096 bytes.
-    pub const PATH_BYTES: usize = 4 + 4096;
+    /// ICANHAZ path: a virtual path (`crate::vpath::MAX_PATH`).
+    pub const PATH_BYTES: usize = 4 + crate::vpath::MAX_PATH;
     /// CHEEZBURGER headers: X-SHA1, X-SIZE, X-SYNCED and what may follow.
     pub const HEADERS_ENTRIES: usize = 64;
     pub const HEADERS_BYTES: usize = 64 << 10;
@@ -42,43 +94,89 @@ crate::protocol! {
     /// One FILEMQ message (the wire of `zeromq/filemq` since Dec 2014).
     pub enum FilemqMsg, signature 0xAAA3 {
         /// Client hello: `protocol` must be "FILEMQ", `version` 2.
-        Ohai = 1 { protocol: ShortStr, version: u16 },
-        OhaiOk = 4 {},
+        Ohai = 1 from client { protocol: ShortStr, version: u16 },
+        OhaiOk = 4 from server {},
         /// Subscribe to a virtual path; `cache` maps files the client holds
         /// to their SHA-1 digests.
-        Icanhaz = 5 {
+        Icanhaz = 5 from client {
             path: LongStr,
             options: Hash [max ceiling::OPTIONS_ENTRIES, ceiling::OPTIONS_BYTES],
             cache: Hash [max ceiling::CACHE_ENTRIES, ceiling::CACHE_BYTES],
         },
-        IcanhazOk = 6 {},
+        IcanhazOk = 6 from server {},
         /// Grants `credit` more bytes; `sequence` is ignored by servers.
-        Nom = 7 { credit: u64, sequence: u64 },
+        Nom = 7 from client { credit: u64, sequence: u64 },
         /// One chunk of a file (operation 1) or a delete (operation 2).
         /// `sequence` counts CHEEZBURGERs per connection; `eof` is 1 on the
         /// final, empty chunk.
-        Cheezburger = 8 {
+        Cheezburger = 8 from server {
             sequence: u64,
-            operation: u8,
+            operation: Operation,
             filename: LongStr,
             offset: u64,
             eof: u8,
             headers: Hash [max ceiling::HEADERS_ENTRIES, ceiling::HEADERS_BYTES],
             chunk: Chunk,
         },
-        Hugz = 9 {},
-        HugzOk = 10 {},
-        Kthxbai = 11 {},
+        Hugz = 9 from either {},
+        HugzOk = 10 from either {},
+        Kthxbai = 11 from client {},
         /// Refused (for example, access denied).
-        Srsly = 128 { reason: ShortStr },
+        Srsly = 128 from server { reason: ShortStr },
         /// Not understood (for example, an unsupported version).
-        Rtfm = 129 { reason: ShortStr },
+        Rtfm = 129 from server { reason: ShortStr },
     }
 }
 
-/// CHEEZBURGER operations.
-pub const CREATE: u8 = 1;
-pub const DELETE: u8 = 2;
+/// What a CHEEZBURGER does (`number-1` on the wire).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// A chunk of a file (1).
+    Create,
+    /// Delete the file (2).
+    Delete,
+    /// Any other value: decoded, so that a receiver can refuse it.
+    Other(u8),
+}
+
+impl Operation {
+    fn code(self) -> u8 {
+        match self {
+            Operation::Create => 1,
+            Operation::Delete => 2,
+            Operation::Other(code) => code,
+        }
+    }
+}
+
+impl Field for Operation {
+    fn wire_len(&self) -> usize {
+        1
+    }
+    fn put(&self, out: &mut Vec<u8>) {
+        out.push(self.code());
+    }
+    fn get(r: &mut Reader) -> Option<Self> {
+        Some(match u8::get(r)? {
+            1 => Operation::Create,
+            2 => Operation::Delete,
+            code => Operation::Other(code),
+        })
+    }
+    fn max_wire(_: Ceiling) -> Option<usize> {
+        Some(1)
+    }
+}
+
+#[cfg(any(test, feature = "testing"))]
+impl crate::codec::strategy::ArbitraryField for Operation {
+    fn strategy() -> proptest::strategy::BoxedStrategy<Self> {
+        use proptest::prelude::*;
+        any::<u8>()
+            .prop_map(|code| Operation::get(&mut Reader::new(vec![code].into())).expect("one byte"))
+            .boxed()
+    }
+}
 
 /// The FILEMQ wire generations, told apart by the OHAI frame (spec §0).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,18 +189,22 @@ pub enum Generation {
     V2,
 }
 
+/// How each generation's OHAI continues after signature, id and the
+/// `FILEMQ` protocol name: its version field, and whether more may follow
+/// (v1 ended there; v2's OHAI may carry trailing bytes).
+const GENERATIONS: [(Generation, &[u8], bool); 3] =
+    [(Generation::V1, &[1], false), (Generation::V2Interim, &[0, 1], true), (Generation::V2, &[0, 2], true)];
+
 impl Generation {
     /// Which generation an OHAI frame comes from; `None` if it is not an
     /// OHAI of any of them.
     pub fn of_ohai(frame: &[u8]) -> Option<Generation> {
         const HELLO: &[u8] = b"\xAA\xA3\x01\x06FILEMQ";
         let version = frame.strip_prefix(HELLO)?;
-        match version {
-            [1] => Some(Generation::V1),
-            [0, 1, ..] => Some(Generation::V2Interim),
-            [0, 2, ..] => Some(Generation::V2),
-            _ => None,
-        }
+        GENERATIONS.iter().find_map(|&(generation, field, more)| {
+            let rest = version.strip_prefix(field)?;
+            (more || rest.is_empty()).then_some(generation)
+        })
     }
 }
 
@@ -111,7 +213,7 @@ mod tests {
     use super::*;
     use bytes::Bytes;
 
-    use crate::codec::test_util::{hex, short};
+    use crate::codec::testing::{hex, short};
 
     fn hash(entries: &[(&str, &str)]) -> Hash {
         let mut h = Hash::default();
@@ -121,7 +223,7 @@ mod tests {
         h
     }
 
-    fn burger(sequence: u64, operation: u8, offset: u64, eof: u8, chunk: &str) -> FilemqMsg {
+    fn burger(sequence: u64, operation: Operation, offset: u64, eof: u8, chunk: &str) -> FilemqMsg {
         FilemqMsg::Cheezburger {
             sequence,
             operation,
@@ -157,16 +259,16 @@ mod tests {
             ),
             (FilemqMsg::Nom { credit: 5_000_000, sequence: 0 }, "AA A3 07 00 00 00 00 00 4C 4B 40 00 00 00 00 00 00 00 00"),
             (
-                burger(0, CREATE, 0, 0, "Hello"),
+                burger(0, Operation::Create, 0, 0, "Hello"),
                 "AA A3 08 00 00 00 00 00 00 00 00 01 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 00 05 48 65 6C 6C 6F",
             ),
             (
-                burger(1, CREATE, 5, 1, ""),
+                burger(1, Operation::Create, 5, 1, ""),
                 "AA A3 08 00 00 00 00 00 00 00 01 01 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 \
                  05 01 00 00 00 00 00 00 00 00",
             ),
             (
-                burger(2, DELETE, 0, 0, ""),
+                burger(2, Operation::Delete, 0, 0, ""),
                 "AA A3 08 00 00 00 00 00 00 00 02 02 00 00 00 0A 2F 68 65 6C 6C 6F 2E 74 78 74 00 00 00 00 00 00 00 \
                  00 00 00 00 00 00 00 00 00 00",
             ),
@@ -234,7 +336,7 @@ mod tests {
     }
 
     fn burger_with_headers(headers: Hash) -> Vec<u8> {
-        let mut msg = burger(0, CREATE, 0, 0, "x");
+        let mut msg = burger(0, Operation::Create, 0, 0, "x");
         if let FilemqMsg::Cheezburger { headers: h, .. } = &mut msg {
             *h = headers;
         }

@@ -1,0 +1,174 @@
+//! A third service added through the public contract only, as ARCHITECTURE.md
+//! "Adding a service" says: its protocol declared once with `protocol!`,
+//! a `Service` with an executor of its own (one off-loop job), registered
+//! beside ZPIPES with one line, driven through the real reactor and real
+//! sockets. Nothing in the host names it.
+
+use bytes::Bytes;
+use std::sync::{mpsc, Arc};
+use std::thread;
+use std::time::{Duration, Instant};
+use zbroker::reactor::{Reactor, Settings};
+use zbroker_client::endpoint;
+use zbroker_proto::codec::LongStr;
+use zbroker_proto::ZpipesMsg;
+use zbroker_services::work::{self, Executor, Lane, Reporter};
+use zbroker_services::zpipes::{self, Zpipes};
+use zbroker_services::{Action, ConnId, Service, TimerKey};
+use zbroker_tests::unique_name;
+
+// 1. The protocol, declared once.
+zbroker_proto::protocol! {
+    /// A toy protocol: ECHO asks for the text back in upper case.
+    pub enum EchoMsg, signature 0xAAE0 {
+        Echo = 1 from client { text: LongStr },
+        EchoOk = 2 from server { text: LongStr },
+    }
+}
+
+/// 2. Its off-loop job and outcome: the host never looks inside.
+struct Shout {
+    conn: ConnId,
+    text: Bytes,
+}
+struct Shouted {
+    conn: ConnId,
+    text: Vec<u8>,
+    thread: String,
+}
+
+/// The one place the echo service "does I/O": a worker thread.
+struct ShoutExecutor;
+
+impl Executor for ShoutExecutor {
+    fn lanes(&self) -> Vec<Lane> {
+        vec![Lane { name: "shout", threads: 1 }]
+    }
+    fn lane(&self, _: &work::Job) -> usize {
+        0
+    }
+    fn run(&self, _key: u64, job: work::Job, _: &Arc<dyn Reporter>) -> Option<work::Done> {
+        let Shout { conn, text } = *job.downcast::<Shout>().ok()?;
+        let thread = thread::current().name().unwrap_or_default().to_string();
+        Some(Box::new(Shouted { conn, text: text.to_ascii_uppercase(), thread }))
+    }
+}
+
+/// 3. The service: a state machine, no socket, no clock.
+#[derive(Default)]
+struct Echo {
+    next_key: u64,
+    answered: u64,
+}
+
+impl Service for Echo {
+    fn name(&self) -> &'static str {
+        "echo"
+    }
+    fn signature(&self) -> u16 {
+        EchoMsg::SIGNATURE
+    }
+    fn local_endpoint(&self, broker: &str) -> String {
+        format!("ipc://@/echo/{broker}")
+    }
+    fn max_frame(&self) -> usize {
+        64 << 10
+    }
+    fn max_parked(&self) -> usize {
+        128 << 10
+    }
+    fn executor(&self) -> Option<Arc<dyn Executor>> {
+        Some(Arc::new(ShoutExecutor))
+    }
+    fn handle(&mut self, conn: ConnId, frame: Bytes, _: Instant, out: &mut Vec<Action>) {
+        if let Ok(EchoMsg::Echo { text }) = EchoMsg::decode(frame) {
+            self.next_key += 1;
+            out.push(Action::Work { key: self.next_key, job: Box::new(Shout { conn, text: text.0 }) });
+        }
+    }
+    fn on_work(&mut self, _key: u64, done: work::Done, _: Instant, out: &mut Vec<Action>) {
+        let Ok(done) = done.downcast::<Shouted>() else { return };
+        self.answered += 1;
+        let text = format!("{} (on {})", String::from_utf8_lossy(&done.text), done.thread);
+        out.push(Action::Send {
+            to: done.conn,
+            frame: EchoMsg::EchoOk { text: text.as_str().into() }.encode(),
+        });
+    }
+    fn on_timer(&mut self, _: TimerKey, _: Instant, _: &mut Vec<Action>) {}
+    fn on_disconnect(&mut self, _: ConnId, _: Instant, _: &mut Vec<Action>) {}
+    fn status(&self) -> serde_json::Value {
+        serde_json::json!({ "answered": self.answered })
+    }
+}
+
+fn settings(name: &str) -> Settings {
+    Settings {
+        name: name.to_string(),
+        binds: Vec::new(),
+        control_endpoint: endpoint::control(name),
+        control_token: None,
+        state_dir: None,
+        max_connections: 100,
+        budget: Default::default(),
+    }
+}
+
+/// Binds the services `make` builds and runs them on a thread of their own
+/// (a reactor holds services that are not `Send`) for the rest of the test
+/// process.
+fn start(name: &str, make: fn() -> Vec<Box<dyn Service>>) -> anyhow::Result<()> {
+    let (bound_tx, bound_rx) = mpsc::channel();
+    let settings = settings(name);
+    thread::spawn(move || match Reactor::bind(settings, make()) {
+        Ok(mut reactor) => {
+            let _ = bound_tx.send(Ok(()));
+            let _ = reactor.run();
+        }
+        Err(e) => {
+            let _ = bound_tx.send(Err(e));
+        }
+    });
+    Ok(bound_rx.recv()??)
+}
+
+fn ask(endpoint: &str, frame: Vec<u8>) -> Vec<u8> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::DEALER).expect("socket");
+    socket.set_linger(0).expect("linger");
+    socket.connect(endpoint).expect("connect");
+    socket.send(frame, 0).expect("send");
+    assert!(socket.poll(zmq::POLLIN, 5000).expect("poll") > 0, "no answer from {endpoint}");
+    socket.recv_bytes(0).expect("recv")
+}
+
+#[test]
+fn a_service_added_through_the_contract_runs_its_work_off_the_loop() {
+    let name = unique_name("echo");
+    // 4. The one registration line.
+    start(&name, || vec![Box::new(Zpipes::new(zpipes::Config::default())), Box::new(Echo::default())])
+        .expect("the broker binds");
+
+    let reply = ask(&format!("ipc://@/echo/{name}"), EchoMsg::Echo { text: "hello".into() }.encode());
+    match EchoMsg::decode(reply).expect("an echo message") {
+        EchoMsg::EchoOk { text } => {
+            let text = String::from_utf8_lossy(text.as_bytes()).into_owned();
+            assert_eq!(text, "HELLO (on echo-shout-0)", "answered from the service's own worker lane");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // ZPIPES on the same broker, reached on the echo endpoint too (routing
+    // is by signature), is untouched.
+    let pong = ask(&format!("ipc://@/echo/{name}"), ZpipesMsg::Ping {}.encode());
+    assert_eq!(ZpipesMsg::decode(pong).expect("a ZPIPES reply"), ZpipesMsg::PingOk {});
+}
+
+#[test]
+fn two_services_with_one_signature_are_refused_at_start_up() {
+    let name = unique_name("echo-clash");
+    let started = Instant::now();
+    let err = start(&name, || vec![Box::new(Echo::default()), Box::new(Echo::default())])
+        .expect_err("a clashing signature is refused");
+    assert!(err.to_string().contains("both claim the signature 0xAAE0"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
