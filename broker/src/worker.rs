@@ -412,7 +412,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         std::fs::write(dir.path().join("f.txt"), b"hello world").expect("write");
         let meta = std::fs::metadata(dir.path().join("f.txt")).expect("stat");
-        let expect = FileMeta { size: meta.len(), mtime_ns: disk::mtime_ns(&meta), digest: String::new() };
+        let expect = FileMeta { size: meta.len(), mtime_ns: disk::mtime_ns(&meta), ..FileMeta::default() };
         let mut harness = Harness::new();
         harness.submit(0, 10, scan_job(5, dir.path()));
         let read =

@@ -43,6 +43,10 @@ fn help_names_every_option_and_exit_status() {
         "5  in sync (--once), but some files could not be fetched",
         "refused for safety",
         "updated PATH",
+        "--exclude",
+        "--dry-run",
+        "create PATH",
+        "7  the server cannot honour --exclude",
     ] {
         assert!(help.contains(word), "help lacks {word}: {help}");
     }
@@ -366,6 +370,120 @@ fn a_refusal_exits_4() {
     assert_eq!(out.status.code(), Some(4));
     assert_eq!(stderr(&out).trim(), "filemq: the broker refused us: SRSLY: not you");
     server.join().unwrap();
+}
+
+#[test]
+fn bad_exclude_patterns_exit_2_with_one_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("inbox");
+    let many: Vec<String> = (0..65).flat_map(|i| ["--exclude".to_string(), format!("p{i}")]).collect();
+    let long = "x".repeat(257);
+    for extra in [
+        vec!["--exclude", ""],
+        vec!["--exclude", "!"],
+        vec!["--exclude", &long],
+        many.iter().map(String::as_str).collect(),
+    ] {
+        let mut args =
+            vec!["subscribe", "/a", "--inbox", inbox.to_str().unwrap(), "--endpoint", "ipc://@/nowhere"];
+        args.extend(extra.iter().copied());
+        let out = filemq(&args);
+        assert_eq!(out.status.code(), Some(2), "{extra:?}: {}", stderr(&out));
+        let err = stderr(&out);
+        assert!(
+            err.starts_with("filemq: ") && err.contains("exclude") && err.trim().lines().count() == 1,
+            "{err}"
+        );
+    }
+    assert!(!inbox.exists(), "nothing made for a refused command line");
+}
+
+/// A server that speaks only the original protocol: it greets with a
+/// plain OHAI-OK (it grants nothing) and acknowledges subscriptions;
+/// returns every message it received until the client goes.
+fn original_server(endpoint: &str) -> JoinHandle<Vec<FilemqMsg>> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::ROUTER).unwrap();
+    socket.set_linger(0).unwrap();
+    socket.bind(endpoint).unwrap();
+    std::thread::spawn(move || {
+        let _context = context;
+        let mut heard = Vec::new();
+        while socket.poll(zmq::POLLIN, 3_000).unwrap() > 0 {
+            let frames = socket.recv_multipart(0).unwrap();
+            let msg = FilemqMsg::decode(frames[1].clone()).expect("the client speaks FILEMQ");
+            let reply = match &msg {
+                FilemqMsg::Ohai { .. } => Some(FilemqMsg::OhaiOk {}),
+                FilemqMsg::Icanhaz { .. } => Some(FilemqMsg::IcanhazOk {}),
+                FilemqMsg::Hugz {} => Some(FilemqMsg::HugzOk {}),
+                _ => None,
+            };
+            if let Some(reply) = reply {
+                socket.send_multipart([frames[0].clone(), reply.encode()], 0).unwrap();
+            }
+            let last = matches!(msg, FilemqMsg::Kthxbai {});
+            heard.push(msg);
+            if last {
+                break;
+            }
+        }
+        heard
+    })
+}
+
+/// Exclusions against a server that would not honour them: refused with
+/// status 7, before anything is subscribed, rather than filtered here
+/// after the transfer.
+#[test]
+fn exclude_against_an_original_server_exits_7_before_subscribing() {
+    let endpoint = unique_endpoint();
+    let server = original_server(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let started = Instant::now();
+    let out = once_at(&endpoint, dir.path(), &["--exclude", "*.log"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    assert!(started.elapsed() < Duration::from_secs(5));
+    let err = stderr(&out);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("does not offer exclusions (--exclude)"), "{err}");
+    let heard = server.join().unwrap();
+    assert!(matches!(heard.first(), Some(FilemqMsg::Ohai { .. })), "{heard:?}");
+    assert!(
+        !heard.iter().any(|m| matches!(m, FilemqMsg::Icanhaz { .. } | FilemqMsg::Nom { .. })),
+        "{heard:?}"
+    );
+}
+
+/// A dry run against a server that cannot list: refused with status 7,
+/// before subscribing, and nothing at all made on disk.
+#[test]
+fn dry_run_against_an_original_server_exits_7_and_writes_nothing() {
+    let endpoint = unique_endpoint();
+    let server = original_server(&endpoint);
+    let dir = tempfile::tempdir().unwrap();
+    let inbox = dir.path().join("not-yet");
+    let out = Command::new(env!("CARGO_BIN_EXE_filemq"))
+        .args([
+            "subscribe",
+            "/data",
+            "--inbox",
+            inbox.to_str().unwrap(),
+            "--endpoint",
+            &endpoint,
+            "--dry-run",
+        ])
+        .args(["--timeout", "10000"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(err.trim().lines().count() == 1 && err.contains("does not offer listings (--dry-run)"), "{err}");
+    let heard = server.join().unwrap();
+    assert!(
+        !heard.iter().any(|m| matches!(m, FilemqMsg::Icanhaz { .. } | FilemqMsg::Nom { .. })),
+        "{heard:?}"
+    );
+    assert!(!inbox.exists(), "a dry run makes nothing, not even the inbox");
 }
 
 #[test]

@@ -63,8 +63,11 @@ pub const CACHE_HEADER: &str = "filemq-digests 2";
 
 /// One line of a digest-cache file, what a file held when it had this
 /// size, mtime and inode: `SIZE MTIME_NS INODE DIGEST MARK PATH`. `MARK` is
-/// `d` for a file a subscriber delivered, `-` otherwise; `PATH` is written
-/// with [`crate::escape`], so no name can break, forge or shadow a line.
+/// `d` for a file a subscriber delivered, `-` otherwise, and (a subscriber
+/// mirroring with attributes) `l` for a symlink it made, `D`, `p` or `x`
+/// for a directory it made (published; made as a parent; deleted by the
+/// publisher while not empty: [`MARKS`]); `PATH` is written with
+/// [`crate::escape`], so no name can break, forge or shadow a line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheLine {
     pub size: u64,
@@ -72,15 +75,18 @@ pub struct CacheLine {
     pub mtime_ns: i128,
     pub inode: u64,
     pub digest: Digest,
-    pub delivered: bool,
+    /// One of [`MARKS`].
+    pub mark: char,
     pub path: String,
 }
+
+/// The marks a cache line may carry.
+pub const MARKS: [char; 6] = ['d', '-', 'l', 'D', 'p', 'x'];
 
 impl CacheLine {
     /// The line, newline included.
     pub fn format(&self) -> String {
-        let CacheLine { size, mtime_ns, inode, digest, delivered, path } = self;
-        let mark = if *delivered { 'd' } else { '-' };
+        let CacheLine { size, mtime_ns, inode, digest, mark, path } = self;
         format!("{size} {mtime_ns} {inode} {digest} {mark} {}\n", crate::escape::escape(path.as_bytes()))
     }
 
@@ -93,13 +99,12 @@ impl CacheLine {
         let mtime_ns = fields.next()?.parse().ok()?;
         let inode = fields.next()?.parse().ok()?;
         let digest = Digest::parse(fields.next()?)?;
-        let delivered = match fields.next()? {
-            "d" => true,
-            "-" => false,
+        let mark = match fields.next()?.as_bytes() {
+            [c] if MARKS.contains(&char::from(*c)) => char::from(*c),
             _ => return None,
         };
         let path = String::from_utf8(crate::escape::unescape(fields.next()?)?).ok()?;
-        (!path.is_empty()).then_some(CacheLine { size, mtime_ns, inode, digest, delivered, path })
+        (!path.is_empty()).then_some(CacheLine { size, mtime_ns, inode, digest, mark, path })
     }
 }
 
@@ -131,8 +136,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn cache_lines_round_trip(size: u64, mtime_ns: i128, inode: u64, bytes: [u8; 20], delivered: bool, path in "\\PC+") {
-            let line = CacheLine { size, mtime_ns, inode, digest: Digest(bytes), delivered, path };
+        fn cache_lines_round_trip(size: u64, mtime_ns: i128, inode: u64, bytes: [u8; 20], mark in proptest::sample::select(MARKS.to_vec()), path in "\\PC+") {
+            let line = CacheLine { size, mtime_ns, inode, digest: Digest(bytes), mark, path };
             let text = line.format();
             prop_assert_eq!(text.matches('\n').count(), 1);
             prop_assert_eq!(CacheLine::parse(text.trim_end_matches('\n').as_bytes()), Some(line));

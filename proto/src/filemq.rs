@@ -28,6 +28,13 @@ pub mod ext {
     /// published under the path (a mount at or below it, even empty, or a
     /// file under it), `0` if nothing is (a misspelled path).
     pub const PUBLISHED: &str = "X-PUBLISHED";
+    /// Capability bits (the OHAI / OHAI-OK trailer), the options they
+    /// allow and the headers of entries with attributes: see
+    /// `crate::filemq_ext`.
+    pub use crate::filemq_ext::{
+        ALL, EXCLUDE, EXCLUDE_OPTION, LIST, LIST_OPTION, META, MODE, MTIME, TARGET, TYPE, TYPE_ATTRS,
+        TYPE_DIR, TYPE_LINK,
+    };
 
     /// An `X-RESUME` line: a partial file's digest and how many bytes of
     /// it are held.

@@ -7,6 +7,10 @@
 //! - [`zpipes`]: the ZPIPES protocol and our trailer extension.
 //! - [`filemq`]: the FILEMQ protocol, its `hash` ceilings, its generations
 //!   and our `X-*` extension keys.
+//! - [`filemq_ext`]: what our FILEMQ extensions say beside the keys:
+//!   capability bits (the OHAI / OHAI-OK trailer), entry attributes and
+//!   the cache value that carries them, the rule for a symlink's target.
+//! - [`exclude`]: gitignore-style exclude patterns (`X-EXCLUDE`), bounded.
 //! - [`vpath`]: FILEMQ's virtual paths, one set of rules.
 //! - [`digest`]: SHA-1 digests as FILEMQ writes them.
 //! - [`escape`]: how a name a peer chose is shown and stored in line files.
@@ -18,7 +22,9 @@ pub mod byte_queue;
 pub mod codec;
 pub mod digest;
 pub mod escape;
+pub mod exclude;
 pub mod filemq;
+pub mod filemq_ext;
 pub mod vpath;
 pub mod zpipes;
 

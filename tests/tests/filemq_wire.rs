@@ -159,6 +159,47 @@ fn a_plain_subscriber_gets_changes_with_clean_deletes() {
         )
     );
     assert!(matches!(delete, FilemqMsg::Cheezburger { operation: Delete, .. }));
+
+    // Directories, links to them and a chmod alone are nothing to a client
+    // that did not offer attributes (the original): it hears of the next
+    // file only, as it always did.
+    put(dir.path(), "a.txt", b"A");
+    let names = |msgs: &[FilemqMsg]| -> Vec<String> {
+        msgs.iter()
+            .map(|m| match m {
+                FilemqMsg::Cheezburger { filename, headers, .. } => {
+                    assert!(headers.is_empty(), "no headers: {m:?}");
+                    filename.to_string_lossy()
+                }
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect()
+    };
+    let got: Vec<FilemqMsg> = (0..2).map(|_| recv(&raw, 10_000).expect("a.txt arrives")).collect();
+    assert_eq!(names(&got), ["/a.txt", "/a.txt"]);
+    std::fs::create_dir(dir.path().join("empty")).unwrap();
+    std::os::unix::fs::symlink("empty", dir.path().join("dir-link")).unwrap();
+    std::os::unix::fs::symlink("a.txt", dir.path().join("file-link")).unwrap();
+    std::fs::set_permissions(dir.path().join("a.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    put(dir.path(), "b.txt", b"B");
+    let mut got: Vec<FilemqMsg> =
+        (0..4).map(|_| recv(&raw, 10_000).expect("b.txt and the link's copy")).collect();
+    got.extend(recv(&raw, 1_000));
+    // A link to a file still arrives as a copy of it, as before.
+    let mut heard = names(&got);
+    heard.sort();
+    assert_eq!(heard, ["/b.txt", "/b.txt", "/file-link", "/file-link"]);
+    let copy = got.iter().find_map(|m| match m {
+        FilemqMsg::Cheezburger { filename, chunk, .. }
+            if filename.as_bytes() == b"/file-link" && !chunk.0.is_empty() =>
+        {
+            Some(chunk.0.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(copy.as_deref(), Some(&b"A"[..]));
 }
 
 /// One TCP port for both services: the signature routes each message.

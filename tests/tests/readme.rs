@@ -83,6 +83,24 @@ fn plans() -> Vec<Plan> {
             ..RUN
         },
         Plan {
+            first: "filemq subscribe / --inbox ./mirror --broker hub --once --exclude '*.tmp' --exclude 'cache/' --exclude '!keep.tmp'",
+            setup: "mkdir -p outbox/cache && echo a > outbox/a.txt && echo x > outbox/x.tmp && \
+                    echo k > outbox/keep.tmp && echo c > outbox/cache/c\n\
+                    zbroker $HUB --publish ./outbox >/dev/null 2>>.bg.log &\n\
+                    up $HUB",
+            check: "[ -f mirror/a.txt ] && [ -f mirror/keep.tmp ] && [ ! -e mirror/x.tmp ] && [ ! -e mirror/cache ]",
+            ..RUN
+        },
+        Plan {
+            first: "filemq subscribe / --inbox ./mirror --broker hub --dry-run",
+            setup: "mkdir -p outbox && echo a > outbox/a.txt\n\
+                    zbroker $HUB --publish ./outbox >/dev/null 2>>.bg.log &\n\
+                    up $HUB",
+            check: "[ ! -e mirror ]",
+            stdout: "create a.txt",
+            ..RUN
+        },
+        Plan {
             first: "zbroker relay --upstream tcp://hub:5670 --subscribe / --inbox ./relay --publish ./relay --bind 'tcp://*:5670'",
             setup: "mkdir -p outbox && echo hello > outbox/a.txt\n\
                     zbroker $HUB --publish ./outbox --bind tcp://127.0.0.1:$HUB_PORT >/dev/null 2>>.bg.log &\n\

@@ -9,8 +9,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
-use zbroker_client::filemq::Kept;
 use zbroker_client::filemq::{self, Event, Options, Subscriber};
+use zbroker_client::filemq::{Kept, Mirrored, Plan};
 use zbroker_client::{curve, endpoint};
 use zbroker_proto::escape::escape;
 
@@ -25,7 +25,9 @@ macro_rules! exit_status_help {
         5  in sync (--once), but some files could not be fetched (they failed\n     \
         verification again and again), were refused for safety, or were kept\n     \
         because a local file we did not write is in the way (see --overwrite)\n  \
-        6  (--once) nothing at all is published under a PATH (a misspelling?)"
+        6  (--once) nothing at all is published under a PATH (a misspelling?)\n  \
+        7  the server cannot honour --exclude (or --dry-run): it is the original\n     \
+        FileMQ or an older zbroker; nothing was changed"
     };
 }
 
@@ -65,6 +67,7 @@ enum Command {
         INBOX/.filemq/ holds partial files and a digest cache; hidden files are left alone.\n\n\
         Output (when standard output is not a terminal), one line per change:\n  \
         updated PATH\n  deleted PATH\n\
+        (with --dry-run: create PATH, update PATH, delete PATH, and nothing changes)\n\
         (PATH relative to the inbox, escaped: \\n, \\r, \\t, \\\\, \\xNN, \\u{XXXX} stand for\n\
         control characters, backslashes, bytes that are not UTF-8 and bidi controls,\n\
         so one line is always one change). On a terminal, a progress bar.\n\
@@ -98,9 +101,14 @@ struct SubscribeArgs {
     /// Exit as soon as the inbox matches the publisher
     #[arg(long)]
     once: bool,
-    /// With --once: give up (exit 3) if not in sync after MS milliseconds
-    #[arg(long, value_name = "MS", requires = "once")]
+    /// With --once or --dry-run: give up (exit 3) if not done after MS milliseconds
+    #[arg(long, value_name = "MS")]
     timeout: Option<u64>,
+    /// Change nothing: list what would be created, updated and deleted (one line each,
+    /// then a summary), from a listing the broker sends without reading any file;
+    /// exits once listed. Nothing is written in the inbox, not even INBOX/.filemq
+    #[arg(long)]
+    dry_run: bool,
     /// Credit window: bytes the broker may send ahead (e.g. 8MiB, 500k, 8000000)
     #[arg(long, value_name = "SIZE", default_value = "8000000", value_parser = parse_window)]
     window: u64,
@@ -111,6 +119,11 @@ struct SubscribeArgs {
     /// Replace files filemq did not write when the publisher has another version
     #[arg(long)]
     overwrite: bool,
+    /// Leave out paths matching PATTERN (gitignore-style: *, ?, **, a trailing / for
+    /// directories, a leading / to anchor, !PATTERN to take back), relative to each PATH;
+    /// repeatable. Excluded files are neither fetched nor deleted (not even with --delete)
+    #[arg(long, value_name = "PATTERN")]
+    exclude: Vec<String>,
     /// Print one JSON object per event on standard output, for programs
     #[arg(long)]
     json: bool,
@@ -130,6 +143,7 @@ mod status {
     pub const REFUSED: u8 = 4;
     pub const INCOMPLETE: u8 = 5;
     pub const NOTHING_PUBLISHED: u8 = 6;
+    pub const UNSUPPORTED: u8 = 7;
 }
 
 /// At most this many names of files that did not make it are listed when
@@ -300,6 +314,8 @@ impl Output {
 struct Tally {
     updated: u64,
     deleted: u64,
+    /// (Dry run) paths that would be created, updated, deleted.
+    planned: [u64; 3],
     /// Local files kept that the publisher does not have.
     kept_unpublished: u64,
     /// Local files kept where the publisher has another version.
@@ -336,9 +352,14 @@ impl Tally {
         shown
     }
 
-    /// One line: what changed, and what was kept.
-    fn summary(&self) -> String {
-        let mut line = format!("{} updated, {} deleted", self.updated, self.deleted);
+    /// One line: what changed (or would, in a dry run), and what was kept.
+    fn summary(&self, dry_run: bool) -> String {
+        let [create, update, delete] = self.planned;
+        let mut line = if dry_run {
+            format!("dry run, nothing changed: {create} to create, {update} to update, {delete} to delete")
+        } else {
+            format!("{} updated, {} deleted", self.updated, self.deleted)
+        };
         if self.kept_unpublished > 0 {
             line.push_str(&format!(
                 "; kept {} local file(s) the publisher does not have (--delete removes them)",
@@ -354,8 +375,8 @@ impl Tally {
         line
     }
 
-    fn json(&self) -> serde_json::Value {
-        serde_json::json!({
+    fn json(&self, dry_run: bool) -> serde_json::Value {
+        let mut summary = serde_json::json!({
             "event": "summary",
             "updated": self.updated,
             "deleted": self.deleted,
@@ -363,12 +384,25 @@ impl Tally {
             "kept_differing": self.kept_differing.len(),
             "refused": self.refused,
             "gave_up": self.gave_up.len() as u64 + self.gave_up_more,
-        })
+        });
+        if dry_run {
+            let [create, update, delete] = self.planned;
+            summary["dry_run"] = true.into();
+            summary["create"] = create.into();
+            summary["update"] = update.into();
+            summary["delete"] = delete.into();
+        }
+        summary
     }
 }
 
 fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     init_logging(args.log.as_deref())?;
+    if args.timeout.is_some() && !args.once && !args.dry_run {
+        return Err(Failure::new(status::USAGE, "--timeout needs --once or --dry-run"));
+    }
+    // A dry run ends, as --once does, once everything is listed.
+    let once = args.once || args.dry_run;
     let endpoint = match &args.endpoint {
         Some(ep) => {
             endpoint::validate(ep).map_err(|e| Failure::new(status::USAGE, format!("--endpoint {e}")))?;
@@ -383,6 +417,8 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     opts.window = args.window;
     opts.delete = args.delete;
     opts.overwrite = args.overwrite;
+    opts.exclude = args.exclude.clone();
+    opts.dry_run = args.dry_run;
     if let Some(server_key) = &args.server_key {
         let keys = curve::ClientKeys::from_files(server_key, args.key.as_deref())
             .map_err(|e| Failure::new(status::USAGE, e.to_string()))?;
@@ -390,7 +426,9 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     }
     let subscriber = Subscriber::start(opts).map_err(|e| {
         let code = match e {
-            filemq::Error::BadPath { .. } | filemq::Error::BadOption(_) => status::USAGE,
+            filemq::Error::BadPath { .. } | filemq::Error::BadOption(_) | filemq::Error::BadExclude(_) => {
+                status::USAGE
+            }
             _ => status::IO,
         };
         Failure::new(code, e.to_string())
@@ -444,6 +482,23 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 tally.settled(&path);
                 output.change("deleted", &path, None)
             }
+            Event::Mirrored { path, what } => {
+                tally.updated += 1;
+                tally.settled(&path);
+                let mut object = serde_json::json!({ "event": "updated", "path": path });
+                match what {
+                    Mirrored::Directory => object["kind"] = "directory".into(),
+                    Mirrored::Link { target } => {
+                        object["kind"] = "link".into();
+                        object["target"] = target.into();
+                    }
+                    Mirrored::Attributes => object["kind"] = "attributes".into(),
+                }
+                match output {
+                    Output::Json(_) => output.json(object),
+                    _ => output.line(&format!("updated {}", escape(path.as_bytes()))),
+                }
+            }
             Event::Kept { path, reason } => {
                 let reason = match reason {
                     Kept::NotPublished => {
@@ -467,12 +522,12 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 pending.remove(&path);
                 let mut written = output
                     .json(serde_json::json!({ "event": "in-sync", "path": path, "published": published }));
-                if !published && tally.unpublished_paths.insert(path.clone()) && !args.once {
+                if !published && tally.unpublished_paths.insert(path.clone()) && !once {
                     let message = format!("nothing is published under {} (yet?)", escape(path.as_bytes()));
                     written &= output.warn(quiet, &message, serde_json::Value::Null);
                 }
-                if args.once && pending.is_empty() {
-                    break finish_once(&tally);
+                if once && pending.is_empty() {
+                    break finish_once(&tally, args.dry_run);
                 }
                 output.status(format!("{} in sync", escape(path.as_bytes())));
                 written
@@ -486,7 +541,7 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 output.json(serde_json::json!({ "event": "disconnected", "why": why }))
             }
             Event::Unreachable { why } => {
-                if args.once {
+                if once {
                     break Err(Failure::new(status::REFUSED, format!("no broker answers: {why}")));
                 }
                 let object = serde_json::json!({ "event": "unreachable", "why": why });
@@ -516,6 +571,16 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
                 break Err(Failure::new(status::REFUSED, format!("the broker refused us: {why}")))
             }
             Event::Failed { why } => break Err(Failure::new(status::IO, why)),
+            Event::Unsupported { why } => break Err(Failure::new(status::UNSUPPORTED, why)),
+            Event::Planned { path, plan, size } => {
+                let (index, word) = match plan {
+                    Plan::Create => (0, "create"),
+                    Plan::Update => (1, "update"),
+                    Plan::Delete => (2, "delete"),
+                };
+                tally.planned[index] += 1;
+                output.change(word, &path, size)
+            }
         };
         if !written {
             // The reader of our output went away (`| head`): not an error of ours.
@@ -525,19 +590,19 @@ fn subscribe(args: SubscribeArgs) -> Result<(), Failure> {
     output.finish();
     subscriber.stop();
     if args.json {
-        let _ = output.json(tally.json());
-    } else if !quiet
-        && result.is_ok()
-        && (args.once || tally.updated + tally.deleted + tally.kept_unpublished > 0)
+        let _ = output.json(tally.json(args.dry_run));
+    } else if !quiet && result.is_ok() && (once || tally.updated + tally.deleted + tally.kept_unpublished > 0)
     {
         // A failure says it all in its one line.
-        eprintln!("filemq: {}", tally.summary());
+        eprintln!("filemq: {}", tally.summary(args.dry_run));
     }
     result
 }
 
-/// How `--once` ends once every subscription is in sync.
-fn finish_once(tally: &Tally) -> Result<(), Failure> {
+/// How `--once` (and `--dry-run`) ends once every subscription is in
+/// sync (listed): a dry run succeeds whatever it found to keep or refuse,
+/// since it lists those too.
+fn finish_once(tally: &Tally, dry_run: bool) -> Result<(), Failure> {
     if !tally.unpublished_paths.is_empty() {
         let paths: Vec<String> = tally.unpublished_paths.iter().map(|p| escape(p.as_bytes())).collect();
         let changed = if tally.deleted + tally.updated == 0 { "; nothing was changed there" } else { "" };
@@ -546,7 +611,7 @@ fn finish_once(tally: &Tally) -> Result<(), Failure> {
             format!("nothing is published under {} (check the path{changed})", paths.join(", ")),
         ));
     }
-    if tally.missing() == 0 {
+    if tally.missing() == 0 || dry_run {
         return Ok(());
     }
     let failed = tally.missing() - tally.kept_differing.len() as u64;

@@ -9,7 +9,12 @@
 //! ```
 //!
 //! `MARK` is `d` for a file we delivered, `-` for one we only found in the
-//! inbox. A mark belongs to the file, not the path: a file put at that
+//! inbox; `l` for a symlink we made (`DIGEST` that of its target); `D` for
+//! a directory the publisher has that we made or took its attributes for
+//! (`SIZE` and `MTIME_NS` are the mode and mtime it was published with),
+//! `p` for one we made only as a parent of something (removed once
+//! emptied by deletes), `x` for one the publisher deleted while it still
+//! held something (removed, and reported, once emptied). A mark belongs to the file, not the path: a file put at that
 //! path since (a new inode: the user saved their own, or an editor
 //! replaced it) is the user's. Each delivery is also appended at once to
 //! `.filemq/digests.log` (lines of the same form), which the next load
@@ -51,7 +56,8 @@ impl Stamp {
     }
 }
 
-/// A digest known for a file of a given stamp.
+/// A digest known for a file of a given stamp, or a link or directory we
+/// made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Known {
     pub stamp: Stamp,
@@ -59,6 +65,31 @@ pub(crate) struct Known {
     pub digest: String,
     /// This subscriber delivered the file (the one with `stamp.inode`).
     pub ours: bool,
+    pub what: What,
+}
+
+/// What a cache entry is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum What {
+    #[default]
+    File,
+    /// A symlink we made (always ours).
+    Link,
+    /// A directory we made or took the publisher's attributes for (always
+    /// ours).
+    Dir(DirMark),
+}
+
+/// What became of a directory of ours.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum DirMark {
+    /// The publisher has it: kept even when emptied.
+    Published,
+    /// Made only as a parent of something: goes once emptied.
+    Parent,
+    /// The publisher deleted it while it still held something: goes once
+    /// emptied, and that is reported as its delete.
+    Deleted,
 }
 
 #[derive(Debug, Default)]
@@ -114,8 +145,16 @@ impl DigestCache {
     /// Records a file we delivered, durably: the journal line is written
     /// before this returns.
     pub fn delivered(&mut self, private: &Dir, rel: &str, stamp: Stamp, digest: String) -> io::Result<()> {
-        let line = line(rel, &Known { stamp, digest: digest.clone(), ours: true });
-        self.remember(rel, stamp, digest, true);
+        self.mark(private, rel, Known { stamp, digest, ours: true, what: What::File })
+    }
+
+    /// Records a link or directory we made (or a file we delivered),
+    /// durably, as [`DigestCache::delivered`].
+    pub fn mark(&mut self, private: &Dir, rel: &str, known: Known) -> io::Result<()> {
+        let line = line(rel, &known);
+        self.entries.insert(rel.to_string(), known);
+        self.census.seen.insert(rel.to_string());
+        self.dirty = true;
         if self.journal.is_none() {
             self.journal =
                 Some(private.open_file(JOURNAL, libc::O_WRONLY | libc::O_APPEND | libc::O_CREAT, 0o600)?);
@@ -129,7 +168,7 @@ impl DigestCache {
     /// The digest of `rel` if the cache knows it for this stamp; counts
     /// `rel` as met by the census.
     pub fn lookup(&mut self, rel: &str, stamp: Stamp) -> Option<String> {
-        let known = self.entries.get(rel).filter(|k| k.stamp == stamp)?;
+        let known = self.entries.get(rel).filter(|k| k.stamp == stamp && k.what == What::File)?;
         self.census.seen.insert(rel.to_string());
         Some(known.digest.clone())
     }
@@ -140,7 +179,7 @@ impl DigestCache {
     /// path is not).
     pub fn remember(&mut self, rel: &str, stamp: Stamp, digest: String, ours: bool) {
         let ours = ours || self.is_ours(rel, stamp.inode);
-        self.entries.insert(rel.to_string(), Known { stamp, digest, ours });
+        self.entries.insert(rel.to_string(), Known { stamp, digest, ours, what: What::File });
         self.census.seen.insert(rel.to_string());
         self.dirty = true;
     }
@@ -149,6 +188,18 @@ impl DigestCache {
     /// `inode`).
     pub fn is_ours(&self, rel: &str, inode: u64) -> bool {
         self.entries.get(rel).is_some_and(|k| k.ours && k.stamp.inode == inode)
+    }
+
+    /// What the cache says of `rel`, if anything.
+    pub fn get(&self, rel: &str) -> Option<&Known> {
+        self.entries.get(rel)
+    }
+
+    /// The census met `rel` (a link or directory whose mark is kept).
+    pub fn met(&mut self, rel: &str) {
+        if self.entries.contains_key(rel) {
+            self.census.seen.insert(rel.to_string());
+        }
     }
 
     pub fn forget(&mut self, rel: &str) {
@@ -216,9 +267,17 @@ fn render(entries: &HashMap<String, Known>) -> String {
 
 /// One entry as a line of the cache or the journal.
 fn line(rel: &str, k: &Known) -> String {
+    let mark = match k.what {
+        What::File if k.ours => 'd',
+        What::File => '-',
+        What::Link => 'l',
+        What::Dir(DirMark::Published) => 'D',
+        What::Dir(DirMark::Parent) => 'p',
+        What::Dir(DirMark::Deleted) => 'x',
+    };
     let Stamp { size, mtime_ns, inode } = k.stamp;
     let digest = Digest::parse(&k.digest).unwrap_or_default();
-    CacheLine { size, mtime_ns, inode, digest, delivered: k.ours, path: rel.to_string() }.format()
+    CacheLine { size, mtime_ns, inode, digest, mark, path: rel.to_string() }.format()
 }
 
 fn parse(text: &[u8]) -> HashMap<String, Known> {
@@ -236,9 +295,17 @@ fn parse(text: &[u8]) -> HashMap<String, Known> {
 }
 
 fn parse_line(line: &[u8]) -> Option<(String, Known)> {
-    let CacheLine { size, mtime_ns, inode, digest, delivered, path } = CacheLine::parse(line)?;
+    let CacheLine { size, mtime_ns, inode, digest, mark, path } = CacheLine::parse(line)?;
+    let (ours, what) = match mark {
+        'd' => (true, What::File),
+        'l' => (true, What::Link),
+        'D' => (true, What::Dir(DirMark::Published)),
+        'p' => (true, What::Dir(DirMark::Parent)),
+        'x' => (true, What::Dir(DirMark::Deleted)),
+        _ => (false, What::File),
+    };
     let stamp = Stamp { size, mtime_ns, inode };
-    Some((path, Known { stamp, digest: digest.to_string(), ours: delivered }))
+    Some((path, Known { stamp, digest: digest.to_string(), ours, what }))
 }
 
 #[cfg(test)]
@@ -253,7 +320,7 @@ mod tests {
     }
 
     fn known(digest: &str, ours: bool) -> Known {
-        Known { stamp: stamp(1), digest: digest.into(), ours }
+        Known { stamp: stamp(1), digest: digest.into(), ours, what: What::File }
     }
 
     #[test]
@@ -266,8 +333,12 @@ mod tests {
             known(Y, false),
         );
         entries.insert("back\\slash and space".to_string(), known(X, false));
+        entries.insert("link".to_string(), Known { what: What::Link, ..known(X, true) });
+        entries.insert("dir".to_string(), Known { what: What::Dir(DirMark::Published), ..known(X, true) });
+        entries.insert("gone".to_string(), Known { what: What::Dir(DirMark::Deleted), ..known(X, true) });
+        entries.insert("parent".to_string(), Known { what: What::Dir(DirMark::Parent), ..known(X, true) });
         let text = render(&entries);
-        assert_eq!(text.lines().count(), 5, "{text}");
+        assert_eq!(text.lines().count(), 9, "{text}");
         assert_eq!(parse(text.as_bytes()), entries);
     }
 

@@ -193,6 +193,66 @@ impl Dir {
         check(unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
     }
 
+    /// Creates symlink `name` leading to `target` (never replacing
+    /// anything).
+    pub fn symlink(&self, target: &str, name: &str) -> io::Result<()> {
+        let (target, name) = (
+            CString::new(target)
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in a link target"))?,
+            component(name)?,
+        );
+        // SAFETY: valid C strings and a directory descriptor we hold.
+        retry(|| unsafe { libc::symlinkat(target.as_ptr(), self.fd.as_raw_fd(), name.as_ptr()) }).map(drop)
+    }
+
+    /// Sets the mtime of entry `name` itself (a symlink's own, never its
+    /// target's); the access time is left alone.
+    pub fn set_mtime_of(&self, name: &str, mtime_ns: i64) -> io::Result<()> {
+        let name = component(name)?;
+        let times = [omit(), timespec(mtime_ns)];
+        // SAFETY: a valid C string, a directory descriptor we hold and two
+        // timespecs.
+        retry(|| unsafe {
+            libc::utimensat(self.fd.as_raw_fd(), name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW)
+        })
+        .map(drop)
+    }
+
+    /// Sets this directory's own mtime.
+    pub fn set_mtime(&self, mtime_ns: i64) -> io::Result<()> {
+        let times = [omit(), timespec(mtime_ns)];
+        // SAFETY: a descriptor we hold and two timespecs.
+        check(unsafe { libc::futimens(self.fd.as_raw_fd(), times.as_ptr()) }).map(drop)
+    }
+
+    /// Sets the permission bits of regular file `name`, never through a
+    /// symlink: the file is opened as a path (`O_PATH | O_NOFOLLOW`),
+    /// checked, and changed through its descriptor's `/proc` name, so a
+    /// link swapped in meanwhile is refused rather than followed.
+    pub fn set_file_mode(&self, name: &str, mode: u32) -> io::Result<()> {
+        let name = component(name)?;
+        // SAFETY: a valid C string and a directory descriptor we hold.
+        let fd = retry(|| unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        // SAFETY: `fd` was just opened and is owned by nobody else.
+        let file = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: zeroed `stat` is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a descriptor we hold and a `stat` to fill.
+        check(unsafe { libc::fstat(file.as_raw_fd(), &mut st) })?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err(io::Error::other(format!("{} is not a regular file", name.to_string_lossy())));
+        }
+        let proc = CString::new(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(io::Error::other)?;
+        // SAFETY: a valid C string.
+        retry(|| unsafe { libc::chmod(proc.as_ptr(), mode as libc::mode_t) }).map(drop)
+    }
+
     /// A path that names this very directory (through `/proc`), for
     /// listing it with `std::fs::read_dir` whatever happened to the path
     /// it was opened by.
@@ -245,6 +305,29 @@ impl Entry {
     }
 }
 
+/// A timespec of `ns` nanoseconds since the Unix epoch (before it if
+/// negative).
+fn timespec(ns: i64) -> libc::timespec {
+    libc::timespec {
+        tv_sec: ns.div_euclid(1_000_000_000) as libc::time_t,
+        tv_nsec: ns.rem_euclid(1_000_000_000) as _,
+    }
+}
+
+/// "Leave this time alone".
+fn omit() -> libc::timespec {
+    libc::timespec { tv_sec: 0, tv_nsec: libc::UTIME_OMIT }
+}
+
+/// Sets an open file's permission bits and mtime.
+pub(crate) fn set_file_attrs(file: &File, mode: u32, mtime_ns: i64) -> io::Result<()> {
+    // SAFETY: a descriptor we hold.
+    check(unsafe { libc::fchmod(file.as_raw_fd(), mode as libc::mode_t) })?;
+    let times = [omit(), timespec(mtime_ns)];
+    // SAFETY: a descriptor we hold and two timespecs.
+    check(unsafe { libc::futimens(file.as_raw_fd(), times.as_ptr()) }).map(drop)
+}
+
 /// The effective user id of this process.
 pub(crate) fn euid() -> u32 {
     // SAFETY: no arguments, cannot fail.
@@ -273,6 +356,31 @@ mod tests {
         for bad in ["", ".", "..", "a/b", "a\0b"] {
             assert!(root.open_dir(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn links_times_and_modes_never_go_through_a_link() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), b"keep").unwrap();
+        fs::set_permissions(outside.path().join("victim"), fs::Permissions::from_mode(0o644)).unwrap();
+        let root = Dir::open(dir.path()).unwrap();
+        root.symlink(outside.path().join("victim").to_str().unwrap(), "link").unwrap();
+        assert!(root.symlink("other", "link").is_err(), "never replaces");
+        assert_eq!(fs::read_link(dir.path().join("link")).unwrap(), outside.path().join("victim"));
+        let before = fs::metadata(outside.path().join("victim")).unwrap();
+        root.set_mtime_of("link", -1_500_000_001).unwrap();
+        let link = fs::symlink_metadata(dir.path().join("link")).unwrap();
+        assert_eq!((link.mtime(), link.mtime_nsec()), (-2, 499_999_999));
+        assert!(root.set_file_mode("link", 0o777).is_err());
+        let after = fs::metadata(outside.path().join("victim")).unwrap();
+        assert_eq!((after.mtime(), after.mode()), (before.mtime(), before.mode()), "the target is untouched");
+        fs::write(dir.path().join("f"), b"x").unwrap();
+        root.set_file_mode("f", 0o4640).unwrap();
+        assert_eq!(fs::metadata(dir.path().join("f")).unwrap().mode() & 0o7777, 0o4640);
+        root.set_mtime(1_000_000_000_123).unwrap();
+        assert_eq!(fs::metadata(dir.path()).unwrap().mtime_nsec(), 123);
     }
 
     #[test]

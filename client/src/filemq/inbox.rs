@@ -19,8 +19,17 @@
 //! operation fail, never lead it out of the inbox. A path is checked whole
 //! (length included) before anything is created for it, and directories
 //! made for a delivery that then fails are removed again.
+//!
+//! From a server that grants attributes, entries keep their permission
+//! bits and mtime, and symlinks and directories are made as such: a link
+//! only if its target stays inside the inbox (`filemq_ext::link_target`),
+//! created aside and renamed into place; a directory's mtime is put back
+//! after every change inside it. Links and directories carry marks in the
+//! digest cache as delivered files do, under the same rules: what is not
+//! ours is replaced (or given other attributes) only with `overwrite`,
+//! and removed only with `delete`.
 
-use super::digests::{DigestCache, Stamp};
+use super::digests::{DigestCache, DirMark, Known, Stamp, What};
 use super::dirfd::{self, Dir, Kind};
 use sha1::{Digest as _, Sha1};
 use std::fs::{self, File};
@@ -30,6 +39,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use zbroker_proto::digest::Digest;
 use zbroker_proto::escape::escape;
+use zbroker_proto::exclude::Excludes;
+use zbroker_proto::filemq_ext::{link_digest, link_target, Attrs, EntryKind, EMPTY_SHA1, PERMISSIONS};
 
 /// Our private directory inside the inbox.
 pub(crate) const PRIVATE_DIR: &str = ".filemq";
@@ -121,6 +132,9 @@ pub(crate) struct Incoming {
     pub expected_digest: Option<String>,
     /// Bytes held so far (resumed ones included).
     pub written: u64,
+    /// `X-MODE` and `X-MTIME`, given to the file before it is renamed
+    /// into place.
+    pub attrs: Option<Attrs>,
     /// Its name in `.filemq/partial/`.
     temp_name: String,
     #[cfg(test)]
@@ -145,11 +159,44 @@ impl Incoming {
     }
 }
 
+/// An entry the inbox holds, as a server granted attributes is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Holding {
+    /// Inbox-relative.
+    pub rel: String,
+    pub kind: EntryKind,
+    /// A file's SHA-1, a link's `link_digest`, a directory's
+    /// `EMPTY_SHA1`.
+    pub digest: String,
+    pub attrs: Attrs,
+}
+
+/// What applying a file's new attributes did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Applied {
+    Done,
+    /// The file is not there, or not with the content announced: it must
+    /// be fetched again.
+    Lacking,
+}
+
+/// The mode a directory is given: the publisher's, but searchable and
+/// writable by us unless we are root, so that the mirror can still be
+/// changed inside it.
+pub(crate) fn dir_mode(mode: u32) -> u32 {
+    if dirfd::euid() == 0 {
+        mode & PERMISSIONS
+    } else {
+        (mode & PERMISSIONS) | 0o700
+    }
+}
+
 /// What a delete did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Deleted {
     Removed,
-    /// There was no file.
+    /// There was nothing to remove (or a directory we made still holds
+    /// something: it goes once emptied).
     Absent,
     /// The file is not one we delivered, and the user did not ask for
     /// deletes of every file: it is kept.
@@ -184,9 +231,17 @@ pub(crate) struct Inbox {
     #[cfg(test)]
     partial_path: PathBuf,
     digests: DigestCache,
+    /// Directories the publisher had deleted that a delete since emptied
+    /// and removed: reported as deletes by the session
+    /// ([`Inbox::take_removed_dirs`]).
+    removed_dirs: Vec<String>,
     /// Held open for its `flock`: one subscriber per inbox.
     _lock: File,
 }
+
+/// Directories removed by one delete that are reported (a delete removes
+/// at most as many as it has parents).
+const MAX_REMOVED_REPORTED: usize = 256;
 
 /// Creates (mode 0700) or opens one of our private directories, refusing a
 /// symlink, a non-directory or one another user owns; tightens its mode.
@@ -242,6 +297,7 @@ impl Inbox {
             #[cfg(test)]
             partial_path,
             digests,
+            removed_dirs: Vec::new(),
             _lock: lock,
         };
         for name in inbox.partial_names()? {
@@ -351,16 +407,19 @@ impl Inbox {
     fn check_leaf(&self, walk: &Walk<'_>, rel: &str, replace_any: bool) -> Result<(), FileError> {
         match self.parent(walk).entry(walk.leaf())? {
             None => Ok(()),
-            Some(e) => match e.kind {
-                Kind::Symlink => Err(FileError::Refused(format!("{} is a symlink", shown(rel)))),
-                Kind::Other => Err(FileError::Refused(format!("{} is not a regular file", shown(rel)))),
-                Kind::File if !replace_any && !self.digests.is_ours(rel, e.inode) => Err(FileError::NotOurs),
-                // An (empty) directory where the file goes is never ours
-                // to remove: we remove the directories we made as soon as
-                // they are empty.
-                Kind::Dir if !replace_any => Err(FileError::NotOurs),
-                Kind::File | Kind::Dir => Ok(()),
-            },
+            Some(e) => {
+                let ours = self.digests.is_ours(rel, e.inode);
+                match e.kind {
+                    // A link we made is replaced (renamed over, never
+                    // written through); anyone else's is refused.
+                    Kind::Symlink if ours => Ok(()),
+                    Kind::Symlink => Err(FileError::Refused(format!("{} is a symlink", shown(rel)))),
+                    Kind::Other => Err(FileError::Refused(format!("{} is not a regular file", shown(rel)))),
+                    // A directory goes only if empty (see `place`).
+                    Kind::File | Kind::Dir if !replace_any && !ours => Err(FileError::NotOurs),
+                    Kind::File | Kind::Dir => Ok(()),
+                }
+            }
         }
     }
 
@@ -464,6 +523,7 @@ impl Inbox {
             expected_size,
             expected_digest,
             written: offset,
+            attrs: None,
             #[cfg(test)]
             temp: self.partial_path.join(&temp_name),
             temp_name,
@@ -491,7 +551,15 @@ impl Inbox {
     /// inbox sees the old file or the new one, never a torn one. A file
     /// already there must be ours unless `replace_any`. Returns the size.
     pub fn deliver(&mut self, incoming: Incoming, replace_any: bool) -> Result<u64, FileError> {
-        let Incoming { rel, expected_size, expected_digest, written, temp_name, file, hasher, .. } = incoming;
+        let Incoming { rel, expected_size, expected_digest, written, temp_name, file, hasher, attrs, .. } =
+            incoming;
+        // Before the rename, so that the file appears with them.
+        if let Some(attrs) = attrs {
+            if let Err(e) = dirfd::set_file_attrs(&file, attrs.mode & PERMISSIONS, attrs.mtime_ns) {
+                let _ = self.partial.remove_file(&temp_name);
+                return Err(e.into());
+            }
+        }
         let meta = file.metadata();
         drop(file);
         let digest = Digest::from_hasher(hasher).to_string();
@@ -519,27 +587,287 @@ impl Inbox {
         }
     }
 
-    /// Renames partial file `temp_name` to `rel`, making its parents.
-    fn place(&self, rel: &str, temp_name: &str, replace_any: bool) -> Result<(), FileError> {
+    /// Renames partial file (or link) `temp_name` to `rel`, making its
+    /// parents.
+    fn place(&mut self, rel: &str, temp_name: &str, replace_any: bool) -> Result<(), FileError> {
         self.check_target_inner(rel, replace_any)?;
         let Some(walk) = self.walk(rel, true)? else {
             return Err(FileError::Refused(format!("a directory above {} vanished", shown(rel))));
         };
         let result = self.check_leaf(&walk, rel, replace_any).and_then(|()| {
             let (parent, leaf) = (self.parent(&walk), walk.leaf());
-            if parent.entry(leaf)?.is_some_and(|e| e.kind == Kind::Dir) {
-                // A directory where the publisher now has a file: only an
-                // empty one may go (its files' deletes come separately).
-                parent.remove_dir(leaf).map_err(|_| {
-                    FileError::Refused(format!("a directory is in the way of {}", shown(rel)))
-                })?;
-            }
+            self.clear_dir(parent, leaf, rel)?;
             Ok(self.partial.rename(temp_name, parent, leaf)?)
         });
-        if result.is_err() {
-            self.undo(walk);
+        match &result {
+            Ok(()) => self.settle_dirs(&walk, rel),
+            Err(_) => self.undo(walk),
         }
         result
+    }
+
+    /// Removes an empty directory at `leaf` of `parent`, where something
+    /// else is to go (the publisher replaced it; a directory's files have
+    /// deletes of their own).
+    fn clear_dir(&self, parent: &Dir, leaf: &str, rel: &str) -> Result<(), FileError> {
+        if parent.entry(leaf)?.is_some_and(|e| e.kind == Kind::Dir) {
+            parent
+                .remove_dir(leaf)
+                .map_err(|_| FileError::Refused(format!("a directory is in the way of {}", shown(rel))))?;
+        }
+        Ok(())
+    }
+
+    /// After a change at `rel`: the directories the walk made are marked
+    /// ours (made as parents), and the directories above `rel` that the
+    /// publisher has get their mtime back (the change moved it).
+    fn settle_dirs(&mut self, walk: &Walk<'_>, rel: &str) {
+        let made = walk.chain.len() - walk.created;
+        for (depth, dir) in walk.chain.iter().enumerate() {
+            let dir_rel = walk.components[..=depth].join("/");
+            let Ok(entry) = dir.stat() else { continue };
+            if depth >= made {
+                let known = Known {
+                    stamp: Stamp { size: 0, mtime_ns: 0, inode: entry.inode },
+                    digest: EMPTY_SHA1.to_string(),
+                    ours: true,
+                    what: What::Dir(DirMark::Parent),
+                };
+                if let Err(e) = self.digests.mark(&self.private, &dir_rel, known) {
+                    tracing::warn!("cannot record {}: {e}", shown(&dir_rel));
+                }
+                continue;
+            }
+            if let Some(mtime_ns) = self.published_mtime(&dir_rel, entry.inode) {
+                if let Err(e) = dir.set_mtime(mtime_ns) {
+                    tracing::debug!(
+                        "cannot put back the mtime of {} after {}: {e}",
+                        shown(&dir_rel),
+                        shown(rel)
+                    );
+                }
+            }
+        }
+    }
+
+    /// The mtime the directory at `rel` (inode `inode`) was published
+    /// with, if it is ours and the publisher has it.
+    fn published_mtime(&self, rel: &str, inode: u64) -> Option<i64> {
+        let known = self.digests.get(rel)?;
+        (known.what == What::Dir(DirMark::Published) && known.stamp.inode == inode)
+            .then_some(known.stamp.mtime_ns as i64)
+    }
+
+    /// Makes the directory `rel` with the publisher's attributes (or gives
+    /// them to the one there, if ours or `replace_any`); a file or link of
+    /// ours in the way goes. True if it was created.
+    pub fn make_dir(&mut self, rel: &str, attrs: Attrs, replace_any: bool) -> Result<bool, FileError> {
+        self.make_dir_inner(rel, attrs, replace_any).map_err(|e| below_root(rel, e))
+    }
+
+    fn make_dir_inner(&mut self, rel: &str, attrs: Attrs, replace_any: bool) -> Result<bool, FileError> {
+        self.check_length(rel)?;
+        let Some(walk) = self.walk(rel, true)? else {
+            return Err(FileError::Refused(format!("a directory above {} vanished", shown(rel))));
+        };
+        let result = self.make_dir_at(&walk, rel, attrs, replace_any);
+        match &result {
+            Ok(_) => self.settle_dirs(&walk, rel),
+            Err(_) => self.undo(walk),
+        }
+        result
+    }
+
+    fn make_dir_at(
+        &mut self,
+        walk: &Walk<'_>,
+        rel: &str,
+        attrs: Attrs,
+        replace_any: bool,
+    ) -> Result<bool, FileError> {
+        let (parent, leaf) = (walk.chain.last().unwrap_or(&self.root), walk.leaf());
+        let existing = parent.entry(leaf)?;
+        let ours = existing.is_some_and(|e| self.digests.is_ours(rel, e.inode));
+        let mut created = false;
+        match existing {
+            Some(e) if e.kind == Kind::Other => {
+                return Err(FileError::Refused(format!("{} is not a regular file or directory", shown(rel))))
+            }
+            // A directory with the publisher's mode is taken as the
+            // mirror's (older versions made them unmarked); it only takes
+            // the mtime. One with another mode is the user's.
+            Some(e)
+                if e.kind == Kind::Dir
+                    && !ours
+                    && !replace_any
+                    && e.mode & PERMISSIONS != dir_mode(attrs.mode) =>
+            {
+                return Err(FileError::NotOurs)
+            }
+            Some(e) if e.kind == Kind::Dir => {}
+            Some(_) if !ours && !replace_any => return Err(FileError::NotOurs),
+            Some(_) => {
+                parent.remove_file(leaf)?;
+                self.digests.forget(rel);
+                created = true;
+            }
+            None => created = true,
+        }
+        if created && !parent.make_dir(leaf, 0o700)? {
+            return Err(FileError::Refused(format!("something appeared at {} meanwhile", shown(rel))));
+        }
+        let dir = parent.open_dir(leaf).map_err(|e| {
+            if dirfd::is_symlink_error(&e) {
+                FileError::Refused(format!("{} is a symlink", shown(rel)))
+            } else {
+                e.into()
+            }
+        })?;
+        dir.set_mode(dir_mode(attrs.mode))?;
+        dir.set_mtime(attrs.mtime_ns)?;
+        let inode = dir.stat()?.inode;
+        let known = Known {
+            stamp: Stamp {
+                size: u64::from(attrs.mode & PERMISSIONS),
+                mtime_ns: i128::from(attrs.mtime_ns),
+                inode,
+            },
+            digest: EMPTY_SHA1.to_string(),
+            ours: true,
+            what: What::Dir(DirMark::Published),
+        };
+        self.digests.mark(&self.private, rel, known)?;
+        Ok(created)
+    }
+
+    /// Makes the symlink `rel` leading to `target` (checked: it must stay
+    /// inside the inbox), with mtime `mtime_ns`: made in our private area
+    /// and renamed into place, replacing a link or file of ours (or any,
+    /// with `replace_any`), or an empty directory.
+    pub fn make_link(
+        &mut self,
+        rel: &str,
+        target: &str,
+        mtime_ns: i64,
+        replace_any: bool,
+    ) -> Result<(), FileError> {
+        link_target(rel, target).map_err(|why| FileError::Refused(why.to_string()))?;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let temp = format!("link-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let made =
+            self.partial.symlink(target, &temp).and_then(|()| self.partial.set_mtime_of(&temp, mtime_ns));
+        let result = match made {
+            Ok(()) => self.place_link(rel, &temp, replace_any),
+            Err(e) => Err(e.into()),
+        };
+        if result.is_err() {
+            let _ = self.partial.remove_file(&temp);
+        }
+        result.map_err(|e| below_root(rel, e))?;
+        let inode = self
+            .walk(rel, false)?
+            .and_then(|w| self.parent(&w).entry(w.leaf()).ok().flatten())
+            .map(|e| e.inode);
+        if let Some(inode) = inode {
+            let known = Known {
+                stamp: Stamp { size: 0, mtime_ns: i128::from(mtime_ns), inode },
+                digest: link_digest(target),
+                ours: true,
+                what: What::Link,
+            };
+            self.digests.mark(&self.private, rel, known)?;
+        }
+        Ok(())
+    }
+
+    fn place_link(&mut self, rel: &str, temp: &str, replace_any: bool) -> Result<(), FileError> {
+        self.check_length(rel)?;
+        let Some(walk) = self.walk(rel, true)? else {
+            return Err(FileError::Refused(format!("a directory above {} vanished", shown(rel))));
+        };
+        let result = (|| {
+            let (parent, leaf) = (self.parent(&walk), walk.leaf());
+            if let Some(e) = parent.entry(leaf)? {
+                let ours = self.digests.is_ours(rel, e.inode);
+                match e.kind {
+                    Kind::Other => {
+                        return Err(FileError::Refused(format!("{} is not a regular file", shown(rel))))
+                    }
+                    _ if !ours && !replace_any => return Err(FileError::NotOurs),
+                    _ => self.clear_dir(parent, leaf, rel)?,
+                }
+            }
+            Ok(self.partial.rename(temp, parent, leaf)?)
+        })();
+        match &result {
+            Ok(()) => self.settle_dirs(&walk, rel),
+            Err(_) => self.undo(walk),
+        }
+        result
+    }
+
+    /// Gives the file at `rel` new attributes, if it holds the content
+    /// `digest` and is ours (or `replace_any`).
+    pub fn set_attrs(
+        &mut self,
+        rel: &str,
+        digest: &str,
+        attrs: Attrs,
+        replace_any: bool,
+    ) -> Result<Applied, FileError> {
+        self.set_attrs_inner(rel, digest, attrs, replace_any).map_err(|e| below_root(rel, e))
+    }
+
+    fn set_attrs_inner(
+        &mut self,
+        rel: &str,
+        digest: &str,
+        attrs: Attrs,
+        replace_any: bool,
+    ) -> Result<Applied, FileError> {
+        let Some(walk) = self.walk(rel, false)? else { return Ok(Applied::Lacking) };
+        let (parent, leaf) = (walk.chain.last().unwrap_or(&self.root), walk.leaf());
+        let Some(entry) = parent.entry(leaf)?.filter(|e| e.kind == Kind::File) else {
+            return Ok(Applied::Lacking);
+        };
+        let stamp = Stamp { size: entry.size, mtime_ns: entry.mtime_ns, inode: entry.inode };
+        let held = match self.digests.lookup(rel, stamp) {
+            Some(held) => held,
+            None => {
+                let file = parent.open_file(leaf, libc::O_RDONLY | libc::O_NONBLOCK, 0)?;
+                Digest::from_hasher(hash_reader(file, u64::MAX)?.0).to_string()
+            }
+        };
+        if held != digest {
+            return Ok(Applied::Lacking);
+        }
+        if !replace_any && !self.digests.is_ours(rel, entry.inode) {
+            return Err(FileError::NotOurs);
+        }
+        parent.set_file_mode(leaf, attrs.mode & PERMISSIONS)?;
+        parent.set_mtime_of(leaf, attrs.mtime_ns)?;
+        if let Some(after) = parent.entry(leaf)? {
+            let stamp = Stamp { size: after.size, mtime_ns: after.mtime_ns, inode: after.inode };
+            self.digests.remember(rel, stamp, held, false);
+        }
+        Ok(Applied::Done)
+    }
+
+    /// The path length rule alone.
+    fn check_length(&self, rel: &str) -> Result<(), FileError> {
+        let length = self.root_len + 1 + rel.len();
+        if length > MAX_PATH {
+            return Err(FileError::Refused(format!(
+                "its path in the inbox would be {length} bytes long, more than the system's {MAX_PATH}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Directories the publisher deleted that the last deletes removed
+    /// once they emptied them.
+    pub fn take_removed_dirs(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.removed_dirs)
     }
 
     /// Removes the file `rel` if we delivered it (or `any`), and the
@@ -552,40 +880,135 @@ impl Inbox {
     fn delete_file(&mut self, rel: &str, any: bool) -> Result<Deleted, FileError> {
         let Some(mut walk) = self.walk(rel, false)? else { return Ok(Deleted::Absent) };
         let parent = self.parent(&walk);
-        match parent.entry(walk.leaf())? {
-            None => return Ok(Deleted::Absent),
-            Some(e) if e.kind == Kind::File && (any || self.digests.is_ours(rel, e.inode)) => {}
-            Some(e) if e.kind == Kind::File => return Ok(Deleted::Kept),
-            Some(_) => return Err(FileError::Refused(format!("{} is not a file", shown(rel)))),
+        let Some(entry) = parent.entry(walk.leaf())? else { return Ok(Deleted::Absent) };
+        let ours = self.digests.is_ours(rel, entry.inode);
+        match entry.kind {
+            Kind::Other => return Err(FileError::Refused(format!("{} is not a file", shown(rel)))),
+            // Removing a link never touches its target, but one we did not
+            // make is refused as any link in the way is.
+            Kind::Symlink if !ours => return Err(FileError::Refused(format!("{} is a symlink", shown(rel)))),
+            _ if !any && !ours => return Ok(Deleted::Kept),
+            Kind::File | Kind::Symlink => {
+                parent.remove_file(walk.leaf())?;
+            }
+            Kind::Dir => match parent.remove_dir(walk.leaf()) {
+                Ok(()) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                    // Not published any more, but something is still in
+                    // it: it goes once emptied, as a parent does.
+                    if let Some(known) = self.digests.get(rel).filter(|_| ours).cloned() {
+                        let known = Known { what: What::Dir(DirMark::Deleted), ..known };
+                        self.digests.mark(&self.private, rel, known)?;
+                    }
+                    tracing::debug!("{} is not empty: kept until it is", shown(rel));
+                    return Ok(Deleted::Absent);
+                }
+                Err(e) => return Err(e.into()),
+            },
         }
-        parent.remove_file(walk.leaf())?;
         self.digests.forget(rel);
-        while let Some(dir) = walk.chain.pop() {
-            drop(dir);
-            let depth = walk.chain.len();
+        // Directories emptied by the delete go, up to (not including) the
+        // inbox root, unless the publisher has them.
+        while let Some(dir) = walk.chain.last() {
+            let depth = walk.chain.len() - 1;
+            let dir_rel = walk.components[..=depth].join("/");
+            let inode = dir.stat()?.inode;
+            if self.published_mtime(&dir_rel, inode).is_some() {
+                break;
+            }
+            drop(walk.chain.pop());
             let parent = walk.chain.last().unwrap_or(&self.root);
             if parent.remove_dir(walk.components[depth]).is_err() {
                 break;
             }
+            let deleted = self.digests.get(&dir_rel).is_some_and(|k| k.what == What::Dir(DirMark::Deleted));
+            if deleted && self.removed_dirs.len() < MAX_REMOVED_REPORTED {
+                self.removed_dirs.push(dir_rel.clone());
+            }
+            self.digests.forget(&dir_rel);
         }
+        self.settle_dirs(&walk, rel);
         Ok(Deleted::Removed)
     }
 
     /// The files held under inbox-relative directory `dir` (empty: the
-    /// whole inbox), as `(inbox-relative path, upper-case SHA-1)`. Hidden
-    /// entries (our `.filemq` among them) and symlinks are skipped; digests
-    /// come from the cache when size and mtime are unchanged. An entry that
-    /// cannot be read (no permission, a path too long, an I/O error) is
-    /// left out with a warning: we do not hold it as far as the server is
-    /// told. Only an unreadable inbox root is an error.
+    /// whole inbox), as `(inbox-relative path, upper-case SHA-1)`: see
+    /// [`Inbox::entries`].
+    #[cfg(test)]
     pub fn holdings(&mut self, dir: &str) -> io::Result<Vec<(String, String)>> {
+        Ok(self.entries(dir, false, None)?.into_iter().map(|h| (h.rel, h.digest)).collect())
+    }
+
+    /// What is held under inbox-relative directory `dir`: see [`list`].
+    pub fn entries(
+        &mut self,
+        dir: &str,
+        all_kinds: bool,
+        exclude: Option<&Excludes>,
+    ) -> io::Result<Vec<Holding>> {
+        list(&self.root_path, &mut self.digests, dir, all_kinds, exclude)
+    }
+
+    /// Starts a census: the digests of files that [`Inbox::holdings`] (or a
+    /// delivery) meets from now on are the ones a pruning save keeps.
+    pub fn start_census(&mut self) {
+        self.digests.start_census();
+    }
+
+    /// Writes the digest cache if it changed. With `prune`, entries not
+    /// met since [`Inbox::start_census`] (files no longer there) go.
+    pub fn save_digests(&mut self, prune: bool) -> io::Result<()> {
+        self.digests.save(&self.private, prune)
+    }
+}
+
+/// What is held under inbox-relative directory `dir` (empty: the
+/// whole inbox): the files, and with `all_kinds` the directories (not
+/// `dir` itself) and symlinks, sorted. Hidden entries (our `.filemq`
+/// among them) and what `exclude` leaves out (matched relative to
+/// `dir`; an excluded directory with all it holds) are left out;
+/// digests come from the cache
+/// when size and mtime are unchanged. An entry that cannot be read
+/// (no permission, a path too long, an I/O error) is left out with a
+/// warning: we do not hold it as far as the server is told. Only an
+/// unreadable inbox root is an error.
+pub(crate) fn list(
+    root_path: &Path,
+    digests: &mut DigestCache,
+    dir: &str,
+    all_kinds: bool,
+    exclude: Option<&Excludes>,
+) -> io::Result<Vec<Holding>> {
+    Lister { root_path, digests }.entries(dir, all_kinds, exclude)
+}
+
+/// The walk of [`list`]: what it needs of an inbox (its path and digest
+/// cache), so that a real inbox and a dry run's look at one share it.
+struct Lister<'a> {
+    root_path: &'a Path,
+    digests: &'a mut DigestCache,
+}
+
+impl Lister<'_> {
+    fn entries(
+        &mut self,
+        dir: &str,
+        all_kinds: bool,
+        exclude: Option<&Excludes>,
+    ) -> io::Result<Vec<Holding>> {
+        let skip = dir.len() + usize::from(!dir.is_empty());
         let mut found = Vec::new();
         self.digests.walked(dir);
-        let start = if dir.is_empty() { self.root_path.clone() } else { self.root_path.join(dir) };
+        let start = if dir.is_empty() { self.root_path.to_path_buf() } else { self.root_path.join(dir) };
         match fs::symlink_metadata(&start) {
             Ok(meta) if meta.is_file() => {
                 match self.digest_of(dir, &meta) {
-                    Ok(digest) => found.push((dir.to_string(), digest)),
+                    Ok(digest) => found.push(Holding {
+                        rel: dir.to_string(),
+                        kind: EntryKind::File,
+                        digest,
+                        attrs: Attrs::of(&meta),
+                    }),
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => self.unreadable(dir, &start, &e),
                 }
@@ -633,20 +1056,77 @@ impl Inbox {
                         continue;
                     }
                 };
+                if exclude.is_some_and(|e| e.excludes(child.get(skip..).unwrap_or_default(), meta.is_dir())) {
+                    continue;
+                }
                 if meta.is_dir() {
+                    // Its mark is kept whoever asks.
+                    self.digests.met(&child);
+                    if all_kinds {
+                        let attrs = self.dir_attrs(&child, &meta);
+                        found.push(Holding {
+                            rel: child.clone(),
+                            kind: EntryKind::Dir,
+                            digest: EMPTY_SHA1.into(),
+                            attrs,
+                        });
+                    }
                     pending.push((entry.path(), child));
                 } else if meta.is_file() {
                     match self.digest_of(&child, &meta) {
-                        Ok(digest) => found.push((child, digest)),
+                        Ok(digest) => found.push(Holding {
+                            rel: child,
+                            kind: EntryKind::File,
+                            digest,
+                            attrs: Attrs::of(&meta),
+                        }),
                         // Gone while we walked: not held.
+                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                        Err(e) => self.unreadable(&child, &entry.path(), &e),
+                    }
+                } else if meta.file_type().is_symlink() {
+                    self.digests.met(&child);
+                    if !all_kinds {
+                        continue;
+                    }
+                    match fs::read_link(entry.path()).map(|t| t.into_os_string().into_string()) {
+                        Ok(Ok(target)) => {
+                            let attrs = Attrs { mode: PERMISSIONS, ..Attrs::of(&meta) };
+                            found.push(Holding {
+                                rel: child,
+                                kind: EntryKind::Link,
+                                digest: link_digest(&target),
+                                attrs,
+                            });
+                        }
+                        // A target that is not UTF-8 is none of the publisher's.
+                        Ok(Err(_)) => {}
                         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                         Err(e) => self.unreadable(&child, &entry.path(), &e),
                     }
                 }
             }
         }
-        found.sort();
+        found.sort_by(|a, b| a.rel.cmp(&b.rel));
         Ok(found)
+    }
+
+    /// A directory's attributes as the publisher would say them: a
+    /// directory of ours whose mode we widened for ourselves (`dir_mode`)
+    /// reports the mode it was published with.
+    fn dir_attrs(&self, rel: &str, meta: &fs::Metadata) -> Attrs {
+        use std::os::unix::fs::MetadataExt;
+        let attrs = Attrs::of(meta);
+        match self.digests.get(rel) {
+            Some(known)
+                if known.what == What::Dir(DirMark::Published)
+                    && known.stamp.inode == meta.ino()
+                    && dir_mode(known.stamp.size as u32) == attrs.mode =>
+            {
+                Attrs { mode: known.stamp.size as u32 & PERMISSIONS, ..attrs }
+            }
+            _ => attrs,
+        }
     }
 
     fn digest_of(&mut self, rel: &str, meta: &fs::Metadata) -> io::Result<String> {
@@ -671,18 +1151,6 @@ impl Inbox {
     fn unreadable(&mut self, rel: &str, path: &Path, e: &io::Error) {
         tracing::warn!("skipping {}, which cannot be read: {e}", escape(path.as_os_str().as_encoded_bytes()));
         self.digests.unreadable(rel);
-    }
-
-    /// Starts a census: the digests of files that [`Inbox::holdings`] (or a
-    /// delivery) meets from now on are the ones a pruning save keeps.
-    pub fn start_census(&mut self) {
-        self.digests.start_census();
-    }
-
-    /// Writes the digest cache if it changed. With `prune`, entries not
-    /// met since [`Inbox::start_census`] (files no longer there) go.
-    pub fn save_digests(&mut self, prune: bool) -> io::Result<()> {
-        self.digests.save(&self.private, prune)
     }
 }
 
@@ -980,6 +1448,173 @@ mod tests {
         // The cache is written as a new file, not through the planted link.
         inbox.save_digests(false).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"keep");
+    }
+
+    fn attrs(mode: u32, secs: i64) -> Attrs {
+        Attrs { mode, mtime_ns: secs * 1_000_000_000 }
+    }
+
+    fn stat(root: &Path, rel: &str) -> (u32, i64) {
+        use std::os::unix::fs::MetadataExt;
+        let meta = fs::symlink_metadata(root.join(rel)).unwrap();
+        (meta.mode() & 0o7777, meta.mtime())
+    }
+
+    fn deliver(inbox: &mut Inbox, rel: &str, data: &[u8], attrs: Option<Attrs>) -> Result<u64, FileError> {
+        let mut inc = inbox.begin(rel.as_bytes().to_vec(), placed(rel), None, None, 0).unwrap();
+        inc.attrs = attrs;
+        inc.write(data).unwrap();
+        inbox.deliver(inc, false)
+    }
+
+    #[test]
+    fn files_arrive_with_their_attributes_and_directories_keep_their_mtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut inbox = Inbox::open(root).unwrap();
+        // The file before its directory: the directory is made as a parent,
+        // then given the publisher's attributes.
+        deliver(&mut inbox, "d/f", b"x", Some(attrs(0o751, 1_000))).unwrap();
+        assert_eq!(stat(root, "d/f"), (0o751, 1_000));
+        assert!(!inbox.make_dir("d", attrs(0o750, 2_000), false).unwrap(), "it was there");
+        assert_eq!(stat(root, "d"), (dir_mode(0o750), 2_000));
+        // A change inside moves the directory's mtime: it is put back.
+        deliver(&mut inbox, "d/g", b"y", None).unwrap();
+        assert_eq!(stat(root, "d").1, 2_000);
+        inbox.make_link("d/l", "g", 3_000_000_000_123, false).unwrap();
+        assert_eq!(fs::read_link(root.join("d/l")).unwrap(), Path::new("g"));
+        assert_eq!(stat(root, "d/l").1, 3_000);
+        assert_eq!(stat(root, "d").1, 2_000);
+        assert_eq!(inbox.delete("d/g", false).unwrap(), Deleted::Removed);
+        assert_eq!(stat(root, "d").1, 2_000);
+        // Empty, but published: kept.
+        assert_eq!(inbox.delete("d/f", false).unwrap(), Deleted::Removed);
+        assert_eq!(inbox.delete("d/l", false).unwrap(), Deleted::Removed);
+        assert!(root.join("d").is_dir());
+        assert!(inbox.make_dir("e/mpty", attrs(0o700, 4_000), false).unwrap());
+        let held: Vec<(String, EntryKind)> =
+            inbox.entries("", true, None).unwrap().into_iter().map(|h| (h.rel, h.kind)).collect();
+        let expect = [("d", EntryKind::Dir), ("e", EntryKind::Dir), ("e/mpty", EntryKind::Dir)];
+        assert_eq!(held, expect.map(|(r, k)| (r.to_string(), k)));
+        // The publisher's own attributes are what is reported, even where
+        // we keep a directory writable for ourselves.
+        let d = inbox.entries("", true, None).unwrap().remove(0);
+        assert_eq!(d.attrs, attrs(0o750, 2_000));
+        // Deleted by the publisher: removed once empty.
+        assert_eq!(inbox.delete("e/mpty", false).unwrap(), Deleted::Removed);
+        assert!(!root.join("e").exists(), "its parent, made only as a parent, goes with it");
+        assert!(inbox.take_removed_dirs().is_empty(), "and that is no delete of the publisher's");
+        assert_eq!(inbox.delete("d", false).unwrap(), Deleted::Removed);
+        assert!(!root.join("d").exists());
+    }
+
+    #[test]
+    fn a_directory_still_holding_something_goes_once_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        inbox.make_dir("d", attrs(0o755, 1_000), false).unwrap();
+        deliver(&mut inbox, "d/f", b"x", None).unwrap();
+        // The publisher deletes the directory before its file.
+        assert_eq!(inbox.delete("d", false).unwrap(), Deleted::Absent);
+        assert!(dir.path().join("d/f").exists());
+        assert_eq!(inbox.delete("d/f", false).unwrap(), Deleted::Removed);
+        assert!(!dir.path().join("d").exists());
+        assert_eq!(inbox.take_removed_dirs(), ["d"], "its delete is reported then");
+    }
+
+    #[test]
+    fn links_and_directories_of_the_users_are_theirs() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let mut inbox = Inbox::open(root).unwrap();
+        fs::create_dir(root.join("mine")).unwrap();
+        fs::set_permissions(root.join("mine"), std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+        fs::write(root.join("file"), b"mine").unwrap();
+        std::os::unix::fs::symlink("file", root.join("link")).unwrap();
+        assert!(matches!(inbox.make_dir("mine", attrs(0o777, 1), false), Err(FileError::NotOurs)));
+        assert_eq!(stat(root, "mine").0, 0o700, "a directory of yours keeps its mode");
+        // One with the publisher's mode (as an older filemq made them) is
+        // taken as the mirror's.
+        fs::create_dir(root.join("old")).unwrap();
+        fs::set_permissions(root.join("old"), std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        assert!(!inbox.make_dir("old", attrs(0o755, 3), false).unwrap());
+        assert_eq!(stat(root, "old"), (0o755, 3));
+        assert!(matches!(inbox.make_dir("file", attrs(0o755, 1), false), Err(FileError::NotOurs)));
+        assert!(matches!(inbox.make_link("file", "mine", 1, false), Err(FileError::NotOurs)));
+        assert!(matches!(inbox.make_link("link", "mine", 1, false), Err(FileError::NotOurs)));
+        assert_eq!(fs::read(root.join("file")).unwrap(), b"mine");
+        assert_eq!(fs::read_link(root.join("link")).unwrap(), Path::new("file"));
+        assert_eq!(inbox.delete("mine", false).unwrap(), Deleted::Kept);
+        assert!(matches!(inbox.delete("link", true), Err(FileError::Refused(_))), "a link of yours stays");
+        assert!(matches!(
+            inbox.set_attrs("file", &sha1_hex(b"mine"), attrs(0o600, 1), false),
+            Err(FileError::NotOurs)
+        ));
+        // With the user's word, they are taken over.
+        assert!(!inbox.make_dir("mine", attrs(0o755, 5), true).unwrap());
+        assert_eq!(stat(root, "mine"), (dir_mode(0o755), 5));
+        assert_eq!(
+            inbox.set_attrs("file", &sha1_hex(b"mine"), attrs(0o640, 6), true).unwrap(),
+            Applied::Done
+        );
+        assert_eq!(stat(root, "file"), (0o640, 6));
+        assert_eq!(
+            inbox.set_attrs("file", &sha1_hex(b"other"), attrs(0o600, 7), true).unwrap(),
+            Applied::Lacking
+        );
+        assert_eq!(
+            inbox.set_attrs("absent", &sha1_hex(b"x"), attrs(0o600, 7), true).unwrap(),
+            Applied::Lacking
+        );
+        inbox.make_link("link", "mine", 8, true).unwrap();
+        assert_eq!(fs::read_link(root.join("link")).unwrap(), Path::new("mine"));
+        // Ours now: replaced or removed without a word.
+        inbox.make_link("link", "file", 9, false).unwrap();
+        assert_eq!(inbox.delete("link", false).unwrap(), Deleted::Removed);
+    }
+
+    #[test]
+    fn no_link_leads_out_and_none_is_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("victim"), b"keep").unwrap();
+        let root = dir.path();
+        let mut inbox = Inbox::open(root).unwrap();
+        for target in ["../x", "/etc/passwd", "a/../../x", ".filemq/digests", "a/./b", ""] {
+            assert!(matches!(inbox.make_link("l", target, 1, true), Err(FileError::Refused(_))), "{target}");
+        }
+        assert!(matches!(inbox.make_link("d/l", "../../x", 1, true), Err(FileError::Refused(_))));
+        assert!(!root.join("d").exists(), "nothing made for a refused link");
+        // A link of ours is replaced by a file, never written through.
+        inbox.make_link("l", "d", 1, false).unwrap();
+        std::fs::remove_file(root.join("l")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("victim"), root.join("l")).unwrap();
+        // Refused, or (its inode reused) replaced: never written through.
+        let _ = deliver(&mut inbox, "l", b"evil", None);
+        assert_eq!(fs::read(outside.path().join("victim")).unwrap(), b"keep");
+        inbox.make_link("m", "d", 1, false).unwrap();
+        deliver(&mut inbox, "m", b"file", None).unwrap();
+        assert!(fs::symlink_metadata(root.join("m")).unwrap().is_file());
+        // Attributes never go through a link.
+        assert_eq!(
+            inbox.set_attrs("l", &sha1_hex(b"keep"), attrs(0o777, 1), true).unwrap(),
+            Applied::Lacking
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_ne!(fs::metadata(outside.path().join("victim")).unwrap().permissions().mode() & 0o777, 0o777);
+    }
+
+    #[test]
+    fn marks_of_links_and_directories_survive_a_kill() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        inbox.make_dir("d", attrs(0o755, 1), false).unwrap();
+        inbox.make_link("d/l", "x", 1, false).unwrap();
+        drop(inbox); // as SIGKILL would: no save
+        let mut inbox = Inbox::open(dir.path()).unwrap();
+        assert_eq!(inbox.delete("d/l", false).unwrap(), Deleted::Removed);
+        assert!(dir.path().join("d").is_dir(), "still known as published");
+        assert_eq!(inbox.delete("d", false).unwrap(), Deleted::Removed);
     }
 
     #[test]

@@ -90,7 +90,14 @@ impl Link {
 
     /// Sends one message, waiting at most `patience` for room.
     pub fn send(&mut self, msg: &FilemqMsg, patience: Duration) -> Result<(), WireError> {
-        self.0.send(msg.encode(), patience).map_err(|e| match e {
+        self.send_with_bits(msg, 0, patience)
+    }
+
+    /// Sends `msg` with capability bits after its fields
+    /// (`filemq_ext::encode_with_bits`; none when 0).
+    pub fn send_with_bits(&mut self, msg: &FilemqMsg, bits: u8, patience: Duration) -> Result<(), WireError> {
+        let frame = zbroker_proto::filemq_ext::encode_with_bits(msg, bits);
+        self.0.send(frame, patience).map_err(|e| match e {
             link::Error::Zmq(source) => WireError::Send { name: msg.name(), source },
             _ => WireError::NoRoom(msg.name()),
         })

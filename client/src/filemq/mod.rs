@@ -57,6 +57,11 @@
 //!   overrun its announced `X-SIZE` is discarded at once, not at its end.
 //! - A transfer cut short (even by SIGKILL) resumes where it stopped on the
 //!   next connection, with a server that supports it.
+//! - With a server that grants attributes (zbroker), the mirror keeps
+//!   permission bits (never setuid, setgid or sticky) and mtimes, empty
+//!   directories, and symlinks whose target stays inside the inbox (made
+//!   as links, never written through; any other is refused); a chmod or a
+//!   touch alone arrives as new attributes, not as the content again.
 //! - When the server goes silent, the connection drops, or the server has
 //!   forgotten our session (an RTFM after it greeted us), the subscriber
 //!   reconnects (100 ms, doubling to 5 s; the pause only starts again from
@@ -78,6 +83,7 @@ mod dirfd;
 mod inbox;
 mod layout;
 mod link;
+mod preview;
 mod session;
 #[cfg(feature = "fuzzing")]
 #[doc(hidden)]
@@ -104,6 +110,9 @@ pub enum Error {
     /// An option is out of range.
     #[error("bad option: {0}")]
     BadOption(&'static str),
+    /// An exclude pattern is unusable or there are too many.
+    #[error(transparent)]
+    BadExclude(#[from] zbroker_proto::exclude::PatternError),
     /// The inbox cannot be created, locked or read.
     #[error("inbox {path}: {source}")]
     Inbox {
@@ -152,6 +161,20 @@ pub struct Options {
     /// Replace a file of the inbox that this subscriber did not write when
     /// the publisher has another version of it.
     pub overwrite: bool,
+    /// Gitignore-style patterns ([`zbroker_proto::exclude`]) of paths, relative
+    /// to each subscription path, that are neither fetched nor deleted
+    /// nor reported as held. The server filters them (they never cost
+    /// credit), so a server that does not offer it (the original, an
+    /// older zbroker) is refused: [`Event::Unsupported`].
+    pub exclude: Vec<String>,
+    /// Change nothing: ask the server for a listing (no content is sent
+    /// or read) and report what a real run would do with each path
+    /// ([`Event::Planned`], [`Event::Kept`], [`Event::Rejected`]), then
+    /// [`Event::InSync`] as usual. The inbox is only looked at: nothing
+    /// is created in it, not even `.filemq/`, and it need not exist. A
+    /// server that does not offer listings is refused
+    /// ([`Event::Unsupported`]).
+    pub dry_run: bool,
 }
 
 impl Options {
@@ -174,6 +197,8 @@ impl Options {
             curve: None,
             delete: false,
             overwrite: false,
+            exclude: Vec::new(),
+            dry_run: false,
         }
     }
 }
@@ -189,8 +214,15 @@ pub enum Event {
     Progress { path: String, offset: u64, size: Option<u64> },
     /// A file was created or replaced in the inbox, whole and verified.
     Updated { path: String, size: u64 },
-    /// A file was removed from the inbox.
+    /// A directory or symlink was made, or a file given new attributes
+    /// (permission bits, mtime) with its content unchanged: see
+    /// [`Mirrored`]. Only from a server that carries them (zbroker).
+    Mirrored { path: String, what: Mirrored },
+    /// A file (or symlink, or empty directory) was removed from the inbox.
     Deleted { path: String },
+    /// (Dry run) what a real run would do at `path`; `size` for a file's
+    /// content.
+    Planned { path: String, plan: Plan, size: Option<u64> },
     /// Everything published under this subscription path when we
     /// (re)subscribed has arrived: every published file is in the inbox
     /// (files of the inbox that are not published may be there too, see
@@ -229,6 +261,34 @@ pub enum Event {
     /// The inbox became unusable (not writable, disk full, …). The
     /// subscriber has stopped.
     Failed { why: String },
+    /// The server cannot do what the options ask for (exclusions, a
+    /// listing): it did not grant that capability in its greeting (the
+    /// original FileMQ, an older zbroker). Nothing was subscribed; the
+    /// subscriber has stopped.
+    Unsupported { why: String },
+}
+
+/// What a dry run says a real one would do ([`Event::Planned`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Make a file, link or directory that is not there.
+    Create,
+    /// Replace one (a file of ours, or with `overwrite`), or give it new
+    /// attributes.
+    Update,
+    /// Remove one the publisher no longer has.
+    Delete,
+}
+
+/// What [`Event::Mirrored`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mirrored {
+    /// A directory the publisher has (even an empty one).
+    Directory,
+    /// A symlink leading to `target` (relative, inside the inbox).
+    Link { target: String },
+    /// A file's permission bits or mtime changed, not its content.
+    Attributes,
 }
 
 /// Why a file of the inbox was kept: files this subscriber did not write
@@ -259,14 +319,19 @@ impl Subscriber {
     /// there yet is not an error: the thread keeps trying.
     pub fn start(opts: Options) -> Result<Subscriber, Error> {
         let layout = layout::Layout::new(&opts.paths).map_err(|(path, why)| Error::BadPath { path, why })?;
+        let excludes = zbroker_proto::exclude::Excludes::new(&opts.exclude)?;
         if opts.window == 0 {
             return Err(Error::BadOption("the credit window must be at least 1 byte"));
         }
         if opts.heartbeat.is_zero() || opts.dead_after.is_zero() || opts.refetch_delay.is_zero() {
             return Err(Error::BadOption("heartbeat, dead_after and refetch_delay must be more than 0"));
         }
-        let inbox = inbox::Inbox::open(&opts.inbox)
-            .map_err(|source| Error::Inbox { path: opts.inbox.clone(), source })?;
+        let opened = if opts.dry_run {
+            preview::Preview::open(&opts.inbox).map(session::Disk::Preview)
+        } else {
+            inbox::Inbox::open(&opts.inbox).map(session::Disk::Inbox)
+        };
+        let disk = opened.map_err(|source| Error::Inbox { path: opts.inbox.clone(), source })?;
         // One context per subscriber: dropping it waits (briefly) for the
         // KTHXBAI to leave before the process may exit.
         let context = zmq::Context::new();
@@ -280,7 +345,7 @@ impl Subscriber {
         let thread = std::thread::Builder::new()
             .name("filemq-subscriber".into())
             .spawn(move || {
-                session::run(session::Shared::new(opts, layout, inbox, tx, thread_control, context))
+                session::run(session::Shared::new(opts, layout, excludes, disk, tx, thread_control, context))
             })
             .map_err(Error::Thread)?;
         Ok(Subscriber { control, events: Some(rx), thread: Some(thread), subscriptions })

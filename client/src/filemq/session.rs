@@ -5,6 +5,7 @@
 use super::inbox::{self, Deleted, FileError, Inbox, Incoming};
 use super::layout::{Layout, Placed};
 use super::link::{Link, WireError};
+use super::preview::Preview;
 use super::{Event, Kept, Options};
 use crate::link::{self, Heartbeat, PingWhen};
 use bytes::Bytes;
@@ -14,8 +15,10 @@ use std::time::{Duration, Instant};
 use zbroker_proto::codec::{Hash, ShortStr};
 use zbroker_proto::digest::Digest;
 use zbroker_proto::escape::{escape, escape_truncated};
+use zbroker_proto::exclude::Excludes;
 use zbroker_proto::filemq::ceiling;
 use zbroker_proto::filemq::{ext, Operation};
+use zbroker_proto::filemq_ext;
 use zbroker_proto::FilemqMsg;
 
 /// Credit is granted in at least this many bytes at a time (the original's
@@ -68,7 +71,9 @@ pub(crate) fn intake(window: u64) -> (i64, i32) {
 pub(crate) struct Shared {
     opts: Options,
     layout: Layout,
-    inbox: Inbox,
+    /// `opts.exclude`, compiled.
+    excludes: Excludes,
+    disk: Disk,
     events: SyncSender<Event>,
     /// Readable when the subscriber is told to stop.
     control: zmq::Socket,
@@ -79,12 +84,48 @@ impl Shared {
     pub fn new(
         opts: Options,
         layout: Layout,
-        inbox: Inbox,
+        excludes: Excludes,
+        disk: Disk,
         events: SyncSender<Event>,
         control: zmq::Socket,
         context: zmq::Context,
     ) -> Shared {
-        Shared { opts, layout, inbox, events, control, context }
+        Shared { opts, layout, excludes, disk, events, control, context }
+    }
+
+    /// The inbox a real run writes to; a dry run has none (and never gets
+    /// here: its CHEEZBURGERs go to `on_planned`).
+    fn inbox(&mut self) -> Result<&mut Inbox, End> {
+        match &mut self.disk {
+            Disk::Inbox(inbox) => Ok(inbox),
+            Disk::Preview(_) => Err(End::Failed("a dry run writes nothing".into())),
+        }
+    }
+
+    /// Writes the digest cache, unless this is a dry run.
+    fn save_digests(&mut self, prune: bool) {
+        if let Disk::Inbox(inbox) = &mut self.disk {
+            if let Err(e) = inbox.save_digests(prune) {
+                tracing::warn!("cannot save the digest cache: {e}");
+            }
+        }
+    }
+
+    /// Is inbox-relative `rel`, placed under subscription `sub`, excluded
+    /// (as a directory if `is_dir`; `None`: as either, which protects
+    /// both)?
+    fn excluded(&self, sub: usize, rel: &str, is_dir: Option<bool>) -> bool {
+        if self.excludes.is_empty() {
+            return false;
+        }
+        let dir = self.layout.mirror_dir(sub);
+        let below =
+            if dir.is_empty() { Some(rel) } else { rel.strip_prefix(dir).and_then(|r| r.strip_prefix('/')) };
+        let Some(below) = below else { return false };
+        match is_dir {
+            Some(is_dir) => self.excludes.excludes(below, is_dir),
+            None => self.excludes.excludes(below, false) || self.excludes.excludes(below, true),
+        }
     }
 
     /// Waits `pause` unless told to stop first; true if told to stop.
@@ -103,6 +144,13 @@ impl Shared {
     }
 }
 
+/// Where a subscriber's entries go: the inbox, or (a dry run) nowhere, the
+/// inbox only looked at.
+pub(crate) enum Disk {
+    Inbox(Inbox),
+    Preview(Preview),
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 enum End {
@@ -114,6 +162,8 @@ enum End {
     Refused(String),
     /// The inbox is unusable.
     Failed(String),
+    /// The server did not grant a capability the options need.
+    Unsupported(String),
 }
 
 /// The connection thread's body.
@@ -196,6 +246,11 @@ pub(crate) fn run(mut shared: Shared) {
                 let _ = shared.events.send(Event::Failed { why });
                 break;
             }
+            End::Unsupported(why) => {
+                tracing::warn!("{why}");
+                let _ = shared.events.send(Event::Unsupported { why });
+                break;
+            }
             End::Lost(why) => {
                 if !ever_greeted && !told_unreachable && started.elapsed() >= UNREACHABLE_AFTER {
                     told_unreachable = true;
@@ -219,9 +274,7 @@ pub(crate) fn run(mut shared: Shared) {
         }
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
-    if let Err(e) = shared.inbox.save_digests(false) {
-        tracing::warn!("cannot save the digest cache: {e}");
-    }
+    shared.save_digests(false);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,6 +335,8 @@ struct Session<'a, W: Wire = Link> {
     /// How long to wait for OHAI-OK (less than `dead_after` before any
     /// session has existed: see [`UNREACHABLE_AFTER`]).
     greeting_patience: Duration,
+    /// Capabilities the server granted in its OHAI-OK (`filemq_ext`).
+    granted: u8,
 }
 
 impl<'a, W: Wire> Session<'a, W> {
@@ -306,6 +361,7 @@ impl<'a, W: Wire> Session<'a, W> {
             malformed: 0,
             beat,
             greeting_patience,
+            granted: 0,
         }
     }
 
@@ -327,7 +383,11 @@ impl Session<'_, Link> {
     /// Runs until the session ends; `Err` says why (`Ok` never comes back
     /// but keeps `?` usable throughout).
     fn session(&mut self) -> Result<(), End> {
-        self.send(&FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 })?;
+        // Our capabilities ride after OHAI's fields, which any server
+        // reads past (see `filemq_ext`).
+        let ohai = FilemqMsg::Ohai { protocol: ShortStr::lossy("FILEMQ"), version: 2 };
+        let patience = self.shared.opts.dead_after;
+        self.link.send_with_bits(&ohai, filemq_ext::ALL, patience).map_err(|e| End::Lost(e.to_string()))?;
         loop {
             let mut read_dry = false;
             for _ in 0..BATCH {
@@ -396,12 +456,10 @@ impl<W: Wire> Session<'_, W> {
     /// Saves what the session leaves: a file being received stays for a
     /// resume, and the digest cache is written.
     fn leave(&mut self) {
-        if let Some(incoming) = self.incoming.take() {
-            self.shared.inbox.abandon(incoming, true);
+        if let (Some(incoming), Disk::Inbox(inbox)) = (self.incoming.take(), &mut self.shared.disk) {
+            inbox.abandon(incoming, true);
         }
-        if let Err(e) = self.shared.inbox.save_digests(false) {
-            tracing::warn!("cannot save the digest cache: {e}");
-        }
+        self.shared.save_digests(false);
     }
     fn emit(&self, event: Event) -> Result<(), End> {
         tracing::debug!("event {event:?}");
@@ -425,7 +483,7 @@ impl<W: Wire> Session<'_, W> {
     /// Handles one frame; true if it was a valid message for this point of
     /// the session (progress, which keeps the session alive).
     fn on_frame(&mut self, frame: Bytes) -> Result<bool, End> {
-        let msg = match FilemqMsg::decode(frame) {
+        let msg = match FilemqMsg::decode(frame.clone()) {
             Ok(msg) => msg,
             Err(e) => {
                 self.oddity(format_args!("ignoring a malformed frame from the server: {e}"));
@@ -433,6 +491,9 @@ impl<W: Wire> Session<'_, W> {
             }
         };
         tracing::trace!("received {}", msg.name());
+        if matches!(msg, FilemqMsg::OhaiOk {}) && self.phase == Phase::Greeting {
+            self.granted = filemq_ext::trailer_bits(&frame, &msg) & filemq_ext::ALL;
+        }
         self.on_message(msg)
     }
 
@@ -441,6 +502,7 @@ impl<W: Wire> Session<'_, W> {
             FilemqMsg::OhaiOk {} if self.phase == Phase::Greeting => {
                 self.greeted_at = Some(Instant::now());
                 self.emit(Event::Connected)?;
+                self.check_granted()?;
                 self.subscribe_all()?;
             }
             // Also the answer to a RESYNC sent again once subscribed.
@@ -480,18 +542,41 @@ impl<W: Wire> Session<'_, W> {
         Ok(true)
     }
 
+    /// Refuses, before anything is subscribed, a server that did not grant
+    /// what the options need: filtering locally what it sends would cost
+    /// the credit and the transfer exclusions are there to save.
+    fn check_granted(&self) -> Result<(), End> {
+        if !self.shared.excludes.is_empty() && self.granted & filemq_ext::EXCLUDE == 0 {
+            return Err(End::Unsupported(
+                "the server does not offer exclusions (--exclude): it is not a zbroker, or an older one"
+                    .into(),
+            ));
+        }
+        if self.dry_run() && self.granted & filemq_ext::LIST == 0 {
+            return Err(End::Unsupported(
+                "the server does not offer listings (--dry-run): it is not a zbroker, or an older one".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// A dry run: the server lists, the inbox is only looked at.
+    fn dry_run(&self) -> bool {
+        matches!(self.shared.disk, Disk::Preview(_))
+    }
+
     /// ICANHAZ for every subscription; the digest cache is saved (and
     /// pruned) once all holdings have been listed.
     fn subscribe_all(&mut self) -> Result<(), End> {
         let count = self.shared.layout.subscriptions().len();
         self.phase = Phase::Subscribing { oks_due: count };
-        self.shared.inbox.start_census();
+        if let Disk::Inbox(inbox) = &mut self.shared.disk {
+            inbox.start_census();
+        }
         for sub in 0..count {
             self.subscribe(sub)?;
         }
-        if let Err(e) = self.shared.inbox.save_digests(true) {
-            tracing::warn!("cannot save the digest cache: {e}");
-        }
+        self.shared.save_digests(true);
         Ok(())
     }
 
@@ -502,17 +587,29 @@ impl<W: Wire> Session<'_, W> {
         let dir = self.shared.layout.mirror_dir(sub).to_string();
         let mut cache = Hash::default();
         let (mut bytes, mut left_out) = (0usize, 0usize);
-        for (rel, digest) in self.shared.inbox.holdings(&dir).map_err(local)? {
+        // A server that keeps attributes is told those of every entry held
+        // (directories and links too); any other, the files' digests.
+        let meta = self.granted & filemq_ext::META != 0;
+        // What is excluded is not reported: the server then sends no
+        // delete for it, whatever --delete says.
+        let excludes = Some(&self.shared.excludes).filter(|e| !e.is_empty());
+        let held = match &mut self.shared.disk {
+            Disk::Inbox(inbox) => inbox.entries(&dir, meta, excludes),
+            Disk::Preview(preview) => preview.entries(&dir, meta, excludes),
+        };
+        for held in held.map_err(local)? {
             // A key longer than a `string` cannot travel, and a cache past
             // the protocol's ceiling would be refused whole: those files
             // are simply sent again.
-            let Some(key) = self.shared.layout.cache_key(sub, &rel) else { continue };
-            let wire = 1 + key.len() + 4 + digest.len();
+            let Some(key) = self.shared.layout.cache_key(sub, &held.rel) else { continue };
+            let value =
+                if meta { filemq_ext::cache_value(&held.digest, held.kind, held.attrs) } else { held.digest };
+            let wire = 1 + key.len() + 4 + value.len();
             if cache.len() >= ceiling::CACHE_ENTRIES || bytes + wire > ceiling::CACHE_BYTES - 4 {
                 left_out += 1;
                 continue;
             }
-            if cache.insert(&key, digest).is_ok() {
+            if cache.insert(&key, value).is_ok() {
                 bytes += wire;
             }
         }
@@ -527,16 +624,25 @@ impl<W: Wire> Session<'_, W> {
         let mut options = Hash::default();
         let _ = options.insert(ext::RESYNC, "1");
         let _ = options.insert(ext::ZBROKER, "1");
-        let resume: String = self
-            .shared
-            .inbox
-            .resumable()
-            .map_err(local)?
-            .iter()
-            .map(|(digest, held)| ext::resume_line(digest, *held) + "\n")
-            .collect();
-        if !resume.is_empty() {
-            let _ = options.insert(ext::RESUME, resume);
+        if !self.shared.excludes.is_empty() {
+            let _ = options.insert(ext::EXCLUDE_OPTION, self.shared.excludes.to_option());
+        }
+        match &self.shared.disk {
+            Disk::Inbox(inbox) => {
+                let resume: String = inbox
+                    .resumable()
+                    .map_err(local)?
+                    .iter()
+                    .map(|(digest, held)| ext::resume_line(digest, *held) + "\n")
+                    .collect();
+                if !resume.is_empty() {
+                    let _ = options.insert(ext::RESUME, resume);
+                }
+            }
+            // A listing: no content is sent, so nothing resumes.
+            Disk::Preview(_) => {
+                let _ = options.insert(ext::LIST_OPTION, "1");
+            }
         }
         tracing::debug!("subscribing to {path} holding {} files", cache.len());
         self.send(&FilemqMsg::Icanhaz { path: path.as_str().into(), options, cache })?;
@@ -547,7 +653,9 @@ impl<W: Wire> Session<'_, W> {
     /// Keeps `window` bytes of credit granted: tops up once the estimate
     /// falls a slice (or half a small window) below it.
     fn top_up(&mut self) -> Result<(), End> {
-        if self.phase != Phase::Subscribed {
+        // A listing costs no credit: a dry run grants none, so content
+        // sent anyway ends the session (a chunk beyond the credit).
+        if self.phase != Phase::Subscribed || self.dry_run() {
             return Ok(());
         }
         let window = self.shared.opts.window;

@@ -49,6 +49,10 @@ struct FakeServer {
     spent: u64,
     answer_hugz: bool,
     hugz_seen: usize,
+    /// Capabilities the client offered in its last OHAI, and what OHAI-OK
+    /// grants.
+    offered: u8,
+    grant: u8,
     _context: zmq::Context,
 }
 
@@ -67,6 +71,8 @@ impl FakeServer {
             spent: 0,
             answer_hugz: true,
             hugz_seen: 0,
+            offered: 0,
+            grant: 0,
             _context: context,
         }
     }
@@ -83,6 +89,9 @@ impl FakeServer {
             let frames = self.socket.recv_multipart(0).unwrap();
             assert_eq!(frames.len(), 2, "one body frame per message");
             let msg = FilemqMsg::decode(frames[1].clone()).expect("the client sends valid frames");
+            if matches!(msg, FilemqMsg::Ohai { .. }) {
+                self.offered = zbroker_proto::filemq_ext::trailer_bits(&frames[1], &msg);
+            }
             if frames[0] != self.peer {
                 self.peer = frames[0].clone();
             }
@@ -138,7 +147,7 @@ impl FakeServer {
             other => panic!("expected OHAI, got {other:?}"),
         }
         self.next_sequence = 0;
-        self.send(&FilemqMsg::OhaiOk {});
+        self.send_raw(&zbroker_proto::filemq_ext::encode_with_bits(&FilemqMsg::OhaiOk {}, self.grant));
         let mut icanhaz = Vec::new();
         for _ in 0..subscriptions {
             match self.recv() {
@@ -399,6 +408,125 @@ fn a_hostile_server_cannot_touch_anything_outside_the_inbox() {
     assert!(fs::symlink_metadata(inbox.join("victim")).unwrap().file_type().is_symlink());
     assert!(inbox.join(".filemq/lock").exists());
     assert!(partial_files(&inbox).is_empty());
+    drop(sub);
+}
+
+/// An entry without content, as a server granting attributes sends it.
+fn entry(server: &mut FakeServer, name: &[u8], headers: &[(&str, &str)]) {
+    server.burger(Create, name, 0, 1, hash(headers), b"");
+}
+
+#[test]
+fn links_directories_and_attributes_from_a_hostile_server_stay_inside() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    server.grant = zbroker_proto::filemq_ext::ALL;
+    let base = tempfile::tempdir().unwrap();
+    let inbox = base.path().join("inbox");
+    let outside = base.path().join("outside");
+    fs::create_dir_all(&inbox).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("victim"), b"keep me").unwrap();
+    std::os::unix::fs::symlink(&outside, inbox.join("planted")).unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/data"], &inbox)).unwrap();
+    let icanhaz = server.handshake(1);
+    assert_eq!(server.offered, zbroker_proto::filemq_ext::ALL, "our client offers every capability");
+    // Granted attributes, the cache carries them: the planted link, as a
+    // link of the user's, with its own target's digest.
+    let planted = text(&icanhaz[0].2, "planted").expect("links are held");
+    let target = outside.to_str().unwrap();
+    assert!(planted.starts_with(&zbroker_proto::filemq_ext::link_digest(target)), "{planted}");
+
+    let evil_links: [(&[u8], &str); 8] = [
+        (b"/data/up", ".."),
+        (b"/data/l1", "../outside/victim"),
+        (b"/data/l2", "/etc/passwd"),
+        (b"/data/a/l3", "../../x"),
+        (b"/data/l4", "a/../../x"),
+        (b"/data/l5", ".filemq/lock"),
+        (b"/data/planted/l6", "x"),
+        (b"/data/l7", ""),
+    ];
+    for (name, target) in evil_links {
+        entry(&mut server, name, &[("X-TYPE", "link"), ("X-TARGET", target), ("X-MTIME", "1")]);
+    }
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let evil_entries: [(&[u8], Headers); 6] = [
+        (b"/data/d1", &[("X-TYPE", "dir"), ("X-MODE", "4755"), ("X-MTIME", "1")]),
+        (b"/data/d2", &[("X-TYPE", "dir"), ("X-MODE", "755")]),
+        (b"/data/d3", &[("X-TYPE", "dir"), ("X-MODE", "rwx"), ("X-MTIME", "1")]),
+        (b"/data/planted", &[("X-TYPE", "dir"), ("X-MODE", "755"), ("X-MTIME", "1")]),
+        (b"/data/planted/d4", &[("X-TYPE", "dir"), ("X-MODE", "755"), ("X-MTIME", "1")]),
+        (b"/data/../d5", &[("X-TYPE", "dir"), ("X-MODE", "755"), ("X-MTIME", "1")]),
+    ];
+    for (name, headers) in evil_entries {
+        entry(&mut server, name, headers);
+    }
+    // Attributes of a file behind a planted link: never followed.
+    let victim = sha1_hex(b"keep me");
+    entry(
+        &mut server,
+        b"/data/planted/victim",
+        &[("X-TYPE", "attrs"), ("X-SHA1", &victim), ("X-MODE", "777"), ("X-MTIME", "1")],
+    );
+    // Good ones: a directory, a link into it, a file with attributes.
+    entry(
+        &mut server,
+        b"/data/dir",
+        &[("X-TYPE", "dir"), ("X-MODE", "750"), ("X-MTIME", "1000000000000000000")],
+    );
+    entry(&mut server, b"/data/dir/link", &[("X-TYPE", "link"), ("X-TARGET", "../f"), ("X-MTIME", "5")]);
+    let digest = sha1_hex(b"ff");
+    let headers =
+        || hash(&[("X-SHA1", &digest), ("X-SIZE", "2"), ("X-MODE", "640"), ("X-MTIME", "7000000000")]);
+    server.burger(Create, b"/data/f", 0, 0, headers(), b"ff");
+    server.burger(Create, b"/data/f", 2, 1, headers(), b"");
+
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    let rejected = events.iter().filter(|e| matches!(e, Event::Rejected { .. })).count();
+    let kept = events.iter().filter(|e| matches!(e, Event::Kept { .. })).count();
+    // The planted link stays the user's: a directory there is kept out.
+    assert_eq!((rejected, kept), (evil_links.len() + evil_entries.len() - 1 + 1, 1), "{events:#?}");
+    assert!(events.contains(&Event::Mirrored { path: "dir".into(), what: Mirrored::Directory }));
+    assert!(events.contains(&Event::Mirrored {
+        path: "dir/link".into(),
+        what: Mirrored::Link { target: "../f".into() }
+    }));
+    assert_eq!(events.last(), Some(&Event::Updated { path: "f".into(), size: 2 }));
+
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    assert_eq!(fs::read(outside.join("victim")).unwrap(), b"keep me");
+    assert_ne!(fs::metadata(outside.join("victim")).unwrap().permissions().mode() & 0o777, 0o777);
+    assert_eq!(listing(&outside), ["victim"]);
+    assert_eq!(listing(&inbox), ["dir/", "dir/link", "f", "planted"]);
+    assert_eq!(fs::read_link(inbox.join("dir/link")).unwrap(), Path::new("../f"));
+    let f = fs::metadata(inbox.join("f")).unwrap();
+    assert_eq!((f.mode() & 0o7777, f.mtime()), (0o640, 7));
+    assert_eq!(fs::metadata(inbox.join("dir")).unwrap().mtime(), 1_000_000_000);
+    drop(sub);
+}
+
+#[test]
+fn entries_from_a_server_that_did_not_grant_them_are_ignored() {
+    let endpoint = unique_endpoint();
+    let mut server = FakeServer::bind(&endpoint);
+    let inbox = tempfile::tempdir().unwrap();
+    let sub = Subscriber::start(options(&endpoint, &["/"], inbox.path())).unwrap();
+    let icanhaz = server.handshake(1);
+    assert!(text(&icanhaz[0].1, "X-ZBROKER").is_some());
+    entry(&mut server, b"/d", &[("X-TYPE", "dir"), ("X-MODE", "755"), ("X-MTIME", "1")]);
+    entry(&mut server, b"/l", &[("X-TYPE", "link"), ("X-TARGET", "d"), ("X-MTIME", "1")]);
+    let headers = hash(&[("X-MODE", "600"), ("X-MTIME", "1")]);
+    server.burger(Create, b"/f", 0, 1, headers, b"");
+    let events = events_until(&sub, |e| matches!(e, Event::Updated { .. }));
+    assert_eq!(events.last(), Some(&Event::Updated { path: "f".into(), size: 0 }));
+    assert_eq!(listing(inbox.path()), ["f"]);
+    use std::os::unix::fs::MetadataExt;
+    assert_ne!(
+        fs::metadata(inbox.path().join("f")).unwrap().mtime(),
+        1,
+        "attributes not granted are not applied"
+    );
     drop(sub);
 }
 

@@ -20,6 +20,7 @@ use std::time::Instant;
 use zbroker_proto::codec::{Ceiling, Field as _, FieldError, Hash, LongStr, Reader, ShortStr};
 use zbroker_proto::digest::Digest;
 use zbroker_proto::filemq::{self, ceiling, FilemqMsg};
+use zbroker_proto::filemq_ext::{parse_cache_value, Attrs, EntryKind, PERMISSIONS};
 use zbroker_proto::vpath::{self, covers, join};
 
 /// ICANHAZ frames up to this size are handled on the loop (a few hundred
@@ -41,18 +42,63 @@ const BUSY: &str = "busy: subscribe again later";
 pub const MAX_HELD_FRAMES: usize = 64;
 pub const MAX_HELD_BYTES: usize = filemq::MAX_CLIENT_MESSAGE;
 
+/// What a client holds at a path: a digest and, from a client with
+/// attributes (`filemq_ext::META`), what the entry is and its
+/// attributes. Packed (32 bytes): a million of them are a client's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Holding {
+    pub digest: Digest,
+    mtime_ns: i64,
+    mode: u16,
+    /// 0: no attributes known; else 1 + `EntryKind` as listed.
+    kind: u8,
+}
+
+impl Holding {
+    /// A digest alone, as the original wire's cache says it.
+    pub fn plain(digest: Digest) -> Holding {
+        Holding { digest, mtime_ns: 0, mode: 0, kind: 0 }
+    }
+
+    pub fn with(digest: Digest, kind: EntryKind, attrs: Attrs) -> Holding {
+        let kind = match kind {
+            EntryKind::File => 1,
+            EntryKind::Dir => 2,
+            EntryKind::Link => 3,
+        };
+        let mode = (attrs.mode & PERMISSIONS) as u16;
+        Holding { digest, mtime_ns: attrs.mtime_ns, mode, kind }
+    }
+
+    /// What the entry is and its attributes, if the client said.
+    pub fn attrs(&self) -> Option<(EntryKind, Attrs)> {
+        let kind = match self.kind {
+            1 => EntryKind::File,
+            2 => EntryKind::Dir,
+            3 => EntryKind::Link,
+            _ => return None,
+        };
+        Some((kind, Attrs { mode: u32::from(self.mode), mtime_ns: self.mtime_ns }))
+    }
+}
+
 /// One cache entry as what the client holds under `path`: its virtual
-/// path and digest, unless its name or digest is bad or it lies outside.
-fn entry(path: &str, key: &ShortStr, value: &LongStr) -> Option<(String, Digest)> {
+/// path and what it holds there, unless its name or value is bad or it
+/// lies outside.
+fn entry(path: &str, key: &ShortStr, value: &LongStr) -> Option<(String, Holding)> {
     let key = std::str::from_utf8(key.as_bytes()).ok()?;
-    let digest = Digest::parse(value.as_bytes())?;
+    let (digest, attrs) = parse_cache_value(value.as_bytes())?;
+    let digest = match attrs {
+        Some((kind, attrs)) => Holding::with(digest, kind, attrs),
+        None => Holding::plain(digest),
+    };
     let vpath = if key.starts_with('/') { key.to_string() } else { join(path, key) };
     let vpath = vpath::normalise(&vpath).ok().filter(|v| covers(path, v))?;
     Some((vpath, digest))
 }
 
 /// The client's cache as what it holds under `path`.
-pub fn normalise(path: &str, cache: &Hash) -> BTreeMap<String, Digest> {
+pub fn normalise(path: &str, cache: &Hash) -> BTreeMap<String, Holding> {
     cache.0.iter().filter_map(|(key, value)| entry(path, key, value)).collect()
 }
 
@@ -124,9 +170,9 @@ fn walked(_n: usize) {
 /// path's characters but not its directory ("/a-b" beside "/a/x") sort
 /// outside `[path/, path0)`, '0' being the character after '/'.
 pub(super) fn under<'a>(
-    known: &'a BTreeMap<String, Digest>,
+    known: &'a BTreeMap<String, Holding>,
     path: &str,
-) -> impl Iterator<Item = (&'a String, &'a Digest)> + 'a {
+) -> impl Iterator<Item = (&'a String, &'a Holding)> + 'a {
     use std::ops::Bound::{Excluded, Included};
     let (exact, lo, hi) = if path == "/" {
         (None, "/".to_string(), "0".to_string())
@@ -138,7 +184,7 @@ pub(super) fn under<'a>(
 }
 
 /// Removes the entries of `known` under `path` (at the cost of those).
-pub(super) fn remove_under(known: &mut BTreeMap<String, Digest>, path: &str) -> Vec<String> {
+pub(super) fn remove_under(known: &mut BTreeMap<String, Holding>, path: &str) -> Vec<String> {
     let keys: Vec<String> = under(known, path).map(|(k, _)| k.clone()).collect();
     for key in &keys {
         known.remove(key);
@@ -149,7 +195,7 @@ pub(super) fn remove_under(known: &mut BTreeMap<String, Digest>, path: &str) -> 
 /// Adds `new` to `known` (replacing equal keys), inserting the smaller
 /// map into the larger: a small cache costs its own entries, not a pass
 /// over a large one. (Two large maps still cost the smaller on the loop.)
-pub(super) fn merge(known: &mut BTreeMap<String, Digest>, mut new: BTreeMap<String, Digest>) {
+pub(super) fn merge(known: &mut BTreeMap<String, Holding>, mut new: BTreeMap<String, Holding>) {
     if new.len() > known.len() {
         // The new entries win: the old ones go in only where absent.
         std::mem::swap(known, &mut new);
@@ -167,7 +213,7 @@ pub(super) fn merge(known: &mut BTreeMap<String, Digest>, mut new: BTreeMap<Stri
 const DISCARD_OFF_LOOP: usize = 10_000;
 
 /// Frees what a connection knew: a large map off the loop.
-pub(super) fn discard(known: BTreeMap<String, Digest>, out: &mut Vec<Action>) {
+pub(super) fn discard(known: BTreeMap<String, Holding>, out: &mut Vec<Action>) {
     if known.len() >= DISCARD_OFF_LOOP {
         // Nobody waits for its outcome: any key will do.
         out.push(Action::Work {

@@ -298,7 +298,8 @@ fn too_many_caches_prepared_at_once_are_answered_busy() {
 #[test]
 fn the_entries_under_a_path_are_found_by_key_range() {
     let names = ["/", "/a", "/a-b", "/a/x", "/a/y/z", "/a0", "/ab", "/b", "/a.", "/a/"];
-    let known: BTreeMap<String, Digest> = names.iter().map(|n| (n.to_string(), Digest([0u8; 20]))).collect();
+    let known: BTreeMap<String, cache::Holding> =
+        names.iter().map(|n| (n.to_string(), cache::Holding::plain(Digest([0u8; 20])))).collect();
     for path in ["/", "/a", "/a/y", "/b", "/c", "/a-b"] {
         let got: Vec<&str> = cache::under(&known, path).map(|(k, _)| k.as_str()).collect();
         let want: Vec<&str> = known.keys().filter(|k| covers(path, k)).map(String::as_str).collect();

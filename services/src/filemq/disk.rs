@@ -4,8 +4,14 @@
 //!
 //! Rules the scan keeps (spec §9–§10, plus our choices):
 //! - Hidden entries (a name starting with `.`) and their subtrees are never
-//!   published, and neither is anything reached through a symlink whose
-//!   target lies outside the root or in a hidden part of it.
+//!   published.
+//! - Directories are published (with their attributes) and walked; a
+//!   symlink is published as a link, never followed, when its target
+//!   stays inside the root (`filemq_ext::link_target`, and its real
+//!   target too), so what lies behind a symlinked directory is published
+//!   once, under its real path. An absolute target inside the root is
+//!   published as the equivalent relative one. A link to a file also
+//!   carries that file's meta, for clients that take links as copies.
 //! - A file is published once its mtime is at least `stable_age` old. A file
 //!   still being written keeps the version clients already have.
 //! - A file that exists but cannot be examined (permission denied, I/O
@@ -13,7 +19,7 @@
 //!   announcing a delete would make every client throw away a file the
 //!   publisher still has. A file that has vanished is deleted.
 
-use super::work::{Change, Done, FileMeta, Job, ReadError, Scanned, Snapshot};
+use super::work::{Attrs, Change, Done, FileMeta, Job, Kind, LinkedFile, ReadError, Scanned, Snapshot};
 use bytes::Bytes;
 use sha1::{Digest as _, Sha1};
 use std::collections::BTreeMap;
@@ -27,6 +33,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
 use zbroker_proto::digest::{CacheLine, Digest, CACHE_HEADER};
+use zbroker_proto::filemq_ext::{link_digest, link_target, EMPTY_SHA1, PERMISSIONS};
 
 /// Files are hashed through a buffer this large: big enough that reading a
 /// large file costs few system calls, small enough to keep per scan.
@@ -74,8 +81,11 @@ pub fn scan(
         Some(path) if previous.files.is_empty() => load_cache(path),
         _ => BTreeMap::new(),
     };
+    let given_root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
     let mut walk = Walk {
         root: canonical_root.clone(),
+        given_root,
+        links: Vec::new(),
         now_ns: nanos_since_epoch(SystemTime::now()),
         stable_age_ns: u64::try_from(stable_age.as_nanos()).unwrap_or(u64::MAX),
         previous,
@@ -89,6 +99,7 @@ pub fn scan(
     let mut ancestors = vec![(root_meta.dev(), root_meta.ino())];
     walk.dir(top, "", &canonical_root, &mut ancestors);
     walk.keep_unknown();
+    walk.link_copies();
 
     let Walk { files, unstable, unstable_files, .. } = walk;
     if let Some(path) = digest_cache {
@@ -96,7 +107,7 @@ pub fn scan(
         // load it) what the previous scan saw, since every scan that changes
         // the snapshot rewrites it.
         let on_disk = if previous.files.is_empty() { &cache } else { &previous.files };
-        if files != *on_disk {
+        if !same_files(&files, on_disk) {
             if let Err(e) = store_cache(path, &files) {
                 warn!("cannot write the digest cache {}: {e}", path.display());
             }
@@ -106,14 +117,27 @@ pub fn scan(
     Ok(Scanned { snapshot: Arc::new(Snapshot { files }), changes, unstable, unstable_files })
 }
 
+/// The regular files of two maps are the same, as the digest cache holds
+/// them (size, change time, digest).
+fn same_files(a: &BTreeMap<String, FileMeta>, b: &BTreeMap<String, FileMeta>) -> bool {
+    fn files(m: &BTreeMap<String, FileMeta>) -> impl Iterator<Item = (&String, u64, u64, &String)> {
+        m.iter().filter(|(_, f)| f.is_file()).map(|(k, f)| (k, f.size, f.mtime_ns, &f.digest))
+    }
+    files(a).eq(files(b))
+}
+
 /// What changed from `before` to `after`, sorted by path.
 fn diff(before: &BTreeMap<String, FileMeta>, after: &BTreeMap<String, FileMeta>) -> Vec<Change> {
     let created = after
         .iter()
         .filter(|(key, meta)| before.get(*key) != Some(meta))
         .map(|(key, _)| Change::Created(key.clone()));
-    let deleted =
-        before.keys().filter(|key| !after.contains_key(*key)).map(|key| Change::Deleted(key.clone()));
+    let deleted = before.iter().filter(|(key, _)| !after.contains_key(*key)).map(|(key, meta)| {
+        match meta.as_copy(key) {
+            Some(_) => Change::Deleted(key.clone()),
+            None => Change::Removed { rel: key.clone(), dir: meta.kind == Kind::Dir },
+        }
+    });
     let mut changes: Vec<Change> = created.chain(deleted).collect();
     changes.sort_by(|a, b| change_path(a).cmp(change_path(b)));
     changes
@@ -121,7 +145,7 @@ fn diff(before: &BTreeMap<String, FileMeta>, after: &BTreeMap<String, FileMeta>)
 
 fn change_path(change: &Change) -> &str {
     match change {
-        Change::Created(path) | Change::Deleted(path) => path,
+        Change::Created(path) | Change::Deleted(path) | Change::Removed { rel: path, .. } => path,
     }
 }
 
@@ -129,6 +153,12 @@ fn change_path(change: &Change) -> &str {
 struct Walk<'a> {
     /// The canonical root: everything published lies under it.
     root: PathBuf,
+    /// The root as given, made absolute (absolute link targets may name
+    /// it rather than the canonical one).
+    given_root: PathBuf,
+    /// Links to files: (the link's key, the file's key), whose copies are
+    /// filled in once the walk has seen the files.
+    links: Vec<(String, String)>,
     now_ns: u64,
     stable_age_ns: u64,
     previous: &'a Snapshot,
@@ -177,26 +207,23 @@ impl Walk<'_> {
                     continue;
                 }
             };
-            let (target, meta) = if file_type.is_symlink() {
-                match self.follow(&path) {
-                    Some(followed) => followed,
-                    None => continue,
-                }
-            } else {
-                match entry.metadata() {
-                    Ok(meta) => (path, meta),
-                    Err(e) => {
-                        self.cannot_examine(&key, &path, &e);
-                        continue;
-                    }
+            if file_type.is_symlink() {
+                self.link(key, &path);
+                continue;
+            }
+            let meta = match entry.metadata() {
+                Ok(meta) => meta,
+                Err(e) => {
+                    self.cannot_examine(&key, &path, &e);
+                    continue;
                 }
             };
             if meta.is_file() {
-                self.file(key, &target, &meta);
+                self.file(key, &path, &meta);
             } else if meta.is_dir() {
-                self.subdir(&key, &target, &meta, ancestors);
+                self.subdir(&key, &path, &meta, ancestors);
             } else {
-                debug!("skipping {}: not a regular file or directory", target.display());
+                debug!("skipping {}: not a regular file, directory or symlink", path.display());
             }
         }
     }
@@ -210,6 +237,13 @@ impl Walk<'_> {
         let prefix = format!("{key}/");
         match fs::read_dir(real) {
             Ok(entries) => {
+                let dir = FileMeta {
+                    digest: EMPTY_SHA1.to_string(),
+                    kind: Kind::Dir,
+                    attrs: Attrs::of(meta),
+                    ..FileMeta::default()
+                };
+                self.files.insert(key.to_string(), dir);
                 ancestors.push(id);
                 self.dir(entries, &prefix, real, ancestors);
                 ancestors.pop();
@@ -218,26 +252,83 @@ impl Walk<'_> {
         }
     }
 
-    /// Resolves a symlink found at `path`: its canonical target and that
-    /// target's metadata, or `None` when it must not be published (it
-    /// dangles, or leads out of the root or into a hidden part of it).
-    fn follow(&self, path: &Path) -> Option<(PathBuf, Metadata)> {
-        let target = match fs::canonicalize(path) {
-            Ok(target) => target,
-            Err(e) => {
-                debug!("skipping symlink {}: {e}", path.display());
-                return None;
-            }
+    /// Publishes the symlink at `path` as a link if its target stays inside
+    /// the root (as text, and as the file system resolves it).
+    fn link(&mut self, key: String, path: &Path) {
+        let text = match fs::read_link(path) {
+            Ok(text) => text,
+            Err(e) => return self.cannot_examine(&key, path, &e),
         };
-        if !inside(&self.root, &target) {
-            debug!("skipping symlink {}: {} is outside the root", path.display(), target.display());
+        let Some(text) = text.to_str() else {
+            debug!("skipping symlink {}: its target is not UTF-8", path.display());
+            return;
+        };
+        let target = if text.starts_with('/') {
+            match self.relative(&key, Path::new(text)) {
+                Some(target) => target,
+                None => {
+                    debug!("skipping symlink {}: {text} is outside the root", path.display());
+                    return;
+                }
+            }
+        } else {
+            text.to_string()
+        };
+        if let Err(why) = link_target(&key, &target) {
+            debug!("skipping symlink {}: it {why}", path.display());
+            return;
+        }
+        // What it really leads to (a symlink on the way may lead out); a
+        // dangling link is published as it is.
+        if let Ok(real) = fs::canonicalize(path) {
+            if !inside(&self.root, &real) {
+                debug!("skipping symlink {}: {} is outside the root", path.display(), real.display());
+                return;
+            }
+            let is_file = fs::metadata(&real).is_ok_and(|m| m.is_file());
+            let rel = real.strip_prefix(&self.root).ok().and_then(|r| r.to_str());
+            if let (true, Some(rel)) = (is_file, rel) {
+                self.links.push((key.clone(), rel.to_string()));
+            }
+        }
+        let attrs = match fs::symlink_metadata(path) {
+            Ok(meta) => Attrs { mode: PERMISSIONS, ..Attrs::of(&meta) },
+            Err(e) => return self.cannot_examine(&key, path, &e),
+        };
+        let digest = link_digest(&target);
+        self.files.insert(
+            key,
+            FileMeta { digest, kind: Kind::Link { target, copy: None }, attrs, ..FileMeta::default() },
+        );
+    }
+
+    /// An absolute link target inside the root, relative to the link at
+    /// `key` (`None` if it lies elsewhere or names the root itself).
+    fn relative(&self, key: &str, target: &Path) -> Option<String> {
+        let rest = target.strip_prefix(&self.root).or_else(|_| target.strip_prefix(&self.given_root)).ok()?;
+        let rest: Vec<&str> = rest
+            .components()
+            .map(|c| match c {
+                Component::Normal(name) => name.to_str(),
+                _ => None,
+            })
+            .collect::<Option<_>>()?;
+        if rest.is_empty() {
             return None;
         }
-        match fs::metadata(&target) {
-            Ok(meta) => Some((target, meta)),
-            Err(e) => {
-                debug!("skipping symlink {}: {e}", path.display());
-                None
+        let up = key.matches('/').count();
+        Some(std::iter::repeat_n("..", up).chain(rest).collect::<Vec<_>>().join("/"))
+    }
+
+    /// Gives each link to a file the meta of the file it leads to, as this
+    /// scan publishes it.
+    fn link_copies(&mut self) {
+        for (key, rel) in std::mem::take(&mut self.links) {
+            let Some(file) = self.files.get(&rel).filter(|f| f.is_file()) else { continue };
+            let copy =
+                LinkedFile { rel, size: file.size, mtime_ns: file.mtime_ns, digest: file.digest.clone() };
+            if let Some(FileMeta { kind: Kind::Link { copy: slot, .. }, .. }) = self.files.get_mut(&key) {
+                *slot = Some(Box::new(copy));
             }
         }
     }
@@ -249,7 +340,7 @@ impl Walk<'_> {
             self.keep_previous(key);
             return;
         }
-        let known = |meta: &&FileMeta| meta.size == size && meta.mtime_ns == mtime_ns;
+        let known = |meta: &&FileMeta| meta.is_file() && meta.size == size && meta.mtime_ns == mtime_ns;
         let reused =
             self.previous.files.get(&key).filter(known).or_else(|| self.cache.get(&key).filter(known));
         let digest = match reused {
@@ -268,7 +359,8 @@ impl Walk<'_> {
                 }
             },
         };
-        self.files.insert(key, FileMeta { size, mtime_ns, digest });
+        let attrs = Attrs::of(meta);
+        self.files.insert(key, FileMeta { size, mtime_ns, digest, attrs, ..FileMeta::default() });
     }
 
     fn is_stable(&self, mtime_ns: u64) -> bool {
@@ -425,7 +517,8 @@ fn load_cache(path: &Path) -> BTreeMap<String, FileMeta> {
 
 fn parse_cache_line(line: &str) -> Option<(String, FileMeta)> {
     let CacheLine { size, mtime_ns, digest, path, .. } = CacheLine::parse(line.as_bytes())?;
-    Some((path, FileMeta { size, mtime_ns: u64::try_from(mtime_ns).ok()?, digest: digest.to_string() }))
+    let mtime_ns = u64::try_from(mtime_ns).ok()?;
+    Some((path, FileMeta { size, mtime_ns, digest: digest.to_string(), ..FileMeta::default() }))
 }
 
 /// Replaces the digest cache atomically (temporary file, then rename), so
@@ -453,11 +546,11 @@ fn store_cache(path: &Path, files: &BTreeMap<String, FileMeta>) -> io::Result<()
 fn write_cache(temp: &Path, files: &BTreeMap<String, FileMeta>) -> io::Result<()> {
     let mut out = BufWriter::new(File::create(temp)?);
     writeln!(out, "{CACHE_HEADER}")?;
-    for (key, meta) in files {
+    for (key, meta) in files.iter().filter(|(_, meta)| meta.is_file()) {
         let digest = Digest::parse(&meta.digest).unwrap_or_default();
         let (size, mtime_ns) = (meta.size, i128::from(meta.mtime_ns));
         // The broker keys its cache by path alone: no inode, no mark.
-        let line = CacheLine { size, mtime_ns, inode: 0, digest, delivered: false, path: key.clone() };
+        let line = CacheLine { size, mtime_ns, inode: 0, digest, mark: '-', path: key.clone() };
         out.write_all(line.format().as_bytes())?;
     }
     let file = out.into_inner().map_err(|e| e.into_error())?;
@@ -554,8 +647,33 @@ mod tests {
 
     use zbroker_proto::codec::testing::sha1_hex;
 
+    /// Every entry's key.
     fn keys(scanned: &Scanned) -> Vec<&str> {
         scanned.snapshot.files.keys().map(String::as_str).collect()
+    }
+
+    /// The regular files' keys.
+    fn files(scanned: &Scanned) -> Vec<&str> {
+        scanned.snapshot.files.iter().filter(|(_, m)| m.is_file()).map(|(k, _)| k.as_str()).collect()
+    }
+
+    /// The links: key, target, and the file a copy would be of.
+    fn links(scanned: &Scanned) -> Vec<(&str, &str, Option<&str>)> {
+        scanned
+            .snapshot
+            .files
+            .iter()
+            .filter_map(|(k, m)| match &m.kind {
+                Kind::Link { target, copy } => {
+                    Some((k.as_str(), target.as_str(), copy.as_ref().map(|c| c.rel.as_str())))
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn removed(path: &str, dir: bool) -> Change {
+        Change::Removed { rel: path.to_owned(), dir }
     }
 
     fn created(path: &str) -> Change {
@@ -637,7 +755,7 @@ mod tests {
         write_old(dir.path(), "sub/.secret", b"4");
         write_old(dir.path(), "sub/.git/config", b"5");
         let scanned = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, None);
-        assert_eq!(keys(&scanned), ["shown.txt"]);
+        assert_eq!(keys(&scanned), ["shown.txt", "sub"]);
     }
 
     #[test]
@@ -648,8 +766,12 @@ mod tests {
         write_old(dir.path(), "z.txt", b"z");
         fs::create_dir_all(dir.path().join("empty/folder")).expect("mkdir");
         let scanned = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, None);
-        assert_eq!(keys(&scanned), ["a/b/c.txt", "a/d.txt", "z.txt"]);
-        assert_eq!(scanned.changes, [created("a/b/c.txt"), created("a/d.txt"), created("z.txt")]);
+        assert_eq!(files(&scanned), ["a/b/c.txt", "a/d.txt", "z.txt"]);
+        let all = ["a", "a/b", "a/b/c.txt", "a/d.txt", "empty", "empty/folder", "z.txt"];
+        assert_eq!(keys(&scanned), all, "directories, empty ones too, are entries");
+        assert_eq!(scanned.changes, all.map(created));
+        assert_eq!(scanned.snapshot.files["empty"].kind, Kind::Dir);
+        assert_eq!(scanned.snapshot.files["empty"].digest, EMPTY_SHA1);
     }
 
     #[test]
@@ -701,7 +823,16 @@ mod tests {
         fs::remove_file(dir.path().join("gone.txt")).expect("rm");
         fs::remove_dir_all(dir.path().join("folder")).expect("rm -r");
         let second = scan_ok(dir.path(), &first.snapshot, Duration::ZERO, None);
-        assert_eq!(second.changes, [deleted("folder/a"), deleted("folder/sub/b"), deleted("gone.txt")]);
+        assert_eq!(
+            second.changes,
+            [
+                removed("folder", true),
+                deleted("folder/a"),
+                removed("folder/sub", true),
+                deleted("folder/sub/b"),
+                deleted("gone.txt")
+            ]
+        );
         assert_eq!(keys(&second), ["keep.txt"]);
     }
 
@@ -722,15 +853,61 @@ mod tests {
         assert_eq!(keys(&scanned), ["real.txt"]);
     }
 
+    /// A link inside is published as a link, never followed: what lies
+    /// behind a symlinked directory is published once, under its real
+    /// path. A link to a file knows that file, for copies.
     #[test]
-    fn symlinks_inside_the_root_are_followed() {
+    fn symlinks_inside_the_root_are_links() {
         let dir = tempfile::tempdir().expect("tempdir");
         write_old(dir.path(), "data/a.txt", b"a");
         symlink("data/a.txt", dir.path().join("alias.txt")).expect("symlink");
         symlink("data", dir.path().join("mirror")).expect("symlink");
+        symlink(dir.path().join("data/a.txt"), dir.path().join("data/absolute")).expect("symlink");
+        symlink("missing", dir.path().join("dangling")).expect("symlink");
         let scanned = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, None);
-        assert_eq!(keys(&scanned), ["alias.txt", "data/a.txt", "mirror/a.txt"]);
-        assert_eq!(scanned.snapshot.files["alias.txt"].digest, sha1_hex(b"a"));
+        assert_eq!(files(&scanned), ["data/a.txt"]);
+        assert_eq!(
+            links(&scanned),
+            [
+                ("alias.txt", "data/a.txt", Some("data/a.txt")),
+                ("dangling", "missing", None),
+                ("data/absolute", "../data/a.txt", Some("data/a.txt")),
+                ("mirror", "data", None),
+            ]
+        );
+        let alias = &scanned.snapshot.files["alias.txt"];
+        assert_eq!(alias.digest, link_digest("data/a.txt"));
+        let (read, copy) = alias.as_copy("alias.txt").expect("a copy");
+        assert_eq!((read, copy.digest.as_str()), ("data/a.txt", sha1_hex(b"a").as_str()));
+        assert_eq!(alias.attrs.mode, 0o777);
+
+        // The file it leads to changes: so does the link (for copies).
+        write(dir.path(), "data/a.txt", b"new");
+        set_age(dir.path(), "data/a.txt", Duration::from_secs(60));
+        let second = scan_ok(dir.path(), &scanned.snapshot, Duration::ZERO, None);
+        assert_eq!(second.changes, [created("alias.txt"), created("data/a.txt"), created("data/absolute")]);
+    }
+
+    #[test]
+    fn modes_and_mtimes_are_kept_and_a_chmod_is_a_change() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        write_old(dir.path(), "d/x", b"x");
+        fs::set_permissions(dir.path().join("d/x"), fs::Permissions::from_mode(0o4751)).expect("chmod");
+        let first = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, None);
+        let x = &first.snapshot.files["d/x"];
+        assert_eq!(x.attrs.mode, 0o751, "permission bits only, never setuid");
+        let on_disk = fs::metadata(dir.path().join("d/x")).expect("stat");
+        assert_eq!(x.attrs, Attrs { mode: 0o751, ..Attrs::of(&on_disk) });
+        assert_eq!(
+            first.snapshot.files["d"].attrs.mode,
+            fs::metadata(dir.path().join("d")).unwrap().permissions().mode() & 0o777
+        );
+        fs::set_permissions(dir.path().join("d/x"), fs::Permissions::from_mode(0o600)).expect("chmod");
+        let second = scan_ok(dir.path(), &first.snapshot, Duration::ZERO, None);
+        assert_eq!(second.changes, [created("d/x")]);
+        assert_eq!(second.snapshot.files["d/x"].digest, x.digest);
+        assert_eq!(second.snapshot.files["d/x"].attrs.mode, 0o600);
     }
 
     #[test]
@@ -741,7 +918,10 @@ mod tests {
         symlink(dir.path(), dir.path().join("a/root")).expect("symlink");
         symlink("self", dir.path().join("self")).expect("symlink");
         let scanned = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, None);
-        assert_eq!(keys(&scanned), ["a/b/f"]);
+        assert_eq!(files(&scanned), ["a/b/f"]);
+        // Never followed: ".." is a link, a link to the root itself is not
+        // published, and a loop is a (dangling) link.
+        assert_eq!(links(&scanned), [("a/b/up", "..", None), ("self", "self", None)]);
     }
 
     #[test]
@@ -811,7 +991,7 @@ mod tests {
         let second = scan_ok(dir.path(), &Snapshot::default(), Duration::ZERO, Some(&cache));
         assert_eq!(hashed(), before + 2, "nothing rehashed");
         assert_eq!(second.snapshot, first.snapshot);
-        assert_eq!(second.changes.len(), 2, "a restart announces everything again");
+        assert_eq!(second.changes.len(), 3, "a restart announces everything again (b/ too)");
     }
 
     #[test]
@@ -869,7 +1049,7 @@ mod tests {
 
     fn meta_of(root: &Path, rel: &str) -> FileMeta {
         let meta = fs::metadata(root.join(rel)).expect("stat");
-        FileMeta { size: meta.len(), mtime_ns: mtime_ns(&meta), digest: String::new() }
+        FileMeta { size: meta.len(), mtime_ns: mtime_ns(&meta), ..FileMeta::default() }
     }
 
     #[test]

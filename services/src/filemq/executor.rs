@@ -233,7 +233,7 @@ mod tests {
             matches!(&scan, Some(Done::Scanned { mount: 6, result: Err(why) }) if why.contains("boom")),
             "{scan:?}"
         );
-        let expect = FileMeta { size: 0, mtime_ns: 0, digest: String::new() };
+        let expect = FileMeta::default();
         let read = Job::Read { root: dir.path().to_owned(), rel: "f".into(), offset: 0, len: 0, expect };
         let read = run_caught(read, |_| panic!("{}", String::from("bang")));
         assert!(

@@ -35,6 +35,8 @@ pub mod work;
 #[cfg(test)]
 mod cache_tests;
 #[cfg(test)]
+mod mirror_tests;
+#[cfg(test)]
 mod mounts_tests;
 #[cfg(test)]
 mod tests;
@@ -46,10 +48,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use work::{Change, Done, FileMeta, Job, MountId, ReadError, Snapshot};
+use work::{Change, Done, EntryKind, FileMeta, Job, Kind, MountId, ReadError, Snapshot};
 use zbroker_proto::codec::{Chunk, Hash, LongStr, ShortStr};
 use zbroker_proto::digest::Digest;
+use zbroker_proto::exclude::Excludes;
 use zbroker_proto::filemq::{self, ext, FilemqMsg, Generation, Operation};
+use zbroker_proto::filemq_ext;
 use zbroker_proto::vpath::{self, covers, join};
 
 /// Settings of the FILEMQ service.
@@ -111,6 +115,9 @@ struct Mount {
     root: PathBuf,
     origin: Origin,
     snapshot: Arc<Snapshot>,
+    /// Entries of the snapshot by kind, kept for the status: files,
+    /// directories, links.
+    counts: (usize, usize, usize),
     /// The first scan has completed: the snapshot is the tree, not empty.
     scanned: bool,
     scanning: bool,
@@ -168,6 +175,13 @@ struct Conn {
     state: State,
     /// Asked for the wire extensions.
     extended: bool,
+    /// Capabilities granted in OHAI-OK (`ext::META`, `ext::EXCLUDE`,
+    /// `ext::LIST`).
+    caps: u8,
+    /// Asked for a listing (`ext::LIST_OPTION`): never sent file content.
+    listing: bool,
+    /// Per subscription path with `ext::EXCLUDE_OPTION`: what is left out.
+    excludes: HashMap<String, Arc<Excludes>>,
     credit: u64,
     sequence: u64,
     subscriptions: Vec<String>,
@@ -183,7 +197,7 @@ struct Conn {
     /// Virtual path → digest of what the client holds.
     /// Sorted and with binary digests: a million entries cost about a
     /// hundred megabytes, not twice that.
-    known: BTreeMap<String, Digest>,
+    known: BTreeMap<String, cache::Holding>,
     /// Digest → offset of partial files the client holds.
     resume: HashMap<String, u64>,
     current: Option<Transfer>,
@@ -199,6 +213,9 @@ impl Conn {
         Conn {
             state: State::Start,
             extended: false,
+            caps: 0,
+            listing: false,
+            excludes: HashMap::new(),
             credit: 0,
             sequence: 0,
             subscriptions: Vec::new(),
@@ -216,8 +233,40 @@ impl Conn {
         }
     }
 
-    fn wants(&self, vpath: &str) -> bool {
-        self.subscriptions.iter().any(|s| covers(s, vpath))
+    /// Some subscription covers `vpath` and does not exclude it (as a
+    /// directory if `is_dir`; `None`: whatever it was, as for a delete of
+    /// something no longer known, which an exclusion of either kind
+    /// protects).
+    /// The directory a subscription names is the client's mirror root,
+    /// not an entry of it.
+    fn wants(&self, vpath: &str, is_dir: Option<bool>) -> bool {
+        self.subscriptions.iter().any(|s| {
+            covers(s, vpath)
+                && !(is_dir == Some(true) && vpath == s)
+                && self.excludes.get(s).is_none_or(|e| {
+                    let rel = vpath::relative(s, vpath);
+                    match is_dir {
+                        Some(is_dir) => !e.excludes(rel, is_dir),
+                        None => !e.excludes(rel, false) && !e.excludes(rel, true),
+                    }
+                })
+        })
+    }
+
+    /// The client sees attributes, directories and links.
+    fn meta(&self) -> bool {
+        self.extended && self.caps & ext::META != 0
+    }
+
+    /// What this client would hold at a path where `meta` is published:
+    /// `None` if it never sees such an entry (a client without attributes
+    /// and a directory, or a link to no file).
+    fn held_form(&self, meta: &FileMeta) -> Option<cache::Holding> {
+        if self.meta() {
+            return Some(cache::Holding::with(Digest::parse(&meta.digest)?, meta.entry_kind(), meta.attrs));
+        }
+        let (_, copy) = meta.as_copy("")?;
+        Digest::parse(&copy.digest).map(cache::Holding::plain)
     }
 
     /// Queues `op` for `vpath`, replacing a queued op for the same file.
@@ -266,6 +315,8 @@ pub struct Filemq {
     next_work: u64,
     bytes_sent: u64,
     files_sent: u64,
+    /// Directories, links, attributes and listed files sent.
+    entries_sent: u64,
     deletes_sent: u64,
     read_errors: u64,
     malformed: u64,
@@ -326,6 +377,7 @@ impl Filemq {
             startup: Vec::new(),
             bytes_sent: 0,
             files_sent: 0,
+            entries_sent: 0,
             deletes_sent: 0,
             read_errors: 0,
             malformed: 0,
@@ -396,6 +448,7 @@ impl Filemq {
                 root,
                 origin,
                 snapshot: Arc::default(),
+                counts: (0, 0, 0),
                 scanned: false,
                 scanning: false,
                 dirty: false,
@@ -491,11 +544,16 @@ impl Filemq {
                 }
                 mount.unstable = scan.unstable_files.into_iter().collect();
                 mount.total_bytes = mount.snapshot.files.values().map(|f| f.size).sum();
+                mount.counts = mount.snapshot.files.values().fold((0, 0, 0), |(f, d, l), e| match e.kind {
+                    Kind::File => (f + 1, d, l),
+                    Kind::Dir => (f, d + 1, l),
+                    Kind::Link { .. } => (f, d, l + 1),
+                });
                 if scan.unstable {
                     next = next.min(now + self.config.stable_age);
                 }
                 if first {
-                    tracing::info!(alias = %mount.alias, files = mount.snapshot.files.len(), "filemq mount scanned");
+                    tracing::info!(alias = %mount.alias, files = mount.counts.0, "filemq mount scanned");
                 }
                 let alias = mount.alias.clone();
                 self.apply_changes(id, &alias, &scan.changes);
@@ -518,17 +576,24 @@ impl Filemq {
         // A file a longer alias hides is not what its path serves (the
         // rule of `resolve`): its delete must not reach the file that is.
         let inner = self.nested_in(id);
+        let Some(snapshot) = self.mounts.get(&id).map(|m| m.snapshot.clone()) else { return };
         for change in changes {
-            let (rel, op) = match change {
-                Change::Created(rel) => (rel, Op::Create),
-                Change::Deleted(rel) => (rel, Op::Delete),
+            // A delete of what only clients with attributes see goes to
+            // them alone (the original client never hears of directories).
+            let (rel, op, is_dir, all) = match change {
+                Change::Created(rel) => {
+                    let is_dir = snapshot.files.get(rel).is_some_and(|m| m.kind == Kind::Dir);
+                    (rel, Op::Create, is_dir, true)
+                }
+                Change::Deleted(rel) => (rel, Op::Delete, false, true),
+                Change::Removed { rel, dir } => (rel, Op::Delete, *dir, false),
             };
             let vpath = join(alias, rel);
             if inner.iter().any(|a| covers(a, &vpath) && vpath != *a) {
                 continue;
             }
             for conn in self.conns.values_mut() {
-                if conn.state == State::Ready && conn.wants(&vpath) {
+                if conn.state == State::Ready && (all || conn.meta()) && conn.wants(&vpath, Some(is_dir)) {
                     // The version in transfer is stale: stop sending it (a
                     // read in flight is ignored when it returns).
                     if conn.current.as_ref().is_some_and(|t| t.vpath == vpath) {
@@ -587,11 +652,15 @@ impl Filemq {
         }
     }
 
-    /// The published files under `path`, as (virtual path, digest), by a
-    /// range over each overlapping mount's sorted snapshot.
-    fn published_under(&self, path: &str) -> Vec<(String, String)> {
+    /// The published entries under subscription `path` that `conn` does
+    /// not exclude, as (virtual path, what the client would hold there:
+    /// `None` for what it never sees), by a range over each overlapping
+    /// mount's sorted snapshot.
+    fn published_under(&self, path: &str, conn: &Conn) -> Vec<(String, Option<cache::Holding>)> {
         let mut found = Vec::new();
         let nested = self.mounts.len() > 1;
+        let excludes = conn.excludes.get(path);
+        let mut filter = excludes.map(|e| e.filter());
         for (id, mount) in &self.mounts {
             let prefix = if covers(path, &mount.alias) {
                 String::new()
@@ -619,7 +688,16 @@ impl Filemq {
                 if nested && self.resolve(&vpath).map(|(m, _)| m) != Some(*id) {
                     continue;
                 }
-                found.push((vpath, meta.digest.clone()));
+                // The subscribed directory is the client's mirror root.
+                if vpath == path && meta.kind == Kind::Dir {
+                    continue;
+                }
+                if let Some(filter) = filter.as_mut() {
+                    if filter.excludes(vpath::relative(path, &vpath), meta.kind == Kind::Dir) {
+                        continue;
+                    }
+                }
+                found.push((vpath, conn.held_form(meta)));
             }
         }
         found
@@ -641,22 +719,30 @@ impl Filemq {
     /// client's files are not "no longer published": no deletes; the
     /// in-sync marker says so (`X-PUBLISHED` 0).
     fn resync_with(&mut self, id: ConnId, path: &str, candidates: Vec<String>, checked: bool, now: Instant) {
-        let creates = self.published_under(path);
+        let Some(conn) = self.conns.get(&id) else { return };
+        let creates = self.published_under(path, conn);
         let stale: Vec<String> = if !publishes(&self.mounts, path) || self.unread_under(path) {
             Vec::new()
         } else if checked {
             candidates
         } else {
-            candidates.into_iter().filter(|v| self.published(v).is_none()).collect()
+            candidates.into_iter().filter(|v| self.published(v).is_none() && conn.wants(v, None)).collect()
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        for (vpath, digest) in creates {
-            if conn.known.get(&vpath) != Digest::parse(&digest).as_ref() {
+        for (vpath, want) in creates {
+            let held = conn.known.get(&vpath);
+            // What it cannot see but holds there is deleted when reached.
+            let lacks = match want {
+                Some(want) => held != Some(&want),
+                None => held.is_some(),
+            };
+            if lacks {
                 conn.enqueue(&vpath, Op::Create);
             }
         }
         if checked {
-            // Prepared off the loop: queued as one entry, however long.
+            // Prepared off the loop: queued as one entry, however long
+            // (exclusions are checked as each is sent).
             if !stale.is_empty() {
                 conn.queue.push_back(Entry::Deletes(stale.into()));
             }
@@ -790,7 +876,8 @@ impl Filemq {
                     if !list.is_empty() {
                         conn.queue.push_front(Entry::Deletes(list));
                     }
-                    if conn.ops.contains_key(&vpath) || self.published(&vpath).is_some() {
+                    let skip = conn.ops.contains_key(&vpath) || !conn.wants(&vpath, None);
+                    if skip || self.published(&vpath).is_some() {
                         continue;
                     }
                     self.send_delete(id, &vpath, out);
@@ -799,7 +886,7 @@ impl Filemq {
                     let Some(op) = conn.ops.remove(&vpath) else { continue };
                     match op {
                         Op::Delete => self.send_delete(id, &vpath, out),
-                        Op::Create => self.start_file(id, vpath),
+                        Op::Create => self.start_entry(id, vpath, out),
                     }
                 }
             }
@@ -822,31 +909,111 @@ impl Filemq {
         self.deletes_sent += 1;
     }
 
-    /// Makes `vpath` the connection's current transfer, unless it is no
-    /// longer published or the client already holds this version.
-    fn start_file(&mut self, id: ConnId, vpath: String) {
+    /// Sends what the client lacks at `vpath`: nothing if it holds what
+    /// is published there; a delete if it holds something there that it
+    /// can no longer see (a client without attributes, a directory); a
+    /// directory or a link whole; a file's new attributes if it holds its
+    /// content; to a listing client, the file announced alone; else the
+    /// file, as the connection's current transfer.
+    fn start_entry(&mut self, id: ConnId, vpath: String, out: &mut Vec<Action>) {
         let Some((mount, rel, meta)) = self.published(&vpath).map(|(m, r, meta)| (m, r, meta.clone())) else {
             return;
         };
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        if conn.known.get(&vpath).is_some_and(|held| Some(*held) == Digest::parse(&meta.digest)) {
+        let held = conn.known.get(&vpath).copied();
+        let Some(want) = conn.held_form(&meta) else {
+            if held.is_some() {
+                self.send_delete(id, &vpath, out);
+            }
+            return;
+        };
+        if held == Some(want) {
             return;
         }
-        let offset = match conn.resume.remove(&meta.digest) {
-            Some(offset) if conn.extended => offset.min(meta.size),
+        if conn.meta() {
+            let same_content = || {
+                held.is_some_and(|h| {
+                    h.digest == want.digest && h.attrs().is_none_or(|(kind, _)| kind == EntryKind::File)
+                })
+            };
+            match meta.kind {
+                Kind::Dir | Kind::Link { .. } => return self.send_entry(id, &vpath, &meta, want, out),
+                Kind::File if same_content() => return self.send_entry(id, &vpath, &meta, want, out),
+                Kind::File => {}
+            }
+        }
+        if conn.listing {
+            return self.send_entry(id, &vpath, &meta, want, out);
+        }
+        let Some((read, file)) = meta.as_copy(&rel).map(|(read, file)| (read.to_string(), file)) else {
+            return;
+        };
+        let offset = match conn.resume.remove(&file.digest) {
+            Some(offset) if conn.extended => offset.min(file.size),
             _ => 0,
         };
         if offset > 0 {
             tracing::debug!(conn = id.0, %vpath, offset, "filemq resuming a partial file");
         }
-        conn.current = Some(Transfer { vpath, mount, rel, meta, offset, reading: None });
+        let file = FileMeta { attrs: meta.attrs, ..file };
+        conn.current = Some(Transfer { vpath, mount, rel: read, meta: file, offset, reading: None });
     }
 
-    fn headers(extended: bool, meta: &FileMeta) -> Hash {
+    /// Sends an entry that has no content to send, in one CHEEZBURGER
+    /// (eof 1, empty chunk: no credit): a directory, a link, new attributes
+    /// of a file the client holds, or (to a listing client) a file
+    /// announced by its headers. The client then holds `want`.
+    fn send_entry(
+        &mut self,
+        id: ConnId,
+        vpath: &str,
+        meta: &FileMeta,
+        want: cache::Holding,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(conn) = self.conns.get_mut(&id) else { return };
+        let mut headers = Self::headers(conn, meta);
+        let kind = match &meta.kind {
+            Kind::Dir => Some(ext::TYPE_DIR),
+            Kind::Link { target, .. } => {
+                let _ = headers.insert(ext::TARGET, Bytes::from(target.clone().into_bytes()));
+                Some(ext::TYPE_LINK)
+            }
+            Kind::File if conn.meta() && !conn.listing => Some(ext::TYPE_ATTRS),
+            Kind::File => None,
+        };
+        if let Some(kind) = kind {
+            let _ = headers.insert(ext::TYPE, kind);
+        }
+        let msg = FilemqMsg::Cheezburger {
+            sequence: conn.next_sequence(),
+            operation: Operation::Create,
+            filename: LongStr::from(vpath),
+            offset: 0,
+            eof: 1,
+            headers,
+            chunk: Chunk::default(),
+        };
+        send(out, id, &msg);
+        conn.known.insert(vpath.to_string(), want);
+        self.entries_sent += 1;
+    }
+
+    /// The headers of a file's CHEEZBURGERs (and of entries without
+    /// content): digest and size for clients with the extensions, the
+    /// entry's attributes for clients that keep them.
+    fn headers(conn: &Conn, meta: &FileMeta) -> Hash {
         let mut headers = Hash::default();
-        if extended {
+        if conn.extended && meta.is_file() {
             let _ = headers.insert(ext::SHA1, Bytes::from(meta.digest.clone().into_bytes()));
             let _ = headers.insert(ext::SIZE, Bytes::from(meta.size.to_string().into_bytes()));
+        }
+        if conn.meta() {
+            // A link's own permission bits mean nothing (always 777).
+            if !matches!(meta.kind, Kind::Link { .. }) {
+                let _ = headers.insert(ext::MODE, Bytes::from(meta.attrs.mode_text().into_bytes()));
+            }
+            let _ = headers.insert(ext::MTIME, Bytes::from(meta.attrs.mtime_ns.to_string().into_bytes()));
         }
         headers
     }
@@ -861,12 +1028,12 @@ impl Filemq {
             filename: LongStr::from(transfer.vpath.as_str()),
             offset: transfer.meta.size,
             eof: 1,
-            headers: Self::headers(conn.extended, &transfer.meta),
+            headers: Self::headers(conn, &transfer.meta),
             chunk: Chunk::default(),
         };
         send(out, id, &msg);
-        if let Some(digest) = Digest::parse(&transfer.meta.digest) {
-            conn.known.insert(transfer.vpath, digest);
+        if let Some(held) = conn.held_form(&transfer.meta) {
+            conn.known.insert(transfer.vpath, held);
         }
         self.files_sent += 1;
     }
@@ -880,7 +1047,12 @@ impl Filemq {
         out: &mut Vec<Action>,
     ) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
-        let Some(transfer) = conn.current.as_mut().filter(|t| t.reading == Some(key)) else { return };
+        let Some(headers) =
+            conn.current.as_ref().filter(|t| t.reading == Some(key)).map(|t| Self::headers(conn, &t.meta))
+        else {
+            return;
+        };
+        let Some(transfer) = conn.current.as_mut() else { return };
         transfer.reading = None;
         match result {
             Ok(data) => {
@@ -891,7 +1063,7 @@ impl Filemq {
                     filename: LongStr::from(transfer.vpath.as_str()),
                     offset: transfer.offset,
                     eof: 0,
-                    headers: Self::headers(conn.extended, &transfer.meta),
+                    headers,
                     chunk: Chunk(data),
                 };
                 transfer.offset += len;
@@ -975,7 +1147,7 @@ impl Filemq {
         &mut self,
         id: ConnId,
         path: &str,
-        known: BTreeMap<String, Digest>,
+        known: BTreeMap<String, cache::Holding>,
         out: &mut Vec<Action>,
     ) {
         let Some(conn) = self.conns.get_mut(&id) else { return };
@@ -1019,6 +1191,19 @@ impl Filemq {
         };
         let max = self.config.max_subscriptions;
         let conn = self.conns.get_mut(&id)?;
+        // Patterns are checked (and bounded) before anything is kept; an
+        // option the client was not granted is ignored, as the original
+        // would.
+        let excludes = match options.get(ext::EXCLUDE_OPTION).filter(|_| conn.caps & ext::EXCLUDE != 0) {
+            None => None,
+            Some(value) => match Excludes::from_option(value.as_bytes()) {
+                Ok(excludes) => Some(excludes),
+                Err(e) => {
+                    refuse(out, &e.to_string());
+                    return None;
+                }
+            },
+        };
         if !conn.subscriptions.contains(&path) {
             if conn.subscriptions.len() >= max {
                 refuse(out, "too many subscriptions on one connection");
@@ -1029,6 +1214,13 @@ impl Filemq {
         if options.get(ext::ZBROKER).is_some_and(|v| v.as_bytes() == b"1") {
             conn.extended = true;
         }
+        if conn.caps & ext::LIST != 0 && options.get(ext::LIST_OPTION).is_some_and(|v| v.as_bytes() == b"1") {
+            conn.listing = true;
+        }
+        match excludes.filter(|e| !e.is_empty()) {
+            Some(excludes) => conn.excludes.insert(path.clone(), Arc::new(excludes)),
+            None => conn.excludes.remove(&path),
+        };
         if let Some(value) = options.get(ext::RESUME) {
             // The client lists every partial file it holds: this replaces
             // any earlier list.
@@ -1071,7 +1263,7 @@ impl Filemq {
         self.pump(id, out);
     }
 
-    fn receive(&mut self, id: ConnId, msg: FilemqMsg, now: Instant, out: &mut Vec<Action>) {
+    fn receive(&mut self, id: ConnId, msg: FilemqMsg, offered: u8, now: Instant, out: &mut Vec<Action>) {
         let expiry = self.config.expiry;
         if !self.conns.contains_key(&id) {
             out.push(Action::SetTimer { key: expiry_key(id), at: now + expiry });
@@ -1087,11 +1279,19 @@ impl Filemq {
                 // A second OHAI starts the session over (spec §5.1).
                 let mut fresh = Conn::new(now, expiry);
                 fresh.state = State::Ready;
+                // What it offers that we have; a client that offers
+                // nothing (the original) gets the original OHAI-OK.
+                fresh.caps = offered & ext::ALL;
                 // Frames held behind a cache being prepared stay held.
                 fresh.held = std::mem::take(&mut conn.held);
                 let old = std::mem::replace(conn, fresh);
                 cache::discard(old.known, out);
-                send(out, id, &FilemqMsg::OhaiOk {});
+                let reply = FilemqMsg::OhaiOk {};
+                tracing::trace!(conn = id.0, reply = reply.name(), caps = offered & ext::ALL, "filemq send");
+                out.push(Action::Send {
+                    to: id,
+                    frame: filemq_ext::encode_with_bits(&reply, offered & ext::ALL),
+                });
             }
             (State::Start, other) => {
                 tracing::debug!(conn = id.0, msg = other.name(), "filemq message before OHAI");
@@ -1131,12 +1331,12 @@ impl Filemq {
             .retain(|_, w| !matches!(w, WorkFor::Watch { mount } | WorkFor::Scan { mount } if *mount == id));
         // Deletes for what the mount served (unless another mount now
         // serves the same virtual path).
-        let gone: Vec<String> = mount
+        let gone: Vec<(String, bool, bool)> = mount
             .snapshot
             .files
-            .keys()
-            .map(|rel| join(&mount.alias, rel))
-            .filter(|vpath| self.published(vpath).is_none())
+            .iter()
+            .map(|(rel, meta)| (join(&mount.alias, rel), meta.kind == Kind::Dir, meta.as_copy(rel).is_some()))
+            .filter(|(vpath, _, _)| self.published(vpath).is_none())
             .collect();
         for conn in self.conns.values_mut() {
             if conn.state != State::Ready {
@@ -1145,8 +1345,8 @@ impl Filemq {
             if conn.current.as_ref().is_some_and(|t| t.mount == id) {
                 conn.current = None;
             }
-            for vpath in &gone {
-                if conn.wants(vpath) {
+            for (vpath, is_dir, all) in &gone {
+                if (*all || conn.meta()) && conn.wants(vpath, Some(*is_dir)) {
                     conn.enqueue(vpath, Op::Delete);
                 }
             }
@@ -1327,7 +1527,14 @@ impl Service for Filemq {
             return;
         }
         match FilemqMsg::decode(frame.clone()) {
-            Ok(msg) => self.receive(conn, msg, now, out),
+            Ok(msg) => {
+                // Capabilities offered after an OHAI's fields.
+                let offered = match &msg {
+                    FilemqMsg::Ohai { .. } => filemq_ext::trailer_bits(&frame, &msg),
+                    _ => 0,
+                };
+                self.receive(conn, msg, offered, now, out)
+            }
             Err(error) => match Generation::of_ohai(&frame) {
                 // An older client: tell it what we speak (spec §0, §20).
                 Some(generation) => {
@@ -1481,6 +1688,9 @@ impl Service for Filemq {
                     "connection": id.0,
                     "subscriptions": c.subscriptions,
                     "extended": c.extended,
+                    "capabilities": c.caps,
+                    "listing": c.listing,
+                    "excluding": c.excludes.values().map(|e| e.patterns().len()).sum::<usize>(),
                     "credit": c.credit,
                     "queued": c.queue.len(),
                     "sending": c.current.as_ref().map(|t| t.vpath.clone()),
@@ -1500,6 +1710,11 @@ impl Service for Filemq {
             Counter::gauge("connections", "peers connected", self.conns.len() as u64),
             Counter::total("bytes_sent", "chunk bytes sent to subscribers", self.bytes_sent),
             Counter::total("files_sent", "files sent whole", self.files_sent),
+            Counter::total(
+                "entries_sent",
+                "directories, links, attributes alone and listed files sent",
+                self.entries_sent,
+            ),
             Counter::total("deletes_sent", "deletes sent", self.deletes_sent),
             Counter::total("read_errors", "chunk reads that failed", self.read_errors),
             Counter::total("malformed_frames", "frames dropped as malformed", self.malformed),

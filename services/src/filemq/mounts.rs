@@ -415,7 +415,7 @@ impl Filemq {
             }
             let gone: Vec<String> = cache::under(&conn.known, &alias)
                 .map(|(vpath, _)| vpath)
-                .filter(|vpath| conn.wants(vpath) && !conn.ops.contains_key(*vpath))
+                .filter(|vpath| conn.wants(vpath, None) && !conn.ops.contains_key(*vpath))
                 .filter(|vpath| self.published(vpath).is_none())
                 .cloned()
                 .collect();
@@ -433,16 +433,20 @@ impl Filemq {
         if !self.mounts.values().any(|m| covers(&m.alias, alias)) {
             return;
         }
-        let revealed = self.published_under(alias);
-        for conn in self.conns.values_mut() {
-            if conn.state != State::Ready {
-                continue;
-            }
-            for (vpath, digest) in &revealed {
-                if conn.wants(vpath)
-                    && conn.known.get(vpath) != zbroker_proto::digest::Digest::parse(digest).as_ref()
-                {
-                    conn.enqueue(vpath, Op::Create);
+        let ids: Vec<_> = self.conns.keys().copied().collect();
+        for conn_id in ids {
+            let Some(conn) = self.conns.get(&conn_id).filter(|c| c.state == State::Ready) else { continue };
+            // What this connection sees of it, as a RESYNC would say.
+            let revealed = self.published_under(alias, conn);
+            let Some(conn) = self.conns.get_mut(&conn_id) else { continue };
+            for (vpath, want) in revealed {
+                let held = conn.known.get(&vpath);
+                let lacks = match want {
+                    Some(want) => held != Some(&want),
+                    None => held.is_some(),
+                };
+                if lacks && conn.wants(&vpath, None) {
+                    conn.enqueue(&vpath, Op::Create);
                 }
             }
         }
@@ -467,7 +471,9 @@ impl Filemq {
             "alias": m.alias,
             "root": shown(&m.root),
             "origin": match m.origin { Origin::Config => "config", Origin::Runtime => "runtime" },
-            "files": m.snapshot.files.len(),
+            "files": m.counts.0,
+            "directories": m.counts.1,
+            "links": m.counts.2,
             "bytes": m.total_bytes,
             "scanned": m.scanned,
             "watching": m.watching,
@@ -480,8 +486,13 @@ impl Filemq {
 /// How many of `outer`'s files lie under its relative directory `rel`.
 fn hidden_count(outer: &Mount, rel: &str) -> usize {
     let dir = format!("{rel}/");
-    outer.snapshot.files.range(dir.clone()..).take_while(|(k, _)| k.starts_with(&dir)).count()
-        + usize::from(outer.snapshot.files.contains_key(rel))
+    let under = outer
+        .snapshot
+        .files
+        .range(dir.clone()..)
+        .take_while(|(k, _)| k.starts_with(&dir))
+        .filter(|(_, m)| m.is_file());
+    under.count() + usize::from(outer.snapshot.files.get(rel).is_some_and(|m| m.is_file()))
 }
 
 #[cfg(test)]

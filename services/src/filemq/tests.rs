@@ -33,7 +33,7 @@ pub(super) fn sim_of(service: Filemq) -> Sim<Filemq> {
 }
 
 /// The mounts the service asked to watch, and the key of each.
-fn watched(sim: &Sim<Filemq>) -> BTreeMap<MountId, u64> {
+pub(super) fn watched(sim: &Sim<Filemq>) -> BTreeMap<MountId, u64> {
     sim.executor::<executor::DiskExecutor>().expect("FILEMQ's executor").watched()
 }
 

@@ -11,38 +11,106 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 use zbroker_proto::codec::{Hash, LongStr};
+pub use zbroker_proto::filemq_ext::{Attrs, EntryKind};
 
 /// A mount, numbered by the service. Never reused while the broker runs.
 pub type MountId = u32;
 
-/// One published file as the last scan saw it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One published entry as the last scan saw it: a file, or (for clients
+/// granted `filemq_ext::META`) a directory or a symlink.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct FileMeta {
+    /// A file's size (0 for the rest).
     pub size: u64,
-    /// When the file last changed (the later of mtime and ctime),
-    /// nanoseconds since the Unix epoch (`disk::mtime_ns`).
+    /// When a file last changed (the later of mtime and ctime),
+    /// nanoseconds since the Unix epoch (`disk::mtime_ns`); 0 for the rest.
     pub mtime_ns: u64,
-    /// SHA-1 of the contents, 40 upper-case hex digits (CZMQ `zdigest`).
+    /// What clients with attributes compare: a file's SHA-1, 40 upper-case
+    /// hex digits (CZMQ `zdigest`); a link's `filemq_ext::link_digest`; a
+    /// directory's `filemq_ext::EMPTY_SHA1`.
+    pub digest: String,
+    pub kind: Kind,
+    /// Permission bits and mtime of the entry itself.
+    pub attrs: Attrs,
+}
+
+/// What an entry is, with what only that kind has.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Kind {
+    #[default]
+    File,
+    Dir,
+    /// A symlink whose target stays inside the root (`target` is
+    /// relative: an absolute one inside the root is rewritten). `copy` is
+    /// the file it leads to, when it leads to one: what a client without
+    /// attributes (the original) is sent under the link's name.
+    Link {
+        target: String,
+        copy: Option<Box<LinkedFile>>,
+    },
+}
+
+/// The file a symlink leads to, as sent to clients that take links as
+/// copies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkedFile {
+    /// Its path relative to the root (its real path).
+    pub rel: String,
+    pub size: u64,
+    pub mtime_ns: u64,
     pub digest: String,
 }
 
-/// The stable files of one mount, keyed by path relative to its root with
-/// `/` separators and no leading `/` (`"a/b.txt"`). Hidden entries (a
+impl FileMeta {
+    pub fn entry_kind(&self) -> EntryKind {
+        match self.kind {
+            Kind::File => EntryKind::File,
+            Kind::Dir => EntryKind::Dir,
+            Kind::Link { .. } => EntryKind::Link,
+        }
+    }
+
+    pub fn is_file(&self) -> bool {
+        self.kind == Kind::File
+    }
+
+    /// What a client without attributes gets for this entry: the relative
+    /// path to read and the file's meta, for a file or a link to one;
+    /// `None` for directories and other links (it never sees them).
+    pub fn as_copy<'a>(&'a self, rel: &'a str) -> Option<(&'a str, FileMeta)> {
+        match &self.kind {
+            Kind::File => Some((rel, self.clone())),
+            Kind::Link { copy: Some(copy), .. } => Some((
+                copy.rel.as_str(),
+                FileMeta {
+                    size: copy.size,
+                    mtime_ns: copy.mtime_ns,
+                    digest: copy.digest.clone(),
+                    ..FileMeta::default()
+                },
+            )),
+            _ => None,
+        }
+    }
+}
+
+/// The published entries of one mount, keyed by path relative to its root
+/// with `/` separators and no leading `/` (`"a/b.txt"`). Hidden entries (a
 /// component starting with `.`) and anything outside the root are never in
-/// it.
+/// it, and the root itself is not an entry.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     pub files: BTreeMap<String, FileMeta>,
 }
 
 impl Snapshot {
-    /// True if a file is at relative path `rel` or below it.
+    /// True if an entry is at relative path `rel` or below it.
     pub fn has_under(&self, rel: &str) -> bool {
         if rel.is_empty() {
             return !self.files.is_empty();
         }
         // Keys sharing `rel`'s characters ("a-b" beside "a/x") sort among
-        // those under it: look at the file itself, then at the range of
+        // those under it: look at the entry itself, then at the range of
         // `rel/`.
         let dir = format!("{rel}/");
         self.files.contains_key(rel)
@@ -53,10 +121,14 @@ impl Snapshot {
 /// What changed between two snapshots, by relative path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    /// New, or changed in size, mtime or digest: the new meta is in the
-    /// snapshot.
+    /// New, or changed in any way (content, attributes, kind, a link's
+    /// target or the file it leads to): the new meta is in the snapshot.
     Created(String),
+    /// Gone: a file, or a link to one (which any client may hold).
     Deleted(String),
+    /// Gone: a directory (`dir`), or a link to no file, which only
+    /// clients with attributes ever see.
+    Removed { rel: String, dir: bool },
 }
 
 /// Work to do off the event loop.
@@ -99,7 +171,7 @@ pub enum Job {
 /// What a connection knew (and a prepared stale list), to be freed off
 /// the loop.
 #[derive(Clone)]
-pub struct Garbage(pub BTreeMap<String, zbroker_proto::digest::Digest>, pub Vec<String>);
+pub struct Garbage(pub BTreeMap<String, super::cache::Holding>, pub Vec<String>);
 
 impl std::fmt::Debug for Garbage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +222,7 @@ pub struct Prepared {
     /// Virtual path → upper-case digest of what the client holds under
     /// `path` (its cache, normalised; bad entries left out). Empty if the
     /// path is not acceptable.
-    pub known: BTreeMap<String, zbroker_proto::digest::Digest>,
+    pub known: BTreeMap<String, super::cache::Holding>,
     /// With RESYNC, once every mount under the path has been scanned: the
     /// cached files that the mounts as they were did not publish
     /// (candidates for deletes, checked again on the loop).

@@ -23,7 +23,7 @@ pub fn session(inbox: &std::path::Path, paths: &[&str], window: u64, frames: &[V
     let inbox = Inbox::open(inbox).expect("a usable inbox");
     let (tx, rx) = std::sync::mpsc::sync_channel(4096);
     let control = context.socket(zmq::PAIR).expect("a socket");
-    let mut shared = Shared::new(opts, layout, inbox, tx, control, context);
+    let mut shared = Shared::new(opts, layout, Default::default(), Disk::Inbox(inbox), tx, control, context);
     let subscriptions = shared.layout.subscriptions().len();
     let mut events = Vec::new();
     let mut session = Session::new(&mut shared, Nowhere);

@@ -3,6 +3,10 @@
 //! says of files it refuses, keeps or fails to verify.
 
 use super::*;
+use crate::filemq::preview::Planned;
+use crate::filemq::Mirrored;
+use inbox::Applied;
+use zbroker_proto::filemq_ext::Attrs;
 
 impl<W: Wire> Session<'_, W> {
     #[allow(clippy::too_many_arguments)]
@@ -37,8 +41,21 @@ impl<W: Wire> Session<'_, W> {
         // The server spent credit on every payload byte it sent, whatever we
         // make of them: counting only what we keep would drift (spec §7).
         self.credit -= chunk.len() as u64;
+        if self.dry_run() {
+            // A listing: every entry is one message without content.
+            return match operation {
+                Operation::Create if name.is_empty() => self.on_marker(headers),
+                Operation::Create | Operation::Delete => self.on_planned(operation, name, headers),
+                Operation::Other(code) => {
+                    self.oddity(format_args!("ignoring a CHEEZBURGER with operation {code}"));
+                    Ok(())
+                }
+            };
+        }
         match operation {
             Operation::Create if name.is_empty() => self.on_marker(headers)?,
+            // A directory, a link, or a file's new attributes.
+            Operation::Create if headers.get(ext::TYPE).is_some() => self.on_entry(name, headers)?,
             // The original server marks the end with an empty chunk only.
             Operation::Create => {
                 self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?
@@ -82,7 +99,9 @@ impl<W: Wire> Session<'_, W> {
         if !self.partials_cleared && settled {
             // Every offered resume had its chance: what is left is stale.
             self.partials_cleared = true;
-            self.shared.inbox.remove_stale_partials(self.incoming.as_ref());
+            if let Disk::Inbox(inbox) = &self.shared.disk {
+                inbox.remove_stale_partials(self.incoming.as_ref());
+            }
         }
         if published {
             tracing::info!("{path} is in sync");
@@ -126,7 +145,7 @@ impl<W: Wire> Session<'_, W> {
                 // being sent, and a new version follows): its part is of no
                 // more use.
                 tracing::debug!("{} was left unfinished", shown(&previous.rel));
-                self.shared.inbox.abandon(previous, false);
+                self.shared.inbox()?.abandon(previous, false);
             }
             match self.begin(name, offset, headers)? {
                 Some(incoming) => self.incoming = Some(incoming),
@@ -150,7 +169,7 @@ impl<W: Wire> Session<'_, W> {
             // as soon as it overruns, not once the disk is full.
             let Some(incoming) = self.incoming.take() else { return Ok(()) };
             let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
-            self.shared.inbox.abandon(incoming, false);
+            self.shared.inbox()?.abandon(incoming, false);
             self.skip(name, offset, end, headers, data.len());
             return self.file_error(name, placed, e);
         }
@@ -165,7 +184,8 @@ impl<W: Wire> Session<'_, W> {
         if end {
             let Some(incoming) = self.incoming.take() else { return Ok(()) };
             let placed = Placed { subscription: incoming.subscription, rel: incoming.rel.clone() };
-            match self.shared.inbox.deliver(incoming, self.shared.opts.overwrite) {
+            let overwrite = self.shared.opts.overwrite;
+            match self.shared.inbox()?.deliver(incoming, overwrite) {
                 Ok(size) => {
                     tracing::info!("updated {}", shown(&placed.rel));
                     self.delivered = true;
@@ -192,6 +212,10 @@ impl<W: Wire> Session<'_, W> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why).map(|()| None),
         };
+        if self.shared.excluded(placed.subscription, &placed.rel, Some(false)) {
+            self.oddity(format_args!("ignoring {}, which we excluded", shown(&placed.rel)));
+            return Ok(None);
+        }
         let digest = match headers.get(ext::SHA1) {
             None => None,
             Some(text) => match Digest::normalise(text.as_bytes()) {
@@ -207,12 +231,179 @@ impl<W: Wire> Session<'_, W> {
                 None => return self.reject(name, "has a malformed X-SIZE header").map(|()| None),
             },
         };
-        if let Err(e) = self.shared.inbox.check_target(&placed.rel, self.shared.opts.overwrite) {
+        let attrs = match self.attrs(headers) {
+            Ok(attrs) => attrs,
+            Err(why) => return self.reject(name, why).map(|()| None),
+        };
+        let overwrite = self.shared.opts.overwrite;
+        if let Err(e) = self.shared.inbox()?.check_target(&placed.rel, overwrite) {
             return self.file_error(name, placed, e).map(|()| None);
         }
-        match self.shared.inbox.begin(name.to_vec(), placed.clone(), size, digest, offset) {
-            Ok(incoming) => Ok(Some(incoming)),
+        match self.shared.inbox()?.begin(name.to_vec(), placed.clone(), size, digest, offset) {
+            Ok(mut incoming) => {
+                incoming.attrs = attrs;
+                Ok(Some(incoming))
+            }
             Err(e) => self.file_error(name, placed, e).map(|()| None),
+        }
+    }
+
+    /// (Dry run) what a real run would do with a listed entry or a delete,
+    /// by the inbox's rules, reported and not done.
+    fn on_planned(&mut self, operation: Operation, name: &[u8], headers: &Hash) -> Result<(), End> {
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why),
+        };
+        let kind = headers.get(filemq_ext::TYPE).map(|t| t.as_bytes().to_vec());
+        let is_dir = (operation == Operation::Create).then_some(kind.as_deref() == Some(b"dir"));
+        if self.shared.excluded(placed.subscription, &placed.rel, is_dir) {
+            return Ok(());
+        }
+        let attrs = self.attrs(headers);
+        let (overwrite, any) = (self.shared.opts.overwrite, self.shared.opts.delete);
+        let Disk::Preview(preview) = &self.shared.disk else { return Ok(()) };
+        let rel = placed.rel.as_str();
+        let planned = match (operation, kind.as_deref()) {
+            (Operation::Delete, _) => preview.delete(rel, any),
+            (_, None) => preview.file(rel, overwrite),
+            (_, Some(b"dir")) => match attrs {
+                Ok(Some(attrs)) => preview.dir(rel, attrs, overwrite),
+                _ => Planned::Refused("is a directory without a valid X-MODE and X-MTIME".into()),
+            },
+            (_, Some(b"link")) => {
+                match headers.get(filemq_ext::TARGET).map(|t| std::str::from_utf8(t.as_bytes())) {
+                    Some(Ok(target)) => preview.link(rel, target, overwrite),
+                    _ => Planned::Refused("is a link without a UTF-8 X-TARGET".into()),
+                }
+            }
+            (_, Some(b"attrs")) => preview.attrs(rel, overwrite),
+            (_, Some(other)) => {
+                let shown_kind = escape_truncated(other, NAME_SHOWN);
+                self.oddity(format_args!("ignoring an entry of unknown X-TYPE {shown_kind}"));
+                return Ok(());
+            }
+        };
+        let size = match kind {
+            None if operation == Operation::Create => {
+                headers.get("X-SIZE").and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok())
+            }
+            _ => None,
+        };
+        match planned {
+            Planned::Do(plan) => self.emit(Event::Planned { path: placed.rel, plan, size }),
+            Planned::Keep(reason) => self.emit(Event::Kept { path: placed.rel, reason }),
+            Planned::Refused(why) => self.reject(name, &why),
+            Planned::Nothing => Ok(()),
+        }
+    }
+
+    /// `X-MODE` and `X-MTIME`, from a server granted attributes (none
+    /// from another: the original never sends them).
+    fn attrs(&self, headers: &Hash) -> Result<Option<Attrs>, &'static str> {
+        if self.granted & filemq_ext::META == 0 {
+            return Ok(None);
+        }
+        match (headers.get(filemq_ext::MODE), headers.get(filemq_ext::MTIME)) {
+            (None, None) => Ok(None),
+            (Some(mode), Some(mtime)) => Attrs::parse(mode.as_bytes(), mtime.as_bytes())
+                .map(Some)
+                .ok_or("has a malformed X-MODE or X-MTIME header"),
+            _ => Err("has X-MODE or X-MTIME without the other"),
+        }
+    }
+
+    /// A directory, a symlink, or a file's new attributes: one message,
+    /// no content.
+    fn on_entry(&mut self, name: &[u8], headers: &Hash) -> Result<(), End> {
+        if self.granted & filemq_ext::META == 0 {
+            self.oddity(format_args!("ignoring an X-TYPE entry from a server that did not offer them"));
+            return Ok(());
+        }
+        // The server never interleaves: a file in progress was abandoned.
+        if let Some(previous) = self.incoming.take() {
+            tracing::debug!("{} was left unfinished", shown(&previous.rel));
+            self.shared.inbox()?.abandon(previous, false);
+        }
+        self.skipping = None;
+        let placed = match self.shared.layout.place(name) {
+            Ok(placed) => placed,
+            Err(why) => return self.reject(name, why),
+        };
+        let kind = headers.get(filemq_ext::TYPE).map(|t| t.as_bytes().to_vec()).unwrap_or_default();
+        if self.shared.excluded(placed.subscription, &placed.rel, Some(kind == b"dir")) {
+            self.oddity(format_args!("ignoring {}, which we excluded", shown(&placed.rel)));
+            return Ok(());
+        }
+        let overwrite = self.shared.opts.overwrite;
+        let mtime =
+            headers.get(filemq_ext::MTIME).and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok());
+        let outcome = match kind.as_slice() {
+            b"dir" => {
+                let attrs = match self.attrs(headers) {
+                    Ok(Some(attrs)) => attrs,
+                    Ok(None) => return self.reject(name, "is a directory without X-MODE and X-MTIME"),
+                    Err(why) => return self.reject(name, why),
+                };
+                match self.shared.inbox()?.make_dir(&placed.rel, attrs, overwrite) {
+                    Ok(true) => Ok(Some(Mirrored::Directory)),
+                    // Its attributes alone: not worth a line (every change
+                    // inside a directory moves its mtime).
+                    Ok(false) => Ok(None),
+                    Err(e) => Err(e),
+                }
+            }
+            b"link" => {
+                let target =
+                    headers.get(filemq_ext::TARGET).and_then(|t| std::str::from_utf8(t.as_bytes()).ok());
+                let (Some(target), Some(mtime)) = (target, mtime) else {
+                    return self.reject(name, "is a link without a UTF-8 X-TARGET and an X-MTIME");
+                };
+                let target = target.to_string();
+                self.shared
+                    .inbox()?
+                    .make_link(&placed.rel, &target, mtime, overwrite)
+                    .map(|()| Some(Mirrored::Link { target }))
+            }
+            b"attrs" => {
+                let digest = headers.get(ext::SHA1).and_then(|d| Digest::normalise(d.as_bytes()));
+                let attrs = match self.attrs(headers) {
+                    Ok(Some(attrs)) => attrs,
+                    _ => return self.reject(name, "has new attributes without a valid X-MODE and X-MTIME"),
+                };
+                let Some(digest) = digest else {
+                    return self.reject(name, "has new attributes without X-SHA1");
+                };
+                match self.shared.inbox()?.set_attrs(&placed.rel, &digest, attrs, overwrite) {
+                    Ok(Applied::Done) => Ok(Some(Mirrored::Attributes)),
+                    Ok(Applied::Lacking) => {
+                        // Not as the server believes: a RESYNC fetches it.
+                        tracing::debug!(
+                            "{} is not held as announced; asking for it again",
+                            shown(&placed.rel)
+                        );
+                        let due = &mut self.resubscribe_at[placed.subscription];
+                        *due = Some(Instant::now());
+                        Ok(None)
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                let shown_kind = escape_truncated(&kind, NAME_SHOWN);
+                self.oddity(format_args!("ignoring an entry of unknown X-TYPE {shown_kind}"));
+                return Ok(());
+            }
+        };
+        match outcome {
+            Ok(Some(what)) => {
+                tracing::info!("updated {}", shown(&placed.rel));
+                self.delivered = true;
+                self.failures.remove(&placed.rel);
+                self.emit(Event::Mirrored { path: placed.rel, what })
+            }
+            Ok(None) => Ok(()),
+            Err(e) => self.file_error(name, placed, e),
         }
     }
 
@@ -221,7 +412,7 @@ impl<W: Wire> Session<'_, W> {
             // The server gave up sending it: its part is of no more use.
             if let Some(incoming) = self.incoming.take() {
                 tracing::debug!("{} was deleted while being received", shown(&incoming.rel));
-                self.shared.inbox.abandon(incoming, false);
+                self.shared.inbox()?.abandon(incoming, false);
             }
         }
         if self.skipping.as_ref().is_some_and(|s| s.name == name) {
@@ -231,11 +422,23 @@ impl<W: Wire> Session<'_, W> {
             Ok(placed) => placed,
             Err(why) => return self.reject(name, why),
         };
-        match self.shared.inbox.delete(&placed.rel, self.shared.opts.delete) {
+        if self.shared.excluded(placed.subscription, &placed.rel, None) {
+            // Excluded is protected, --delete or not.
+            tracing::debug!("not deleting {}, which we excluded", shown(&placed.rel));
+            return Ok(());
+        }
+        let any = self.shared.opts.delete;
+        match self.shared.inbox()?.delete(&placed.rel, any) {
             Ok(Deleted::Removed) => {
                 tracing::info!("deleted {}", shown(&placed.rel));
                 self.delivered = true;
-                self.emit(Event::Deleted { path: placed.rel })
+                self.emit(Event::Deleted { path: placed.rel })?;
+                // Directories the publisher deleted before emptying them.
+                for dir in self.shared.inbox()?.take_removed_dirs() {
+                    tracing::info!("deleted {}", shown(&dir));
+                    self.emit(Event::Deleted { path: dir })?;
+                }
+                Ok(())
             }
             Ok(Deleted::Absent) => {
                 tracing::debug!("nothing to delete at {}", shown(&placed.rel));
