@@ -12,7 +12,9 @@
 //! - [`curve`]: CURVE keys, key files and client socket security.
 //! - [`size`]: sizes with units (`8MB`, `8MiB`), one parser for every program.
 //! - [`log`]: the `--log LEVEL` filter every program shares.
+//! - [`allocator`]: malloc thresholds for programs that stream large frames.
 
+pub mod allocator;
 pub mod byte_queue;
 pub mod codec;
 pub mod curve;

@@ -108,6 +108,8 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
+    // As the zbroker and zpipes programs do; the raw side shares the process.
+    zbroker_client::allocator::keep_freed_buffers();
     let mut args = Args::from_env()?;
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
     // then a small smoke run checks that the harness works.

@@ -110,6 +110,7 @@ fn io_failure(what: &str, e: io::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
+    zbroker_client::allocator::keep_freed_buffers();
     let cli = Cli::parse();
     let (Command::Read { name, .. } | Command::Write { name }) = &cli.command;
     if name.is_empty() {
