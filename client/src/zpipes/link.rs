@@ -14,6 +14,9 @@ use zmq::SocketEvent::{
     HANDSHAKE_FAILED_PROTOCOL, HANDSHAKE_SUCCEEDED,
 };
 
+/// Frames at least this large are sent without a copy (see `send_frame`).
+const ZERO_COPY_FROM: usize = 64 << 10;
+
 /// A received frame, shared as `Bytes` without a copy.
 struct Frame(zmq::Message);
 impl AsRef<[u8]> for Frame {
@@ -209,21 +212,43 @@ impl Link {
     /// Sends an encoded frame (see `send_within`).
     pub(super) fn send_frame(&mut self, frame: Vec<u8>, wait: Duration) -> Result<()> {
         self.last_sent = Instant::now();
+        // A large frame is handed to libzmq without a copy, which a send
+        // that would block drops: check for room first. A small one is
+        // copied (cheaper than asking), so a blocked send leaves it here.
+        if frame.len() >= ZERO_COPY_FROM {
+            if !matches!(self.socket.get_events(), Ok(events) if events.contains(zmq::POLLOUT)) {
+                self.await_room(wait)?;
+            }
+            return match self.socket.send(frame, zmq::DONTWAIT) {
+                Ok(()) => Ok(()),
+                // There was room a moment ago: only a dropped connection
+                // takes it away (this thread is the socket's only sender).
+                Err(zmq::Error::EAGAIN) => Err(self.gone("the connection dropped")),
+                Err(e) => Err(e.into()),
+            };
+        }
         match self.socket.send(&frame[..], zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => {
-                while self.monitor_event()?.is_some() {}
-                if self.dropped {
-                    return Err(self.gone("the connection dropped"));
-                }
-                if self.socket.poll(zmq::POLLOUT, wait.as_millis() as i64)? == 0 {
-                    return Err(self.gone("no connection to send on"));
-                }
+                self.await_room(wait)?;
                 self.socket.send(frame, zmq::DONTWAIT)?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Waits at most `wait` until a frame can be sent (in immediate mode,
+    /// until there is a connection to send on).
+    fn await_room(&mut self, wait: Duration) -> Result<()> {
+        while self.monitor_event()?.is_some() {}
+        if self.dropped {
+            return Err(self.gone("the connection dropped"));
+        }
+        if self.socket.poll(zmq::POLLOUT, wait.as_millis() as i64)? == 0 {
+            return Err(self.gone("no connection to send on"));
+        }
+        Ok(())
     }
 
     /// The next frame if one is already there.
