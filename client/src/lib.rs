@@ -11,6 +11,9 @@
 //! Inside, `link` is the one connection to a broker that every client is
 //! built on (socket, monitor, handshake, disconnects, heartbeat clock).
 
+//! - [`allocator`]: malloc thresholds for programs that stream large frames.
+
+pub mod allocator;
 pub mod curve;
 pub mod endpoint;
 pub mod filemq;

@@ -8,6 +8,9 @@
 //! (KTHXBAI; HUGZ in the session). Where they need the link to behave
 //! differently, [`Options`] says how.
 
+/// Frames at least this large are sent without a copy (see `Link::send`).
+const ZERO_COPY_FROM: usize = 64 << 10;
+
 use crate::curve::{self, ClientKeys};
 use bytes::Bytes;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -339,23 +342,43 @@ impl Link {
     /// (in immediate mode no room means no connection, or a broker that
     /// stopped reading). A connection seen to drop fails at once.
     pub fn send(&mut self, frame: Vec<u8>, wait: Duration) -> Result<()> {
-        // A copy first: a refused message is gone, and the frame is needed
-        // for the second try.
+        // A large frame is handed to libzmq without a copy, which a send
+        // that would block drops: check for room first. A small one is
+        // copied (cheaper than asking), so a blocked send leaves it here.
+        if frame.len() >= ZERO_COPY_FROM {
+            if !matches!(self.socket.get_events(), Ok(events) if events.contains(zmq::POLLOUT)) {
+                self.await_room(wait)?;
+            }
+            return match self.socket.send(frame, zmq::DONTWAIT) {
+                Ok(()) => Ok(()),
+                // There was room a moment ago: only a dropped connection
+                // takes it away (this thread is the socket's only sender).
+                Err(zmq::Error::EAGAIN) => Err(self.gone("the connection dropped")),
+                Err(e) => Err(e.into()),
+            };
+        }
         match self.socket.send(&frame[..], zmq::DONTWAIT) {
             Ok(()) => Ok(()),
             Err(zmq::Error::EAGAIN) => {
-                while self.monitor_event()?.is_some() {}
-                if self.dropped {
-                    return Err(self.gone("the connection dropped"));
-                }
-                if self.socket.poll(zmq::POLLOUT, wait.as_millis().max(1) as i64)? == 0 {
-                    return Err(self.gone("no connection to send on"));
-                }
+                self.await_room(wait)?;
                 self.socket.send(frame, zmq::DONTWAIT)?;
                 Ok(())
             }
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Waits at most `wait` until a frame can be sent (in immediate mode,
+    /// until there is a connection to send on).
+    fn await_room(&mut self, wait: Duration) -> Result<()> {
+        while self.monitor_event()?.is_some() {}
+        if self.dropped {
+            return Err(self.gone("the connection dropped"));
+        }
+        if self.socket.poll(zmq::POLLOUT, wait.as_millis().max(1) as i64)? == 0 {
+            return Err(self.gone("no connection to send on"));
+        }
+        Ok(())
     }
 
     /// The next frame if one is already there.

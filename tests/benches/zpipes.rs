@@ -18,7 +18,8 @@
 //! - `ZPIPES_BENCH_BYTES`: stream size, e.g. `256MiB` (default 1 GiB);
 //!   rounded up to whole 64 KiB writes;
 //! - `ZPIPES_BENCH_ROUNDS`: timed round trips (default 100000);
-//! - `ZPIPES_BENCH_ONLY`: `stream` or `rtt` to run one half;
+//! - `ZPIPES_BENCH_ONLY`: `stream` or `rtt` to run one half; `zpipes` or
+//!   `raw` for that stream alone (no trickle: for a profiler);
 //! - `ZPIPES_BENCH_TIMEOUT`: seconds before the run gives up (default 600);
 //! - `ZPIPES_BENCH_EXACT=1`: readers without partial reads (the stream as
 //!   before them; the trickle is then skipped).
@@ -64,6 +65,8 @@ struct Args {
     rounds: u64,
     stream: bool,
     rtt: bool,
+    /// One stream without the other (for a profiler): "zpipes" or "raw".
+    alone: Option<&'static str>,
     timeout: Duration,
 }
 
@@ -81,13 +84,19 @@ impl Args {
         };
         let rounds = number("ZPIPES_BENCH_ROUNDS", 100_000)?.max(1);
         let timeout = Duration::from_secs(number("ZPIPES_BENCH_TIMEOUT", 600)?);
-        let (stream, rtt) = match var("ZPIPES_BENCH_ONLY").as_deref() {
+        let only = var("ZPIPES_BENCH_ONLY");
+        let (stream, rtt) = match only.as_deref() {
             None => (true, true),
-            Some("stream") => (true, false),
+            Some("stream" | "zpipes" | "raw") => (true, false),
             Some("rtt") => (false, true),
-            Some(other) => bail!("ZPIPES_BENCH_ONLY={other:?}: use stream or rtt"),
+            Some(other) => bail!("ZPIPES_BENCH_ONLY={other:?}: use stream, rtt, zpipes or raw"),
         };
-        Ok(Args { bytes, rounds, stream, rtt, timeout })
+        let alone = match only.as_deref() {
+            Some("zpipes") => Some("zpipes"),
+            Some("raw") => Some("raw"),
+            _ => None,
+        };
+        Ok(Args { bytes, rounds, stream, rtt, alone, timeout })
     }
 }
 
@@ -99,6 +108,8 @@ fn main() {
 }
 
 fn run() -> anyhow::Result<()> {
+    // As the zbroker and zpipes programs do; the raw side shares the process.
+    zbroker_client::allocator::keep_freed_buffers();
     let mut args = Args::from_env()?;
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
     // then a small smoke run checks that the harness works.
@@ -116,6 +127,28 @@ fn run() -> anyhow::Result<()> {
     let exact = std::env::var("ZPIPES_BENCH_EXACT").is_ok_and(|v| v == "1");
     let opts = Options { partial_reads: !exact, ..Options::broker(&name) };
     let mut lines = Vec::new();
+
+    if let Some(what) = args.alone {
+        eprintln!("zpipes bench: streaming {} through {what} alone", human_bytes(args.bytes));
+        let expected = expected_checksum(args.bytes);
+        phase("stream alone");
+        let mut stream = match what {
+            "zpipes" => zpipes_stream(&opts)?,
+            _ => raw_stream(&format!("ipc://@/zpipes-bench-raw/{name}"))?,
+        };
+        for bytes in segment_sizes(args.bytes) {
+            stream = stream.segment(bytes)?;
+        }
+        let (sum, elapsed, cpu) = stream.finish()?;
+        ensure!(sum.finish() == expected.finish(), "{what} stream: checksum mismatch");
+        println!(
+            "\nstream {} {what} alone: {:.0} MiB/s, {:.2} cpu-s per GiB",
+            human_bytes(args.bytes),
+            mib_per_s(args.bytes, elapsed),
+            cpu.as_secs_f64() * (1u64 << 30) as f64 / args.bytes as f64
+        );
+        return Ok(());
+    }
 
     if args.stream {
         eprintln!(
@@ -475,10 +508,7 @@ fn streams(opts: &Options, raw_endpoint: &str, total: u64) -> anyhow::Result<Str
     phase("stream setup");
     let mut zpipes = zpipes_stream(opts)?;
     let mut raw = raw_stream(raw_endpoint)?;
-    let blocks = total / WRITE_SIZE as u64;
-    let segments = SEGMENTS.min(blocks);
-    for i in 0..segments {
-        let bytes = (blocks / segments + u64::from(i < blocks % segments)) * WRITE_SIZE as u64;
+    for bytes in segment_sizes(total) {
         phase("zpipes stream");
         zpipes = zpipes.segment(bytes)?;
         phase("raw stream");
@@ -497,6 +527,13 @@ fn streams(opts: &Options, raw_endpoint: &str, total: u64) -> anyhow::Result<Str
     let raw = measured.pop().expect("two streams");
     let zpipes = measured.pop().expect("two streams");
     Ok(Streams { zpipes, raw })
+}
+
+/// `total` cut into `SEGMENTS` runs of whole writes.
+fn segment_sizes(total: u64) -> impl Iterator<Item = u64> {
+    let blocks = total / WRITE_SIZE as u64;
+    let segments = SEGMENTS.min(blocks);
+    (0..segments).map(move |i| (blocks / segments + u64::from(i < blocks % segments)) * WRITE_SIZE as u64)
 }
 
 /// Writer thread → broker → reader thread.

@@ -110,6 +110,7 @@ fn io_failure(what: &str, e: io::Error) -> Failure {
 }
 
 fn main() -> ExitCode {
+    zbroker_client::allocator::keep_freed_buffers();
     let cli = Cli::parse();
     let (Command::Read { name, .. } | Command::Write { name }) = &cli.command;
     if name.is_empty() {
@@ -325,7 +326,13 @@ fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Fa
             message: format!("no reader opened pipe {name:?} in time"),
         });
     }
-    let (tx, rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(4);
+    // Buffers travel to this thread with the byte count read into them and
+    // come back for the next read: the bytes are not copied on the way
+    // (they are once, into the WRITE frame). A buffer is made only when
+    // none has come back: at most seven exist (four queued, one being
+    // queued, one being read into, one being written out).
+    let (tx, rx) = mpsc::sync_channel::<io::Result<(Vec<u8>, usize)>>(4);
+    let (give_back, spare) = mpsc::channel::<Vec<u8>>();
     let chunk = opts.max_chunk.clamp(4096, 1 << 20);
     std::thread::spawn(move || {
         let mut input = io::stdin().lock();
@@ -334,7 +341,8 @@ fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Fa
             match input.read(&mut buf) {
                 Ok(0) => return, // end of input: the channel closes
                 Ok(n) => {
-                    if tx.send(Ok(buf[..n].to_vec())).is_err() {
+                    let next = spare.try_recv().unwrap_or_else(|_| vec![0u8; chunk]);
+                    if tx.send(Ok((std::mem::replace(&mut buf, next), n))).is_err() {
                         return;
                     }
                 }
@@ -357,7 +365,11 @@ fn write(name: &str, opts: &Options, timeout: Option<Duration>) -> Result<(), Fa
             }
         };
         match next {
-            Ok(Ok(data)) => writer.write_all(&data).map_err(pipe_failure)?,
+            Ok(Ok((data, n))) => {
+                writer.write_all(&data[..n]).map_err(pipe_failure)?;
+                // The reader thread may have ended: then the buffer goes.
+                let _ = give_back.send(data);
+            }
             Ok(Err(e)) => return Err(io_failure("reading standard input", e)),
             Err(mpsc::RecvTimeoutError::Timeout) => writer.ping()?,
             Err(mpsc::RecvTimeoutError::Disconnected) => break,

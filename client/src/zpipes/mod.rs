@@ -28,7 +28,8 @@ use std::collections::VecDeque;
 use std::io;
 use std::time::{Duration, Instant};
 use zbroker_proto::byte_queue::ByteQueue;
-use zbroker_proto::codec::{Chunk, ShortStr};
+use zbroker_proto::codec::ShortStr;
+use zbroker_proto::zpipes::WriteFrame;
 use zbroker_proto::zpipes::PARTIAL_READ;
 use zbroker_proto::ZpipesMsg;
 
@@ -451,8 +452,9 @@ impl Drop for Reader {
 /// The writing end of a named pipe.
 pub struct Writer {
     link: Link,
-    /// Bytes gathered by `std::io::Write` and not yet sent.
-    buffer: Vec<u8>,
+    /// Bytes gathered by `std::io::Write` and not yet sent, already in
+    /// their WRITE frame.
+    gathered: Option<WriteFrame>,
     /// Sizes of the WRITEs sent through `std::io::Write` and not yet
     /// acknowledged, oldest first.
     in_flight: VecDeque<usize>,
@@ -470,7 +472,7 @@ impl Writer {
     pub fn open(pipe: &str, opts: &Options) -> Result<Writer> {
         Ok(Writer {
             link: Link::open(opts, pipe, false)?,
-            buffer: Vec::new(),
+            gathered: None,
             in_flight: VecDeque::new(),
             failed: None,
             attach_timeout: None,
@@ -488,8 +490,9 @@ impl Writer {
         if u32::try_from(len).is_err() {
             return Err(Error::TooLarge(len));
         }
-        let chunk = Chunk(Bytes::copy_from_slice(data));
-        self.link.send(&ZpipesMsg::Write { chunk, timeout: ms(timeout) })?;
+        let mut frame = WriteFrame::with_capacity(len);
+        frame.push(data);
+        self.link.send_frame(frame.finish(ms(timeout)), self.link.opts.dead_after)?;
         let outcome = self.ack()?;
         if outcome == WriteOutcome::Written {
             self.attached = true;
@@ -558,18 +561,18 @@ impl Writer {
     /// without waiting for its acknowledgement (use it when the stream
     /// pauses; `flush` also waits).
     pub fn send_gathered(&mut self) -> Result<()> {
-        if self.buffer.is_empty() {
+        let len = self.gathered.as_ref().map_or(0, WriteFrame::len);
+        if len == 0 {
             return Ok(());
         }
         // Stay within what the broker queues behind a pending request
         // (4 MiB at the least), so a pipelined WRITE is never refused.
-        let room = IN_FLIGHT_BYTES.saturating_sub(self.buffer.len());
+        let room = IN_FLIGHT_BYTES.saturating_sub(len);
         self.collect(self.link.opts.window.max(1) - 1, room)?;
-        let chunk = Chunk(Bytes::from(std::mem::take(&mut self.buffer)));
-        let len = chunk.0.len();
+        let Some(frame) = self.gathered.take() else { return Ok(()) };
         // No timeout: a reader is attached, and a timeout could leave a
         // hole in the stream.
-        self.link.send(&ZpipesMsg::Write { chunk, timeout: 0 })?;
+        self.link.send_frame(frame.finish(0), self.link.opts.dead_after)?;
         self.in_flight.push_back(len);
         Ok(())
     }
@@ -596,15 +599,12 @@ impl io::Write for Writer {
             return Err(e.into());
         }
         let max = self.link.opts.max_chunk.clamp(1, IN_FLIGHT_BYTES);
-        if self.buffer.capacity() == 0 {
-            self.buffer.reserve_exact(max);
-        }
-        let n = buf.len().min(max - self.buffer.len());
-        self.buffer.extend_from_slice(&buf[..n]);
+        let frame = self.gathered.get_or_insert_with(|| WriteFrame::with_capacity(max));
+        let n = frame.push(buf);
         // A full chunk goes out at once. The bytes are accepted either way:
         // a failure is kept for the next call, so that a caller retrying
         // this one never sends them twice.
-        if self.buffer.len() >= max {
+        if frame.is_full() {
             if let Err(e) = self.send_gathered() {
                 self.failed = Some(e);
             }

@@ -195,6 +195,7 @@ enum Command {
 
 fn main() -> ExitCode {
     use clap::{CommandFactory as _, FromArgMatches as _};
+    zbroker_client::allocator::keep_freed_buffers();
     let matches = Cli::command().after_help(format!("{EXAMPLES}\n{}", exit::TABLE)).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
