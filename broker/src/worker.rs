@@ -8,7 +8,7 @@
 //! one waiting per tag.
 //!
 //! Memory stays bounded by the services: each keeps its own jobs in flight
-//! bounded (FILEMQ: one read per connection, one scan per mount).
+//! bounded (one read per connection, one scan per mount, for instance).
 
 use mio::Waker;
 use std::collections::{HashSet, VecDeque};
@@ -306,16 +306,58 @@ fn lane_thread(
 
 #[cfg(test)]
 mod tests {
-    //! The host's worker with FILEMQ's executor: jobs come back to whoever
-    //! asked, watches report once until taken, shutdown ends the threads.
+    //! The host's worker with a toy executor: jobs come back to whoever
+    //! asked, lanes keep their order, reports wait once per tag, a panic
+    //! costs one answer, shutdown ends the threads. (FILEMQ's executor has
+    //! its own tests in `services/src/filemq/executor.rs`.)
     use super::*;
     use mio::{Events, Poll, Token};
-    use std::path::Path;
-    use zbroker_services::filemq::disk;
-    use zbroker_services::filemq::executor::DiskExecutor;
-    use zbroker_services::filemq::work::{Done as FilemqDone, FileMeta, Job as FilemqJob, MountId, Snapshot};
+    use zbroker_services::work::Lane;
 
     const WAKE: Token = Token(7);
+
+    /// Jobs of the toy executor.
+    enum Toy {
+        /// Answers `n * 2` after `ms` milliseconds.
+        Double {
+            n: u64,
+            ms: u64,
+        },
+        /// Reports `n` three times with one tag, then answers nothing.
+        Report {
+            n: u64,
+        },
+        Panic,
+    }
+
+    struct ToyExecutor;
+
+    impl Executor for ToyExecutor {
+        fn lanes(&self) -> Vec<Lane> {
+            vec![Lane { name: "slow", threads: 1 }, Lane { name: "quick", threads: 2 }]
+        }
+        fn lane(&self, job: &Job) -> usize {
+            match job.downcast_ref::<Toy>() {
+                Some(Toy::Double { ms, .. }) if *ms > 0 => 0,
+                _ => 1,
+            }
+        }
+        fn run(&self, key: u64, job: Job, reporter: &Arc<dyn Reporter>) -> Option<Done> {
+            match *job.downcast::<Toy>().ok()? {
+                Toy::Double { n, ms } => {
+                    std::thread::sleep(Duration::from_millis(ms));
+                    Some(Box::new(n * 2))
+                }
+                Toy::Report { n } => {
+                    for _ in 0..3 {
+                        reporter.report_once(key, 7, Box::new(n));
+                    }
+                    None
+                }
+                Toy::Panic => panic!("boom"),
+            }
+        }
+    }
 
     struct Harness {
         poll: Poll,
@@ -323,189 +365,112 @@ mod tests {
         worker: Worker,
     }
 
-    /// An outcome as FILEMQ's type.
-    type Got = (usize, u64, FilemqDone);
-
-    fn filemq_outcomes(outcomes: Vec<Outcome>) -> Vec<Got> {
-        outcomes
-            .into_iter()
-            .map(|(service, key, done)| {
-                (service, key, *done.downcast::<FilemqDone>().expect("a FILEMQ outcome"))
-            })
-            .collect()
-    }
-
     impl Harness {
-        /// Two services with FILEMQ's executor, and one without work.
+        /// Two services with the toy executor, and one without work.
         fn new() -> Harness {
             let poll = Poll::new().expect("poll");
             let waker = Arc::new(Waker::new(poll.registry(), WAKE).expect("waker"));
-            let disk = || Some(Arc::new(DiskExecutor::new(2)) as Arc<dyn Executor>);
+            let toy = || Some(Arc::new(ToyExecutor) as Arc<dyn Executor>);
             let worker =
-                Worker::start(waker, vec![("a", disk()), ("b", disk()), ("none", None)]).expect("worker");
+                Worker::start(waker, vec![("a", toy()), ("b", toy()), ("none", None)]).expect("worker");
             Harness { poll, events: Events::with_capacity(8), worker }
         }
 
-        fn submit(&mut self, service: usize, key: u64, job: FilemqJob) {
+        fn submit(&mut self, service: usize, key: u64, job: Toy) {
             self.worker.submit(service, key, Box::new(job));
         }
 
-        /// Collects outcomes until `count` have arrived (or panics after a
-        /// while).
-        fn wait_for(&mut self, count: usize) -> Vec<Got> {
+        /// Waits (briefly) until no job is in flight: a job leaves the count
+        /// just after its outcome is delivered.
+        fn settled(&self) -> bool {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while self.worker.in_flight() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            self.worker.in_flight() == 0
+        }
+
+        /// Outcomes (as numbers) until `count` have arrived.
+        fn wait_for(&mut self, count: usize) -> Vec<(usize, u64, u64)> {
             let deadline = Instant::now() + Duration::from_secs(10);
             let mut outcomes = Vec::new();
             while outcomes.len() < count {
                 let left = deadline.saturating_duration_since(Instant::now());
                 assert!(!left.is_zero(), "only {outcomes:?} after 10 s");
                 self.poll.poll(&mut self.events, Some(left)).expect("poll");
-                outcomes.extend(filemq_outcomes(self.worker.take_done()));
+                outcomes.extend(
+                    self.worker.take_done().into_iter().map(|(service, key, done)| {
+                        (service, key, *done.downcast::<u64>().expect("a number"))
+                    }),
+                );
             }
             outcomes
         }
-
-        /// Whatever arrives within `quiet`.
-        fn collect_for(&mut self, quiet: Duration) -> Vec<Got> {
-            let deadline = Instant::now() + quiet;
-            let mut outcomes = Vec::new();
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                if left.is_zero() {
-                    return outcomes;
-                }
-                self.poll.poll(&mut self.events, Some(left)).expect("poll");
-                outcomes.extend(filemq_outcomes(self.worker.take_done()));
-            }
-        }
-
-        /// A scan of `root` waits for the `Watch`/`Unwatch` submitted
-        /// before it: once its outcome is back, they have taken effect.
-        fn settle(&mut self, root: &Path) {
-            self.submit(0, 999, scan_job(99, root));
-            let outcomes = self.wait_for(1);
-            assert!(matches!(outcomes[..], [(0, 999, FilemqDone::Scanned { .. })]), "{outcomes:?}");
-        }
-    }
-
-    fn scan_job(mount: MountId, root: &Path) -> FilemqJob {
-        FilemqJob::Scan {
-            mount,
-            root: root.to_owned(),
-            previous: Arc::new(Snapshot::default()),
-            stable_age: Duration::ZERO,
-            digest_cache: None,
-        }
-    }
-
-    fn dirty_mounts(outcomes: &[Got]) -> Vec<(u64, MountId)> {
-        outcomes
-            .iter()
-            .filter_map(|(_, key, done)| match done {
-                FilemqDone::Dirty { mount } => Some((*key, *mount)),
-                _ => None,
-            })
-            .collect()
     }
 
     #[test]
-    fn scans_and_reads_come_back_to_whoever_asked() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("f.txt"), b"hello world").expect("write");
-        let meta = std::fs::metadata(dir.path().join("f.txt")).expect("stat");
-        let expect = FileMeta { size: meta.len(), mtime_ns: disk::mtime_ns(&meta), ..FileMeta::default() };
+    fn outcomes_come_back_to_whoever_asked() {
         let mut harness = Harness::new();
-        harness.submit(0, 10, scan_job(5, dir.path()));
-        let read =
-            FilemqJob::Read { root: dir.path().to_owned(), rel: "f.txt".into(), offset: 6, len: 5, expect };
-        harness.submit(1, 20, read);
-
+        harness.submit(0, 10, Toy::Double { n: 1, ms: 0 });
+        harness.submit(1, 20, Toy::Double { n: 2, ms: 0 });
         let mut outcomes = harness.wait_for(2);
-        outcomes.sort_by_key(|(service, _, _)| *service);
-        match &outcomes[..] {
-            [(0, 10, FilemqDone::Scanned { mount: 5, result: Ok(scanned) }), (1, 20, FilemqDone::Read(Ok(bytes)))] =>
-            {
-                assert!(scanned.snapshot.files.contains_key("f.txt"));
-                assert_eq!(&bytes[..], b"world");
-            }
-            other => panic!("unexpected outcomes {other:?}"),
+        outcomes.sort();
+        assert_eq!(outcomes, [(0, 10, 2), (1, 20, 4)]);
+        assert!(harness.settled());
+    }
+
+    #[test]
+    fn a_quick_lane_does_not_wait_behind_a_slow_one() {
+        let mut harness = Harness::new();
+        harness.submit(0, 1, Toy::Double { n: 1, ms: 300 });
+        harness.submit(0, 2, Toy::Double { n: 2, ms: 0 });
+        assert_eq!(harness.wait_for(1), [(0, 2, 4)], "the quick job first");
+        assert_eq!(harness.wait_for(1), [(0, 1, 2)]);
+    }
+
+    #[test]
+    fn a_lane_of_one_thread_keeps_the_order_asked_for() {
+        let mut harness = Harness::new();
+        for (key, ms) in [(1, 50), (2, 1), (3, 20)] {
+            harness.submit(0, key, Toy::Double { n: key, ms });
         }
-        assert_eq!(harness.worker.in_flight(), 0);
+        let keys: Vec<u64> = harness.wait_for(3).into_iter().map(|(_, key, _)| key).collect();
+        assert_eq!(keys, [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_report_waits_once_per_tag_until_taken() {
+        let mut harness = Harness::new();
+        harness.submit(1, 5, Toy::Report { n: 9 });
+        std::thread::sleep(Duration::from_millis(200));
+        assert_eq!(harness.wait_for(1), [(1, 5, 9)], "three reports, one waiting");
+        harness.submit(1, 5, Toy::Report { n: 8 });
+        assert_eq!(harness.wait_for(1), [(1, 5, 8)], "reported again once taken");
+        assert!(harness.settled(), "a report is not a job in flight");
+    }
+
+    #[test]
+    fn a_panicking_job_costs_its_answer_not_the_thread() {
+        let mut harness = Harness::new();
+        harness.submit(0, 1, Toy::Panic);
+        harness.submit(0, 2, Toy::Double { n: 3, ms: 0 });
+        assert_eq!(harness.wait_for(1), [(0, 2, 6)]);
+        assert!(harness.settled(), "the panicked job is no longer in flight");
     }
 
     #[test]
     fn work_of_a_service_without_an_executor_is_dropped() {
         let mut harness = Harness::new();
-        harness.submit(2, 1, FilemqJob::Unwatch { mount: 1 });
-        harness.submit(7, 1, FilemqJob::Unwatch { mount: 1 });
+        harness.submit(2, 1, Toy::Double { n: 1, ms: 0 });
+        harness.submit(7, 1, Toy::Double { n: 1, ms: 0 });
         assert_eq!(harness.worker.in_flight(), 0);
     }
 
     #[test]
-    fn a_watch_reports_changes_once_until_taken() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut harness = Harness::new();
-        harness.submit(0, 42, FilemqJob::Watch { mount: 3, root: dir.path().to_owned() });
-        harness.settle(dir.path());
-        assert_eq!(harness.worker.in_flight(), 0, "a watch is not a job in flight");
-
-        for name in ["a", "b", "c"] {
-            std::fs::write(dir.path().join(name), b"x").expect("write");
-        }
-        // The whole burst arrives while the reactor is not taking outcomes.
-        std::thread::sleep(Duration::from_millis(300));
-        assert_eq!(dirty_mounts(&filemq_outcomes(harness.worker.take_done())), [(42, 3)]);
-
-        // Once taken, the next change is reported again.
-        let _ = harness.collect_for(Duration::from_millis(100));
-        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
-        assert_eq!(dirty_mounts(&harness.wait_for(1)), [(42, 3)]);
-    }
-
-    #[test]
-    fn reads_and_hidden_changes_do_not_dirty_a_watch() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("f"), b"content").expect("write");
-        std::fs::create_dir(dir.path().join(".filemq")).expect("mkdir");
-        let mut harness = Harness::new();
-        harness.submit(0, 1, FilemqJob::Watch { mount: 1, root: dir.path().to_owned() });
-        harness.settle(dir.path());
-        let _ = harness.collect_for(Duration::from_millis(100));
-
-        std::fs::write(dir.path().join(".filemq/partial"), b"x").expect("write");
-        std::fs::write(dir.path().join(".hidden"), b"x").expect("write");
-        // Our own scan reads (and hashes) every file.
-        harness.submit(0, 2, scan_job(1, dir.path()));
-        let outcomes = harness.collect_for(Duration::from_millis(300));
-        assert_eq!(dirty_mounts(&outcomes), [], "{outcomes:?}");
-    }
-
-    #[test]
-    fn unwatch_stops_the_reports() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut harness = Harness::new();
-        harness.submit(0, 1, FilemqJob::Watch { mount: 1, root: dir.path().to_owned() });
-        harness.submit(0, 1, FilemqJob::Unwatch { mount: 1 });
-        harness.settle(dir.path());
-        std::fs::write(dir.path().join("f"), b"x").expect("write");
-        let outcomes = harness.collect_for(Duration::from_millis(300));
-        assert_eq!(dirty_mounts(&outcomes), [], "{outcomes:?}");
-    }
-
-    #[test]
-    fn a_watch_that_cannot_be_set_up_says_so() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut harness = Harness::new();
-        harness.submit(0, 8, FilemqJob::Watch { mount: 4, root: dir.path().join("missing") });
-        let outcomes = harness.wait_for(1);
-        assert!(matches!(outcomes[..], [(0, 8, FilemqDone::WatchFailed { mount: 4, .. })]), "{outcomes:?}");
-    }
-
-    #[test]
     fn dropping_the_worker_stops_its_threads() {
-        let dir = tempfile::tempdir().expect("tempdir");
         let mut harness = Harness::new();
-        harness.submit(0, 1, FilemqJob::Watch { mount: 1, root: dir.path().to_owned() });
-        harness.settle(dir.path());
+        harness.submit(0, 1, Toy::Double { n: 1, ms: 0 });
+        let _ = harness.wait_for(1);
         let shared = Arc::clone(&harness.worker.shared);
         let started = Instant::now();
         drop(harness);

@@ -215,7 +215,139 @@ fn is_hidden(path: &Path, root: &Path) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::filemq::work::FileMeta;
+    use crate::filemq::work::{FileMeta, Snapshot};
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+
+    /// Reports kept until taken, at most one waiting per tag, as the
+    /// host's worker keeps them.
+    #[derive(Default)]
+    struct Reports(Mutex<Waiting>);
+
+    /// Reports `(key, mount)` waiting, and their tags.
+    type Waiting = (Vec<(u64, MountId)>, HashSet<u64>);
+
+    impl Reporter for Reports {
+        fn report(&self, _: u64, _: host::Done) {
+            panic!("FILEMQ reports only once per mount");
+        }
+        fn report_once(&self, key: u64, tag: u64, done: host::Done) {
+            let Ok(done) = done.downcast::<Done>() else { panic!("not a FILEMQ outcome") };
+            let Done::Dirty { mount } = *done else { panic!("only Dirty is reported") };
+            let mut waiting = self.0.lock().unwrap();
+            if waiting.1.insert(tag) {
+                waiting.0.push((key, mount));
+            }
+        }
+    }
+
+    impl Reports {
+        fn take(&self) -> Vec<(u64, MountId)> {
+            let mut waiting = self.0.lock().unwrap();
+            waiting.1.clear();
+            std::mem::take(&mut waiting.0)
+        }
+
+        /// What arrives within `limit`, waiting for at least one.
+        fn wait(&self, limit: Duration) -> Vec<(u64, MountId)> {
+            let deadline = Instant::now() + limit;
+            loop {
+                let got = self.take();
+                if !got.is_empty() || Instant::now() >= deadline {
+                    return got;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+
+    fn run(executor: &DiskExecutor, reports: &Arc<Reports>, key: u64, job: Job) -> Option<Done> {
+        let reporter: Arc<dyn Reporter> = Arc::clone(reports) as Arc<dyn Reporter>;
+        host::Executor::run(executor, key, Box::new(job), &reporter).map(|d| *d.downcast::<Done>().unwrap())
+    }
+
+    fn scan_job(mount: MountId, root: &Path) -> Job {
+        Job::Scan {
+            mount,
+            root: root.to_owned(),
+            previous: Arc::new(Snapshot::default()),
+            stable_age: Duration::ZERO,
+            digest_cache: None,
+        }
+    }
+
+    #[test]
+    fn scans_and_reads_answer_and_take_their_lanes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f.txt"), b"hello world").expect("write");
+        let meta = std::fs::metadata(dir.path().join("f.txt")).expect("stat");
+        let expect = FileMeta { size: meta.len(), mtime_ns: disk::mtime_ns(&meta), ..FileMeta::default() };
+        let (executor, reports) = (DiskExecutor::new(2), Arc::new(Reports::default()));
+        let read = Job::Read { root: dir.path().to_owned(), rel: "f.txt".into(), offset: 6, len: 5, expect };
+        assert_eq!(host::Executor::lane(&executor, &(Box::new(read.clone()) as host::Job)), READ_LANE);
+        assert_eq!(
+            host::Executor::lane(&executor, &(Box::new(scan_job(5, dir.path())) as host::Job)),
+            SCAN_LANE
+        );
+        match run(&executor, &reports, 10, scan_job(5, dir.path())) {
+            Some(Done::Scanned { mount: 5, result: Ok(scanned) }) => {
+                assert!(scanned.snapshot.files.contains_key("f.txt"))
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(
+            matches!(run(&executor, &reports, 20, read), Some(Done::Read(Ok(bytes))) if &bytes[..] == b"world")
+        );
+    }
+
+    #[test]
+    fn a_watch_reports_changes_once_until_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (executor, reports) = (DiskExecutor::new(2), Arc::new(Reports::default()));
+        assert!(run(&executor, &reports, 42, Job::Watch { mount: 3, root: dir.path().to_owned() }).is_none());
+        for name in ["a", "b", "c"] {
+            std::fs::write(dir.path().join(name), b"x").expect("write");
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(reports.take(), [(42, 3)], "a burst is one waiting report");
+        std::fs::create_dir(dir.path().join("sub")).expect("mkdir");
+        assert_eq!(reports.wait(Duration::from_secs(5)), [(42, 3)], "reported again once taken");
+        host::Executor::stop(&executor);
+    }
+
+    #[test]
+    fn reads_and_hidden_changes_do_not_dirty_a_watch() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("f"), b"content").expect("write");
+        std::fs::create_dir(dir.path().join(".filemq")).expect("mkdir");
+        let (executor, reports) = (DiskExecutor::new(2), Arc::new(Reports::default()));
+        run(&executor, &reports, 1, Job::Watch { mount: 1, root: dir.path().to_owned() });
+        std::thread::sleep(Duration::from_millis(100));
+        reports.take();
+        std::fs::write(dir.path().join(".filemq/partial"), b"x").expect("write");
+        std::fs::write(dir.path().join(".hidden"), b"x").expect("write");
+        // Our own scan reads (and hashes) every file.
+        run(&executor, &reports, 2, scan_job(1, dir.path()));
+        assert_eq!(reports.wait(Duration::from_millis(300)), []);
+    }
+
+    #[test]
+    fn unwatch_stops_the_reports() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (executor, reports) = (DiskExecutor::new(2), Arc::new(Reports::default()));
+        run(&executor, &reports, 1, Job::Watch { mount: 1, root: dir.path().to_owned() });
+        run(&executor, &reports, 1, Job::Unwatch { mount: 1 });
+        std::fs::write(dir.path().join("f"), b"x").expect("write");
+        assert_eq!(reports.wait(Duration::from_millis(300)), []);
+    }
+
+    #[test]
+    fn a_watch_that_cannot_be_set_up_says_so() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (executor, reports) = (DiskExecutor::new(2), Arc::new(Reports::default()));
+        let done = run(&executor, &reports, 8, Job::Watch { mount: 4, root: dir.path().join("missing") });
+        assert!(matches!(done, Some(Done::WatchFailed { mount: 4, .. })), "{done:?}");
+    }
 
     #[test]
     fn a_panicking_job_fails_instead_of_killing_the_thread() {
