@@ -18,6 +18,9 @@ pub enum ReactorError {
     /// A ZeroMQ call failed while `doing`.
     #[error("{doing}: {source}")]
     Zmq { doing: &'static str, source: zmq::Error },
+    /// The thread an embedded reactor was to run on ended before binding.
+    #[error("the broker thread ended before binding")]
+    ThreadDied,
     /// A system call failed while `doing`.
     #[error("{doing}: {source}")]
     Io { doing: &'static str, source: std::io::Error },

@@ -13,10 +13,10 @@
 use anyhow::{ensure, Context as _};
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use zbroker::reactor::{Reactor, Settings};
+use zbroker::reactor::Settings;
 use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Options, Reader, Writer};
 use zbroker_proto::codec::ShortStr;
@@ -77,45 +77,14 @@ fn start_broker(name: &str, root: std::path::PathBuf) -> anyhow::Result<()> {
         max_connections: 100_000,
         budget: Default::default(),
     };
-    let (bound_tx, bound_rx) = mpsc::channel();
-    // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
-    thread::Builder::new().name("broker".into()).spawn(move || {
+    zbroker::reactor::spawn(settings, move || {
         let mut filemq = Filemq::new(filemq::Config::default());
-        if let Err(e) = filemq.publish_at_start(
-            root,
-            "/",
-            zbroker_services::filemq::mounts::Origin::Config,
-            Instant::now(),
-        ) {
-            let _ = bound_tx.send(Err(anyhow::anyhow!(e)));
-            return;
-        }
-        let services: Vec<Box<dyn zbroker_services::Service>> =
-            vec![Box::new(Zpipes::new(zpipes::Config::default())), Box::new(filemq)];
-        let mut reactor = match Reactor::bind(settings, services) {
-            Ok(reactor) => reactor,
-            Err(e) => {
-                let _ = bound_tx.send(Err(e.into()));
-                return;
-            }
-        };
-        let _ = bound_tx.send(Ok(()));
-        if let Err(e) = reactor.run() {
-            eprintln!("loop_bound bench: broker failed: {e:#}");
-            std::process::exit(1);
-        }
+        filemq
+            .publish_at_start(root, "/", zbroker_services::filemq::mounts::Origin::Config, Instant::now())
+            .expect("cannot publish the bench's directory");
+        vec![Box::new(Zpipes::new(zpipes::Config::default())), Box::new(filemq)]
     })?;
-    bound_rx.recv().context("broker thread died")?
-}
-
-fn status(name: &str) -> anyhow::Result<serde_json::Value> {
-    let context = zmq::Context::new();
-    let socket = context.socket(zmq::DEALER)?;
-    socket.set_linger(0)?;
-    socket.connect(&endpoint::control(name))?;
-    socket.send("STATUS", 0)?;
-    ensure!(socket.poll(zmq::POLLIN, 5000)? > 0, "no STATUS reply from the broker");
-    Ok(serde_json::from_slice(&socket.recv_bytes(0)?)?)
+    Ok(())
 }
 
 fn recv(socket: &zmq::Socket, ms: i64) -> Option<FilemqMsg> {
@@ -208,7 +177,8 @@ fn run(label: &str, bytes: usize, bomb: Option<&(Vec<u8>, Vec<u8>)>) -> anyhow::
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let (worst_trip, trips) = probe.join().map_err(|_| anyhow::anyhow!("the probe panicked"))??;
-    let st = status(&name)?;
+    let st =
+        zbroker_tests::status_of(&name, Duration::from_secs(5)).context("no STATUS reply from the broker")?;
     Ok(Figures {
         longest_pass_ms: st["longest_pass_ms"].as_f64().unwrap_or(f64::NAN),
         cause: st["longest_pass_cause"].as_str().unwrap_or("?").to_string(),

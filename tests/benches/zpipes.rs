@@ -32,7 +32,7 @@ use std::io::{Read, Write};
 use std::sync::{mpsc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
-use zbroker::reactor::{Reactor, Settings};
+use zbroker::reactor::Settings;
 use zbroker_client::endpoint;
 use zbroker_client::zpipes::{Options, ReadOutcome, Reader, WriteOutcome, Writer};
 use zbroker_proto::ZpipesMsg;
@@ -171,7 +171,8 @@ fn run() -> anyhow::Result<()> {
             per_gib(s.raw.cpu)
         ));
         phase("broker status");
-        let status = broker_status(&name)?;
+        let status = zbroker_tests::status_of(&name, Duration::from_secs(2))
+            .context("no STATUS reply from the broker")?;
         let z = &status["services"]["zpipes"];
         lines.push(format!(
             "broker peak queued bytes: {} (pipe limit {}, {} bytes moved)",
@@ -239,36 +240,8 @@ fn start_broker(name: &str) -> anyhow::Result<()> {
         max_connections: 100_000,
         budget: Default::default(),
     };
-    let (bound_tx, bound_rx) = mpsc::channel();
-    // The reactor holds `Box<dyn Service>` (not `Send`): build it where it runs.
-    thread::Builder::new().name("broker".into()).spawn(move || {
-        let services: Vec<Box<dyn zbroker_services::Service>> =
-            vec![Box::new(Zpipes::new(zpipes::Config::default()))];
-        let mut reactor = match Reactor::bind(settings, services) {
-            Ok(reactor) => reactor,
-            Err(e) => {
-                let _ = bound_tx.send(Err(e.into()));
-                return;
-            }
-        };
-        let _ = bound_tx.send(Ok(()));
-        if let Err(e) = reactor.run() {
-            eprintln!("zpipes bench: broker failed: {e:#}");
-            std::process::exit(1);
-        }
-    })?;
-    bound_rx.recv().context("broker thread died")?
-}
-
-/// The broker's STATUS reply from its control endpoint.
-fn broker_status(name: &str) -> anyhow::Result<serde_json::Value> {
-    let context = zmq::Context::new();
-    let socket = context.socket(zmq::DEALER)?;
-    socket.set_linger(0)?;
-    socket.connect(&endpoint::control(name))?;
-    socket.send("STATUS", 0)?;
-    ensure!(socket.poll(zmq::POLLIN, 2000)? > 0, "no STATUS reply from the broker");
-    Ok(serde_json::from_slice(&socket.recv_bytes(0)?)?)
+    zbroker::reactor::spawn(settings, || vec![Box::new(Zpipes::new(zpipes::Config::default()))])?;
+    Ok(())
 }
 
 /// CPU time of the whole process (every thread, the broker's included).

@@ -74,6 +74,21 @@ pub fn wait_until(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
+/// The STATUS reply of the broker called `name` (a process or one embedded
+/// with `zbroker::reactor::spawn`), or `None` if it does not answer within
+/// `timeout`.
+pub fn status_of(name: &str, timeout: Duration) -> Option<serde_json::Value> {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::DEALER).ok()?;
+    socket.set_linger(0).ok()?;
+    socket.connect(&zbroker_client::endpoint::control(name)).ok()?;
+    socket.send("STATUS", 0).ok()?;
+    if socket.poll(zmq::POLLIN, timeout.as_millis() as i64).ok()? == 0 {
+        return None;
+    }
+    serde_json::from_slice(&socket.recv_bytes(0).ok()?).ok()
+}
+
 /// A running `zbroker` process, stopped (SIGTERM, then SIGKILL) on drop.
 pub struct Broker {
     pub name: String,
@@ -136,15 +151,7 @@ impl Broker {
 
     /// The broker's own status report, or `None` if it does not answer.
     pub fn try_status(&self) -> Option<serde_json::Value> {
-        let context = zmq::Context::new();
-        let socket = context.socket(zmq::DEALER).ok()?;
-        socket.set_linger(0).ok()?;
-        socket.connect(&zbroker_client::endpoint::control(&self.name)).ok()?;
-        socket.send("STATUS", 0).ok()?;
-        if socket.poll(zmq::POLLIN, 1000).ok()? == 0 {
-            return None;
-        }
-        serde_json::from_slice(&socket.recv_bytes(0).ok()?).ok()
+        status_of(&self.name, Duration::from_secs(1))
     }
 
     pub fn status(&self) -> serde_json::Value {

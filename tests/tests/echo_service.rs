@@ -5,10 +5,10 @@
 //! sockets. Nothing in the host names it.
 
 use bytes::Bytes;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
-use zbroker::reactor::{Reactor, Settings};
+use zbroker::reactor::Settings;
 use zbroker_client::endpoint;
 use zbroker_proto::codec::LongStr;
 use zbroker_proto::ZpipesMsg;
@@ -114,22 +114,10 @@ fn settings(name: &str) -> Settings {
     }
 }
 
-/// Binds the services `make` builds and runs them on a thread of their own
-/// (a reactor holds services that are not `Send`) for the rest of the test
-/// process.
-fn start(name: &str, make: fn() -> Vec<Box<dyn Service>>) -> anyhow::Result<()> {
-    let (bound_tx, bound_rx) = mpsc::channel();
-    let settings = settings(name);
-    thread::spawn(move || match Reactor::bind(settings, make()) {
-        Ok(mut reactor) => {
-            let _ = bound_tx.send(Ok(()));
-            let _ = reactor.run();
-        }
-        Err(e) => {
-            let _ = bound_tx.send(Err(e));
-        }
-    });
-    Ok(bound_rx.recv()??)
+/// Binds the services `make` builds on a broker embedded in the test
+/// process (for the rest of it).
+fn start(name: &str, make: fn() -> Vec<Box<dyn Service>>) -> Result<(), zbroker::error::ReactorError> {
+    zbroker::reactor::spawn(settings(name), make).map(drop)
 }
 
 fn ask(endpoint: &str, frame: Vec<u8>) -> Vec<u8> {

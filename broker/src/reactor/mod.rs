@@ -660,3 +660,30 @@ impl Reactor {
         self.actions = actions;
     }
 }
+
+/// Binds a reactor on a thread of its own and runs it there for the rest
+/// of the process: how benches and tests embed the broker. `make` builds
+/// the services on that thread (they are not `Send`). Returns the bound
+/// endpoints; a loop that fails later ends the process with a message.
+pub fn spawn(
+    settings: Settings,
+    make: impl FnOnce() -> Vec<Box<dyn Service>> + Send + 'static,
+) -> Result<Vec<String>, ReactorError> {
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("broker".into())
+        .spawn(move || match Reactor::bind(settings, make()) {
+            Ok(mut reactor) => {
+                let _ = bound_tx.send(Ok(reactor.endpoints().to_vec()));
+                if let Err(e) = reactor.run() {
+                    eprintln!("embedded broker failed: {e}");
+                    std::process::exit(1);
+                }
+            }
+            Err(e) => {
+                let _ = bound_tx.send(Err(e));
+            }
+        })
+        .doing("starting the broker thread")?;
+    bound_rx.recv().map_err(|_| ReactorError::ThreadDied)?
+}
