@@ -94,19 +94,6 @@ pub(crate) enum Error {
     BrokerGone { endpoint: String, why: &'static str },
 }
 
-/// Which failed handshake waits are put down to keys (rather than to no
-/// broker). The two clients differ, and each keeps its own rule.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Suspect {
-    /// Keys only once a connection is up: before that the broker is simply
-    /// not there, whatever the keys. A connection closed or failed during
-    /// the handshake is keys (or their absence). ZPIPES.
-    KeysOnceConnected,
-    /// With keys, any wait not refused outright; without keys, only a
-    /// failed handshake. FILEMQ.
-    KeysWhenGiven,
-}
-
 /// How a link is set up, and what its handshake wait makes of failures.
 pub(crate) struct Options<'a> {
     pub endpoint: &'a str,
@@ -128,21 +115,18 @@ pub(crate) struct Options<'a> {
     pub handshake_patience: Duration,
     /// A message on this socket ends the wait with [`Error::Stopped`].
     pub stop: Option<&'a zmq::Socket>,
-    pub suspect: Suspect,
 }
 
 /// The hint to give if a failed handshake wait is put down to keys (given
-/// or not), by the `suspect` rule; `None`: there is no broker.
-fn keys_hint(suspect: Suspect, seen: Seen, connected: bool, keys: bool) -> Option<&'static str> {
+/// or not); `None`: there is no broker. Keys are suspected only once a
+/// connection is up: before that the broker is simply not there, whatever
+/// the keys. A connection closed or failed during the handshake is keys (or
+/// their absence). One rule for every client.
+fn keys_hint(seen: Seen, connected: bool, keys: bool) -> Option<&'static str> {
     let keys_hint = if keys { curve::HINT } else { curve::HINT_NO_KEYS };
-    match (suspect, seen) {
-        (_, Seen::Failed) => Some(keys_hint),
-        (Suspect::KeysOnceConnected, Seen::Closed) => Some(keys_hint),
-        (Suspect::KeysOnceConnected, Seen::Silence | Seen::Refused) => {
-            (keys && connected).then_some(curve::HINT)
-        }
-        (Suspect::KeysWhenGiven, Seen::Refused) => None,
-        (Suspect::KeysWhenGiven, Seen::Silence | Seen::Closed) => keys.then_some(curve::HINT),
+    match seen {
+        Seen::Failed | Seen::Closed => Some(keys_hint),
+        Seen::Silence | Seen::Refused => (keys && connected).then_some(curve::HINT),
     }
 }
 
@@ -304,10 +288,10 @@ impl Link {
         }
     }
 
-    /// "No broker" or "handshake failed, check the keys" (see [`Suspect`]).
+    /// "No broker" or "handshake failed, check the keys" (see `keys_hint`).
     fn no_handshake(&self, opts: &Options<'_>, seen: Seen, connected: bool) -> Error {
         let endpoint = self.endpoint.clone();
-        match keys_hint(opts.suspect, seen, connected, opts.curve.is_some()) {
+        match keys_hint(seen, connected, opts.curve.is_some()) {
             Some(hint) => Error::Handshake { endpoint, seen, hint },
             None => Error::NoBroker { endpoint, seen },
         }
@@ -498,7 +482,7 @@ mod tests {
     use super::*;
     use std::net::TcpListener;
 
-    fn options(endpoint: &str, reconnect: bool, suspect: Suspect) -> Options<'_> {
+    fn options(endpoint: &str, reconnect: bool) -> Options<'_> {
         Options {
             endpoint,
             curve: None,
@@ -508,7 +492,6 @@ mod tests {
             patience: Duration::from_secs(5),
             handshake_patience: Duration::from_secs(5),
             stop: None,
-            suspect,
         }
     }
 
@@ -518,27 +501,25 @@ mod tests {
     }
 
     #[test]
-    fn each_client_keeps_its_rule_for_blaming_keys() {
+    fn keys_are_blamed_only_once_a_connection_is_up() {
         use Seen::*;
-        use Suspect::*;
         let (hint, none) = (Some(curve::HINT), Some(curve::HINT_NO_KEYS));
-        // (seen, connected, keys) → ZPIPES, FILEMQ
+        // (seen, connected, keys) → hint
         let table = [
-            (Silence, false, false, None, None),
-            (Silence, false, true, None, hint),
-            (Silence, true, false, None, None),
-            (Silence, true, true, hint, hint),
-            (Refused, false, true, None, None),
-            (Refused, true, true, hint, None),
-            (Closed, true, false, none, None),
-            (Closed, true, true, hint, hint),
-            (Failed, true, false, none, none),
-            (Failed, true, true, hint, hint),
+            (Silence, false, false, None),
+            (Silence, false, true, None),
+            (Silence, true, false, None),
+            (Silence, true, true, hint),
+            (Refused, false, true, None),
+            (Refused, true, true, hint),
+            (Closed, true, false, none),
+            (Closed, true, true, hint),
+            (Failed, true, false, none),
+            (Failed, true, true, hint),
         ];
-        for (seen, connected, keys, zpipes, filemq) in table {
+        for (seen, connected, keys, expected) in table {
             let case = format!("{seen:?} connected={connected} keys={keys}");
-            assert_eq!(keys_hint(KeysOnceConnected, seen, connected, keys), zpipes, "{case}");
-            assert_eq!(keys_hint(KeysWhenGiven, seen, connected, keys), filemq, "{case}");
+            assert_eq!(keys_hint(seen, connected, keys), expected, "{case}");
         }
     }
 
@@ -547,9 +528,7 @@ mod tests {
         for reconnect in [true, false] {
             let endpoint = unique_ipc();
             let started = Instant::now();
-            let e = Link::connect(context(), &options(&endpoint, reconnect, Suspect::KeysWhenGiven))
-                .err()
-                .expect("nothing listens");
+            let e = Link::connect(context(), &options(&endpoint, reconnect)).err().expect("nothing listens");
             assert!(matches!(&e, Error::NoBroker { seen: Seen::Refused, .. }), "reconnect={reconnect}: {e}");
             assert_eq!(e.to_string(), format!("nothing listens at {endpoint}"));
             assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
@@ -561,7 +540,7 @@ mod tests {
         // A TCP listener that accepts (in the kernel) and never speaks ZMTP.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("tcp://{}", listener.local_addr().unwrap());
-        let mut opts = options(&endpoint, false, Suspect::KeysOnceConnected);
+        let mut opts = options(&endpoint, false);
         opts.patience = Duration::from_secs(5);
         opts.handshake_patience = Duration::from_millis(300);
         let started = Instant::now();

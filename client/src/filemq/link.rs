@@ -4,7 +4,7 @@
 //! never reconnects (`ZMQ_RECONNECT_IVL` -1), so a session never goes on,
 //! unaware, over a connection the server does not know.
 
-use crate::link::{self, Suspect};
+use crate::link;
 use bytes::Bytes;
 use std::ops::{Deref, DerefMut};
 use std::time::Duration;
@@ -83,7 +83,6 @@ impl Link {
             patience,
             handshake_patience: patience,
             stop: Some(control),
-            suspect: Suspect::KeysWhenGiven,
         };
         link::Link::connect(context, &opts).map(Link)
     }

@@ -4,7 +4,7 @@
 //! filtered out.
 
 use super::{Error, Options, Result};
-use crate::link::{self, Heartbeat, PingWhen, Suspect};
+use crate::link::{self, Heartbeat, PingWhen};
 use std::time::{Duration, Instant};
 use zbroker_proto::codec::ShortStr;
 use zbroker_proto::zpipes::PARTIAL_READ;
@@ -59,7 +59,6 @@ impl Link {
                 patience: opts.connect_timeout,
                 handshake_patience: opts.dead_after,
                 stop: None,
-                suspect: Suspect::KeysOnceConnected,
             },
         )?;
         Ok(Link {
