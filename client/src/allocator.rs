@@ -14,7 +14,8 @@
 //! allocator arena.
 //!
 //! Process-wide, so only programs call it (`zbroker`, `zpipes`, and the
-//! bench that embeds the broker), never the library on its own.
+//! benches that embed a broker beside ZPIPES clients), never the library
+//! on its own.
 
 /// Allocations at least this large get their own `mmap`: above the 1 MiB
 /// (plus headers) frames the clients send, so those come from the heap.

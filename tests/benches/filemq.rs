@@ -118,6 +118,9 @@ impl Args {
 }
 
 fn main() {
+    // No `allocator::keep_freed_buffers()` here: the broker and the
+    // subscribers share this process, and the `filemq` program does not set
+    // the thresholds, so setting them would flatter the subscriber side.
     let mut args = match Args::from_env() {
         Ok(args) => args,
         Err(e) => {

@@ -36,6 +36,8 @@ struct Figures {
 }
 
 fn main() {
+    // As the zbroker and zpipes programs do: broker and clients share it.
+    zbroker_client::allocator::keep_freed_buffers();
     let bench = std::env::args().any(|a| a == "--bench");
     let default = if bench { 1 << 30 } else { 8 << 20 };
     let bytes = std::env::var("LOOP_BENCH_BYTES")
