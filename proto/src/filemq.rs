@@ -178,7 +178,7 @@ impl crate::codec::strategy::ArbitraryField for Operation {
     }
 }
 
-/// The FILEMQ wire generations, told apart by the OHAI frame (spec §0).
+/// The FILEMQ wire generations, told apart by the OHAI frame (docs/protocol/FILEMQ.md "Generations").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Generation {
     /// 2012–2013: one-byte version 1, SASL in the protocol.
@@ -235,12 +235,12 @@ mod tests {
         }
     }
 
-    /// Spec §21, vector 3 (84 bytes).
+    /// docs/protocol/FILEMQ.md "Test vectors", row 3 (84 bytes).
     const ICANHAZ_PHOTOS: &str = "AA A3 05 00 00 00 07 2F 70 68 6F 74 6F 73 00 00 00 01 06 52 45 53 59 4E 43 00 00 00 01 \
         31 00 00 00 01 05 61 2E 74 78 74 00 00 00 28 41 39 39 39 33 45 33 36 34 37 30 36 38 31 36 41 42 41 33 45 32 35 \
         37 31 37 38 35 30 43 32 36 43 39 43 44 30 44 38 39 44";
 
-    /// Spec §21, vectors 1–7, byte for byte both ways.
+    /// docs/protocol/FILEMQ.md "Test vectors", rows 1–7, byte for byte both ways.
     #[test]
     fn spec_vectors_round_trip_byte_for_byte() {
         let cases = [
@@ -280,7 +280,7 @@ mod tests {
         assert_eq!(hex(ICANHAZ_PHOTOS).len(), 84, "as the spec counts it");
     }
 
-    /// Spec §21, vector 8.
+    /// docs/protocol/FILEMQ.md "Test vectors", row 8.
     #[test]
     fn spec_vectors_short_messages() {
         let cases = [

@@ -157,7 +157,7 @@ mod tests {
         Chunk(Bytes::copy_from_slice(s.as_bytes()))
     }
 
-    /// Spec §14, rows 1–7: byte for byte, both directions.
+    /// docs/protocol/ZPIPES.md "Test vectors", rows 1–7: byte for byte, both directions.
     #[test]
     fn spec_vectors_round_trip_byte_for_byte() {
         let cases = [
@@ -182,7 +182,7 @@ mod tests {
         }
     }
 
-    /// Spec §14, row 8: the one-byte-body messages.
+    /// docs/protocol/ZPIPES.md "Test vectors", row 8: the one-byte-body messages.
     #[test]
     fn spec_vectors_header_only_messages() {
         let cases = [
@@ -204,7 +204,7 @@ mod tests {
         }
     }
 
-    /// Spec §14, decoder edge cases.
+    /// docs/protocol/ZPIPES.md "Test vectors", decoder edge cases.
     #[test]
     fn spec_decoder_edge_cases() {
         assert_eq!(

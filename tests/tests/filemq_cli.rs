@@ -76,7 +76,7 @@ fn creates_rewrites_and_deletes_are_mirrored() {
     sub.expect_line("updated a.txt", limit);
     assert_eq!(std::fs::read(inbox.path().join("a.txt")).unwrap(), vec![b'x'; 5000]);
 
-    // Shorter: no stale tail (the original kept one, spec §11).
+    // Shorter: no stale tail (the original kept one: docs/protocol/FILEMQ.md "Divergences").
     put(publisher.path(), "a.txt", b"short");
     sub.expect_line("updated a.txt", limit);
     assert_eq!(std::fs::read(inbox.path().join("a.txt")).unwrap(), b"short");

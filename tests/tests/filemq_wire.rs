@@ -53,15 +53,15 @@ fn spec_vectors_against_the_real_broker() {
     let (_dir, root) = publisher();
     let broker = Broker::start(&["--publish", &root]);
     let raw = Raw::connect(&broker.filemq_endpoint());
-    // §21 vector 1 → OHAI-OK (vector 8).
+    // docs/protocol/FILEMQ.md "Test vectors": row 1 → OHAI-OK (row 8).
     raw.send_bytes(&hex("AA A3 01 06 46 49 4C 45 4D 51 00 02"));
     assert_eq!(raw.recv_bytes(5000).unwrap(), hex("AA A3 04"));
     raw.send_bytes(&hex("AA A3 09"));
     assert_eq!(raw.recv_bytes(5000).unwrap(), hex("AA A3 0A"));
-    // §21 vector 2 → ICANHAZ-OK.
+    // Row 2 → ICANHAZ-OK.
     raw.send_bytes(&hex("AA A3 05 00 00 00 01 2F 00 00 00 00 00 00 00 00"));
     assert_eq!(raw.recv_bytes(5000).unwrap(), hex("AA A3 06"));
-    // v1 and v2-interim OHAI get RTFM, never a crash (spec §0).
+    // v1 and v2-interim OHAI get RTFM, never a crash (docs/protocol/FILEMQ.md "Generations").
     let old = Raw::connect(&broker.filemq_endpoint());
     old.send_bytes(&hex("AA A3 01 06 46 49 4C 45 4D 51 01"));
     assert!(matches!(recv(&old, 5000), Some(FilemqMsg::Rtfm { .. })));
@@ -76,7 +76,7 @@ fn spec_vectors_against_the_real_broker() {
     assert_eq!(broker.status()["dropped_frames"], 1);
 }
 
-/// Spec §5.1's case: credit 5,000,000, a 300-byte file and a 10 MB file.
+/// docs/protocol/FILEMQ.md "Chunks"'s case: credit 5,000,000, a 300-byte file and a 10 MB file.
 /// The original flooded duplicate chunks for ever; here the client, topping
 /// up as the original client does, gets every byte exactly once.
 #[test]

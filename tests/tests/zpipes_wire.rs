@@ -1,5 +1,5 @@
 //! The real broker driven by raw DEALER sockets sending the spec's bytes:
-//! these pin the wire and the selftest behaviour of spec §11.
+//! these pin the wire and the selftest behaviour of docs/protocol/ZPIPES.md "Selftests".
 
 use zbroker_proto::codec::{Chunk, ShortStr};
 use zbroker_proto::ZpipesMsg as M;

@@ -12,7 +12,7 @@ use zbroker_proto::vpath;
 /// How the subscriptions map virtual paths into the inbox.
 ///
 /// - One subscription path `P`: a file `P/rest` lands at `<inbox>/rest`, as
-///   with the original newest client (spec §11).
+///   with the original newest client (docs/protocol/FILEMQ.md "Our subscriber").
 /// - Several: a file `/full/path` lands at `<inbox>/full/path`, so that two
 ///   subscriptions can never write the same inbox file.
 #[derive(Debug, Clone)]

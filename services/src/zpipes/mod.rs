@@ -52,7 +52,7 @@ use zbroker_proto::ZpipesMsg;
 /// Settings of the ZPIPES service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// A connection silent for this long is forgotten (spec §6.8).
+    /// A connection silent for this long is forgotten (docs/protocol/ZPIPES.md "Expiry").
     pub expiry: Duration,
     /// Most bytes queued for one reader.
     pub pipe_limit: usize,

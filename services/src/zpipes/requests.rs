@@ -248,8 +248,8 @@ impl Zpipes {
                 self.queue_in(len);
                 // The data is queued before anything else happens; the
                 // reader is marked ready and answered once this
-                // connection's turn ends (spec §7 asks only that no machine
-                // runs re-entrantly).
+                // connection's turn ends (no state machine runs re-entrantly:
+                // docs/protocol/ZPIPES.md "States").
                 self.ready.push_back(reader_id);
                 reply(out, id, ZpipesMsg::WriteOk {});
                 self.cancel_request_timer(id, out);

@@ -43,7 +43,7 @@ impl Service for Zpipes {
         match ZpipesMsg::decode_ext(frame) {
             Ok((msg, bits)) => self.receive(conn, msg, bits, now, out),
             Err(error) => {
-                // Dropped: one bad peer must not stop the broker (spec §3).
+                // Dropped: one bad peer must not stop the broker (docs/protocol/ZPIPES.md "Codec").
                 self.malformed += 1;
                 tracing::debug!(conn = conn.0, %error, "zpipes dropped a malformed frame");
             }

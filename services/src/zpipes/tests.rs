@@ -1,5 +1,5 @@
-//! The original selftest scenarios (spec §11) and the fixes of §12, on a
-//! simulated clock.
+//! The original selftest scenarios (docs/protocol/ZPIPES.md "Selftests") and our fixes
+//! ("Divergences"), on a simulated clock.
 
 use super::*;
 use crate::sim::Sim;
@@ -239,7 +239,7 @@ fn write_waits_for_a_reader_with_no_timeout() {
     assert_eq!(w.ask(R, read(3, 0)), [read_ok(b"abc")]);
 }
 
-// ---- §12 fixes ----
+// ---- fixes (docs/protocol/ZPIPES.md "Divergences") ----
 
 #[test]
 fn malformed_frames_are_dropped_and_service_goes_on() {
@@ -577,8 +577,8 @@ fn shutdown_delivers_what_was_acknowledged_then_fails() {
     assert!(matches!(&w.ask(W, write(b"more", 0))[..], [M::WriteFailed { .. }]));
 }
 
-/// A small reference model of one pipe (spec §4–§6 with the §12 fixes and
-/// the queue bound): what each request gets, and when.
+/// A small reference model of one pipe (docs/protocol/ZPIPES.md "States" to
+/// "INVALID", with the "Divergences" and the queue bound): what each request gets, and when.
 mod model {
     use super::*;
 
