@@ -116,14 +116,30 @@ pub fn load(path: &Path) -> Result<FileConfig, Invalid> {
     parse(&text).map_err(|why| invalid!("config file {}: {why}", path.display()))
 }
 
-/// Parses the config file's text; the error is one line, without the file.
-pub fn parse(text: &str) -> Result<FileConfig, String> {
+/// Why the config file's text is not a config; one line, without the file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    #[error("line {line}: {message} (not valid TOML)")]
+    TomlAt { line: usize, message: String },
+    #[error("{message} (not valid TOML)")]
+    Toml { message: String },
+    /// `key = kind`: a value of the wrong type for the key.
+    #[error("{key} = {kind}: expected {expected}")]
+    Type { key: String, kind: &'static str, expected: &'static str },
+    #[error("{key}: {error}")]
+    Size { key: String, error: size::SizeError },
+    #[error("unknown key {0:?} (the keys are {keys})", keys = KEYS.join(", "))]
+    UnknownKey(String),
+}
+
+/// Parses the config file's text.
+pub fn parse(text: &str) -> Result<FileConfig, ConfigError> {
     let table: toml::Table = toml::from_str(text).map_err(|e| {
         let line = e.span().map(|span| text[..span.start.min(text.len())].lines().count().max(1));
-        let message = e.message().lines().next().unwrap_or("").trim().trim_end_matches('.');
+        let message = e.message().lines().next().unwrap_or("").trim().trim_end_matches('.').to_string();
         match line {
-            Some(line) => format!("line {line}: {message} (not valid TOML)"),
-            None => format!("{message} (not valid TOML)"),
+            Some(line) => ConfigError::TomlAt { line, message },
+            None => ConfigError::Toml { message },
         }
     })?;
     let mut config = FileConfig::default();
@@ -132,10 +148,10 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
         fn get<T: for<'de> Deserialize<'de>>(
             key: &str,
             value: toml::Value,
-            kind: &str,
-            expected: &str,
-        ) -> Result<T, String> {
-            value.try_into().map_err(|_| format!("{key} = {kind}: expected {expected}"))
+            kind: &'static str,
+            expected: &'static str,
+        ) -> Result<T, ConfigError> {
+            value.try_into().map_err(|_| ConfigError::Type { key: key.to_string(), kind, expected })
         }
         const MS: &str = "a whole number of milliseconds";
         const STRINGS: &str = "a list of strings, e.g. [\"a\", \"b\"]";
@@ -146,8 +162,10 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             "pipe_limit" | "memory_limit" => {
                 let bytes = match value {
                     toml::Value::Integer(n) if n >= 0 => n as u64,
-                    toml::Value::String(s) => size::parse(&s).map_err(|e| format!("{key}: {e}"))?,
-                    _ => return Err(format!("{key} = {kind}: expected {}", size::ACCEPTED)),
+                    toml::Value::String(s) => {
+                        size::parse(&s).map_err(|error| ConfigError::Size { key: key.clone(), error })?
+                    }
+                    _ => return Err(ConfigError::Type { key, kind, expected: size::ACCEPTED }),
                 };
                 match key.as_str() {
                     "pipe_limit" => config.pipe_limit = Some(bytes),
@@ -177,7 +195,7 @@ pub fn parse(text: &str) -> Result<FileConfig, String> {
             }
             "allow_client_key" => config.allow_client_key = Some(get(&key, value, kind, STRINGS)?),
             "curve_ipc" => config.curve_ipc = Some(get(&key, value, kind, "true or false")?),
-            _ => return Err(format!("unknown key {key:?} (the keys are {})", KEYS.join(", "))),
+            _ => return Err(ConfigError::UnknownKey(key)),
         }
     }
     Ok(config)
@@ -189,13 +207,13 @@ mod tests {
 
     #[test]
     fn file_errors_are_one_line_naming_the_key() {
-        let e = parse("pipe_limit = \"8 furlongs\"").unwrap_err();
+        let e = parse("pipe_limit = \"8 furlongs\"").unwrap_err().to_string();
         assert!(e.starts_with("pipe_limit: ") && e.contains("MiB") && !e.contains('\n'), "{e}");
-        let e = parse("expiry = \"soon\"").unwrap_err();
+        let e = parse("expiry = \"soon\"").unwrap_err().to_string();
         assert_eq!(e, "expiry = string: expected a whole number of milliseconds");
-        let e = parse("nmae = 'typo'").unwrap_err();
+        let e = parse("nmae = 'typo'").unwrap_err().to_string();
         assert!(e.starts_with("unknown key \"nmae\"") && e.contains("upstream_server_key"), "{e}");
-        let e = parse("name = \"hub\"\nbind = [\"tcp://x:1\"\n").unwrap_err();
+        let e = parse("name = \"hub\"\nbind = [\"tcp://x:1\"\n").unwrap_err().to_string();
         assert!(e.starts_with("line ") && !e.contains('\n'), "{e}");
         let e = load(Path::new("/nonexistent/zbroker.toml")).unwrap_err().to_string();
         assert!(e.starts_with("cannot read config file /nonexistent/zbroker.toml"), "{e}");

@@ -43,9 +43,16 @@ use zbroker_proto::filemq::{
 use zbroker_proto::vpath::covers;
 use zbroker_services::budget::Budget;
 use zbroker_services::filemq::executor::DiskExecutor;
+use zbroker_services::filemq::command::{Command as FilemqCommand, ConfigMount};
 use zbroker_services::filemq::{Config, Filemq};
 use zbroker_services::sim::Sim;
 use zbroker_services::Service;
+
+/// SIGHUP's reload of a config publishing `root` under each of `aliases`.
+fn replace_mounts(root: &str, aliases: &[&str]) -> zbroker_services::Command {
+    let list = aliases.iter().map(|alias| ConfigMount { dir: PathBuf::from(root), alias: alias.to_string() }).collect();
+    Box::new(FilemqCommand::ReplaceMounts(list))
+}
 
 const CONNS: u64 = 4;
 const CHUNK_SIZE: usize = 16;
@@ -62,7 +69,7 @@ const FILES: &[(&str, &[u8])] = &[
     ("x/y", b"twenty bytes of data"),
 ];
 
-/// Aliases the MOUNTS step may publish the tree under.
+/// Aliases the `Step::Mounts` reload may publish the tree under.
 const ALIASES: [&str; 3] = ["/", "/x", "/a"];
 
 const PATHS: &[&str] =
@@ -381,7 +388,7 @@ fuzz_target!(|steps: Vec<Step>| {
         budget: budget.clone(),
     };
     // A config mount, which `Step::Mounts` replaces.
-    let reply = w.sim.command(&["MOUNTS", &format!("{root}=/")]);
+    let reply = w.sim.execute(replace_mounts(&root, &["/"]));
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     for step in steps.into_iter().take(300) {
         match step {
@@ -449,15 +456,9 @@ fuzz_target!(|steps: Vec<Step>| {
                 }
             }
             Step::Mounts(mask) => {
-                let words: Vec<String> = ALIASES
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, _)| mask & (1 << i) != 0)
-                    .map(|(_, alias)| format!("{root}={alias}"))
-                    .collect();
-                let mut command = vec!["MOUNTS"];
-                command.extend(words.iter().map(String::as_str));
-                let reply = w.sim.command(&command);
+                let aliases: Vec<&str> =
+                    ALIASES.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, a)| *a).collect();
+                let reply = w.sim.execute(replace_mounts(&root, &aliases));
                 assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
             }
             Step::PublishMissing => {

@@ -11,7 +11,10 @@ use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Instant;
 
+pub use command::{Command, CommandError, CommandFor, Success};
+
 pub mod budget;
+pub mod command;
 pub mod filemq;
 pub mod sim;
 pub mod work;
@@ -84,7 +87,7 @@ pub enum Action {
     CancelTimer { key: TimerKey },
     /// The answer to control request `request`, which
     /// [`Service::command`] left open ([`Answer::Later`]).
-    Reply { request: u64, result: Result<String, String> },
+    Reply { request: u64, result: Result<Success, CommandError> },
     /// Run `job` off the event loop, on the service's [`Service::executor`];
     /// its outcome comes back through [`Service::on_work`] with the same
     /// `key`.
@@ -92,10 +95,10 @@ pub enum Action {
 }
 
 /// What a service says to a control command.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Answer {
     /// The reply (`Err` is shown to the operator as the failure).
-    Now(Result<String, String>),
+    Now(Result<Success, CommandError>),
     /// The reply comes later as an [`Action::Reply`] with the request's
     /// number: the command waits for work off the loop (a file saved).
     Later,
@@ -137,18 +140,20 @@ pub trait Service {
     fn on_work(&mut self, key: u64, done: work::Done, now: Instant, out: &mut Vec<Action>) {
         let _ = (key, done, now, out);
     }
-    /// A command from the control endpoint (`zbroker publish …`), split into
-    /// words, numbered `request` by the host. `None` if this service does
-    /// not know it; otherwise its answer, now or later.
-    fn command(
-        &mut self,
-        request: u64,
-        words: &[String],
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) -> Option<Answer> {
-        let _ = (request, words, now, out);
+    /// The words of a control command (`zbroker publish …`: the verb
+    /// first, no token), parsed into this service's own [`Command`] type.
+    /// `None` if the verb is not this service's; a [`CommandError`] saying
+    /// what is wrong (usage) if the words are not a command.
+    fn parse_command(&self, words: &[String]) -> Option<Result<Command, CommandError>> {
+        let _ = words;
         None
+    }
+    /// Carries out a command this service parsed (or the host built for it
+    /// by name, as SIGHUP's reload does), numbered `request` by the host:
+    /// answered now, or later by an [`Action::Reply`].
+    fn command(&mut self, request: u64, command: Command, now: Instant, out: &mut Vec<Action>) -> Answer {
+        let _ = (request, command, now, out);
+        Answer::Now(Err(CommandError::new(crate::command::ForeignCommand { service: self.name() })))
     }
     /// The protocol's "no" to the first frame of a connection the broker
     /// will not take (it is at its connection limit), if the protocol has

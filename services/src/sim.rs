@@ -5,7 +5,7 @@
 //! it.
 
 use crate::work::{Done, Executor, Job, Reporter};
-use crate::{Action, ConnId, Service, TimerKey};
+use crate::{Action, Command, CommandError, ConnId, Service, Success, TimerKey};
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -58,7 +58,7 @@ pub struct Sim<S: Service> {
     executor_any: Option<Arc<dyn std::any::Any + Send + Sync>>,
     reports: Arc<Reports>,
     /// Answers to control commands that came later, by request number.
-    replies: HashMap<u64, Result<String, String>>,
+    replies: HashMap<u64, Result<Success, CommandError>>,
     next_request: u64,
 }
 
@@ -164,18 +164,29 @@ impl<S: Service> Sim<S> {
         self.apply(out);
     }
 
-    /// Sends a control command, as `zbroker publish` does, and returns its
-    /// answer: `None` if the service does not know the command, or (with
-    /// `hold_work`) if the answer waits for work not run yet (then see
-    /// [`Sim::reply`] with [`Sim::last_request`]).
-    pub fn command(&mut self, words: &[&str]) -> Option<Result<String, String>> {
+    /// Sends a control command's words, as `zbroker publish` does (verb
+    /// first, no token), and returns its answer: `None` if the service
+    /// does not know the verb, or (with `hold_work`) if the answer waits
+    /// for work not run yet (then see [`Sim::reply`] with
+    /// [`Sim::last_request`]). Words that are no command are answered
+    /// with the service's parse error.
+    pub fn command(&mut self, words: &[&str]) -> Option<Result<Success, CommandError>> {
         let words: Vec<String> = words.iter().map(|w| w.to_string()).collect();
+        match self.service.parse_command(&words)? {
+            Ok(command) => self.execute(command),
+            Err(usage) => Some(Err(usage)),
+        }
+    }
+
+    /// Hands the service a typed command, as SIGHUP's reload does; the
+    /// answer as for [`Sim::command`].
+    pub fn execute(&mut self, command: Command) -> Option<Result<Success, CommandError>> {
         let mut out = Vec::new();
         let request = self.next_request;
         self.next_request += 1;
-        let answer = self.service.command(request, &words, self.now, &mut out);
+        let answer = self.service.command(request, command, self.now, &mut out);
         self.apply(out);
-        match answer? {
+        match answer {
             crate::Answer::Now(result) => Some(result),
             crate::Answer::Later => self.replies.remove(&request),
         }
@@ -187,7 +198,7 @@ impl<S: Service> Sim<S> {
     }
 
     /// The answer that came later to control request `request`, if it has.
-    pub fn reply(&mut self, request: u64) -> Option<Result<String, String>> {
+    pub fn reply(&mut self, request: u64) -> Option<Result<Success, CommandError>> {
         self.replies.remove(&request)
     }
 

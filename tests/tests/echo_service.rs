@@ -1,8 +1,8 @@
 //! A third service added through the public contract only, as ARCHITECTURE.md
 //! "Adding a service" says: its protocol declared once with `protocol!`,
-//! a `Service` with an executor of its own (one off-loop job), registered
-//! beside ZPIPES with one line, driven through the real reactor and real
-//! sockets. Nothing in the host names it.
+//! a `Service` with an executor of its own (one off-loop job) and a control
+//! command of its own type, registered beside ZPIPES with one line, driven
+//! through the real reactor and real sockets. Nothing in the host names it.
 
 use bytes::Bytes;
 use std::sync::Arc;
@@ -14,7 +14,7 @@ use zbroker_proto::codec::LongStr;
 use zbroker_proto::ZpipesMsg;
 use zbroker_services::work::{self, Executor, Lane, Reporter};
 use zbroker_services::zpipes::{self, Zpipes};
-use zbroker_services::{Action, ConnId, Service, TimerKey};
+use zbroker_services::{Action, Answer, Command, CommandError, ConnId, Service, Success, TimerKey};
 use zbroker_tests::unique_name;
 
 // 1. The protocol, declared once.
@@ -54,11 +54,29 @@ impl Executor for ShoutExecutor {
     }
 }
 
-/// 3. The service: a state machine, no socket, no clock.
+/// 3. Its control command, typed: `PREFIX TEXT` sets what answers start with.
+enum EchoCommand {
+    Prefix(String),
+}
+
+/// Words with its verb that are not its command.
+#[derive(Debug)]
+struct EchoUsage;
+
+impl std::fmt::Display for EchoUsage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("usage: PREFIX TEXT")
+    }
+}
+
+impl std::error::Error for EchoUsage {}
+
+/// 4. The service: a state machine, no socket, no clock.
 #[derive(Default)]
 struct Echo {
     next_key: u64,
     answered: u64,
+    prefix: String,
 }
 
 impl Service for Echo {
@@ -89,11 +107,27 @@ impl Service for Echo {
     fn on_work(&mut self, _key: u64, done: work::Done, _: Instant, out: &mut Vec<Action>) {
         let Ok(done) = done.downcast::<Shouted>() else { return };
         self.answered += 1;
-        let text = format!("{} (on {})", String::from_utf8_lossy(&done.text), done.thread);
+        let text = format!("{}{} (on {})", self.prefix, String::from_utf8_lossy(&done.text), done.thread);
         out.push(Action::Send {
             to: done.conn,
             frame: EchoMsg::EchoOk { text: text.as_str().into() }.encode(),
         });
+    }
+    fn parse_command(&self, words: &[String]) -> Option<Result<Command, CommandError>> {
+        match words {
+            [verb, prefix] if verb == "PREFIX" => Some(Ok(Box::new(EchoCommand::Prefix(prefix.clone())))),
+            [verb, ..] if verb == "PREFIX" => Some(Err(CommandError::new(EchoUsage))),
+            _ => None,
+        }
+    }
+    fn command(&mut self, _request: u64, command: Command, _: Instant, _: &mut Vec<Action>) -> Answer {
+        Answer::Now(zbroker_services::command::downcast(self.name(), command).map(
+            |EchoCommand::Prefix(prefix)| {
+                self.prefix = prefix;
+                Success::text(format!("answers now start with {:?}", self.prefix))
+                    .with_details(serde_json::json!({ "prefix": self.prefix }))
+            },
+        ))
     }
     fn on_timer(&mut self, _: TimerKey, _: Instant, _: &mut Vec<Action>) {}
     fn on_disconnect(&mut self, _: ConnId, _: Instant, _: &mut Vec<Action>) {}
@@ -102,12 +136,14 @@ impl Service for Echo {
     }
 }
 
+const TOKEN: &str = "echo-token";
+
 fn settings(name: &str) -> Settings {
     Settings {
         name: name.to_string(),
         binds: Vec::new(),
         control_endpoint: endpoint::control(name),
-        control_token: None,
+        control_token: Some(TOKEN.into()),
         state_dir: None,
         max_connections: 100,
         budget: Default::default(),
@@ -133,7 +169,7 @@ fn ask(endpoint: &str, frame: Vec<u8>) -> Vec<u8> {
 #[test]
 fn a_service_added_through_the_contract_runs_its_work_off_the_loop() {
     let name = unique_name("echo");
-    // 4. The one registration line.
+    // 5. The one registration line.
     start(&name, || vec![Box::new(Zpipes::new(zpipes::Config::default())), Box::new(Echo::default())])
         .expect("the broker binds");
 
@@ -159,4 +195,41 @@ fn two_services_with_one_signature_are_refused_at_start_up() {
         .expect_err("a clashing signature is refused");
     assert!(err.to_string().contains("both claim the signature 0xAAE0"), "{err}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// A control request's JSON reply.
+fn control(name: &str, words: &[&str]) -> serde_json::Value {
+    let context = zmq::Context::new();
+    let socket = context.socket(zmq::DEALER).expect("socket");
+    socket.set_linger(0).expect("linger");
+    socket.connect(&endpoint::control(name)).expect("connect");
+    socket.send_multipart(words.iter().map(|w| w.as_bytes()), 0).expect("send");
+    assert!(socket.poll(zmq::POLLIN, 5000).expect("poll") > 0, "no answer from {name}");
+    serde_json::from_slice(&socket.recv_bytes(0).expect("recv")).expect("a JSON reply")
+}
+
+/// The control endpoint hands the words to the service that owns the
+/// verb, which parses them into its own command; the host shows its
+/// answer or its error without knowing either type.
+#[test]
+fn a_service_parses_and_carries_out_its_own_control_command() {
+    let name = unique_name("echo-cmd");
+    start(&name, || vec![Box::new(Zpipes::new(zpipes::Config::default())), Box::new(Echo::default())])
+        .expect("the broker binds");
+    let reply = control(&name, &["PREFIX", TOKEN, ">> "]);
+    assert_eq!(
+        reply,
+        serde_json::json!({ "ok": "answers now start with \">> \"", "details": { "prefix": ">> " } })
+    );
+    let reply = ask(&format!("ipc://@/echo/{name}"), EchoMsg::Echo { text: "hi".into() }.encode());
+    let Ok(EchoMsg::EchoOk { text }) = EchoMsg::decode(reply) else { panic!("not an ECHO-OK") };
+    assert_eq!(String::from_utf8_lossy(text.as_bytes()), ">> HI (on echo-shout-0)");
+
+    assert_eq!(control(&name, &["PREFIX", TOKEN]), serde_json::json!({ "error": "usage: PREFIX TEXT" }));
+    assert_eq!(
+        control(&name, &["SHOUT", TOKEN, "x"]),
+        serde_json::json!({ "error": "unknown control request \"SHOUT x\"" })
+    );
+    let refused = control(&name, &["PREFIX", "wrong-token", "x"]);
+    assert!(refused["error"].as_str().unwrap_or_default().starts_with("not authorised"), "{refused}");
 }

@@ -276,3 +276,47 @@ fn a_kept_mount_whose_directory_is_missing_stays_and_deletes_nothing() {
     once();
     assert_eq!(text(&inbox.join("photos/q.jpg")), "back");
 }
+
+/// SIGHUP hands the config's mounts to FILEMQ as paths, not words: a
+/// directory whose name is not UTF-8 (reached through a symlink, as a
+/// TOML string cannot name it) is published as it is.
+#[test]
+fn a_reload_publishes_a_directory_whose_name_is_not_utf8() {
+    use std::os::unix::ffi::OsStrExt as _;
+    let work = tempfile::tempdir().unwrap();
+    let (outbox, inbox) = (work.path().join("outbox"), work.path().join("inbox"));
+    let odd = work.path().join(std::ffi::OsStr::from_bytes(b"men\xfc"));
+    put(&outbox, "a.txt", b"a");
+    put(&odd, "soup.txt", b"soup");
+    let link = work.path().join("menu-link");
+    std::os::unix::fs::symlink(&odd, &link).unwrap();
+    let config = work.path().join("zbroker.toml");
+    let write_config = |publish: &[String]| {
+        let state = work.path().join("state");
+        let text =
+            format!("publish = {publish:?}\nstate_dir = {:?}\nstable_age = 100\n", state.to_str().unwrap());
+        std::fs::write(&config, text).unwrap();
+    };
+    let outbox_mount = outbox.to_str().unwrap().to_string();
+    write_config(std::slice::from_ref(&outbox_mount));
+    let name = unique_name("odd");
+    let broker = Broker::start_as_configured(&name, &["--config", config.to_str().unwrap()], |_| {});
+    let subscriber = Subscriber::start(&["/", "--inbox", inbox.to_str().unwrap(), "--broker", &name]);
+    assert!(wait_until(LIMIT, || inbox.join("a.txt").exists()));
+
+    write_config(&[outbox_mount, format!("{}=/menu", link.to_str().unwrap())]);
+    signal(&broker.child, libc::SIGHUP);
+    assert!(wait_until(LIMIT, || broker.status()["reloads"] == 1));
+    assert_eq!(broker.status()["reload_errors"], 0);
+    assert_eq!(aliases(&broker), vec!["/ config", "/menu config"]);
+    let mounts = broker.filemq()["mounts"].as_array().cloned().unwrap_or_default();
+    let menu = mounts.iter().find(|m| m["alias"] == "/menu").expect("the /menu mount");
+    let escaped = zbroker_proto::escape::escape(odd.as_os_str().as_bytes());
+    assert!(escaped.ends_with("men\\xfc"), "{escaped}");
+    assert_eq!(menu["root"], escaped, "the directory itself, not the link or a lossy name");
+    assert!(
+        wait_until(LIMIT, || text(&inbox.join("menu/soup.txt")) == "soup"),
+        "the subscriber gets its file"
+    );
+    drop(subscriber);
+}

@@ -3,25 +3,30 @@
 //! the config file and the CURVE allow-list.
 
 use super::*;
+use zbroker_services::{CommandError, CommandFor, Success};
 
-/// What SIGHUP runs: it returns control commands (words, no token) for
-/// the services, e.g. FILEMQ's `MOUNTS` from a re-read config file.
-pub type Reload = Box<dyn FnMut() -> Result<Vec<Vec<String>>, crate::error::ReloadError>>;
+/// What SIGHUP runs: typed commands for services named by
+/// `Service::name`, e.g. FILEMQ's `ReplaceMounts` from a re-read config
+/// file (values, never words: a directory stays a path).
+pub type Reload = Box<dyn FnMut() -> Result<Vec<CommandFor>, crate::error::ReloadError>>;
 
 /// What SIGHUP runs as well when CURVE is on: the new allow-list.
 pub type AllowReload = Box<dyn FnMut() -> Result<Allow, crate::error::ReloadError>>;
 
-/// A control command's outcome as its JSON reply.
-fn control_reply(result: Result<String, String>) -> serde_json::Value {
+/// A control command's outcome as its JSON reply: `{"ok": TEXT}` (with
+/// `details` if the service gives any) or `{"error": TEXT}`, the error
+/// shown as its service wrote it.
+fn control_reply(result: Result<Success, CommandError>) -> serde_json::Value {
     match result {
-        Ok(message) => serde_json::json!({ "ok": message }),
-        Err(error) => serde_json::json!({ "error": error }),
+        Ok(Success { text, details: None }) => serde_json::json!({ "ok": text }),
+        Ok(Success { text, details: Some(details) }) => serde_json::json!({ "ok": text, "details": details }),
+        Err(error) => serde_json::json!({ "error": error.to_string() }),
     }
 }
 
 impl Reactor {
-    /// What SIGHUP does: produce control commands (such as the FILEMQ
-    /// `MOUNTS` list from a re-read config file) to hand to the services.
+    /// What SIGHUP does: produce typed commands (such as FILEMQ's mounts
+    /// from a re-read config file) to hand to the services they name.
     pub fn on_reload(&mut self, reload: Reload) {
         self.reload = Some(reload);
     }
@@ -67,33 +72,30 @@ impl Reactor {
             }
             Ok(commands) => {
                 let now = Instant::now();
-                for words in commands {
+                for CommandFor { service: name, command } in commands {
+                    let Some(service) = self.services.iter().position(|s| s.name() == name) else {
+                        self.reload_errors += 1;
+                        tracing::error!("SIGHUP: no service {name:?} for its command");
+                        continue;
+                    };
                     let request = self.next_request;
                     self.next_request += 1;
-                    for service in 0..self.services.len() {
-                        let Some(answer) =
-                            self.services[service].command(request, &words, now, &mut self.actions)
-                        else {
-                            continue;
-                        };
-                        match answer {
-                            Answer::Now(result) => self.reloaded(result),
-                            Answer::Later => {
-                                self.control_waiting.insert(request, None);
-                            }
+                    match self.services[service].command(request, command, now, &mut self.actions) {
+                        Answer::Now(result) => self.reloaded(result),
+                        Answer::Later => {
+                            self.control_waiting.insert(request, None);
                         }
-                        self.apply(service);
-                        break;
                     }
+                    self.apply(service);
                 }
             }
         }
     }
 
     /// Logs the outcome of one of SIGHUP's commands.
-    fn reloaded(&mut self, result: Result<String, String>) {
+    fn reloaded(&mut self, result: Result<Success, CommandError>) {
         match result {
-            Ok(message) => tracing::info!("SIGHUP: {message}"),
+            Ok(done) => tracing::info!("SIGHUP: {}", done.text),
             Err(error) => {
                 self.reload_errors += 1;
                 tracing::error!("SIGHUP: {error}")
@@ -103,7 +105,7 @@ impl Reactor {
 
     /// A service's later answer to control request `request`: to the
     /// requester, if it still waits, or to the log for SIGHUP's.
-    pub(super) fn answer(&mut self, request: u64, result: Result<String, String>) {
+    pub(super) fn answer(&mut self, request: u64, result: Result<Success, CommandError>) {
         match self.control_waiting.remove(&request) {
             Some(Some(routing_id)) => {
                 let reply = control_reply(result).to_string();
@@ -159,26 +161,31 @@ impl Reactor {
             return refuse("busy: too many control requests waiting; try again");
         }
         let words: Vec<String> = std::iter::once(verb.clone()).chain(words[2..].iter().cloned()).collect();
-        let words = &words[..];
-        let now = Instant::now();
+        // The service that owns the verb parses the words, once, into its
+        // own command; the rest of the way it is typed.
+        let Some((service, parsed)) =
+            self.services.iter().enumerate().find_map(|(i, s)| Some((i, s.parse_command(&words)?)))
+        else {
+            return refuse(&format!("unknown control request {:?}", words.join(" ")));
+        };
+        let command = match parsed {
+            Ok(command) => command,
+            Err(usage) => return Some(control_reply(Err(usage))),
+        };
         let request = self.next_request;
         self.next_request += 1;
-        for service in 0..self.services.len() {
-            if let Some(answer) = self.services[service].command(request, words, now, &mut self.actions) {
-                let reply = match answer {
-                    Answer::Now(result) => Some(control_reply(result)),
-                    Answer::Later => {
-                        self.control_waiting.insert(request, Some(routing_id.to_vec()));
-                        None
-                    }
-                };
-                // After registering the request: the answer may be among
-                // the actions.
-                self.apply(service);
-                return reply;
+        let reply = match self.services[service].command(request, command, Instant::now(), &mut self.actions)
+        {
+            Answer::Now(result) => Some(control_reply(result)),
+            Answer::Later => {
+                self.control_waiting.insert(request, Some(routing_id.to_vec()));
+                None
             }
-        }
-        refuse(&format!("unknown control request {:?}", words.join(" ")))
+        };
+        // After registering the request: the answer may be among the
+        // actions.
+        self.apply(service);
+        reply
     }
 
     pub(super) fn status(&self) -> serde_json::Value {

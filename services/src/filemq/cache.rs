@@ -10,7 +10,7 @@
 //! outcome is in — zproto's "queue it if it cannot be handled now". Small
 //! ones are handled at once, as before.
 
-use super::work::{Done, Job, MountView, Prepared};
+use super::work::{Done, Job, MountView, PrepareError, Prepared};
 use super::{ConnId, Filemq, WorkFor};
 use crate::Action;
 use bytes::Bytes;
@@ -118,8 +118,8 @@ fn served(mounts: &[MountView], vpath: &str) -> bool {
 /// and, with RESYNC, list the cached files `mounts` do not publish. The
 /// cache is read entry by entry into the service's own form, never held
 /// whole as a decoded `Hash` as well.
-pub fn prepare(frame: Bytes, mounts: &[MountView]) -> Result<Box<Prepared>, String> {
-    let malformed = |field: &str, e: FieldError| format!("ICANHAZ {field}: {e:?}");
+pub fn prepare(frame: Bytes, mounts: &[MountView]) -> Result<Box<Prepared>, PrepareError> {
+    let malformed = |field: &'static str, error: FieldError| PrepareError::Malformed { field, error };
     // The fields and ceilings of `FilemqMsg::Icanhaz`, in order (the
     // tests check that this agrees with `FilemqMsg::decode`).
     let mut r = Reader::new(frame.slice(3..));

@@ -19,7 +19,9 @@
 //!   announcing a delete would make every client throw away a file the
 //!   publisher still has. A file that has vanished is deleted.
 
-use super::work::{Attrs, Change, Done, FileMeta, Job, Kind, LinkedFile, ReadError, Scanned, Snapshot};
+use super::work::{
+    Attrs, Change, Done, FileMeta, Job, Kind, LinkedFile, ReadError, ScanError, Scanned, Snapshot,
+};
 use bytes::Bytes;
 use sha1::{Digest as _, Sha1};
 use std::collections::BTreeMap;
@@ -67,13 +69,14 @@ pub fn scan(
     previous: &Snapshot,
     stable_age: Duration,
     digest_cache: Option<&Path>,
-) -> Result<Scanned, String> {
-    let canonical_root = fs::canonicalize(root).map_err(|e| format!("{}: {e}", root.display()))?;
-    let root_meta = fs::metadata(&canonical_root).map_err(|e| format!("{}: {e}", root.display()))?;
+) -> Result<Scanned, ScanError> {
+    let unreadable = |source| ScanError::Root { root: root.to_path_buf(), source };
+    let canonical_root = fs::canonicalize(root).map_err(unreadable)?;
+    let root_meta = fs::metadata(&canonical_root).map_err(unreadable)?;
     if !root_meta.is_dir() {
-        return Err(format!("{}: not a directory", root.display()));
+        return Err(ScanError::NotADirectory(root.to_path_buf()));
     }
-    let top = fs::read_dir(&canonical_root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let top = fs::read_dir(&canonical_root).map_err(unreadable)?;
 
     // The cache only matters when there is nothing better to reuse: after a
     // restart. Later scans reuse the previous snapshot's digests.

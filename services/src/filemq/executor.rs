@@ -11,7 +11,8 @@
 //! the others run reads.
 
 use super::disk;
-use super::work::{Done, Job, MountId, ReadError};
+use super::mounts::SaveError;
+use super::work::{Done, Job, MountId, PrepareError, ReadError, ScanError, WatchError};
 use crate::work::{self as host, Lane, Reporter};
 use notify::event::{AccessKind, AccessMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
@@ -150,9 +151,9 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
     let why = host::panic_message(&*panic);
     error!("disk job panicked: {why}");
     Some(match scanned_mount {
-        Some(mount) => Done::Scanned { mount, result: Err(format!("scan failed: {why}")) },
-        None if icanhaz => Done::Icanhaz(Err(format!("preparing the cache failed: {why}"))),
-        None if save => Done::Saved(Err(format!("saving the mounts failed: {why}"))),
+        Some(mount) => Done::Scanned { mount, result: Err(ScanError::Panicked(why)) },
+        None if icanhaz => Done::Icanhaz(Err(PrepareError::Panicked(why))),
+        None if save => Done::Saved(Err(SaveError::Panicked(why))),
         None => Done::Read(Err(ReadError::Io(format!("read failed: {why}")))),
     })
 }
@@ -164,17 +165,17 @@ fn watch(
     key: u64,
     mount: MountId,
     root: PathBuf,
-) -> Result<RecommendedWatcher, String> {
+) -> Result<RecommendedWatcher, WatchError> {
     let events_root = root.clone();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
         if calls_for_rescan(&event, &events_root) {
             reporter.report_once(key, mount as u64, Box::new(Done::Dirty { mount }));
         }
     })
-    .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+    .map_err(|source| WatchError { root: root.clone(), source })?;
     watcher
         .watch(&root, RecursiveMode::Recursive)
-        .map_err(|e| format!("cannot watch {}: {e}", root.display()))?;
+        .map_err(|source| WatchError { root: root.clone(), source })?;
     debug!("watching {} for mount {mount}", root.display());
     Ok(watcher)
 }
@@ -362,7 +363,7 @@ mod tests {
         };
         let scan = run_caught(scan, boom);
         assert!(
-            matches!(&scan, Some(Done::Scanned { mount: 6, result: Err(why) }) if why.contains("boom")),
+            matches!(&scan, Some(Done::Scanned { mount: 6, result: Err(why) }) if why.to_string().contains("boom")),
             "{scan:?}"
         );
         let expect = FileMeta::default();

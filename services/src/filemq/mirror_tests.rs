@@ -98,7 +98,7 @@ fn tree(outside: &Path) -> (tempfile::TempDir, Sim<Filemq>) {
 /// A broker publishing `root` as `/` (scanned at once).
 fn publish(root: &Path) -> Sim<Filemq> {
     let mut sim = super::tests::sim_of(Filemq::new(super::tests::config()));
-    let reply = sim.command(&["MOUNTS", &format!("{}=/", root.to_str().unwrap())]);
+    let reply = super::tests::replace_mounts(&mut sim, &[(root, "/")]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     sim
 }

@@ -27,6 +27,7 @@
 //!   wire") go to clients that ask for them with the `X-ZBROKER` option.
 
 pub mod cache;
+pub mod command;
 mod delivery;
 pub mod disk;
 pub mod executor;
@@ -45,8 +46,9 @@ mod mounts_tests;
 #[cfg(test)]
 mod tests;
 
-use crate::{Action, Answer, ConnId, Counter, Service, TimerKey};
+use crate::{Action, Answer, CommandError, ConnId, Counter, Service, TimerKey};
 use bytes::Bytes;
+use command::MountError;
 use mounts::Origin;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::path::PathBuf;
@@ -59,6 +61,9 @@ use zbroker_proto::exclude::Excludes;
 use zbroker_proto::filemq::{self, ext, FilemqMsg, Generation, Operation};
 use zbroker_proto::filemq_ext;
 use zbroker_proto::vpath::{self, covers, join};
+
+/// The service's name (in logs, the status, and commands addressed to it).
+pub const NAME: &str = "filemq";
 
 /// Settings of the FILEMQ service.
 #[derive(Debug, Clone)]
@@ -421,7 +426,7 @@ impl Filemq {
         alias: &str,
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Result<(), String> {
+    ) -> Result<(), MountError> {
         self.publish_as(root, alias, Origin::Config, now, out)
     }
 
@@ -434,12 +439,10 @@ impl Filemq {
         origin: Origin,
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Result<(), String> {
-        let alias = vpath::normalise(alias).ok().ok_or_else(|| {
-            format!("alias {alias:?} must be an absolute virtual path such as / or /photos")
-        })?;
+    ) -> Result<(), MountError> {
+        let alias = vpath::normalise(alias).map_err(|_| MountError::BadAlias(alias.to_string()))?;
         if let Some(m) = self.mounts.values().find(|m| m.alias == alias) {
-            return Err(format!("{alias} is already published from {}", mounts::shown(&m.root)));
+            return Err(MountError::AliasTaken { alias, root: m.root.clone() });
         }
         let id = self.next_mount;
         self.next_mount += 1;
@@ -476,7 +479,7 @@ impl Filemq {
         alias: &str,
         origin: Origin,
         now: Instant,
-    ) -> Result<(), String> {
+    ) -> Result<(), MountError> {
         let mut out = std::mem::take(&mut self.startup);
         let published = self.publish_as(root, alias, origin, now, &mut out);
         self.startup = out;
@@ -532,9 +535,9 @@ impl Filemq {
 
     /// Stops publishing the mount at `alias`: its watch and scans end, and
     /// subscribers get a delete for each of its files they were sent.
-    pub fn unpublish(&mut self, alias: &str, out: &mut Vec<Action>) -> Result<(), String> {
+    pub fn unpublish(&mut self, alias: &str, out: &mut Vec<Action>) -> Result<(), MountError> {
         let Some(id) = self.mounts.iter().find(|(_, m)| m.alias == alias).map(|(id, _)| *id) else {
-            return Err(format!("nothing is published as {alias}"));
+            return Err(MountError::UnknownAlias(alias.to_string()));
         };
         let Some(mount) = self.mounts.remove(&id) else { return Ok(()) };
         tracing::info!(alias = %mount.alias, root = %mounts::shown(&mount.root), "filemq no longer publishing");
@@ -594,85 +597,6 @@ impl Filemq {
         self.work(out, WorkFor::Watch { mount: id }, Job::Watch { mount: id, root });
         if !scanning {
             self.start_scan(id, now, out);
-        }
-    }
-
-    /// The command `MOUNTS DIR=/alias...` (a reloaded config file, `DIR`
-    /// escaped): publish what is new, unpublish what is no longer listed,
-    /// keep the rest. Only the config's own mounts are replaced: run-time
-    /// ones stay, and an alias one of them holds is refused (the rest of
-    /// the list is still applied).
-    fn mounts_command(
-        &mut self,
-        words: &[String],
-        now: Instant,
-        out: &mut Vec<Action>,
-    ) -> Result<String, String> {
-        let mut wanted = Vec::new();
-        for word in &words[1..] {
-            let (root, alias) =
-                word.rsplit_once("=/").ok_or_else(|| format!("{word:?} is not DIR=/alias"))?;
-            let alias = vpath::normalise(&format!("/{alias}"))
-                .ok()
-                .ok_or_else(|| format!("bad alias in {word:?}"))?;
-            let root = zbroker_proto::escape::unescape(root)
-                .map(|r| PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(r)))
-                .ok_or_else(|| format!("bad directory in {word:?}"))?;
-            wanted.push((root, alias));
-        }
-        let mut refused = Vec::new();
-        wanted.retain(|(root, alias)| match self.runtime_holder(alias) {
-            Some(held) => {
-                refused.push(format!(
-                    "{alias} ({}) is published at run time from {held}: `zbroker unpublish` it first",
-                    mounts::shown(root)
-                ));
-                false
-            }
-            None => true,
-        });
-        let config = |m: &&Mount| m.origin == Origin::Config;
-        // An alias that stays but moves to another directory keeps its
-        // mount: the next scan's diff says what changed, and subscribers
-        // are not sent a delete for every file first.
-        let mut moved = 0;
-        for (root, alias) in &wanted {
-            let Some(id) = self
-                .mounts
-                .iter()
-                .find(|(_, m)| config(m) && m.alias == *alias && m.root != *root)
-                .map(|(id, _)| *id)
-            else {
-                continue;
-            };
-            self.reroot(id, root.clone(), now, out);
-            moved += 1;
-        }
-        let stale: Vec<String> = self
-            .mounts
-            .values()
-            .filter(config)
-            .filter(|m| !wanted.iter().any(|(root, alias)| *root == m.root && *alias == m.alias))
-            .map(|m| m.alias.clone())
-            .collect();
-        for alias in &stale {
-            self.unpublish(alias, out)?;
-        }
-        let mut added = 0;
-        for (root, alias) in wanted {
-            if !self.mounts.values().any(|m| m.root == root && m.alias == alias) {
-                self.publish(root, &alias, now, out)?;
-                added += 1;
-            }
-        }
-        let done = format!(
-            "mounts: {added} published, {moved} moved, {} unpublished, {} in all",
-            stale.len(),
-            self.mounts.len()
-        );
-        match refused.is_empty() {
-            true => Ok(done),
-            false => Err(format!("{done}; not published: {}", refused.join("; "))),
         }
     }
 

@@ -15,8 +15,9 @@
 //! when a mount comes or goes, subscribers are told what it hid or
 //! revealed at once, not at their next RESYNC.
 
+use super::command::MountError;
 use super::{cache, Filemq, Mount, Op, State, WorkFor};
-use crate::{Action, Answer};
+use crate::{Action, Answer, CommandError, Success};
 use std::collections::{HashSet, VecDeque};
 use std::io::Write as _;
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
@@ -75,40 +76,79 @@ pub fn format(mounts: &[Saved]) -> Vec<u8> {
     out.into_bytes()
 }
 
-/// Reads what [`format`] wrote; the error is one line (with the line
-/// number) saying what is wrong.
-pub fn parse(bytes: &[u8]) -> Result<Vec<Saved>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "not UTF-8 text".to_string())?;
+/// Why a mounts file's text cannot be read; one line, naming the line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FileError {
+    #[error("not UTF-8 text")]
+    NotUtf8,
+    #[error("line {line}: expected \"{MAGIC} {VERSION}\", not {found:?}")]
+    NoMagic { line: usize, found: String },
+    #[error("format {0}, written by another version of zbroker (this one reads format {VERSION})")]
+    Version(u32),
+    #[error("line {0}: expected ALIAS<TAB>DIRECTORY")]
+    NoTab(usize),
+    #[error("line {line}: {text:?} is not an alias such as /photos")]
+    BadAlias { line: usize, text: String },
+    #[error("line {line}: {text:?} is not an absolute directory")]
+    BadDirectory { line: usize, text: String },
+    #[error("line {line}: {alias} is listed twice")]
+    Twice { line: usize, alias: String },
+    #[error("line {0}: more than {MAX_RUNTIME} mounts")]
+    TooMany(usize),
+}
+
+/// Why the mounts file could not be loaded (the path shown escaped).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: {source}", shown(.path))]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{}: larger than {MAX_FILE_BYTES} bytes", shown(.0))]
+    TooLarge(PathBuf),
+    #[error("{}: {source}", shown(.path))]
+    Format { path: PathBuf, source: FileError },
+}
+
+/// Why the mounts file could not be saved.
+#[derive(Debug, thiserror::Error)]
+pub enum SaveError {
+    #[error("cannot save {}: {source}", shown(.path))]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The save job panicked (a bug, answered rather than fatal).
+    #[error("saving the mounts failed: {0}")]
+    Panicked(String),
+}
+
+/// Reads what [`format`] wrote.
+pub fn parse(bytes: &[u8]) -> Result<Vec<Saved>, FileError> {
+    let text = std::str::from_utf8(bytes).map_err(|_| FileError::NotUtf8)?;
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'));
     let version = match lines.next() {
         None => return Ok(Vec::new()),
         Some((index, first)) => first
             .strip_prefix(MAGIC)
             .and_then(|v| v.trim().parse::<u32>().ok())
-            .ok_or_else(|| format!("line {}: expected \"{MAGIC} {VERSION}\", not {first:?}", index + 1))?,
+            .ok_or_else(|| FileError::NoMagic { line: index + 1, found: first.to_string() })?,
     };
     if version != VERSION {
-        return Err(format!(
-            "format {version}, written by another version of zbroker (this one reads format {VERSION})"
-        ));
+        return Err(FileError::Version(version));
     }
     let mut mounts: Vec<Saved> = Vec::new();
     for (index, line) in lines {
-        let at = |why: String| format!("line {}: {why}", index + 1);
-        let (alias, root) = line.split_once('\t').ok_or_else(|| at("expected ALIAS<TAB>DIRECTORY".into()))?;
+        let line_no = index + 1;
+        let (alias, root) = line.split_once('\t').ok_or(FileError::NoTab(line_no))?;
         let alias = unescape(alias)
             .and_then(|a| String::from_utf8(a).ok())
             .and_then(|a| vpath::normalise(&a).ok().filter(|n| *n == a))
-            .ok_or_else(|| at(format!("{alias:?} is not an alias such as /photos")))?;
+            .ok_or_else(|| FileError::BadAlias { line: line_no, text: alias.to_string() })?;
         let root = unescape(root)
             .map(|r| PathBuf::from(std::ffi::OsString::from_vec(r)))
             .filter(|r| r.is_absolute())
-            .ok_or_else(|| at(format!("{root:?} is not an absolute directory")))?;
+            .ok_or_else(|| FileError::BadDirectory { line: line_no, text: root.to_string() })?;
         if mounts.iter().any(|m| m.alias == alias) {
-            return Err(at(format!("{alias} is listed twice")));
+            return Err(FileError::Twice { line: line_no, alias });
         }
         if mounts.len() == MAX_RUNTIME {
-            return Err(at(format!("more than {MAX_RUNTIME} mounts")));
+            return Err(FileError::TooMany(line_no));
         }
         mounts.push(Saved { alias, root });
     }
@@ -116,28 +156,27 @@ pub fn parse(bytes: &[u8]) -> Result<Vec<Saved>, String> {
 }
 
 /// The run-time mounts kept at `path` (none if there is no file yet).
-pub fn load(path: &Path) -> Result<Vec<Saved>, String> {
+pub fn load(path: &Path) -> Result<Vec<Saved>, LoadError> {
     use std::io::Read as _;
-    let shown = escape(path.as_os_str().as_bytes());
+    let io = |source| LoadError::Io { path: path.to_path_buf(), source };
     let file = match std::fs::File::open(path) {
         Ok(file) => file,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(format!("{shown}: {e}")),
+        Err(e) => return Err(io(e)),
     };
     let mut bytes = Vec::new();
-    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("{shown}: {e}"))?;
+    file.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes).map_err(io)?;
     if bytes.len() as u64 > MAX_FILE_BYTES {
-        return Err(format!("{shown}: larger than {MAX_FILE_BYTES} bytes"));
+        return Err(LoadError::TooLarge(path.to_path_buf()));
     }
-    parse(&bytes).map_err(|why| format!("{shown}: {why}"))
+    parse(&bytes).map_err(|source| LoadError::Format { path: path.to_path_buf(), source })
 }
 
 /// Replaces the file at `path` with `contents` so that a crash at any
 /// moment leaves the old file or the new one, whole: a temporary file
 /// beside it, synced, renamed over it, and the directory synced so the
 /// rename itself lasts.
-pub fn save(path: &Path, contents: &[u8]) -> Result<(), String> {
-    let shown = escape(path.as_os_str().as_bytes());
+pub fn save(path: &Path, contents: &[u8]) -> Result<(), SaveError> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut temp_name = std::ffi::OsString::from(".");
     temp_name.push(path.file_name().unwrap_or_default());
@@ -150,10 +189,10 @@ pub fn save(path: &Path, contents: &[u8]) -> Result<(), String> {
         std::fs::rename(&temp, path)?;
         std::fs::File::open(dir)?.sync_all()
     })();
-    written.map_err(|e| {
+    written.map_err(|source| {
         // Best effort: the temporary name is this process's alone.
         let _ = std::fs::remove_file(&temp);
-        format!("cannot save {shown}: {e}")
+        SaveError::Io { path: path.to_path_buf(), source }
     })
 }
 
@@ -180,30 +219,15 @@ pub(super) fn shown(path: &Path) -> String {
 }
 
 impl Filemq {
-    /// `PUBLISH ROOT ALIAS` (`ROOT` escaped) and `UNPUBLISH ALIAS` from the
-    /// control endpoint: queued, then carried out one at a time, each once
-    /// the mounts file says so.
+    /// `PUBLISH` and `UNPUBLISH` from the control endpoint: queued, then
+    /// carried out one at a time, each once the mounts file says so.
     pub(super) fn runtime_command(
         &mut self,
         request: u64,
-        words: &[String],
+        change: Change,
         now: Instant,
         out: &mut Vec<Action>,
     ) -> Answer {
-        let change = match words {
-            [verb, root, alias] if verb == "PUBLISH" => match unescape(root) {
-                Some(root) => Change::Publish {
-                    root: PathBuf::from(std::ffi::OsString::from_vec(root)),
-                    alias: alias.clone(),
-                },
-                None => return Answer::Now(Err(format!("{root:?} is not an escaped directory name"))),
-            },
-            [verb, alias] if verb == "UNPUBLISH" => Change::Unpublish { alias: alias.clone() },
-            [verb, ..] if verb == "PUBLISH" => {
-                return Answer::Now(Err("usage: PUBLISH DIRECTORY ALIAS".into()))
-            }
-            _ => return Answer::Now(Err("usage: UNPUBLISH ALIAS".into())),
-        };
         self.runtime.queue.push_back((request, change));
         self.next_change(now, out);
         Answer::Later
@@ -217,7 +241,7 @@ impl Filemq {
             let change = match self.check_change(&change) {
                 Ok(change) => change,
                 Err(why) => {
-                    out.push(Action::Reply { request, result: Err(why) });
+                    out.push(Action::Reply { request, result: Err(CommandError::new(why)) });
                     continue;
                 }
             };
@@ -233,7 +257,11 @@ impl Filemq {
                 // the broker takes no control command without one.
                 let result = self
                     .carry_out(change, now, out)
-                    .map(|done| format!("{done} (not kept: no state directory)"));
+                    .map(|done| Success {
+                        text: format!("{} (not kept: no state directory)", done.text),
+                        ..done
+                    })
+                    .map_err(CommandError::new);
                 out.push(Action::Reply { request, result });
                 continue;
             };
@@ -244,32 +272,28 @@ impl Filemq {
 
     /// The change, normalised, if it can be carried out on the table as
     /// it is; else why not.
-    fn check_change(&self, change: &Change) -> Result<Change, String> {
+    fn check_change(&self, change: &Change) -> Result<Change, MountError> {
         match change {
             Change::Publish { root, alias } => {
-                let normal = vpath::normalise(alias).ok().ok_or_else(|| {
-                    format!("alias {alias:?} must be an absolute virtual path such as / or /photos")
-                })?;
+                let normal = vpath::normalise(alias).map_err(|_| MountError::BadAlias(alias.clone()))?;
                 if !root.is_absolute() {
-                    return Err(format!("{} is not an absolute path", shown(root)));
+                    return Err(MountError::NotAbsolute(root.clone()));
                 }
                 if let Some(m) = self.mounts.values().find(|m| m.alias == normal) {
-                    return Err(format!("{normal} is already published from {}", shown(&m.root)));
+                    return Err(MountError::AliasTaken { alias: normal, root: m.root.clone() });
                 }
                 if self.mounts.values().filter(|m| m.origin == Origin::Runtime).count() >= MAX_RUNTIME {
-                    return Err(format!("already {MAX_RUNTIME} run-time mounts, the most a broker keeps"));
+                    return Err(MountError::TooManyRuntime);
                 }
                 Ok(Change::Publish { root: root.clone(), alias: normal })
             }
             Change::Unpublish { alias } => {
                 let normal = vpath::normalise(alias).ok().unwrap_or_else(|| alias.clone());
                 match self.mounts.values().find(|m| m.alias == normal) {
-                    None => Err(format!("nothing is published as {alias}")),
-                    Some(m) if m.origin == Origin::Config => Err(format!(
-                        "{normal} ({}) comes from the command line or config file, not from `zbroker publish`: \
-                         remove it there, then reload (SIGHUP) or restart",
-                        shown(&m.root)
-                    )),
+                    None => Err(MountError::UnknownAlias(alias.clone())),
+                    Some(m) if m.origin == Origin::Config => {
+                        Err(MountError::NotRuntime { alias: normal, root: m.root.clone() })
+                    }
                     Some(_) => Ok(Change::Unpublish { alias: normal }),
                 }
             }
@@ -277,50 +301,63 @@ impl Filemq {
     }
 
     /// Applies a checked change to the table.
-    fn carry_out(&mut self, change: Change, now: Instant, out: &mut Vec<Action>) -> Result<String, String> {
+    fn carry_out(
+        &mut self,
+        change: Change,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) -> Result<Success, MountError> {
         match change {
             Change::Publish { root, alias } => {
-                let done = format!("publishing {} as {alias}", shown(&root));
+                let text = format!("publishing {} as {alias}", shown(&root));
+                let details = serde_json::json!({ "alias": alias, "root": shown(&root) });
                 self.publish_as(root, &alias, Origin::Runtime, now, out)?;
-                Ok(done)
+                Ok(Success::text(text).with_details(details))
             }
             Change::Unpublish { alias } => {
                 let root = self.mounts.values().find(|m| m.alias == alias).map(|m| shown(&m.root));
                 self.unpublish(&alias, out)?;
-                Ok(format!("no longer publishing {} as {alias}", root.unwrap_or_default()))
+                let root = root.unwrap_or_default();
+                let text = format!("no longer publishing {root} as {alias}");
+                Ok(Success::text(text).with_details(serde_json::json!({ "alias": alias, "root": root })))
             }
         }
     }
 
     /// The outcome of `Job::SaveMounts`: the change is carried out (or
     /// not) and answered, and the next one starts.
-    pub(super) fn mounts_saved(&mut self, result: Result<(), String>, now: Instant, out: &mut Vec<Action>) {
+    pub(super) fn mounts_saved(
+        &mut self,
+        result: Result<(), SaveError>,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
         let Some((request, change)) = self.runtime.saving.take() else { return };
         let result = match result {
             // Checked when the save began; nothing else changes the
             // run-time mounts meanwhile.
             Ok(()) => self.carry_out(change, now, out).map(|done| {
                 let file = self.mounts_file().map(|f| shown(&f)).unwrap_or_default();
-                format!("{done} (kept in {file})")
+                Success { text: format!("{} (kept in {file})", done.text), ..done }
             }),
             Err(why) => {
                 tracing::error!("filemq: {why}");
-                Err(format!("{why}; nothing changed"))
+                Err(MountError::SaveFailed(why))
             }
         };
-        out.push(Action::Reply { request, result });
+        out.push(Action::Reply { request, result: result.map_err(CommandError::new) });
         self.next_change(now, out);
     }
 
     /// The directory of the run-time mount at `alias`, or of the one being
     /// saved there: a reloaded config may not take its alias.
-    pub(super) fn runtime_holder(&self, alias: &str) -> Option<String> {
+    pub(super) fn runtime_holder(&self, alias: &str) -> Option<PathBuf> {
         if let Some((_, Change::Publish { root, alias: saving })) = &self.runtime.saving {
             if saving == alias {
-                return Some(shown(root));
+                return Some(root.clone());
             }
         }
-        self.mounts.values().find(|m| m.origin == Origin::Runtime && m.alias == alias).map(|m| shown(&m.root))
+        self.mounts.values().find(|m| m.origin == Origin::Runtime && m.alias == alias).map(|m| m.root.clone())
     }
 
     /// Where the run-time mounts are kept.
@@ -517,7 +554,7 @@ mod tests {
 
     #[test]
     fn a_bad_file_is_one_line_naming_the_line() {
-        let bad = |text: &str| parse(text.as_bytes()).unwrap_err();
+        let bad = |text: &str| parse(text.as_bytes()).unwrap_err().to_string();
         assert_eq!(
             bad("zbroker-mounts 2\n"),
             "format 2, written by another version of zbroker (this one reads format 1)"
@@ -548,7 +585,7 @@ mod tests {
         assert_eq!(load(&path).unwrap(), Vec::new());
         let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
         assert_eq!(names, vec![std::ffi::OsString::from(FILE_NAME)], "no temporary file left");
-        let e = save(&dir.path().join("missing/mounts"), b"x").unwrap_err();
+        let e = save(&dir.path().join("missing/mounts"), b"x").unwrap_err().to_string();
         assert!(e.starts_with("cannot save ") && e.contains("missing/mounts"), "{e}");
     }
 

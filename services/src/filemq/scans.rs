@@ -8,7 +8,7 @@ impl Filemq {
     pub(super) fn scanned(
         &mut self,
         id: MountId,
-        result: Result<work::Scanned, String>,
+        result: Result<work::Scanned, work::ScanError>,
         now: Instant,
         out: &mut Vec<Action>,
     ) {
@@ -18,6 +18,7 @@ impl Filemq {
         let mut next = now + interval;
         match result {
             Err(why) => {
+                let why = why.to_string();
                 if mount.error.as_ref() != Some(&why) {
                     tracing::warn!(alias = %mount.alias, "filemq cannot scan {}: {why}", mount.root.display());
                 }

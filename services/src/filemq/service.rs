@@ -6,7 +6,7 @@ use super::*;
 
 impl Service for Filemq {
     fn name(&self) -> &'static str {
-        "filemq"
+        NAME
     }
 
     fn signature(&self) -> u16 {
@@ -140,17 +140,30 @@ impl Service for Filemq {
         }
     }
 
+    fn parse_command(&self, words: &[String]) -> Option<Result<crate::Command, CommandError>> {
+        let parsed = command::parse(words)?;
+        Some(parsed.map(|c| Box::new(c) as crate::Command).map_err(CommandError::new))
+    }
+
     fn command(
         &mut self,
         request: u64,
-        words: &[String],
+        command: crate::Command,
         now: Instant,
         out: &mut Vec<Action>,
-    ) -> Option<Answer> {
-        match words.first().map(String::as_str) {
-            Some("PUBLISH" | "UNPUBLISH") => Some(self.runtime_command(request, words, now, out)),
-            Some("MOUNTS") => Some(Answer::Now(self.mounts_command(words, now, out))),
-            _ => None,
+    ) -> Answer {
+        use command::Command;
+        match crate::command::downcast::<Command>(NAME, command) {
+            Ok(Command::Publish { dir, alias }) => {
+                self.runtime_command(request, mounts::Change::Publish { root: dir, alias }, now, out)
+            }
+            Ok(Command::Unpublish { alias }) => {
+                self.runtime_command(request, mounts::Change::Unpublish { alias }, now, out)
+            }
+            Ok(Command::ReplaceMounts(list)) => {
+                Answer::Now(self.replace_mounts(list, now, out).map_err(CommandError::new))
+            }
+            Err(foreign) => Answer::Now(Err(foreign)),
         }
     }
 

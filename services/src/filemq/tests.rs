@@ -44,9 +44,21 @@ pub(super) fn world_with(files: &[(&str, &[u8])], config: Config) -> (tempfile::
     }
     let mut sim = sim_of(Filemq::new(config));
     // As the command line or config file would: a reload may replace it.
-    let reply = sim.command(&["MOUNTS", &format!("{}=/", dir.path().to_str().unwrap())]);
+    let reply = replace_mounts(&mut sim, &[(dir.path(), "/")]);
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     (dir, sim)
+}
+
+/// What SIGHUP's reload hands the service: the config file's mounts, typed.
+pub(super) fn replace_mounts(
+    sim: &mut Sim<Filemq>,
+    list: &[(&std::path::Path, &str)],
+) -> Option<Result<crate::Success, crate::CommandError>> {
+    let list = list
+        .iter()
+        .map(|(dir, alias)| command::ConfigMount { dir: dir.to_path_buf(), alias: alias.to_string() })
+        .collect();
+    sim.execute(Box::new(command::Command::ReplaceMounts(list)))
 }
 
 pub(super) fn send(sim: &mut Sim<Filemq>, conn: u64, msg: FilemqMsg) {
@@ -733,16 +745,12 @@ fn a_reloaded_mount_list_publishes_and_unpublishes() {
     write(photos.path(), "p", b"2");
     let got = burgers(subscribe(&mut sim, 1, "/", &[("RESYNC", "1")], 1_000_000));
     assert_eq!(reassemble(&got).len(), 1);
-    let root = dir.path().to_str().unwrap();
-    let photos_root = photos.path().to_str().unwrap();
-    let both = [format!("{root}=/"), format!("{photos_root}=/photos")];
-    let words: Vec<&str> = std::iter::once("MOUNTS").chain(both.iter().map(String::as_str)).collect();
-    assert!(matches!(sim.command(&words), Some(Ok(_))));
+    let both = [(dir.path(), "/"), (photos.path(), "/photos")];
+    assert!(matches!(replace_mounts(&mut sim, &both), Some(Ok(_))));
     let got = burgers(take(&mut sim, 1));
     assert_eq!(reassemble(&got)["/photos/p"], b"2");
     // Dropping /photos from the list: its files are deleted downstream.
-    let only_root = format!("{root}=/");
-    assert!(matches!(sim.command(&["MOUNTS", &only_root]), Some(Ok(_))));
+    assert!(matches!(replace_mounts(&mut sim, &[(dir.path(), "/")]), Some(Ok(_))));
     let got = burgers(take(&mut sim, 1));
     assert_eq!(
         got.iter().map(|b| (b.filename.as_str(), b.operation)).collect::<Vec<_>>(),
@@ -960,9 +968,8 @@ fn a_mount_moved_to_another_directory_sends_only_the_difference() {
     write(other.path(), "same", b"kept");
     write(other.path(), "new-only", b"y");
     let _ = dir;
-    let word = format!("{}=/", other.path().to_str().unwrap());
-    let reply = sim.command(&["MOUNTS", &word]);
-    assert!(matches!(&reply, Some(Ok(m)) if m.contains("1 moved")), "{reply:?}");
+    let reply = replace_mounts(&mut sim, &[(other.path(), "/")]);
+    assert!(matches!(&reply, Some(Ok(m)) if m.text.contains("1 moved")), "{reply:?}");
     let got = burgers(take(&mut sim, 1));
     let ops: Vec<_> = got.iter().map(|b| (b.filename.as_str(), b.operation, b.eof)).collect();
     assert_eq!(ops, vec![("/new-only", Create, 0), ("/new-only", Create, 1), ("/old-only", Delete, 0)]);

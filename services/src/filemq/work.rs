@@ -189,13 +189,13 @@ pub struct MountView {
 }
 
 /// The outcome of a [`Job`].
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub enum Done {
     Scanned {
         mount: MountId,
         /// `Err` when the root itself cannot be read (the previous snapshot
         /// stays in force).
-        result: Result<Scanned, String>,
+        result: Result<Scanned, ScanError>,
     },
     Read(Result<Bytes, ReadError>),
     /// Something under the mount changed: scan it soon.
@@ -205,12 +205,42 @@ pub enum Done {
     /// The watch could not be set up: rely on periodic rescans.
     WatchFailed {
         mount: MountId,
-        why: String,
+        why: WatchError,
     },
     /// A large ICANHAZ, decoded and prepared; `Err` if it is malformed.
-    Icanhaz(Result<Box<Prepared>, String>),
+    Icanhaz(Result<Box<Prepared>, PrepareError>),
     /// The run-time mounts file was saved, or why not.
-    Saved(Result<(), String>),
+    Saved(Result<(), super::mounts::SaveError>),
+}
+
+/// Why a mount's root could not be scanned (the previous snapshot stays).
+#[derive(Debug, thiserror::Error)]
+pub enum ScanError {
+    #[error("{}: {source}", .root.display())]
+    Root { root: PathBuf, source: std::io::Error },
+    #[error("{}: not a directory", .0.display())]
+    NotADirectory(PathBuf),
+    /// The scan panicked (a bug, answered rather than fatal).
+    #[error("scan failed: {0}")]
+    Panicked(String),
+}
+
+/// Why a mount's tree cannot be watched (it is rescanned periodically).
+#[derive(Debug, thiserror::Error)]
+#[error("cannot watch {}: {source}", .root.display())]
+pub struct WatchError {
+    pub root: PathBuf,
+    pub source: notify::Error,
+}
+
+/// Why a large ICANHAZ was not prepared.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("ICANHAZ {field}: {error:?}")]
+    Malformed { field: &'static str, error: zbroker_proto::codec::FieldError },
+    /// The preparation panicked (a bug, answered rather than fatal).
+    #[error("preparing the cache failed: {0}")]
+    Panicked(String),
 }
 
 /// A subscription request prepared off the loop.

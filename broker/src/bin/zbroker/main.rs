@@ -20,7 +20,7 @@ use zbroker_services::budget::Budget;
 use zbroker_services::filemq::mounts::{self, Origin};
 use zbroker_services::filemq::{self, Filemq};
 use zbroker_services::zpipes::{self, Zpipes};
-use zbroker_services::Service;
+use zbroker_services::{CommandFor, Service};
 
 /// Examples (each comment line says what the command under it does) and
 /// the exit statuses.
@@ -518,14 +518,15 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
     if let (Some(path), false) = (args.config.clone(), flags_publish) {
         reactor.on_reload(Box::new(move || {
             let file = config::load(&path)?;
-            let mut words = vec!["MOUNTS".to_string()];
+            let mut mounts = Vec::new();
             for text in file.publish.unwrap_or_default() {
                 let config::Publish { dir, alias } = config::parse_publish(&text)?;
-                let root = publishable(&dir)?;
-                words.push(format!("{}={alias}", escape(root.as_os_str().as_bytes())));
+                mounts.push(filemq::command::ConfigMount { dir: publishable(&dir)?, alias });
             }
             tracing::info!("SIGHUP: reloaded {}", path.display());
-            Ok(vec![words])
+            // Typed, never words: a directory that is not UTF-8 stays a path.
+            let command = filemq::command::Command::ReplaceMounts(mounts);
+            Ok(vec![CommandFor { service: filemq::NAME, command: Box::new(command) }])
         }));
     }
     // SIGHUP re-reads the allowed client keys: the --allow-client-key
