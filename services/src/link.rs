@@ -129,6 +129,12 @@ pub enum HandshakeFailure {
     /// server.
     #[error("the peer closed the connection during the CURVE handshake: wrong server key?")]
     ClosedDuringCurve,
+    /// Without CURVE, the peer closed the connection during the handshake:
+    /// it requires CURVE, or is no ZeroMQ peer.
+    #[error(
+        "the peer closed the connection during the handshake: does it require CURVE (no server key given)?"
+    )]
+    ClosedWithoutCurve,
     /// One side speaks CURVE and the other does not.
     #[error("security mismatch: one side speaks CURVE and the other does not")]
     Mechanism,
@@ -147,5 +153,91 @@ impl LinkEvent {
             LinkEvent::Frame(frame) => Some(frame),
             _ => None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sim::{LinkRecord, Sim};
+    use crate::{Action, ConnId, Service, TimerKey};
+    use std::time::Instant;
+
+    /// Opens link N for a frame `[N]`, sends `hello` on every link that
+    /// comes up, and keeps what it was told.
+    #[derive(Default)]
+    struct Dialer {
+        events: Vec<(LinkKey, LinkEvent)>,
+    }
+
+    impl Service for Dialer {
+        fn name(&self) -> &'static str {
+            "dialer"
+        }
+        fn signature(&self) -> u16 {
+            0xAAEF
+        }
+        fn local_endpoint(&self, broker: &str) -> String {
+            format!("ipc://@/dialer/{broker}")
+        }
+        fn max_frame(&self) -> usize {
+            1024
+        }
+        fn max_parked(&self) -> usize {
+            4096
+        }
+        fn max_links(&self) -> usize {
+            2
+        }
+        fn handle(&mut self, _: ConnId, frame: Bytes, _: Instant, out: &mut Vec<Action>) {
+            let key = LinkKey::from(frame[0]);
+            out.push(Action::Connect {
+                key,
+                endpoint: "tcp://127.0.0.1:5670".into(),
+                options: LinkOptions::default(),
+            });
+            out.push(Action::LinkSend { key, frame: b"too early".to_vec() });
+        }
+        fn on_link(&mut self, key: LinkKey, event: LinkEvent, _: Instant, out: &mut Vec<Action>) {
+            if event == LinkEvent::Up {
+                out.push(Action::LinkSend { key, frame: b"hello".to_vec() });
+            }
+            self.events.push((key, event));
+        }
+        fn on_timer(&mut self, _: TimerKey, _: Instant, _: &mut Vec<Action>) {}
+        fn on_disconnect(&mut self, _: ConnId, _: Instant, _: &mut Vec<Action>) {}
+        fn status(&self) -> serde_json::Value {
+            serde_json::Value::Null
+        }
+    }
+
+    #[test]
+    fn the_simulator_keeps_links_as_the_host_does() {
+        let mut sim = Sim::new(Dialer::default());
+        sim.send_raw(1, vec![1]);
+        let link = sim.link(1).expect("link 1 open");
+        assert_eq!((link.up, link.dropped, link.options.heartbeat), (false, 1, Some(Heartbeat::default())));
+        sim.link_event(1, LinkEvent::Up);
+        assert_eq!(sim.take_link_frames(1), vec![b"hello".to_vec()]);
+
+        // A retrying Down keeps the link; a final one forgets it.
+        let gone = LinkDown::PeerGone { endpoint: "tcp://127.0.0.1:5670".into() };
+        sim.link_event(1, LinkEvent::Down { why: gone });
+        assert!(sim.link(1).is_some_and(|l| !l.up));
+        let slow = LinkDown::TooSlow { endpoint: "tcp://127.0.0.1:5670".into(), bound: 4096 };
+        sim.link_event(1, LinkEvent::Down { why: slow.clone() });
+        assert!(sim.link(1).is_none());
+        assert!(!slow.retrying());
+
+        // The service's bound: a third link gets a final Down at once.
+        sim.send_raw(1, vec![2]);
+        sim.send_raw(1, vec![3]);
+        sim.send_raw(1, vec![4]);
+        assert_eq!(sim.open_links(), vec![2, 3]);
+        let (key, last) = sim.service.events.last().expect("an event");
+        assert_eq!(*key, 4);
+        let LinkEvent::Down { why } = last else { panic!("{last:?}") };
+        assert_eq!(why.to_string(), "link limit reached: 2 links for this service");
+        assert_eq!(sim.link_history.iter().filter(|r| matches!(r, LinkRecord::Connect { .. })).count(), 4);
     }
 }

@@ -55,9 +55,11 @@ pub(super) enum Step {
 
 /// The one rule from a monitor event (`kind`, `value`) to a link's step.
 /// A failed handshake is final when retrying would not fix it (keys, a
-/// mechanism mismatch, a refusal); a connection closed during a CURVE
-/// handshake is put down to keys (as the clients do: the server could not
-/// read our HELLO), unless it timed out (a frozen peer).
+/// mechanism mismatch, a refusal). A connection the peer closed during
+/// the handshake is one of these (as for the clients): with CURVE, the
+/// server could not read our HELLO (a wrong key); without, it requires
+/// CURVE (libzmq reports no detail for either). A handshake that timed out
+/// is a frozen peer, and retries.
 pub(super) fn step(state: State, kind: u16, value: u32, endpoint: &str, curve: bool) -> Step {
     let endpoint = endpoint.to_string();
     let failed = |failure| Step::Fail(LinkDown::HandshakeFailed { endpoint: endpoint.clone(), failure });
@@ -73,8 +75,11 @@ pub(super) fn step(state: State, kind: u16, value: u32, endpoint: &str, curve: b
     if kind == SocketEvent::HANDSHAKE_FAILED_AUTH.to_raw() {
         return failed(HandshakeFailure::Denied { status: value });
     }
-    if kind == SocketEvent::HANDSHAKE_FAILED_NO_DETAIL.to_raw() && curve && value != libc::ETIMEDOUT as u32 {
-        return failed(HandshakeFailure::ClosedDuringCurve);
+    if kind == SocketEvent::HANDSHAKE_FAILED_NO_DETAIL.to_raw() && value != libc::ETIMEDOUT as u32 {
+        return failed(match curve {
+            true => HandshakeFailure::ClosedDuringCurve,
+            false => HandshakeFailure::ClosedWithoutCurve,
+        });
     }
     let lost = kind == SocketEvent::DISCONNECTED.to_raw();
     let unanswered = kind == SocketEvent::CONNECT_RETRIED.to_raw()
@@ -469,6 +474,7 @@ impl Reactor {
             }
             let kind = u16::from_le_bytes([event[0], event[1]]);
             let value = u32::from_le_bytes([event[2], event[3], event[4], event[5]]);
+            tracing::trace!(key, kind, value, "link monitor event");
             match step(link.state, kind, value, &link.endpoint, link.curve) {
                 Step::Nothing => {}
                 Step::Up => {
