@@ -408,6 +408,10 @@ fn bad_endpoints_and_the_link_limit_give_final_downs() {
     let links = link_status(&relay);
     assert_eq!(links.len(), MAX_LINKS, "{links:?}");
     assert!(!links.iter().any(|l| l["key"] == 11), "link 11 was closed");
+    // `zbroker status` shows them to a person.
+    let shown = std::process::Command::new(bin("zbroker")).args(["status", &relay]).output().expect("status");
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&format!("relay link 99 -> {nowhere}: down, 0 frames (0 bytes) in")), "{shown}");
     let status = zbroker_tests::status_of(&relay, Duration::from_secs(2)).expect("status");
     assert_eq!(status["max_links"], 256);
 }
