@@ -16,6 +16,7 @@ pub use command::{Command, CommandError, CommandFor, Success};
 pub mod budget;
 pub mod command;
 pub mod filemq;
+pub mod link;
 pub mod sim;
 pub mod work;
 pub mod zpipes;
@@ -74,6 +75,8 @@ pub fn status_of(service: &dyn Service) -> serde_json::Value {
 /// A timer owned by one service; the service chooses what the key means.
 pub type TimerKey = u64;
 
+pub use link::{LinkDown, LinkEvent, LinkKey, LinkOptions};
+
 /// What a service asks the reactor to do.
 #[derive(Debug)]
 pub enum Action {
@@ -92,6 +95,16 @@ pub enum Action {
     /// its outcome comes back through [`Service::on_work`] with the same
     /// `key`.
     Work { key: u64, job: work::Job },
+
+    // Outbound links (`link.rs`): opened, used and closed by the host.
+    /// Open a link to `endpoint` (replacing the service's link `key`, if
+    /// any); its events come to [`Service::on_link`].
+    Connect { key: LinkKey, endpoint: String, options: LinkOptions },
+    /// Send one frame on link `key` (dropped, and counted, unless the link
+    /// is up).
+    LinkSend { key: LinkKey, frame: Vec<u8> },
+    /// Close link `key`, if open; no event follows.
+    Disconnect { key: LinkKey },
 }
 
 /// What a service says to a control command.
@@ -191,5 +204,16 @@ pub trait Service {
     /// The numbers the service keeps.
     fn counters(&self) -> Vec<Counter> {
         Vec::new()
+    }
+
+    // Outbound links (`link.rs`).
+    /// Links the service may hold open at once (a `Connect` beyond it gets
+    /// a final `Down`); 0, the default, for a service that opens none.
+    fn max_links(&self) -> usize {
+        0
+    }
+    /// Something happened to the service's link `key`.
+    fn on_link(&mut self, key: LinkKey, event: LinkEvent, now: Instant, out: &mut Vec<Action>) {
+        let _ = (key, event, now, out);
     }
 }

@@ -4,6 +4,7 @@
 //! service's work inline. Unit tests, property tests and fuzz targets share
 //! it.
 
+use crate::link::{LimitOf, LinkDown, LinkEvent, LinkKey, LinkOptions};
 use crate::work::{Done, Executor, Job, Reporter};
 use crate::{Action, Command, CommandError, ConnId, Service, Success, TimerKey};
 use bytes::Bytes;
@@ -60,6 +61,30 @@ pub struct Sim<S: Service> {
     /// Answers to control commands that came later, by request number.
     replies: HashMap<u64, Result<Success, CommandError>>,
     next_request: u64,
+    // Outbound links.
+    links: BTreeMap<LinkKey, SimLink>,
+    /// Every `Connect` and `Disconnect` the service asked for, in order.
+    pub link_history: Vec<LinkRecord>,
+}
+
+/// A link as the simulation keeps it: what the service asked for, what it
+/// sent, and whether the events injected so far leave it up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimLink {
+    pub endpoint: String,
+    pub options: LinkOptions,
+    pub up: bool,
+    /// Frames sent while up, not yet taken ([`Sim::take_link_frames`]).
+    pub sent: VecDeque<Vec<u8>>,
+    /// Frames sent while not up: the host drops them.
+    pub dropped: u64,
+}
+
+/// A link action the service took.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LinkRecord {
+    Connect { key: LinkKey, endpoint: String },
+    Disconnect { key: LinkKey },
 }
 
 impl<S: Service> Sim<S> {
@@ -79,6 +104,8 @@ impl<S: Service> Sim<S> {
             reports: Arc::default(),
             replies: HashMap::new(),
             next_request: 0,
+            links: BTreeMap::new(),
+            link_history: Vec::new(),
         }
     }
 
@@ -95,6 +122,9 @@ impl<S: Service> Sim<S> {
     }
 
     fn apply(&mut self, actions: Vec<Action>) {
+        // Final `Down`s the host would give at once (a link limit), handed
+        // over once these actions are applied, as the reactor does.
+        let mut refused = Vec::new();
         for action in actions {
             match action {
                 Action::Send { to, frame } => self.inboxes.entry(to).or_default().push_back(frame),
@@ -114,11 +144,73 @@ impl<S: Service> Sim<S> {
                     self.replies.insert(request, result);
                 }
                 Action::Work { key, job } => self.work.push_back((key, job)),
+                Action::Connect { key, endpoint, options } => {
+                    if let Some(down) = self.connect(key, endpoint, options) {
+                        refused.push((key, down));
+                    }
+                }
+                Action::LinkSend { key, frame } => match self.links.get_mut(&key) {
+                    Some(link) if link.up => link.sent.push_back(frame),
+                    Some(link) => link.dropped += 1,
+                    None => {}
+                },
+                Action::Disconnect { key } => {
+                    self.link_history.push(LinkRecord::Disconnect { key });
+                    self.links.remove(&key);
+                }
             }
+        }
+        for (key, why) in refused {
+            self.link_event(key, LinkEvent::Down { why });
         }
         if !self.hold_work {
             self.run_work();
         }
+    }
+
+    /// Records a link (as the reactor would open it), or the `Down` the
+    /// service's link limit gives.
+    fn connect(&mut self, key: LinkKey, endpoint: String, options: LinkOptions) -> Option<LinkDown> {
+        self.link_history.push(LinkRecord::Connect { key, endpoint: endpoint.clone() });
+        if !self.links.contains_key(&key) && self.links.len() >= self.service.max_links() {
+            return Some(LinkDown::LimitReached { limit: self.service.max_links(), whose: LimitOf::Service });
+        }
+        let link = SimLink { endpoint, options, up: false, sent: VecDeque::new(), dropped: 0 };
+        self.links.insert(key, link);
+        None
+    }
+
+    /// Hands the service an event of its link `key`, as the host would: an
+    /// `Up` or a retrying `Down` moves the link's state, a final `Down`
+    /// forgets it. An event for a link not open is delivered all the same
+    /// (a test may mean it).
+    pub fn link_event(&mut self, key: LinkKey, event: LinkEvent) {
+        match (&event, self.links.get_mut(&key)) {
+            (LinkEvent::Up, Some(link)) => link.up = true,
+            (LinkEvent::Down { why }, Some(link)) if why.retrying() => link.up = false,
+            (LinkEvent::Down { .. }, Some(_)) => {
+                self.links.remove(&key);
+            }
+            _ => {}
+        }
+        let mut out = Vec::new();
+        self.service.on_link(key, event, self.now, &mut out);
+        self.apply(out);
+    }
+
+    /// The service's link `key`, if open.
+    pub fn link(&self, key: LinkKey) -> Option<&SimLink> {
+        self.links.get(&key)
+    }
+
+    /// The keys of the links open now.
+    pub fn open_links(&self) -> Vec<LinkKey> {
+        self.links.keys().copied().collect()
+    }
+
+    /// Takes every frame sent on link `key` so far.
+    pub fn take_link_frames(&mut self, key: LinkKey) -> Vec<Vec<u8>> {
+        self.links.get_mut(&key).map(|l| l.sent.drain(..).collect()).unwrap_or_default()
     }
 
     /// Runs every piece of work asked for so far (and any it leads to), in

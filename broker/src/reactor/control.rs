@@ -233,6 +233,7 @@ impl Reactor {
         {
             status.extend(passes);
         }
+        self.links_status(&mut status);
         status
     }
 }

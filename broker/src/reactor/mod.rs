@@ -23,6 +23,7 @@ use crate::worker::Worker;
 
 mod control;
 mod lifecycle;
+mod links;
 mod monitor;
 mod outbox;
 mod zap;
@@ -137,6 +138,8 @@ pub struct Reactor {
     control: zmq::Socket,
     /// The ZAP handler (with CURVE): a ROUTER at `ZAP_ENDPOINT`.
     zap: Option<zmq::Socket>,
+    /// Services' outbound links (`links.rs`), sockets of this context.
+    links: links::Links,
     signals: UnixStream,
     _context: zmq::Context,
     endpoints: Vec<String>,
@@ -385,6 +388,7 @@ impl Reactor {
             monitor,
             control,
             zap,
+            links: links::Links::new(curve.as_ref().map(|c| c.secret_key)),
             signals,
             _context: context,
             endpoints,
@@ -476,7 +480,7 @@ impl Reactor {
                     MONITOR => self.drain_monitor()?,
                     CONTROL => self.drain_control()?,
                     ZAP => self.drain_zap()?,
-                    _ => {}
+                    token => self.link_woke(token),
                 }
             }
             // Whatever woke us, the front socket is drained: timers and
@@ -486,6 +490,7 @@ impl Reactor {
             self.passes.end();
         }
         self.flush_at_shutdown();
+        self.close_links();
         Ok(())
     }
 
@@ -518,7 +523,7 @@ impl Reactor {
             if self.stop {
                 return Ok(());
             }
-            let mut progress = delivered;
+            let mut progress = delivered | self.work_links()?;
             let events = events(&self.front)?;
             if events.contains(zmq::POLLOUT) && !self.parked.is_empty() {
                 progress |= self.flush_parked()?;
@@ -655,6 +660,11 @@ impl Reactor {
                 Action::CancelTimer { key } => self.timers.cancel((service, key)),
                 Action::Work { key, job } => self.worker.submit(service, key, job),
                 Action::Reply { request, result } => self.answer(request, result),
+                Action::Connect { key, endpoint, options } => {
+                    self.connect_link(service, key, endpoint, options)
+                }
+                Action::LinkSend { key, frame } => self.link_send(service, key, frame),
+                Action::Disconnect { key } => self.disconnect_link(service, key),
             }
         }
         self.actions = actions;

@@ -294,5 +294,22 @@ pub(crate) fn describe(s: &serde_json::Value) -> String {
             );
         }
     }
+    // Outbound links, under whichever service opened them.
+    for (service, fields) in s["services"].as_object().into_iter().flatten() {
+        for link in fields["links"].as_array().into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "  {service} link {} -> {}: {}, {} frames ({} bytes) in, {} frames ({} bytes) out, {} dropped",
+                link["key"],
+                link["endpoint"].as_str().unwrap_or("?"),
+                link["state"].as_str().unwrap_or("?"),
+                link["frames_in"],
+                link["bytes_in"],
+                link["frames_out"],
+                link["bytes_out"],
+                link["dropped_frames"]
+            );
+        }
+    }
     out
 }
