@@ -2,8 +2,8 @@
 //! capabilities a greeting negotiates, the names of our options and
 //! headers, entry attributes (kind, permission bits, mtime) as the cache
 //! and the headers carry them, and the rule for a symlink's target. The
-//! wire itself stays the original's (`filemq_msg`); see
-//! `docs/protocol/FILEMQ.md`, "zbroker's extensions".
+//! wire itself stays the original's (`filemq.rs`); see
+//! `docs/protocol/FILEMQ-EXTENSIONS.md`.
 //!
 //! Capabilities ride in a trailer after OHAI's and OHAI-OK's declared
 //! fields, which every decoder (the original C one and ours) ignores: the

@@ -2,7 +2,7 @@
 //! by `sim::Sim`). Everything here is blocking file-system work; nothing
 //! here knows about sockets or the event loop.
 //!
-//! Rules the scan keeps (spec §9–§10, plus our choices):
+//! Rules the scan keeps (docs/protocol/FILEMQ.md "Mounts" and "Changes", plus our choices):
 //! - Hidden entries (a name starting with `.`) and their subtrees are never
 //!   published.
 //! - Directories are published (with their attributes) and walked; a

@@ -9,17 +9,18 @@
 //! file in transfer. Scanning, hashing and reading happen off the event
 //! loop as [`Job`]s; their outcomes come back through `on_work`.
 //!
-//! Divergences from the original, all on the same wire:
+//! Divergences from the original, all on the same wire (docs/protocol/FILEMQ.md
+//! "Divergences"):
 //! - malformed frames are dropped (the original stopped serving everyone),
 //!   and an OHAI of an older generation gets RTFM;
 //! - a chunk is `min(chunk_size, credit, bytes left)`, so a small credit
-//!   never sends the previous chunk again for ever (§5.1);
+//!   never sends the previous chunk again for ever;
 //! - patches are filtered by each subscription's path, and a connection may
-//!   hold many subscriptions (§6.1, §9);
+//!   hold many subscriptions;
 //! - RESYNC works: a subscriber gets what it lacks under the path, nothing
 //!   its cache already lists, and deletes for cached files no longer
-//!   published (§12);
-//! - deletes carry clean fields (§14); deletes and eof markers cost no
+//!   published;
+//! - deletes carry clean fields; deletes and eof markers cost no
 //!   credit and are sent whatever the credit;
 //! - a file that changed since it was announced is abandoned (the rescan
 //!   announces the new version) instead of sending a torn mixture;
@@ -68,7 +69,7 @@ pub const NAME: &str = "filemq";
 /// Settings of the FILEMQ service.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// A connection silent for this long is forgotten (spec §15).
+    /// A connection silent for this long is forgotten (docs/protocol/FILEMQ.md "Expiry").
     pub expiry: Duration,
     /// Largest chunk sent (the original's CHUNK_SIZE).
     pub chunk_size: usize,

@@ -56,14 +56,14 @@ impl Service for Filemq {
                 self.receive(conn, msg, offered, now, out)
             }
             Err(error) => match Generation::of_ohai(&frame) {
-                // An older client: tell it what we speak (spec §0, §20).
+                // An older client: tell it what we speak (docs/protocol/FILEMQ.md "Generations").
                 Some(generation) => {
                     tracing::debug!(conn = conn.0, ?generation, "filemq OHAI of an older generation");
                     send(out, conn, &FilemqMsg::Rtfm { reason: ShortStr::lossy("FILEMQ version 2 only") });
                     self.terminate(conn, out);
                 }
                 None => {
-                    // Dropped: one bad peer must not stop the broker (spec §2).
+                    // Dropped: one bad peer must not stop the broker (docs/protocol/FILEMQ.md "Codec").
                     self.malformed += 1;
                     tracing::debug!(conn = conn.0, %error, "filemq dropped a malformed frame");
                 }

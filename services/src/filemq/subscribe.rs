@@ -25,7 +25,7 @@ impl Filemq {
                     send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy("FILEMQ version 2 only") });
                     return self.terminate(id, out);
                 }
-                // A second OHAI starts the session over (spec §5.1).
+                // A second OHAI starts the session over (docs/protocol/FILEMQ.md "States").
                 let mut fresh = Conn::new(now, expiry);
                 fresh.state = State::Ready;
                 // What it offers that we have; a client that offers

@@ -177,7 +177,7 @@ fn trigger_rescan(sim: &mut Sim<Filemq>) {
 #[test]
 fn session_basics_match_the_original() {
     let (_dir, mut sim) = world(&[]);
-    // Spec §19: ICANHAZ before OHAI → RTFM.
+    // ICANHAZ before OHAI → RTFM (docs/protocol/FILEMQ.md "States").
     send(&mut sim, 1, icanhaz("/", &[], &[]));
     assert!(matches!(take(&mut sim, 1)[..], [FilemqMsg::Rtfm { .. }]));
     send(&mut sim, 1, ohai());
@@ -252,9 +252,9 @@ fn resync_sends_what_is_published_and_plain_subscribers_get_only_changes() {
     assert_eq!(got.len(), 3, "{got:?}");
 }
 
-/// Spec §5.1: with credit 5,000,000, a 300-byte file and a 10 MB file, the
+/// docs/protocol/FILEMQ.md "Chunks": with credit 5,000,000, a 300-byte file and a 10 MB file, the
 /// original repeated one chunk for ever. Here every byte arrives once,
-/// with the client topping up as the original client does (§7).
+/// with the client topping up as the original client does ("Credit").
 #[test]
 fn small_credit_never_repeats_a_chunk() {
     let big: Vec<u8> = (0..10_000_000u32).map(|i| (i % 251) as u8).collect();
@@ -760,8 +760,8 @@ fn a_reloaded_mount_list_publishes_and_unpublishes() {
     assert_eq!(watched(&sim).len(), 1, "the dropped mount is no longer watched");
 }
 
-/// A reference model of credit and chunking (spec §7–§8 with the §5.1
-/// fix): files go in path order; each is cut into chunks of
+/// A reference model of credit and chunking (docs/protocol/FILEMQ.md "Credit" and
+/// "Chunks"): files go in path order; each is cut into chunks of
 /// `min(chunk, credit, left)` while there is credit, then an eof marker
 /// that costs none. Returns (file, offset, length, eof) as sent after
 /// each grant.
@@ -852,7 +852,8 @@ fn patch_step() -> impl Strategy<Value = PatchStep> {
     ]
 }
 
-/// A reference model of patches (spec §9–§10, §14 with our fixes) on top
+/// A reference model of patches (docs/protocol/FILEMQ.md "Mounts", "Changes",
+/// "Deletes", with our fixes) on top
 /// of credit and chunking: one queue entry per file (a newer change
 /// replaces the queued one in place), a change to the file in transfer
 /// abandons it, deletes and eof markers are free.
