@@ -17,6 +17,7 @@ pub mod budget;
 pub mod command;
 pub mod filemq;
 pub mod link;
+pub mod replace;
 pub mod sim;
 pub mod work;
 pub mod zpipes;

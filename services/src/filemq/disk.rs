@@ -26,11 +26,10 @@ use bytes::Bytes;
 use sha1::{Digest as _, Sha1};
 use std::collections::BTreeMap;
 use std::fs::{self, File, Metadata};
-use std::io::{self, BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
+use std::io::{self, BufRead, BufReader, ErrorKind, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tracing::{debug, warn};
@@ -524,40 +523,23 @@ fn parse_cache_line(line: &str) -> Option<(String, FileMeta)> {
     Some((path, FileMeta { size, mtime_ns, digest: digest.to_string(), ..FileMeta::default() }))
 }
 
-/// Replaces the digest cache atomically (temporary file, then rename), so
-/// that a crash leaves the old cache or the new one, never half of one.
+/// Replaces the digest cache whole (`replace_file`): a crash leaves the old
+/// cache or the new one, never half of one.
 fn store_cache(path: &Path, files: &BTreeMap<String, FileMeta>) -> io::Result<()> {
-    // Unique per process and per call: two mounts could share a cache
-    // directory, and scans of different mounts run concurrently.
-    static NEXT_TEMP: AtomicU64 = AtomicU64::new(0);
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         fs::create_dir_all(parent)?;
     }
-    let name = path.file_name().ok_or_else(|| io::Error::other("the cache path has no file name"))?;
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(name);
-    temp_name.push(format!(".{}.{}.tmp", std::process::id(), NEXT_TEMP.fetch_add(1, Ordering::Relaxed)));
-    let temp = path.with_file_name(temp_name);
-    let written = write_cache(&temp, files).and_then(|()| fs::rename(&temp, path));
-    if written.is_err() {
-        // Best effort: the temporary name is ours alone.
-        let _ = fs::remove_file(&temp);
-    }
-    written
-}
-
-fn write_cache(temp: &Path, files: &BTreeMap<String, FileMeta>) -> io::Result<()> {
-    let mut out = BufWriter::new(File::create(temp)?);
-    writeln!(out, "{CACHE_HEADER}")?;
-    for (key, meta) in files.iter().filter(|(_, meta)| meta.is_file()) {
-        let digest = Digest::parse(&meta.digest).unwrap_or_default();
-        let (size, mtime_ns) = (meta.size, i128::from(meta.mtime_ns));
-        // The broker keys its cache by path alone: no inode, no mark.
-        let line = CacheLine { size, mtime_ns, inode: 0, digest, mark: '-', path: key.clone() };
-        out.write_all(line.format().as_bytes())?;
-    }
-    let file = out.into_inner().map_err(|e| e.into_error())?;
-    file.sync_all()
+    crate::replace::replace_file(path, |out| {
+        writeln!(out, "{CACHE_HEADER}")?;
+        for (key, meta) in files.iter().filter(|(_, meta)| meta.is_file()) {
+            let digest = Digest::parse(&meta.digest).unwrap_or_default();
+            let (size, mtime_ns) = (meta.size, i128::from(meta.mtime_ns));
+            // The broker keys its cache by path alone: no inode, no mark.
+            let line = CacheLine { size, mtime_ns, inode: 0, digest, mark: '-', path: key.clone() };
+            out.write_all(line.format().as_bytes())?;
+        }
+        Ok(())
+    })
 }
 
 /// Reads `len` bytes at `offset` of `root/rel` (see [`Job::Read`]).

@@ -19,7 +19,6 @@ use super::command::MountError;
 use super::{cache, Filemq, Mount, Op, State, WorkFor};
 use crate::{Action, Answer, CommandError, Success};
 use std::collections::{HashSet, VecDeque};
-use std::io::Write as _;
 use std::os::unix::ffi::{OsStrExt as _, OsStringExt as _};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -172,28 +171,11 @@ pub fn load(path: &Path) -> Result<Vec<Saved>, LoadError> {
     parse(&bytes).map_err(|source| LoadError::Format { path: path.to_path_buf(), source })
 }
 
-/// Replaces the file at `path` with `contents` so that a crash at any
-/// moment leaves the old file or the new one, whole: a temporary file
-/// beside it, synced, renamed over it, and the directory synced so the
-/// rename itself lasts.
+/// Replaces the file at `path` with `contents`, whole
+/// (`replace::replace_file`).
 pub fn save(path: &Path, contents: &[u8]) -> Result<(), SaveError> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut temp_name = std::ffi::OsString::from(".");
-    temp_name.push(path.file_name().unwrap_or_default());
-    temp_name.push(format!(".{}.tmp", std::process::id()));
-    let temp = dir.join(temp_name);
-    let written = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(contents)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)?;
-        std::fs::File::open(dir)?.sync_all()
-    })();
-    written.map_err(|source| {
-        // Best effort: the temporary name is this process's alone.
-        let _ = std::fs::remove_file(&temp);
-        SaveError::Io { path: path.to_path_buf(), source }
-    })
+    crate::replace::replace_file(path, |out| out.write_all(contents))
+        .map_err(|source| SaveError::Io { path: path.to_path_buf(), source })
 }
 
 /// A change to the run-time mounts an operator asked for.
