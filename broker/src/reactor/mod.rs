@@ -571,7 +571,8 @@ impl Reactor {
             }
             let mut body = zmq::Message::new();
             retry(|| self.front.recv(&mut body, 0))?;
-            // Only the first body frame counts (docs/protocol/ZPIPES.md "Transport"); skip any others.
+            // Only the first body frame counts (docs/protocol/ZPIPES.md
+            // "Transport"); skip any others.
             while self.front.get_rcvmore()? {
                 let mut extra = zmq::Message::new();
                 retry(|| self.front.recv(&mut extra, 0))?;
