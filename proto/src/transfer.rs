@@ -261,7 +261,9 @@ impl Prefix {
 
 /// A stream as its receiver takes it: the next byte expected, the size
 /// declared (if the sender declared one), and the digest of what was
-/// accepted so far.
+/// accepted so far. Only what is declared can be checked: FILEMQ's
+/// original server declares neither size nor digest, so its files are
+/// taken as they come; a new service declares both.
 #[derive(Clone)]
 pub struct Inflow {
     size: Option<u64>,
