@@ -14,6 +14,8 @@
 //! - [`vpath`]: FILEMQ's virtual paths, one set of rules.
 //! - [`digest`]: SHA-1 digests as FILEMQ writes them.
 //! - [`escape`]: how a name a peer chose is shown and stored in line files.
+//! - [`transfer`]: a stream moved under credit and verified at its end
+//!   (chunks, offsets, resume, SHA-1), for every service that moves files.
 //! - [`byte_queue`]: a ZPIPES byte stream kept as the chunks it came in.
 //!
 //! `docs/protocol/` describes both protocols in prose.
@@ -25,6 +27,7 @@ pub mod escape;
 pub mod exclude;
 pub mod filemq;
 pub mod filemq_ext;
+pub mod transfer;
 pub mod vpath;
 pub mod zpipes;
 

@@ -19,6 +19,7 @@ use zbroker_proto::exclude::Excludes;
 use zbroker_proto::filemq::ceiling;
 use zbroker_proto::filemq::{ext, Operation};
 use zbroker_proto::filemq_ext;
+use zbroker_proto::transfer::Window;
 use zbroker_proto::FilemqMsg;
 
 /// Credit is granted in at least this many bytes at a time (the original's
@@ -308,8 +309,9 @@ struct Session<'a, W: Wire = Link> {
     greeted_at: Option<Instant>,
     /// A file was updated or deleted in this session.
     delivered: bool,
-    /// Credit granted and not yet spent, as far as we can tell.
-    credit: u64,
+    /// Credit granted and not yet spent, as far as we can tell, and when
+    /// to grant more (`zbroker_proto::transfer`).
+    grants: Window,
     last_sequence: Option<u64>,
     /// The file being received.
     incoming: Option<Incoming>,
@@ -344,13 +346,14 @@ impl<'a, W: Wire> Session<'a, W> {
         let subscriptions = shared.layout.subscriptions().len();
         let greeting_patience = shared.opts.dead_after;
         let beat = Heartbeat::new(shared.opts.heartbeat, PingWhen::Quiet);
+        let grants = Window::new(shared.opts.window, CREDIT_SLICE);
         Session {
             shared,
             link,
             phase: Phase::Greeting,
             greeted_at: None,
             delivered: false,
-            credit: 0,
+            grants,
             last_sequence: None,
             incoming: None,
             skipping: None,
@@ -658,14 +661,10 @@ impl<W: Wire> Session<'_, W> {
         if self.phase != Phase::Subscribed || self.dry_run() {
             return Ok(());
         }
-        let window = self.shared.opts.window;
-        let refill_below = window - CREDIT_SLICE.min(window / 2);
-        if self.credit < refill_below {
-            let credit = window - self.credit;
-            self.send(&FilemqMsg::Nom { credit, sequence: self.last_sequence.unwrap_or(0) })?;
-            self.credit = window;
+        match self.grants.grant_due() {
+            Some(credit) => self.send(&FilemqMsg::Nom { credit, sequence: self.last_sequence.unwrap_or(0) }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 

@@ -712,7 +712,7 @@ fn credit_counts_every_payload_byte_the_server_sent() {
     assert_eq!(server.granted, 3_000_000);
 
     // Refused chunks cost credit at the server: they must here too, or the
-    // two would drift apart and the transfer stall (spec §7).
+    // two would drift apart and the transfer stall (docs/protocol/FILEMQ.md "Credit").
     let junk = content(1_000_000);
     server.burger(Create, b"/other/junk", 0, 0, Hash::default(), &junk);
     server.burger(Create, b"/other/junk", 1_000_000, 1, Hash::default(), b"");

@@ -25,15 +25,13 @@ impl Filemq {
                 if transfer.reading.is_some() {
                     return;
                 }
-                if transfer.offset >= transfer.meta.size {
+                if transfer.outflow.is_done() {
                     self.finish_file(id, out);
                     continue;
                 }
-                if conn.credit == 0 {
-                    return;
-                }
-                let left = transfer.meta.size - transfer.offset;
-                let len = (self.config.chunk_size as u64).min(conn.credit).min(left) as usize;
+                let chunk_size = self.config.chunk_size as u64;
+                let Some(chunk) = transfer.outflow.next_chunk(chunk_size, &conn.credit) else { return };
+                let len = (chunk.end - chunk.start) as usize;
                 let Some(mount) = self.mounts.get(&transfer.mount) else {
                     conn.current = None;
                     continue;
@@ -49,11 +47,18 @@ impl Filemq {
                 if self.budget_blocked.remove(&id) {
                     self.config.budget.set_waiting(false);
                 }
+                let Some(transfer) = conn.current.as_mut() else { return };
+                if transfer.outflow.begin(chunk.clone(), &conn.credit).is_err() {
+                    // `next_chunk` gave it: unreachable, but never a read
+                    // the rules refuse.
+                    conn.current = None;
+                    continue;
+                }
                 self.config.budget.take(len);
                 let job = Job::Read {
                     root: mount.root.clone(),
                     rel: transfer.rel.clone(),
-                    offset: transfer.offset,
+                    offset: chunk.start,
                     len,
                     expect: transfer.meta.clone(),
                 };
@@ -172,15 +177,15 @@ impl Filemq {
         let Some((read, file)) = meta.as_copy(&rel).map(|(read, file)| (read.to_string(), file)) else {
             return;
         };
-        let offset = match conn.resume.remove(&file.digest) {
-            Some(offset) if conn.extended => offset.min(file.size),
-            _ => 0,
+        let outflow = match conn.resume.remove(&file.digest) {
+            Some(offset) if conn.extended => Outflow::resume(file.size, offset),
+            _ => Outflow::new(file.size),
         };
-        if offset > 0 {
-            tracing::debug!(conn = id.0, %vpath, offset, "filemq resuming a partial file");
+        if outflow.offset() > 0 {
+            tracing::debug!(conn = id.0, %vpath, offset = outflow.offset(), "filemq resuming a partial file");
         }
         let file = FileMeta { attrs: meta.attrs, ..file };
-        conn.current = Some(Transfer { vpath, mount, rel: read, meta: file, offset, reading: None });
+        conn.current = Some(Transfer { vpath, mount, rel: read, meta: file, outflow, reading: None });
     }
 
     /// Sends an entry that has no content to send, in one CHEEZBURGER
@@ -281,18 +286,21 @@ impl Filemq {
         match result {
             Ok(data) => {
                 let len = data.len() as u64;
+                // A read answers with the bytes asked for, or fails.
+                let Ok(chunk) = transfer.outflow.sent(len, &mut conn.credit) else {
+                    conn.current = None;
+                    return self.pump(id, out);
+                };
                 let msg = FilemqMsg::Cheezburger {
                     sequence: conn.sequence,
                     operation: Operation::Create,
                     filename: LongStr::from(transfer.vpath.as_str()),
-                    offset: transfer.offset,
+                    offset: chunk.start,
                     eof: 0,
                     headers,
                     chunk: Chunk(data),
                 };
-                transfer.offset += len;
                 conn.sequence += 1;
-                conn.credit = conn.credit.saturating_sub(len);
                 conn.bytes_sent += len;
                 self.bytes_sent += len;
                 send(out, id, &msg);

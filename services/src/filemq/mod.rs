@@ -61,6 +61,7 @@ use zbroker_proto::digest::Digest;
 use zbroker_proto::exclude::Excludes;
 use zbroker_proto::filemq::{self, ext, FilemqMsg, Generation, Operation};
 use zbroker_proto::filemq_ext;
+use zbroker_proto::transfer::{Credit, Outflow};
 use zbroker_proto::vpath::{self, covers, join};
 
 /// The service's name (in logs, the status, and commands addressed to it).
@@ -84,7 +85,8 @@ pub struct Config {
     pub settle: Duration,
     /// Most subscriptions one connection may hold.
     pub max_subscriptions: usize,
-    /// Most credit a connection may hold; grants beyond it are ignored.
+    /// Most credit a connection may hold; grants beyond it are dropped
+    /// (`transfer::Credit`).
     /// Bounds what the broker may have in flight to one subscriber.
     pub max_credit: u64,
     /// Where digests are kept between runs (one file per mount).
@@ -169,8 +171,9 @@ struct Transfer {
     mount: MountId,
     rel: String,
     meta: FileMeta,
-    offset: u64,
-    /// The read job in flight, if any.
+    /// Where the file is, and the chunk being read (`zbroker_proto::transfer`).
+    outflow: Outflow,
+    /// The read job in flight, if any: its outcome is matched by key.
     reading: Option<u64>,
 }
 
@@ -192,7 +195,7 @@ struct Conn {
     listing: bool,
     /// Per subscription path with `ext::EXCLUDE_OPTION`: what is left out.
     excludes: HashMap<String, Arc<Excludes>>,
-    credit: u64,
+    credit: Credit,
     sequence: u64,
     subscriptions: Vec<String>,
     /// Subscriptions whose RESYNC waits for every mount's first scan.
@@ -219,14 +222,14 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(now: Instant, expiry: Duration) -> Conn {
+    fn new(now: Instant, expiry: Duration, max_credit: u64) -> Conn {
         Conn {
             state: State::Start,
             extended: false,
             caps: 0,
             listing: false,
             excludes: HashMap::new(),
-            credit: 0,
+            credit: Credit::new(max_credit),
             sequence: 0,
             subscriptions: Vec::new(),
             pending_resync: Vec::new(),
@@ -609,7 +612,10 @@ impl Filemq {
     /// Per connection: (connection, queued patches, subscriptions, credit),
     /// for the fuzzers' bounds on memory.
     pub fn queue_lengths(&self) -> Vec<(ConnId, usize, usize, u64)> {
-        self.conns.iter().map(|(id, c)| (*id, c.queue.len(), c.subscriptions.len(), c.credit)).collect()
+        self.conns
+            .iter()
+            .map(|(id, c)| (*id, c.queue.len(), c.subscriptions.len(), c.credit.available()))
+            .collect()
     }
 
     /// Chunk reads asked for and not yet answered (for leak checks).

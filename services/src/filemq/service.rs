@@ -224,7 +224,7 @@ impl Service for Filemq {
                     "capabilities": c.caps,
                     "listing": c.listing,
                     "excluding": c.excludes.values().map(|e| e.patterns().len()).sum::<usize>(),
-                    "credit": c.credit,
+                    "credit": c.credit.available(),
                     "queued": c.queue.len(),
                     "sending": c.current.as_ref().map(|t| t.vpath.clone()),
                     "bytes_sent": c.bytes_sent,

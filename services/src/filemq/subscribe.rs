@@ -13,11 +13,11 @@ impl Filemq {
         now: Instant,
         out: &mut Vec<Action>,
     ) {
-        let expiry = self.config.expiry;
+        let (expiry, max_credit) = (self.config.expiry, self.config.max_credit);
         if !self.conns.contains_key(&id) {
             out.push(Action::SetTimer { key: expiry_key(id), at: now + expiry });
         }
-        let conn = self.conns.entry(id).or_insert_with(|| Conn::new(now, expiry));
+        let conn = self.conns.entry(id).or_insert_with(|| Conn::new(now, expiry, max_credit));
         conn.expires_at = now + expiry;
         match (conn.state, msg) {
             (_, FilemqMsg::Ohai { protocol, version }) => {
@@ -26,7 +26,7 @@ impl Filemq {
                     return self.terminate(id, out);
                 }
                 // A second OHAI starts the session over (docs/protocol/FILEMQ.md "States").
-                let mut fresh = Conn::new(now, expiry);
+                let mut fresh = Conn::new(now, expiry, max_credit);
                 fresh.state = State::Ready;
                 // What it offers that we have; a client that offers
                 // nothing (the original) gets the original OHAI-OK.
@@ -51,7 +51,7 @@ impl Filemq {
                 self.subscribe(id, &path, &options, &cache, now, out);
             }
             (State::Ready, FilemqMsg::Nom { credit, .. }) => {
-                conn.credit = conn.credit.saturating_add(credit).min(self.config.max_credit);
+                conn.credit.grant(credit);
                 self.pump(id, out);
             }
             (State::Ready, FilemqMsg::Hugz {}) => send(out, id, &FilemqMsg::HugzOk {}),

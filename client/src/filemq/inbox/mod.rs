@@ -41,6 +41,7 @@ use zbroker_proto::digest::Digest;
 use zbroker_proto::escape::escape;
 use zbroker_proto::exclude::Excludes;
 use zbroker_proto::filemq_ext::{link_digest, link_target, Attrs, EntryKind, EMPTY_SHA1, PERMISSIONS};
+use zbroker_proto::transfer::{Inflow, Prefix};
 
 /// Our private directory inside the inbox.
 pub(crate) const PRIVATE_DIR: &str = ".filemq";
@@ -94,8 +95,15 @@ pub(crate) fn is_fatal(e: &io::Error) -> bool {
 }
 
 /// SHA-1 of everything `reader` yields.
-fn hash_reader(mut reader: impl Read, limit: u64) -> io::Result<(Sha1, u64)> {
+fn hash_reader(reader: impl Read, limit: u64) -> io::Result<(Sha1, u64)> {
     let mut hasher = Sha1::new();
+    let total = read_blocks(reader, limit, |block| hasher.update(block))?;
+    Ok((hasher, total))
+}
+
+/// Hands `each` what `reader` yields, up to `limit` bytes, block by
+/// block; returns how many bytes that was.
+fn read_blocks(mut reader: impl Read, limit: u64, mut each: impl FnMut(&[u8])) -> io::Result<u64> {
     let mut buf = vec![0u8; HASH_BLOCK];
     let mut total = 0u64;
     while total < limit {
@@ -106,10 +114,10 @@ fn hash_reader(mut reader: impl Read, limit: u64) -> io::Result<(Sha1, u64)> {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        hasher.update(&buf[..n]);
+        each(&buf[..n]);
         total += n as u64;
     }
-    Ok((hasher, total))
+    Ok(total)
 }
 
 /// An inbox path as a message shows it: a server chose it.
@@ -126,12 +134,8 @@ pub(crate) struct Incoming {
     pub rel: String,
     /// The subscription it came under.
     pub subscription: usize,
-    /// `X-SIZE`, when the server said.
-    pub expected_size: Option<u64>,
     /// `X-SHA1`, when the server said; also the temporary file's name.
     pub expected_digest: Option<String>,
-    /// Bytes held so far (resumed ones included).
-    pub written: u64,
     /// `X-MODE` and `X-MTIME`, given to the file before it is renamed
     /// into place.
     pub attrs: Option<Attrs>,
@@ -140,16 +144,34 @@ pub(crate) struct Incoming {
     #[cfg(test)]
     temp: PathBuf,
     file: File,
-    hasher: Sha1,
+    /// The transfer's rules: the next offset, `X-SIZE` (when the server
+    /// said), the digest of what was taken (`zbroker_proto::transfer`).
+    inflow: Inflow,
 }
 
 impl Incoming {
+    /// Writes `chunk`, sent as the bytes at `offset`: the next ones, and
+    /// within `X-SIZE`. A file that would overrun it is refused as soon as
+    /// it does, not once the disk is full.
+    pub fn write_at(&mut self, offset: u64, chunk: &[u8]) -> Result<(), FileError> {
+        self.inflow.accept(offset, chunk).map_err(|e| FileError::Integrity(e.to_string()))?;
+        Ok(self.file.write_all(chunk)?)
+    }
+
     /// Appends the next chunk.
-    pub fn write(&mut self, chunk: &[u8]) -> io::Result<()> {
-        self.file.write_all(chunk)?;
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        Ok(())
+    #[cfg(test)]
+    pub fn write(&mut self, chunk: &[u8]) -> Result<(), FileError> {
+        self.write_at(self.written(), chunk)
+    }
+
+    /// Bytes held so far (resumed ones included).
+    pub fn written(&self) -> u64 {
+        self.inflow.offset()
+    }
+
+    /// `X-SIZE`, when the server said.
+    pub fn expected_size(&self) -> Option<u64> {
+        self.inflow.size()
     }
 
     /// The temporary file.
@@ -486,11 +508,11 @@ impl Inbox {
                 format!("{UNNAMED_PREFIX}{}-{}", std::process::id(), UNNAMED.fetch_add(1, Ordering::Relaxed))
             }
         };
-        let (file, hasher) = if offset == 0 {
+        let (file, inflow) = if offset == 0 {
             // Whatever had that name goes; the new file must be new, so
             // nothing planted there can be written through.
             self.partial.remove_file(&temp_name)?;
-            (self.partial.create_new(&temp_name, 0o600)?, Sha1::new())
+            (self.partial.create_new(&temp_name, 0o600)?, Inflow::new(expected_size))
         } else {
             if expected_digest.is_none() {
                 return Err(FileError::Integrity(format!("starts at offset {offset} without an X-SHA1")));
@@ -509,26 +531,26 @@ impl Inbox {
                 )));
             }
             file.set_len(offset)?;
-            let (hasher, read) = hash_reader(&mut file, offset)?;
-            if read != offset {
-                return Err(FileError::Integrity("the partial file shrank while resuming".into()));
-            }
+            let mut prefix = Prefix::new();
+            read_blocks(&mut file, offset, |block| prefix.feed(block))?;
+            // A prefix that shrank while being read is refused here; one
+            // that is not what the server has fails the digest at the end.
+            let inflow = Inflow::resume(expected_size, offset, prefix)
+                .map_err(|e| FileError::Integrity(e.to_string()))?;
             file.seek(SeekFrom::Start(offset))?;
-            (file, hasher)
+            (file, inflow)
         };
         Ok(Incoming {
             name,
             rel: placed.rel,
             subscription: placed.subscription,
-            expected_size,
             expected_digest,
-            written: offset,
             attrs: None,
             #[cfg(test)]
             temp: self.partial_path.join(&temp_name),
             temp_name,
             file,
-            hasher,
+            inflow,
         })
     }
 
@@ -551,8 +573,7 @@ impl Inbox {
     /// inbox sees the old file or the new one, never a torn one. A file
     /// already there must be ours unless `replace_any`. Returns the size.
     pub fn deliver(&mut self, incoming: Incoming, replace_any: bool) -> Result<u64, FileError> {
-        let Incoming { rel, expected_size, expected_digest, written, temp_name, file, hasher, attrs, .. } =
-            incoming;
+        let Incoming { rel, expected_digest, temp_name, file, inflow, attrs, .. } = incoming;
         // Before the rename, so that the file appears with them.
         if let Some(attrs) = attrs {
             if let Err(e) = dirfd::set_file_attrs(&file, attrs.mode & PERMISSIONS, attrs.mtime_ns) {
@@ -562,18 +583,16 @@ impl Inbox {
         }
         let meta = file.metadata();
         drop(file);
-        let digest = Digest::from_hasher(hasher).to_string();
-        let mismatch = match (expected_size, &expected_digest) {
-            (Some(size), _) if size != written => Some(format!("{written} bytes received, {size} announced")),
-            (_, Some(expected)) if *expected != digest => {
-                Some(format!("SHA-1 {digest} received, {expected} announced"))
+        let written = inflow.offset();
+        // `expected_digest` passed `Digest::normalise`: it parses.
+        let expected = expected_digest.as_deref().and_then(Digest::parse);
+        let digest = match inflow.finish(expected.as_ref()) {
+            Ok(digest) => digest.to_string(),
+            Err(e) => {
+                let _ = self.partial.remove_file(&temp_name);
+                return Err(FileError::Integrity(e.to_string()));
             }
-            _ => None,
         };
-        if let Some(why) = mismatch {
-            let _ = self.partial.remove_file(&temp_name);
-            return Err(FileError::Integrity(why));
-        }
         match self.place(&rel, &temp_name, replace_any).map_err(|e| below_root(&rel, e)) {
             Ok(()) => {
                 // Renamed, not copied: the stamp of the part is the file's.

@@ -30,17 +30,12 @@ impl<W: Wire> Session<'_, W> {
         self.last_sequence = Some(sequence);
         // No honest server sends beyond the credit we granted (the original
         // only sends a chunk that fits): one that does would make us hold
-        // whatever it likes.
-        if chunk.len() as u64 > self.credit {
-            return Err(End::Lost(format!(
-                "the server sent a {}-byte chunk with only {} bytes of credit granted",
-                chunk.len(),
-                self.credit
-            )));
+        // whatever it likes. The server spent credit on every payload byte
+        // it sent, whatever we make of them: counting only what we keep
+        // would drift (docs/protocol/FILEMQ.md "Credit").
+        if let Err(e) = self.grants.receive(chunk.len() as u64) {
+            return Err(End::Lost(format!("the server sent {e}")));
         }
-        // The server spent credit on every payload byte it sent, whatever we
-        // make of them: counting only what we keep would drift (spec §7).
-        self.credit -= chunk.len() as u64;
         if self.dry_run() {
             // A listing: every entry is one message without content.
             return match operation {
@@ -60,7 +55,7 @@ impl<W: Wire> Session<'_, W> {
             Operation::Create => {
                 self.on_chunk(name, offset, eof != 0 || chunk.is_empty(), headers, &chunk)?
             }
-            // Offset and chunk of a delete may be stale (spec §14).
+            // Offset and chunk of a delete may be stale (docs/protocol/FILEMQ.md "Deletes").
             Operation::Delete => self.on_delete(name)?,
             Operation::Other(code) => {
                 self.oddity(format_args!("ignoring a CHEEZBURGER with operation {code}"))
@@ -135,10 +130,9 @@ impl<W: Wire> Session<'_, W> {
                 return Ok(());
             }
         }
-        let continues = self
-            .incoming
-            .as_ref()
-            .is_some_and(|i| i.name == name && i.written == offset && same_digest(Some(&i.expected_digest)));
+        let continues = self.incoming.as_ref().is_some_and(|i| {
+            i.name == name && i.written() == offset && same_digest(Some(&i.expected_digest))
+        });
         if !continues {
             if let Some(previous) = self.incoming.take() {
                 // The server moved on without finishing it (it changed while
@@ -156,14 +150,7 @@ impl<W: Wire> Session<'_, W> {
             }
         }
         let Some(incoming) = self.incoming.as_mut() else { return Ok(()) };
-        let overrun = incoming
-            .expected_size
-            .filter(|&size| incoming.written.saturating_add(data.len() as u64) > size)
-            .map(|size| format!("more than the {size} bytes announced"));
-        let failed = match overrun {
-            Some(why) => Some(FileError::Integrity(why)),
-            None => incoming.write(data).err().map(FileError::Io),
-        };
+        let failed = incoming.write_at(offset, data).err();
         if let Some(e) = failed {
             // Nothing more of it is written: an oversized file is refused
             // as soon as it overruns, not once the disk is full.
@@ -175,8 +162,8 @@ impl<W: Wire> Session<'_, W> {
         }
         let progress = Event::Progress {
             path: incoming.rel.clone(),
-            offset: incoming.written,
-            size: incoming.expected_size,
+            offset: incoming.written(),
+            size: incoming.expected_size(),
         };
         if let Err(TrySendError::Disconnected(_)) = self.shared.events.try_send(progress) {
             return Err(End::Stop);
@@ -286,7 +273,7 @@ impl<W: Wire> Session<'_, W> {
         };
         let size = match kind {
             None if operation == Operation::Create => {
-                headers.get("X-SIZE").and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok())
+                headers.get(ext::SIZE).and_then(|t| std::str::from_utf8(t.as_bytes()).ok()?.parse().ok())
             }
             _ => None,
         };
