@@ -23,7 +23,7 @@ use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
 use zbroker_proto::codec::{Chunk, DecodeError, Hash, LongStr, ShortStr};
-use zbroker_proto::filemq::{FilemqMsg as M, Generation, Operation};
+use zbroker_proto::filemq::{ceiling, FilemqMsg as M, Generation, Operation};
 
 const IDS: [u8; 12] = [1, 4, 5, 6, 7, 8, 9, 10, 11, 128, 129, 130];
 
@@ -122,6 +122,25 @@ fn hash(pairs: Pairs) -> Hash {
     Hash(pairs.into_iter().map(|(k, v)| (short(k), long(v))).collect())
 }
 
+/// Whether a hash of `msg` holds more entries, or more bytes, than its
+/// declaration allows.
+fn over_a_ceiling(msg: &M) -> bool {
+    let over = |hash: &Hash, entries: usize, bytes: usize| {
+        // As the decoder counts: the entry count, then each key and value.
+        let size: usize =
+            4 + hash.0.iter().map(|(k, v)| 1 + k.as_bytes().len() + 4 + v.0.len()).sum::<usize>();
+        hash.0.len() > entries || size > bytes
+    };
+    match msg {
+        M::Icanhaz { options, cache, .. } => {
+            over(options, ceiling::OPTIONS_ENTRIES, ceiling::OPTIONS_BYTES)
+                || over(cache, ceiling::CACHE_ENTRIES, ceiling::CACHE_BYTES)
+        }
+        M::Cheezburger { headers, .. } => over(headers, ceiling::HEADERS_ENTRIES, ceiling::HEADERS_BYTES),
+        _ => false,
+    }
+}
+
 fn build(m: Msg) -> M {
     match m {
         Msg::Ohai(p, version) => M::Ohai { protocol: short(p), version },
@@ -187,7 +206,14 @@ fuzz_target!(|data: &[u8]| {
         let msg = build(m);
         let bytes = msg.encode();
         assert_eq!(bytes.len(), msg.encoded_len());
-        assert_eq!(M::decode(bytes.clone()).as_ref(), Ok(&msg));
+        // A message the encoder takes may still be over a ceiling its
+        // receiver declares: then the decoder must say so, and only then.
+        match M::decode(bytes.clone()) {
+            Err(DecodeError::OverCeiling { .. }) => {
+                assert!(over_a_ceiling(&msg), "refused within its ceilings")
+            }
+            decoded => assert_eq!(decoded.as_ref(), Ok(&msg)),
+        }
         check_decode(&bytes);
     }
 });

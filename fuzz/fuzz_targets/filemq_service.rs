@@ -42,15 +42,18 @@ use zbroker_proto::filemq::{
 };
 use zbroker_proto::vpath::covers;
 use zbroker_services::budget::Budget;
-use zbroker_services::filemq::executor::DiskExecutor;
 use zbroker_services::filemq::command::{Command as FilemqCommand, ConfigMount};
+use zbroker_services::filemq::executor::DiskExecutor;
 use zbroker_services::filemq::{Config, Filemq};
 use zbroker_services::sim::Sim;
 use zbroker_services::Service;
 
 /// SIGHUP's reload of a config publishing `root` under each of `aliases`.
 fn replace_mounts(root: &str, aliases: &[&str]) -> zbroker_services::Command {
-    let list = aliases.iter().map(|alias| ConfigMount { dir: PathBuf::from(root), alias: alias.to_string() }).collect();
+    let list = aliases
+        .iter()
+        .map(|alias| ConfigMount { dir: PathBuf::from(root), alias: alias.to_string() })
+        .collect();
     Box::new(FilemqCommand::ReplaceMounts(list))
 }
 
@@ -358,7 +361,12 @@ impl World {
             "{used} bytes budgeted for {} reads",
             s.reads_in_flight()
         );
-        let most_files = ALIASES.len() * tree().files.len();
+        // Every entry a mount publishes may be queued: its files and
+        // directories (a directory entry is queued, then sent as nothing,
+        // to a connection without attributes).
+        let dirs: std::collections::BTreeSet<&str> =
+            tree().files.keys().filter_map(|rel| rel.rsplit_once('/').map(|(dir, _)| dir)).collect();
+        let most_files = ALIASES.len() * (tree().files.len() + dirs.len());
         for (id, queued, subscriptions, credit) in s.queue_lengths() {
             assert!(credit <= MAX_CREDIT, "credit {credit}");
             let peer = &self.peers[id.0 as usize];
@@ -456,8 +464,12 @@ fuzz_target!(|steps: Vec<Step>| {
                 }
             }
             Step::Mounts(mask) => {
-                let aliases: Vec<&str> =
-                    ALIASES.iter().enumerate().filter(|(i, _)| mask & (1 << i) != 0).map(|(_, a)| *a).collect();
+                let aliases: Vec<&str> = ALIASES
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| mask & (1 << i) != 0)
+                    .map(|(_, a)| *a)
+                    .collect();
                 let reply = w.sim.execute(replace_mounts(&root, &aliases));
                 assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
             }
