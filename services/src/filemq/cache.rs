@@ -104,7 +104,7 @@ pub fn normalise(path: &str, cache: &Hash) -> BTreeMap<String, Holding> {
 
 /// Is `vpath` published by `mounts` (the longest alias covering it
 /// serves it)? The same rule as `Filemq::published`, over a copy.
-fn served(mounts: &[MountView], vpath: &str) -> bool {
+pub(super) fn served(mounts: &[MountView], vpath: &str) -> bool {
     let Some(mount) =
         mounts.iter().filter(|m| covers(&m.alias, vpath) && vpath != m.alias).max_by_key(|m| m.alias.len())
     else {
@@ -252,15 +252,33 @@ pub(super) struct Preparing {
     pub bytes: usize,
 }
 
-/// A connection's frames held while its cache is prepared off the loop.
+/// A connection's frames held while its cache is prepared, or a RESYNC of
+/// it walked, off the loop.
 #[derive(Default)]
 pub(super) struct Held {
-    /// The work key of the job preparing this connection's cache, and the
-    /// snapshots it works from (to tell whether they moved). An outcome
-    /// under another key is stale (from a session since forgotten).
+    /// The work key of the job preparing this connection's cache (or
+    /// walking its RESYNC), and the snapshots it works from (to tell
+    /// whether they moved). An outcome under another key is stale (from a
+    /// session since forgotten).
     pub preparing: Option<(u64, Vec<Arc<super::Snapshot>>)>,
+    /// The path of the RESYNC being walked: the connection's `known` map
+    /// is with the job, so nothing is sent to it (the pump waits) and
+    /// nothing reads what it holds until the outcome is in.
+    pub walking: Option<String>,
+    /// Mount changes announced while `known` was away, to announce to
+    /// this connection once it is back, in order.
+    pub owed: Vec<Owed>,
     pub frames: std::collections::VecDeque<Bytes>,
     pub bytes: usize,
+}
+
+/// A mount change a walking connection is told of once its walk is in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) enum Owed {
+    /// A mount at this alias was scanned: it hides what lies under it.
+    Hidden(String),
+    /// The mount at this alias is gone: what it hid is published again.
+    Revealed(String),
 }
 
 impl Filemq {
@@ -305,15 +323,7 @@ impl Filemq {
             return self.busy(id, out);
         }
         conn.expires_at = now + expiry;
-        let mounts: Vec<MountView> = self
-            .mounts
-            .values()
-            .map(|m| MountView {
-                alias: m.alias.clone(),
-                snapshot: m.snapshot.clone(),
-                ready: m.scanned || m.error.is_some(),
-            })
-            .collect();
+        let mounts = self.views();
         let used = mounts.iter().map(|m| m.snapshot.clone()).collect();
         self.preparing.jobs += 1;
         self.preparing.bytes += frame.len();
@@ -365,6 +375,14 @@ impl Filemq {
             }
             other => tracing::error!(?other, "filemq work outcome of the wrong kind"),
         }
+        self.release_held(id, now, out);
+        // RESYNCs put off while the cache was prepared.
+        self.run_pending_resyncs(now, out);
+    }
+
+    /// Handles the frames that waited behind a job, in order, until one
+    /// of them starts another.
+    pub(super) fn release_held(&mut self, id: ConnId, now: Instant, out: &mut Vec<Action>) {
         loop {
             let Some(conn) = self.conns.get_mut(&id) else { return };
             if conn.held.preparing.is_some() {

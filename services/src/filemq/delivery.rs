@@ -18,7 +18,9 @@ impl Filemq {
         let mut budget = PUMP_BATCH;
         loop {
             let Some(conn) = self.conns.get_mut(&id) else { return };
-            if conn.state != State::Ready {
+            // While a RESYNC is walked off the loop, what the client
+            // holds is with the walk: nothing is sent until it is back.
+            if conn.state != State::Ready || conn.held.walking.is_some() {
                 return;
             }
             if let Some(transfer) = &conn.current {
@@ -110,6 +112,18 @@ impl Filemq {
                         continue;
                     }
                     self.send_delete(id, &vpath, out);
+                }
+                Entry::Creates(mut list) => {
+                    let Some(vpath) = list.pop_front() else { continue };
+                    if !list.is_empty() {
+                        conn.queue.push_front(Entry::Creates(list));
+                    }
+                    // A change queued since goes out here, before the
+                    // RESYNC's marker, as if merged into this entry.
+                    match conn.ops.remove(&vpath).unwrap_or(Op::Create) {
+                        Op::Delete => self.send_delete(id, &vpath, out),
+                        Op::Create => self.start_entry(id, vpath, out),
+                    }
                 }
                 Entry::File(vpath) => {
                     let Some(op) = conn.ops.remove(&vpath) else { continue };

@@ -56,6 +56,7 @@ pub fn run(job: Job) -> Option<Done> {
             Some(Done::Read(read(&root, &rel, offset, len, &expect)))
         }
         Job::Icanhaz { frame, mounts } => Some(Done::Icanhaz(super::cache::prepare(frame, &mounts))),
+        Job::Resync(walk) => Some(Done::Resynced(Ok(Box::new(super::scans::walk_job(*walk))))),
         Job::SaveMounts { path, contents } => Some(Done::Saved(super::mounts::save(&path, &contents))),
         Job::Watch { .. } | Job::Unwatch { .. } | Job::Discard(_) => None,
     }

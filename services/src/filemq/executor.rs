@@ -4,15 +4,15 @@
 //! worker threads (lanes below); `sim::Sim` runs it inline, with watches
 //! only recorded ([`DiskExecutor::recording`]).
 //!
-//! Three lanes keep chunk reads from waiting behind long work: one thread
+//! Four lanes keep chunk reads from waiting behind long work: one thread
 //! runs scans (and sets watches up, since a recursive watch walks the
 //! whole tree too; one thread, so an `Unwatch` never overtakes its
 //! `Watch`), one prepares large ICANHAZ caches (and frees large holdings),
-//! the others run reads.
+//! one walks large RESYNCs, the others run reads.
 
 use super::disk;
 use super::mounts::SaveError;
-use super::work::{Done, Job, MountId, PrepareError, ReadError, ScanError, WatchError};
+use super::work::{Done, Job, MountId, PrepareError, ReadError, ScanError, WalkError, WatchError};
 use crate::work::{self as host, Lane, Reporter};
 use notify::event::{AccessKind, AccessMode};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
@@ -25,6 +25,7 @@ use tracing::{debug, error};
 const SCAN_LANE: usize = 0;
 const CACHE_LANE: usize = 1;
 const READ_LANE: usize = 2;
+const RESYNC_LANE: usize = 3;
 
 /// Runs FILEMQ's [`Job`]s.
 pub struct DiskExecutor {
@@ -98,6 +99,7 @@ impl host::Executor for DiskExecutor {
             Lane { name: "scan", threads: 1 },
             Lane { name: "cache", threads: 1 },
             Lane { name: "read", threads: self.read_threads },
+            Lane { name: "resync", threads: 1 },
         ]
     }
 
@@ -108,6 +110,11 @@ impl host::Executor for DiskExecutor {
             // A large cache takes a second or so: its own thread, so it
             // never waits behind a scan nor holds up a chunk read.
             Some(Job::Icanhaz { .. } | Job::Discard(_)) => CACHE_LANE,
+            // Every RESYNC of a large tree walks it (a `filemq --once` of
+            // an unchanged tree too): its own thread, so walks never queue
+            // ahead of the capped cache preparations (which would then
+            // answer "busy") nor of scans, and take one core at most.
+            Some(Job::Resync(_)) => RESYNC_LANE,
             Some(Job::Scan { .. } | Job::Watch { .. } | Job::Unwatch { .. }) | None => SCAN_LANE,
         }
     }
@@ -143,6 +150,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
         _ => None,
     };
     let icanhaz = matches!(job, Job::Icanhaz { .. });
+    let resync = matches!(job, Job::Resync(_));
     let save = matches!(job, Job::SaveMounts { .. });
     let panic = match catch_unwind(AssertUnwindSafe(|| run(job))) {
         Ok(done) => return done,
@@ -153,6 +161,7 @@ fn run_caught(job: Job, run: impl FnOnce(Job) -> Option<Done>) -> Option<Done> {
     Some(match scanned_mount {
         Some(mount) => Done::Scanned { mount, result: Err(ScanError::Panicked(why)) },
         None if icanhaz => Done::Icanhaz(Err(PrepareError::Panicked(why))),
+        None if resync => Done::Resynced(Err(WalkError::Panicked(why))),
         None if save => Done::Saved(Err(SaveError::Panicked(why))),
         None => Done::Read(Err(ReadError::Io(format!("read failed: {why}")))),
     })

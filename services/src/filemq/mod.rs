@@ -45,6 +45,8 @@ mod mirror_tests;
 #[cfg(test)]
 mod mounts_tests;
 #[cfg(test)]
+mod resync_tests;
+#[cfg(test)]
 mod tests;
 
 use crate::{Action, Answer, CommandError, ConnId, Counter, Service, TimerKey};
@@ -95,6 +97,9 @@ pub struct Config {
     /// counts from the moment it is asked for until its CHEEZBURGER is
     /// handed to the host (which counts it on).
     pub budget: crate::budget::Budget,
+    /// A RESYNC looking at more entries than this (published under its
+    /// path, plus held there) is walked off the loop (`Job::Resync`).
+    pub resync_inline: usize,
 }
 
 impl Default for Config {
@@ -110,11 +115,14 @@ impl Default for Config {
             max_credit: 32 << 20,
             state_dir: None,
             budget: crate::budget::Budget::unlimited(),
+            resync_inline: RESYNC_INLINE,
         }
     }
 }
 
-/// Longest subscription path accepted.
+/// Entries a RESYNC may look at on the loop (README "Performance":
+/// about a millisecond in a release build, a few in a debug one).
+pub const RESYNC_INLINE: usize = 2048;
 /// Most partial files a client may announce for resume.
 const MAX_RESUME: usize = 10_000;
 /// Longest an in-sync marker waits for files that keep changing under its
@@ -164,6 +172,10 @@ enum Entry {
     /// sent unless a newer op for the file is queued or it is published
     /// again by then.
     Deletes(VecDeque<String>),
+    /// What a RESYNC walked off the loop found the client lacks, handed
+    /// over whole. Each is sent as if queued alone: with a newer op
+    /// queued for the file since, that op goes here instead.
+    Creates(VecDeque<String>),
 }
 
 struct Transfer {
@@ -275,11 +287,7 @@ impl Conn {
     /// `None` if it never sees such an entry (a client without attributes
     /// and a directory, or a link to no file).
     fn held_form(&self, meta: &FileMeta) -> Option<cache::Holding> {
-        if self.meta() {
-            return Some(cache::Holding::with(Digest::parse(&meta.digest)?, meta.entry_kind(), meta.attrs));
-        }
-        let (_, copy) = meta.as_copy("")?;
-        Digest::parse(&copy.digest).map(cache::Holding::plain)
+        scans::held_form(self.meta(), meta)
     }
 
     /// Queues `op` for `vpath`, replacing a queued op for the same file.
@@ -315,6 +323,7 @@ enum WorkFor {
     Scan { mount: MountId },
     Watch { mount: MountId },
     Icanhaz { conn: ConnId, bytes: usize },
+    Resync { conn: ConnId },
     SaveMounts,
 }
 

@@ -428,20 +428,30 @@ impl Filemq {
         }
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for conn_id in ids {
-            let Some(conn) = self.conns.get(&conn_id) else { continue };
-            if conn.state != State::Ready {
-                continue;
-            }
-            let gone: Vec<String> = cache::under(&conn.known, &alias)
-                .map(|(vpath, _)| vpath)
-                .filter(|vpath| conn.wants(vpath, None) && !conn.ops.contains_key(*vpath))
-                .filter(|vpath| self.published(vpath).is_none())
-                .cloned()
-                .collect();
-            if let Some(conn) = self.conns.get_mut(&conn_id) {
-                for vpath in gone {
-                    conn.enqueue(&vpath, Op::Delete);
-                }
+            self.announce_hidden_to(conn_id, &alias);
+        }
+    }
+
+    /// `announce_hidden` for one connection (later, if a RESYNC of it is
+    /// being walked: what it holds is with the walk).
+    pub(super) fn announce_hidden_to(&mut self, conn_id: crate::ConnId, alias: &str) {
+        let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+        if conn.state != State::Ready {
+            return;
+        }
+        if conn.held.walking.is_some() {
+            return conn.held.owed.push(cache::Owed::Hidden(alias.to_string()));
+        }
+        let Some(conn) = self.conns.get(&conn_id) else { return };
+        let gone: Vec<String> = cache::under(&conn.known, alias)
+            .map(|(vpath, _)| vpath)
+            .filter(|vpath| conn.wants(vpath, None) && !conn.ops.contains_key(*vpath))
+            .filter(|vpath| self.published(vpath).is_none())
+            .cloned()
+            .collect();
+        if let Some(conn) = self.conns.get_mut(&conn_id) {
+            for vpath in gone {
+                conn.enqueue(&vpath, Op::Delete);
             }
         }
     }
@@ -454,19 +464,29 @@ impl Filemq {
         }
         let ids: Vec<_> = self.conns.keys().copied().collect();
         for conn_id in ids {
-            let Some(conn) = self.conns.get(&conn_id).filter(|c| c.state == State::Ready) else { continue };
-            // What this connection sees of it, as a RESYNC would say.
-            let revealed = self.published_under(alias, conn);
-            let Some(conn) = self.conns.get_mut(&conn_id) else { continue };
-            for (vpath, want) in revealed {
-                let held = conn.known.get(&vpath);
-                let lacks = match want {
-                    Some(want) => held != Some(&want),
-                    None => held.is_some(),
-                };
-                if lacks && conn.wants(&vpath, None) {
-                    conn.enqueue(&vpath, Op::Create);
-                }
+            self.announce_revealed_to(conn_id, alias);
+        }
+    }
+
+    /// `announce_revealed` for one connection (later, if a RESYNC of it
+    /// is being walked).
+    pub(super) fn announce_revealed_to(&mut self, conn_id: crate::ConnId, alias: &str) {
+        let Some(conn) = self.conns.get_mut(&conn_id).filter(|c| c.state == State::Ready) else { return };
+        if conn.held.walking.is_some() {
+            return conn.held.owed.push(cache::Owed::Revealed(alias.to_string()));
+        }
+        let Some(conn) = self.conns.get(&conn_id) else { return };
+        // What this connection sees of it, as a RESYNC would say.
+        let revealed = self.published_under(alias, conn);
+        let Some(conn) = self.conns.get_mut(&conn_id) else { return };
+        for (vpath, want) in revealed {
+            let held = conn.known.get(&vpath);
+            let lacks = match want {
+                Some(want) => held != Some(&want),
+                None => held.is_some(),
+            };
+            if lacks && conn.wants(&vpath, None) {
+                conn.enqueue(&vpath, Op::Create);
             }
         }
     }

@@ -136,6 +136,7 @@ impl Service for Filemq {
                 self.preparing.bytes -= bytes;
                 self.prepared(key, conn, done, now, out)
             }
+            (WorkFor::Resync { conn }, done) => self.walked(key, conn, done, now, out),
             (what, done) => tracing::error!(?what, ?done, "filemq work outcome of the wrong kind"),
         }
     }

@@ -207,10 +207,7 @@ impl Filemq {
         let resync = options.get(ext::RESYNC).is_some_and(|v| v.as_bytes() == b"1");
         if resync {
             if self.scanned_for(&path) {
-                match stale {
-                    Some(stale) => self.resync_with(id, &path, stale, true, now),
-                    None => self.resync(id, &path, now),
-                }
+                self.resync_with(id, &path, stale, now, out);
             } else if let Some(conn) = self.conns.get_mut(&id) {
                 if !conn.pending_resync.contains(&path) {
                     conn.pending_resync.push(path);

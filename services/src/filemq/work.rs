@@ -160,6 +160,10 @@ pub enum Job {
     /// service keeps (`cache::prepare`): a million entries take too long
     /// for one pass of the event loop.
     Icanhaz { frame: Bytes, mounts: Vec<MountView> },
+    /// Walk the published entries under a RESYNC's path against what the
+    /// client holds (`scans::walk`): a million entries take too long for
+    /// one pass of the event loop.
+    Resync(Box<Walk>),
     /// Free a connection's large holdings (a million names take a while
     /// to free); no outcome.
     Discard(Garbage),
@@ -209,6 +213,9 @@ pub enum Done {
     },
     /// A large ICANHAZ, decoded and prepared; `Err` if it is malformed.
     Icanhaz(Result<Box<Prepared>, PrepareError>),
+    /// A RESYNC's walk: what the client held (handed back) and what it
+    /// lacks; `Err` if the walk failed.
+    Resynced(Result<Box<Walked>, WalkError>),
     /// The run-time mounts file was saved, or why not.
     Saved(Result<(), super::mounts::SaveError>),
 }
@@ -240,6 +247,56 @@ pub enum PrepareError {
     Malformed { field: &'static str, error: zbroker_proto::codec::FieldError },
     /// The preparation panicked (a bug, answered rather than fatal).
     #[error("preparing the cache failed: {0}")]
+    Panicked(String),
+}
+
+/// A RESYNC walked off the loop: the client's `known` map is moved here
+/// (not copied) for the walk's length, and handed back in [`Walked`].
+#[derive(Clone)]
+pub struct Walk {
+    pub path: String,
+    /// The mounts in force when the walk was asked for.
+    pub mounts: Vec<MountView>,
+    pub excludes: Option<Arc<zbroker_proto::exclude::Excludes>>,
+    /// The client sees attributes, directories and links (`Conn::meta`).
+    pub meta: bool,
+    pub known: BTreeMap<String, super::cache::Holding>,
+}
+
+impl std::fmt::Debug for Walk {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Walk({}, {} mounts, {} known)", self.path, self.mounts.len(), self.known.len())
+    }
+}
+
+/// What a RESYNC finds: the virtual paths the client lacks (or holds and
+/// can no longer see), in walk order, and what it holds under the path
+/// that the mounts do not publish.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Found {
+    pub creates: Vec<String>,
+    pub stale: Vec<String>,
+}
+
+/// The outcome of [`Job::Resync`].
+pub struct Walked {
+    pub known: BTreeMap<String, super::cache::Holding>,
+    pub found: Found,
+}
+
+impl std::fmt::Debug for Walked {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (k, c, s) = (self.known.len(), self.found.creates.len(), self.found.stale.len());
+        write!(f, "Walked({k} known, {c} creates, {s} stale)")
+    }
+}
+
+/// Why a RESYNC's walk has no outcome.
+#[derive(Debug, thiserror::Error)]
+pub enum WalkError {
+    /// The walk panicked (a bug, answered rather than fatal); what the
+    /// client held went with it.
+    #[error("walking a RESYNC failed: {0}")]
     Panicked(String),
 }
 

@@ -1,0 +1,3 @@
+//! RESYNCs walked off the loop: the same outcome as inline, under change.
+
+use super::*;
