@@ -273,10 +273,9 @@ impl Filemq {
         let Done::Resynced(result) = done else {
             return tracing::error!(?done, "filemq work outcome of the wrong kind");
         };
-        let current = self
-            .conns
-            .get(&id)
-            .is_some_and(|c| c.held.walking.is_some() && c.held.preparing.as_ref().is_some_and(|(k, _)| *k == key));
+        let current = self.conns.get(&id).is_some_and(|c| {
+            c.held.walking.is_some() && c.held.preparing.as_ref().is_some_and(|(k, _)| *k == key)
+        });
         if !current {
             // Its connection is gone: freed off the loop.
             if let Ok(walked) = result {
@@ -295,7 +294,11 @@ impl Filemq {
             Err(error) => {
                 // What the client held went with the walk: it starts over.
                 tracing::error!(conn = id.0, %error, "filemq");
-                send(out, id, &FilemqMsg::Rtfm { reason: ShortStr::lossy("internal error: subscribe again") });
+                send(
+                    out,
+                    id,
+                    &FilemqMsg::Rtfm { reason: ShortStr::lossy("internal error: subscribe again") },
+                );
                 return self.terminate(id, out);
             }
         };
