@@ -387,6 +387,8 @@ fuzz_target!(|steps: Vec<Step>| {
         max_subscriptions: 6,
         max_credit: MAX_CREDIT,
         budget: Budget::new(BUDGET),
+        // Small: RESYNCs of the fuzzed tree are walked off the loop too.
+        resync_inline: 4,
         ..Config::default()
     };
     let budget = config.budget.clone();
