@@ -237,7 +237,9 @@ impl Filemq {
         if prepared {
             // Prepared off the loop: queued as one entry, however long
             // (exclusions are checked as each is sent).
-            conn.queue.push_back(Entry::Deletes(stale.into()));
+            if !stale.is_empty() {
+                conn.queue.push_back(Entry::Deletes(stale.into()));
+            }
         } else {
             for vpath in stale {
                 conn.enqueue(&vpath, Op::Delete);
