@@ -282,26 +282,21 @@ fn run(case: &Case, dir: &Path, inner: &Path, limit: usize) -> (Vec<Vec<u8>>, us
     }
     sim.send_raw(1, filemq_ext::encode_with_bits(&ohai(), case.caps));
     let mut walks = 0;
-    sim.hold_work = true;
-    send(
-        &mut sim,
-        1,
-        FilemqMsg::Icanhaz { path: case.path.into(), options: hash(&options), cache: hash(&cache) },
-    );
-    walks += walking(&sim);
-    sim.run_work();
-    sim.hold_work = false;
-    send(&mut sim, 1, nom(1 << 20));
-    // A second RESYNC from the state the first left.
-    sim.hold_work = true;
-    send(
-        &mut sim,
-        1,
-        FilemqMsg::Icanhaz { path: case.path.into(), options: hash(&options), cache: hash(&cache) },
-    );
-    walks += walking(&sim);
-    sim.run_work();
-    sim.hold_work = false;
+    // Two RESYNCs, the second from the state the first left.
+    for resync in 0..2 {
+        if resync > 0 {
+            send(&mut sim, 1, nom(1 << 20));
+        }
+        sim.hold_work = true;
+        send(
+            &mut sim,
+            1,
+            FilemqMsg::Icanhaz { path: case.path.into(), options: hash(&options), cache: hash(&cache) },
+        );
+        walks += walking(&sim);
+        sim.run_work();
+        sim.hold_work = false;
+    }
     for _ in 0..4 {
         sim.advance(Duration::ZERO);
     }
