@@ -29,6 +29,8 @@
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
+// Without cargo-fuzz, `tests/tests/fuzz_corpus.rs` supplies the macro.
+#[cfg(fuzzing)]
 use libfuzzer_sys::fuzz_target;
 use sha1::{Digest as _, Sha1};
 use std::collections::BTreeMap;
@@ -398,7 +400,7 @@ fuzz_target!(|steps: Vec<Step>| {
         budget: budget.clone(),
     };
     // A config mount, which `Step::Mounts` replaces.
-    let reply = w.sim.execute(replace_mounts(&root, &["/"]));
+    let reply = w.sim.execute(replace_mounts(root, &["/"]));
     assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
     for step in steps.into_iter().take(300) {
         match step {
@@ -472,7 +474,7 @@ fuzz_target!(|steps: Vec<Step>| {
                     .filter(|(i, _)| mask & (1 << i) != 0)
                     .map(|(_, a)| *a)
                     .collect();
-                let reply = w.sim.execute(replace_mounts(&root, &aliases));
+                let reply = w.sim.execute(replace_mounts(root, &aliases));
                 assert!(matches!(reply, Some(Ok(_))), "{reply:?}");
             }
             Step::PublishMissing => {

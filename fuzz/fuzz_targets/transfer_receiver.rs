@@ -17,6 +17,8 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
+// Without cargo-fuzz, `tests/tests/fuzz_corpus.rs` supplies the macro.
+#[cfg(fuzzing)]
 use libfuzzer_sys::fuzz_target;
 use sha1::{Digest as _, Sha1};
 use zbroker_proto::digest::Digest;

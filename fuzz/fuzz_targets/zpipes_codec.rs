@@ -17,6 +17,8 @@
 
 use arbitrary::{Arbitrary, Unstructured};
 use bytes::Bytes;
+// Without cargo-fuzz, `tests/tests/fuzz_corpus.rs` supplies the macro.
+#[cfg(fuzzing)]
 use libfuzzer_sys::fuzz_target;
 use zbroker_proto::codec::{Chunk, DecodeError, EncodeError, ShortStr};
 use zbroker_proto::ZpipesMsg as M;

@@ -24,6 +24,8 @@
 
 use arbitrary::Arbitrary;
 use bytes::Bytes;
+// Without cargo-fuzz, `tests/tests/fuzz_corpus.rs` supplies the macro.
+#[cfg(fuzzing)]
 use libfuzzer_sys::fuzz_target;
 use std::time::Duration;
 use zbroker_proto::codec::{Chunk, ShortStr};
