@@ -9,12 +9,35 @@ impl Reactor {
     /// While stopping: stop once nothing is owed, or at the deadline.
     pub(super) fn check_drain(&mut self) {
         let Some(deadline) = self.draining else { return };
-        let drained = self.services.iter().all(|s| s.drained()) && self.parked.is_empty();
-        if drained || Instant::now() >= deadline {
-            if !drained {
+        // Control requests waiting for work off the loop (a mounts file
+        // being saved) are owed an answer too.
+        let delivered = self.services.iter().all(|s| s.drained()) && self.parked.is_empty();
+        let answered = self.control_waiting.is_empty();
+        if (delivered && answered) || Instant::now() >= deadline {
+            if !delivered {
                 tracing::warn!("stopping with acknowledged data undelivered (its readers did not read it)");
             }
             self.stop = true;
+        }
+    }
+
+    /// At the very end: a control request still waiting is told the broker
+    /// stopped first, rather than left to time out.
+    pub(super) fn answer_waiting_at_stop(&mut self) {
+        if self.control_waiting.values().any(Option::is_some) {
+            // The socket closes right after: let these answers leave first.
+            let _ = self.control.set_linger(LINGER_MS);
+        }
+        for (_, requester) in std::mem::take(&mut self.control_waiting) {
+            let Some(routing_id) = requester else {
+                tracing::warn!("SIGHUP: stopped before a reloaded change was finished");
+                continue;
+            };
+            let reply = serde_json::json!({
+                "error": "the broker stopped before this finished: check `zbroker status` once it runs again"
+            });
+            // A control client that vanished is no loss.
+            let _ = self.control.send_multipart([routing_id, reply.to_string().into_bytes()], zmq::DONTWAIT);
         }
     }
 

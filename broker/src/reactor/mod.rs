@@ -490,6 +490,7 @@ impl Reactor {
             self.passes.end();
         }
         self.flush_at_shutdown();
+        self.answer_waiting_at_stop();
         self.close_links();
         Ok(())
     }
