@@ -99,14 +99,7 @@ fn rsync_copy(from: &Path, to: &Path) -> bool {
 }
 
 fn once(broker: &Broker, inbox: &Path) -> std::process::Output {
-    let mut child = Command::new(bin("filemq"))
-        .args(["subscribe", "/", "--inbox", path_arg(inbox), "--broker", &broker.name, "--once"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    assert!(wait_timeout(&mut child, Duration::from_secs(60)).is_some(), "filemq --once did not finish");
-    child.wait_with_output().unwrap()
+    once_with(broker, inbox, &[])
 }
 
 #[test]

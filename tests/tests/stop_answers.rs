@@ -125,8 +125,12 @@ fn slow_then_stop(name: &str, ms: u64) -> (serde_json::Value, Duration) {
     let started = Instant::now();
     let ms_text = ms.to_string();
     socket.send_multipart(["SLOW", TOKEN, ms_text.as_str()], 0).expect("send");
-    // The request reaches the loop and its job starts within this.
-    thread::sleep(Duration::from_millis(100));
+    // Stop only once the command's job is running off the loop.
+    let running = zbroker_tests::wait_until(Duration::from_secs(5), || {
+        zbroker_tests::status_of(name, Duration::from_secs(1))
+            .is_some_and(|status| status["work_in_flight"].as_u64() == Some(1))
+    });
+    assert!(running, "the command's job never started");
     // SAFETY: kill only sends a signal; the broker's handler takes it.
     assert_eq!(unsafe { libc::kill(libc::getpid(), libc::SIGTERM) }, 0);
     assert!(socket.poll(zmq::POLLIN, 10_000).expect("poll") > 0, "no answer at all from {name}");
