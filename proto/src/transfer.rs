@@ -87,13 +87,6 @@ impl Credit {
     }
 }
 
-/// Credit compares with a count of bytes: what is available.
-impl PartialEq<u64> for Credit {
-    fn eq(&self, bytes: &u64) -> bool {
-        self.available == *bytes
-    }
-}
-
 /// The credit a receiver keeps granted: a window of bytes, topped up once
 /// what is left of it falls a slice (or half a small window) below it, so
 /// that a stream of chunks is not answered by a stream of grants.

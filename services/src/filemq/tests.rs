@@ -304,7 +304,7 @@ fn chunks_fit_the_credit_and_wait_for_more() {
         got.iter().map(|b| (b.offset, b.chunk.len(), b.eof)).collect::<Vec<_>>(),
         vec![(1999, 501, 0), (2500, 0, 1)]
     );
-    assert_eq!(sim.service.conns[&ConnId(1)].credit, 10_000 - 501);
+    assert_eq!(sim.service.conns[&ConnId(1)].credit.available(), 10_000 - 501);
 }
 
 #[test]
